@@ -1,0 +1,225 @@
+//! `adapter_config.json`: the fields that decide what a merge means, and the refusals.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::pattern::Patterns;
+use crate::error::{Error, Result};
+
+/// The parts of a PEFT `LoraConfig` that change merged values.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub fan_in_fan_out: bool,
+    pub alpha_pattern: Patterns<f64>,
+    pub rank_pattern: Patterns<usize>,
+    /// `target_modules` as written: a list of names, a regex string, or absent.
+    pub target_modules: Option<Value>,
+    pub base_model_name_or_path: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(default)]
+    peft_type: Option<String>,
+    #[serde(default = "default_r")]
+    r: usize,
+    #[serde(default)]
+    lora_alpha: Option<f64>,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    alpha_pattern: Option<Map<String, Value>>,
+    #[serde(default)]
+    rank_pattern: Option<Map<String, Value>>,
+    #[serde(default)]
+    target_modules: Option<Value>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    layer_replication: Option<Value>,
+    #[serde(default)]
+    init_lora_weights: Option<Value>,
+    #[serde(default)]
+    alora_invocation_tokens: Option<Value>,
+    #[serde(default)]
+    use_qalora: bool,
+    #[serde(default)]
+    arrow_config: Option<Value>,
+    #[serde(default)]
+    lora_bias: bool,
+    #[serde(default)]
+    modules_to_save: Option<Value>,
+    #[serde(default)]
+    trainable_token_indices: Option<Value>,
+    #[serde(default)]
+    bias: Option<String>,
+}
+
+fn default_r() -> usize {
+    8
+}
+
+impl AdapterConfig {
+    /// Read and check `adapter_config.json`; refuse what cannot be merged into a dense base.
+    pub fn load(path: &Path) -> Result<AdapterConfig> {
+        let value: Value = crate::error::read_json(path)?;
+        if !value.is_object() {
+            return Err(Error::config(path, "expected a JSON object"));
+        }
+        let raw: Raw = serde_json::from_value(value.clone())
+            .map_err(|e| Error::config(path, e.to_string()))?;
+        let refuse = |what: String| Err(Error::unsupported(path, what));
+
+        match raw.peft_type.as_deref() {
+            Some("LORA") => {}
+            Some(other) => {
+                return refuse(format!(
+                    "peft_type is {other}; lorafs merges LoRA adapters only (peft_type \"LORA\")"
+                ))
+            }
+            None => {
+                return Err(Error::config(
+                    path,
+                    "no `peft_type`; is this a PEFT adapter_config.json?",
+                ))
+            }
+        }
+        if is_set(&raw.alora_invocation_tokens) {
+            return refuse(
+                "aLoRA (alora_invocation_tokens) activates only after the invocation tokens, \
+                 so it has no merged equivalent"
+                    .into(),
+            );
+        }
+        if is_set(&raw.arrow_config) {
+            return refuse(
+                "Arrow routing picks adapters per token, so it has no merged equivalent".into(),
+            );
+        }
+        if raw.use_qalora {
+            return refuse("QALoRA adapters need a quantized base; merge them with PEFT".into());
+        }
+        if value.get("use_kasa").and_then(Value::as_bool) == Some(true) {
+            return refuse(
+                "KaSA modifies the base weights' singular values; lorafs does not merge it".into(),
+            );
+        }
+        if is_set(&raw.layer_replication) {
+            return refuse(
+                "layer_replication changes the number of layers, not their values".into(),
+            );
+        }
+        if let Some(Value::String(init)) = &raw.init_lora_weights {
+            let lower = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "lora_ga"]
+                .iter()
+                .any(|p| lower.starts_with(p))
+            {
+                return refuse(format!(
+                    "init_lora_weights is \"{init}\": this adapter expects a modified base model; \
+                     convert it to a plain LoRA first (PEFT's `path_initial_model_for_weight_conversion`)"
+                ));
+            }
+        }
+        if raw.use_dora {
+            return refuse("DoRA (use_dora) is not supported yet".into());
+        }
+        if raw.lora_bias {
+            return refuse("lora_bias is not supported yet".into());
+        }
+        if is_set(&raw.trainable_token_indices) {
+            return refuse(
+                "trainable tokens (trainable_token_indices) are not supported yet".into(),
+            );
+        }
+        if matches!(raw.bias.as_deref(), Some("all" | "lora_only")) {
+            return refuse(format!(
+                "bias=\"{}\" (trained biases) is not supported yet",
+                raw.bias.unwrap()
+            ));
+        }
+        let _ = raw.modules_to_save; // checked against the tensors: only saved tensors matter.
+
+        if raw.r == 0 {
+            return Err(Error::config(path, "r is 0"));
+        }
+        let lora_alpha = raw.lora_alpha.unwrap_or(8.0);
+        let alpha_pattern =
+            Patterns::parse(path, "alpha_pattern", raw.alpha_pattern, |v| v.as_f64())?;
+        let rank_pattern = Patterns::parse(path, "rank_pattern", raw.rank_pattern, |v| {
+            v.as_u64().map(|r| r as usize)
+        })?;
+        Ok(AdapterConfig {
+            r: raw.r,
+            lora_alpha,
+            use_rslora: raw.use_rslora,
+            fan_in_fan_out: raw.fan_in_fan_out,
+            alpha_pattern,
+            rank_pattern,
+            target_modules: raw.target_modules,
+            base_model_name_or_path: raw.base_model_name_or_path,
+        })
+    }
+
+    /// `lora_alpha` for a module (PEFT: `alpha_pattern` first match, else `lora_alpha`).
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        self.alpha_pattern
+            .lookup(module)
+            .copied()
+            .unwrap_or(self.lora_alpha)
+    }
+
+    /// The configured rank for a module (`rank_pattern` first match, else `r`).
+    pub fn rank_for(&self, module: &str) -> usize {
+        self.rank_pattern.lookup(module).copied().unwrap_or(self.r)
+    }
+
+    /// PEFT's scaling for a module whose factors have rank `r` (tuners/lora/layer.py).
+    pub fn scale_for(&self, module: &str, r: usize) -> f64 {
+        let alpha = self.alpha_for(module);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// `target_modules` for display.
+    pub fn target_modules_display(&self) -> String {
+        match &self.target_modules {
+            None | Some(Value::Null) => "(not set)".into(),
+            Some(Value::String(s)) => format!("regex {s:?}"),
+            Some(Value::Array(items)) => {
+                let mut names: Vec<String> = items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .collect();
+                names.sort();
+                names.join(", ")
+            }
+            Some(other) => other.to_string(),
+        }
+    }
+}
+
+fn is_set(value: &Option<Value>) -> bool {
+    match value {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    }
+}

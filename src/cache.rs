@@ -1,0 +1,197 @@
+//! A byte-bounded LRU cache of merged blocks.
+//!
+//! Readers of a block that is being computed wait for that one computation instead of
+//! starting their own; the lock is held only to look up and insert, never while computing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use lru::LruCache;
+
+use crate::error::{Error, Result};
+
+/// (merge index in the plan, block index in the tensor). A cache belongs to one engine, whose
+/// inputs are fixed, so these ids never refer to two different contents.
+pub type BlockKey = (u32, u32);
+
+pub type Block = Arc<[u8]>;
+
+type Pending = Arc<OnceLock<Result<Block, Arc<Error>>>>;
+
+struct Inner {
+    lru: LruCache<BlockKey, Block>,
+    bytes: usize,
+    pending: HashMap<BlockKey, Pending>,
+}
+
+/// Counters, readable while the cache is in use.
+#[derive(Default, Debug)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Lookups that found the block being computed by another reader and waited for it.
+    pub waits: AtomicU64,
+    pub bytes_computed: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+pub struct BlockCache {
+    budget: usize,
+    inner: Mutex<Inner>,
+    pub stats: CacheStats,
+}
+
+impl BlockCache {
+    /// A cache holding at most `budget` bytes of blocks (0 disables caching, not sharing).
+    pub fn new(budget: usize) -> BlockCache {
+        BlockCache {
+            budget,
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                pending: HashMap::new(),
+            }),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Bytes currently held.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    pub fn contains(&self, key: BlockKey) -> bool {
+        self.lock().lru.contains(&key)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave `Inner` inconsistent in a way that
+        // matters (at worst a stale byte count), so recover from poisoning.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The block for `key`, computing it with `compute` if no one has it or is making it.
+    pub fn get_or_compute(
+        &self,
+        key: BlockKey,
+        compute: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Block> {
+        let pending = {
+            let mut inner = self.lock();
+            if let Some(block) = inner.lru.get(&key) {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(block.clone());
+            }
+            match inner.pending.get(&key) {
+                Some(p) => {
+                    self.stats.waits.fetch_add(1, Ordering::Relaxed);
+                    p.clone()
+                }
+                None => {
+                    let p: Pending = Arc::default();
+                    inner.pending.insert(key, p.clone());
+                    p
+                }
+            }
+        };
+        let mut computed = false;
+        let result = pending.get_or_init(|| {
+            computed = true;
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            compute().map(Block::from).map_err(Arc::new)
+        });
+        if computed {
+            let mut inner = self.lock();
+            inner.pending.remove(&key);
+            if let Ok(block) = result {
+                self.stats
+                    .bytes_computed
+                    .fetch_add(block.len() as u64, Ordering::Relaxed);
+                if block.len() <= self.budget {
+                    inner.bytes += block.len();
+                    if let Some(old) = inner.lru.put(key, block.clone()) {
+                        inner.bytes -= old.len();
+                    }
+                    while inner.bytes > self.budget {
+                        let (_, evicted) = inner.lru.pop_lru().expect("bytes > 0 implies an entry");
+                        inner.bytes -= evicted.len();
+                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        result.clone().map_err(Error::Shared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn stays_within_budget_and_evicts_least_recent() {
+        let cache = BlockCache::new(10);
+        for i in 0..5u32 {
+            cache
+                .get_or_compute((0, i), || Ok(vec![i as u8; 4]))
+                .unwrap();
+        }
+        assert!(cache.bytes() <= 10);
+        assert!(cache.contains((0, 4)) && cache.contains((0, 3)) && !cache.contains((0, 0)));
+        let block = cache
+            .get_or_compute((0, 4), || panic!("must be a hit"))
+            .unwrap();
+        assert_eq!(&block[..], &[4, 4, 4, 4]);
+    }
+
+    #[test]
+    fn zero_budget_still_returns_blocks() {
+        let cache = BlockCache::new(0);
+        let block = cache.get_or_compute((1, 1), || Ok(vec![7; 3])).unwrap();
+        assert_eq!(&block[..], &[7, 7, 7]);
+        assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn concurrent_readers_share_one_computation() {
+        let cache = Arc::new(BlockCache::new(1 << 20));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                std::thread::spawn(move || {
+                    cache
+                        .get_or_compute((0, 0), || {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            Ok(vec![1; 16])
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().len(), 16);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn errors_reach_every_waiter_and_are_not_cached() {
+        let cache = BlockCache::new(100);
+        let err = cache
+            .get_or_compute((0, 0), || Err(Error::NoSuchFile(3)))
+            .unwrap_err();
+        assert!(err.to_string().contains("no file with id 3"));
+        assert_eq!(
+            &cache.get_or_compute((0, 0), || Ok(vec![2])).unwrap()[..],
+            &[2]
+        );
+    }
+}

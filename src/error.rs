@@ -1,0 +1,109 @@
+//! The core's error type. Every message names the file (and the tensor, where there is one)
+//! and says what is wrong, so a user can act on it without a debugger.
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong in the core (layout, adapters, merge plan, reads).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory could not be opened, read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file (config, index, adapter config) could not be parsed.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A JSON file parsed but does not have the expected content.
+    #[error("{}: {what}", path.display())]
+    BadConfig { path: PathBuf, what: String },
+    /// A safetensors file whose header is corrupt, truncated or inconsistent with its size.
+    #[error("{}: corrupt safetensors file: {what}", path.display())]
+    BadSafetensors { path: PathBuf, what: String },
+    /// A tensor-level problem: unmapped adapter key, shape mismatch, unsupported dtype...
+    #[error("{}: tensor `{tensor}`: {what}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        what: String,
+    },
+    /// An adapter that lorafs deliberately refuses, with the reason and what to do instead.
+    #[error("{}: unsupported adapter: {what}", path.display())]
+    Unsupported { path: PathBuf, what: String },
+    /// The output path of `materialize` cannot be used.
+    #[error("{}: {what}", path.display())]
+    Output { path: PathBuf, what: String },
+    /// A read asked for a file id that does not exist.
+    #[error("no file with id {0}")]
+    NoSuchFile(usize),
+    /// An error from a block computation that several readers waited on.
+    #[error(transparent)]
+    Shared(#[from] std::sync::Arc<Error>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn tensor(
+        path: impl AsRef<Path>,
+        tensor: impl Into<String>,
+        what: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.as_ref().to_path_buf(),
+            tensor: tensor.into(),
+            what: what.into(),
+        }
+    }
+
+    pub fn config(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::BadConfig {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    pub fn unsupported(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    /// The errno a filesystem read should return for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::NoSuchFile(_) => libc::ENOENT,
+            Error::Shared(inner) => inner.errno(),
+            Error::Json { .. }
+            | Error::BadConfig { .. }
+            | Error::BadSafetensors { .. }
+            | Error::Tensor { .. }
+            | Error::Unsupported { .. }
+            | Error::Output { .. } => libc::EIO,
+        }
+    }
+}
+
+/// Read a whole JSON file into a typed value, with the file named in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,128 @@
+//! `lorafs inspect`: the merge plan in words, before anything runs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::engine::Engine;
+
+/// The human-readable plan. With `tensors`, one line per merged tensor.
+pub fn report(engine: &Engine, tensors: bool) -> String {
+    let plan = &engine.plan;
+    let mut s = String::new();
+    let safetensors = engine
+        .files
+        .iter()
+        .filter(|f| f.rel.extension().is_some_and(|e| e == "safetensors"));
+    let _ = writeln!(
+        s,
+        "base      {}  ({} files, {} safetensors, {} tensors)",
+        engine.base_dir.display(),
+        engine.files.len(),
+        safetensors.count(),
+        engine.base_tensors
+    );
+    let _ = writeln!(s, "kernel    {}", engine.kernel.name());
+    for (i, a) in plan.adapters.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "adapter {} {}  (weight {})",
+            i + 1,
+            a.dir.display(),
+            a.weight
+        );
+        let rule = if a.use_rslora {
+            "alpha/sqrt(r)"
+        } else {
+            "alpha/r"
+        };
+        let _ = writeln!(
+            s,
+            "  r {}  alpha {}  rsLoRA {}  scale = weight·{rule}",
+            a.r,
+            a.lora_alpha,
+            yes(a.use_rslora)
+        );
+        let scales: Vec<String> = a
+            .scales
+            .iter()
+            .map(|(s, n)| format!("{s} ({n} modules)"))
+            .collect();
+        let _ = writeln!(s, "  scales applied     {}", scales.join(", "));
+        let _ = writeln!(s, "  target modules     {}", a.target_modules);
+        if !a.alpha_pattern.is_empty() {
+            let p: Vec<String> = a
+                .alpha_pattern
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(s, "  alpha_pattern      {}", p.join(", "));
+        }
+        if !a.rank_pattern.is_empty() {
+            let p: Vec<String> = a
+                .rank_pattern
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(s, "  rank_pattern       {}", p.join(", "));
+        }
+        if let Some(b) = &a.base_model {
+            let _ = writeln!(s, "  trained on         {b}");
+        }
+        let _ = writeln!(s, "  base tensors changed {}", a.tensors_changed);
+    }
+    let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
+    for m in &plan.merges {
+        *per_file.entry(m.layout).or_default() += 1;
+    }
+    let _ = writeln!(
+        s,
+        "merge     {} of {} tensors in {} files; factors {:.1} MiB in memory",
+        plan.merges.len(),
+        engine.base_tensors,
+        per_file.len(),
+        plan.factor_bytes() as f64 / (1 << 20) as f64
+    );
+    if tensors {
+        for m in &plan.merges {
+            let terms: Vec<String> = m
+                .terms
+                .iter()
+                .map(|t| {
+                    format!(
+                        "#{} r={} s={}{}",
+                        t.adapter + 1,
+                        t.rank,
+                        t.scale,
+                        if t.transposed { " T" } else { "" }
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {} {} [{}, {}] <- {}",
+                m.name,
+                m.dtype.name(),
+                m.factors.rows,
+                m.factors.cols,
+                terms.join(" + ")
+            );
+        }
+    }
+    // The figure PEFT's print_trainable_parameters shows (and the seed prints).
+    let trainable: usize = plan.adapters.iter().map(|a| a.num_params).sum();
+    let all = engine.base_params + trainable;
+    let _ = writeln!(
+        s,
+        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+        100.0 * trainable as f64 / all.max(1) as f64
+    );
+    s
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}

@@ -1,0 +1,21 @@
+//! lorafs: a base model plus LoRA adapters, served as if they had been merged.
+//!
+//! The core (this crate minus [`fuse`]) knows nothing of FUSE: [`model`] and [`layout`] read
+//! the base, [`adapter`] the adapters, [`plan`] decides what changes, [`kernel`] computes it,
+//! [`cache`] keeps merged blocks, and [`engine`] serves any byte range of the merged
+//! directory. [`materialize`] writes that directory out; [`fuse`] mounts it.
+
+pub mod adapter;
+pub mod cache;
+pub mod dtype;
+pub mod engine;
+pub mod error;
+pub mod inspect;
+pub mod kernel;
+pub mod layout;
+pub mod materialize;
+pub mod model;
+pub mod plan;
+
+pub use engine::{Engine, EngineOptions};
+pub use error::{Error, Result};

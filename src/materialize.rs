@@ -1,0 +1,163 @@
+//! `lorafs materialize`: write the merged directory to disk, streaming through
+//! [`Engine::read_at`] so the bytes are exactly what a mount serves.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+
+/// Bytes per `read_at` call: several blocks, so that merging uses every core, and small
+/// enough that memory stays bounded (one chunk plus the cache, whatever the model size).
+const CHUNK: usize = 16 << 20;
+
+#[derive(Debug, Clone, Default)]
+pub struct MaterializeOptions {
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub files: usize,
+    pub tensors_merged: usize,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "{} files, {} tensors merged, {} bytes in {:.2} s ({:.0} MB/s)",
+            self.files,
+            self.tensors_merged,
+            self.bytes,
+            secs,
+            self.bytes as f64 / secs.max(1e-9) / 1e6
+        )
+    }
+}
+
+/// Write the merged directory to `out`. It is built in a temporary directory beside `out`
+/// and renamed into place only when complete, so a failure leaves nothing at `out`.
+pub fn materialize(
+    engine: &Engine,
+    out: &Path,
+    inputs: &[&Path],
+    options: &MaterializeOptions,
+) -> Result<Summary> {
+    let start = Instant::now();
+    check_output(out, inputs, options.force)?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.lorafs-"))
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+
+    for dir in &engine.dirs {
+        let path = tmp.path().join(dir);
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    let total: u64 = engine.files.iter().map(|f| f.size).sum();
+    let bar = if options.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let mut buf = vec![0u8; CHUNK];
+    for (index, file) in engine.files.iter().enumerate() {
+        let path = tmp.path().join(&file.rel);
+        let mut writer = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut offset = 0;
+        while offset < file.size {
+            let n = engine.read_at(index, offset, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            writer
+                .write_all(&buf[..n])
+                .map_err(|e| Error::io(&path, e))?;
+            offset += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    bar.finish_and_clear();
+
+    if out.exists() {
+        // `--force` (checked above): remove the old output only now that the new one is whole.
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        Error::io(out, e)
+    })?;
+    Ok(Summary {
+        files: engine.files.len(),
+        tensors_merged: engine.plan.merges.len(),
+        bytes: total,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Refuse an output that exists (without `force`) or that would overwrite an input.
+fn check_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    let output = |what: &str| Error::Output {
+        path: out.to_path_buf(),
+        what: what.to_string(),
+    };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let parent = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
+    for input in inputs {
+        let input = input.canonicalize().map_err(|e| Error::io(input, e))?;
+        if parent.starts_with(&input) {
+            return Err(output(
+                "is inside an input directory; write the merged model elsewhere",
+            ));
+        }
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(out) {
+        if !force {
+            return Err(output("already exists; pass --force to replace it"));
+        }
+        if !meta.is_dir() {
+            return Err(output(
+                "exists and is not a directory; refusing to replace it",
+            ));
+        }
+        let out = out.canonicalize().map_err(|e| Error::io(out, e))?;
+        for input in inputs {
+            let input = input.canonicalize().map_err(|e| Error::io(input, e))?;
+            if input.starts_with(&out) {
+                return Err(output(
+                    "contains an input (base or adapter); refusing to replace it",
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The base model directory: every file in it, and every tensor of its safetensors files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::layout::{Layout, TensorEntry};
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Directory depth beyond which the walk gives up (a symlink loop, most likely).
+const MAX_DEPTH: usize = 32;
+
+/// One regular file of the base directory.
+#[derive(Debug)]
+pub struct BaseFile {
+    /// Path relative to the base directory.
+    pub rel: PathBuf,
+    /// Full path (symlinks, as in a Hugging Face cache snapshot, are followed when read).
+    pub path: PathBuf,
+    pub size: u64,
+    /// Index into [`BaseModel::layouts`] for `*.safetensors` files.
+    pub layout: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct BaseModel {
+    pub dir: PathBuf,
+    /// Regular files, sorted by relative path.
+    pub files: Vec<BaseFile>,
+    /// Subdirectories (relative paths), sorted, parents before children.
+    pub dirs: Vec<PathBuf>,
+    pub layouts: Vec<Layout>,
+    /// Tensor name → (layout index, tensor index).
+    pub tensors: HashMap<String, (usize, usize)>,
+    /// `config.json`, if present.
+    pub config: Option<Value>,
+}
+
+impl BaseModel {
+    pub fn open(dir: &Path) -> Result<BaseModel> {
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if !meta.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::other("base model path is not a directory"),
+            ));
+        }
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        walk(dir, Path::new(""), 0, &mut files, &mut dirs)?;
+        files.sort_by(|a, b| a.rel.cmp(&b.rel));
+        dirs.sort();
+
+        let mut layouts = Vec::new();
+        for file in &mut files {
+            if file.rel.extension().is_some_and(|e| e == "safetensors") {
+                file.layout = Some(layouts.len());
+                layouts.push(Layout::open(&file.path)?);
+            }
+        }
+        if layouts.is_empty() {
+            let what = if files
+                .iter()
+                .any(|f| f.rel.extension().is_some_and(|e| e == "bin"))
+            {
+                "no *.safetensors weights (only pickle .bin files, which lorafs does not read); \
+                 convert the model with save_pretrained(safe_serialization=True)"
+            } else {
+                "no *.safetensors weights found"
+            };
+            return Err(Error::config(dir, what));
+        }
+
+        let index = files
+            .iter()
+            .find(|f| f.rel == Path::new(INDEX_FILE))
+            .map(|f| f.path.clone());
+        let weight_map = match &index {
+            Some(path) => Some(read_weight_map(path)?),
+            None => None,
+        };
+        let mut tensors = HashMap::new();
+        for (li, layout) in layouts.iter().enumerate() {
+            let rel = files
+                .iter()
+                .find(|f| f.layout == Some(li))
+                .map(|f| f.rel.clone())
+                .unwrap();
+            for (ti, t) in layout.tensors.iter().enumerate() {
+                if let Some(map) = &weight_map {
+                    // With an index, the index decides which file holds a tensor.
+                    if map.get(&t.name).map(PathBuf::from) != Some(rel.clone()) {
+                        continue;
+                    }
+                }
+                if let Some(&(other, _)) = tensors.get(&t.name) {
+                    let other: &Layout = &layouts[other];
+                    return Err(Error::tensor(
+                        &layout.path,
+                        &t.name,
+                        format!(
+                            "also present in {}; add a model.safetensors.index.json",
+                            other.path.display()
+                        ),
+                    ));
+                }
+                tensors.insert(t.name.clone(), (li, ti));
+            }
+        }
+        if let (Some(path), Some(map)) = (&index, &weight_map) {
+            for (name, file) in map {
+                if !tensors.contains_key(name) {
+                    return Err(Error::tensor(
+                        path,
+                        name,
+                        format!("listed in the index but not found in {file}"),
+                    ));
+                }
+            }
+        }
+
+        let config_path = dir.join("config.json");
+        let config = if config_path.exists() {
+            Some(crate::error::read_json(&config_path)?)
+        } else {
+            None
+        };
+        Ok(BaseModel {
+            dir: dir.to_path_buf(),
+            files,
+            dirs,
+            layouts,
+            tensors,
+            config,
+        })
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<(&Layout, &TensorEntry)> {
+        let &(li, ti) = self.tensors.get(name)?;
+        Some((&self.layouts[li], &self.layouts[li].tensors[ti]))
+    }
+
+    /// Number of values in all the base tensors.
+    pub fn num_params(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|&(li, ti)| self.layouts[li].tensors[ti].numel())
+            .sum()
+    }
+
+    /// `model_type` from `config.json`.
+    pub fn model_type(&self) -> Option<&str> {
+        self.config.as_ref()?.get("model_type")?.as_str()
+    }
+}
+
+fn read_weight_map(path: &Path) -> Result<HashMap<String, String>> {
+    let index: Value = crate::error::read_json(path)?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::config(path, "no \"weight_map\" object"))?;
+    map.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(file) => Ok((k.clone(), file.to_string())),
+            None => Err(Error::config(
+                path,
+                format!("weight_map[{k:?}] is not a file name"),
+            )),
+        })
+        .collect()
+}
+
+fn walk(
+    root: &Path,
+    rel: &Path,
+    depth: usize,
+    files: &mut Vec<BaseFile>,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let dir = root.join(rel);
+    if depth > MAX_DEPTH {
+        return Err(Error::io(
+            &dir,
+            std::io::Error::other("directory nesting too deep (symlink loop?)"),
+        ));
+    }
+    let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        let path = entry.path();
+        let rel = rel.join(entry.file_name());
+        // Follow symlinks: a Hugging Face cache snapshot is a directory of links to blobs.
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if meta.is_dir() {
+            dirs.push(rel.clone());
+            walk(root, &rel, depth + 1, files, dirs)?;
+        } else if meta.is_file() {
+            files.push(BaseFile {
+                rel,
+                path,
+                size: meta.len(),
+                layout: None,
+            });
+        }
+    }
+    Ok(())
+}
