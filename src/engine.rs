@@ -249,6 +249,45 @@ impl Engine {
         })
     }
 
+    /// Compute, in the background, the merged blocks of `file` in `offset .. offset + len`
+    /// that are not cached yet, so that a sequential reader finds them ready. Skipped when
+    /// the cache could not hold them anyway.
+    pub fn prefetch(self: &Arc<Self>, file: usize, offset: u64, len: u64) {
+        let Some(vf) = self.files.get(file) else {
+            return;
+        };
+        if len > self.cache.budget() as u64 / 4 || offset >= vf.size {
+            return;
+        }
+        let end = (offset + len).min(vf.size);
+        let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
+        for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {
+            let Source::Merged { merge, base_offset } = seg.source else {
+                continue;
+            };
+            let m = &self.plan.merges[merge];
+            let block_bytes = (Self::block_rows(m) * m.row_bytes()) as u64;
+            let lo = offset.max(seg.start) - seg.start;
+            let hi = end.min(seg.start + seg.len) - seg.start;
+            for b in lo / block_bytes..hi.div_ceil(block_bytes) {
+                if self.cache.contains((merge as u32, b as u32)) {
+                    continue;
+                }
+                let engine = Arc::clone(self);
+                rayon::spawn(move || {
+                    if let Err(err) =
+                        engine.block(&engine.files[file], merge, base_offset, b as usize)
+                    {
+                        log::warn!(
+                            "prefetch of {} failed: {err}",
+                            engine.files[file].rel.display()
+                        );
+                    }
+                });
+            }
+        }
+    }
+
     /// Index of the file at a relative path.
     pub fn file_index(&self, rel: &Path) -> Option<usize> {
         self.files.iter().position(|f| f.rel == rel)

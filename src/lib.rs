@@ -19,3 +19,4 @@ pub mod plan;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
+pub mod fuse;

@@ -33,6 +33,35 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Mount the merged model read-only at MOUNTPOINT (FUSE). Returns once the mount is
+    /// ready and keeps serving in the background, unless --foreground.
+    Mount {
+        #[command(flatten)]
+        inputs: Inputs,
+        /// An existing, empty directory.
+        mountpoint: PathBuf,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = default_threads())]
+        threads: usize,
+        /// Let users other than the one mounting read the mount (needs `user_allow_other`
+        /// in /etc/fuse.conf when not root).
+        #[arg(long)]
+        allow_other: bool,
+        /// Read-ahead of the mount in KiB (0 keeps the kernel's 128 KiB). Needs root.
+        #[arg(long, value_name = "KIB", default_value_t = DEFAULT_READ_AHEAD_KB)]
+        read_ahead_kb: u32,
+        /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts.
+        #[arg(long)]
+        foreground: bool,
+        /// In the background, append logs to this file (default: discard them).
+        #[arg(long, value_name = "PATH")]
+        log_file: Option<PathBuf>,
+        /// Internal: the background server started by `mount` without --foreground.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+    },
+    /// Unmount a lorafs mount (like `umount MOUNTPOINT`); its server exits.
+    Unmount { mountpoint: PathBuf },
     /// Show the merge plan: adapters, scales, the tensors they change.
     Inspect {
         #[command(flatten)]
@@ -110,6 +139,19 @@ fn parse_size(arg: &str) -> Result<usize, String> {
     Ok((number * (1u64 << shift) as f64) as usize)
 }
 
+/// Read-ahead for the mount, KiB. Cold sequential reads through FUSE at the kernel's
+/// default 128 KiB run about a third as fast as at 1-8 MiB (BENCHMARKS.md, "Mount").
+const DEFAULT_READ_AHEAD_KB: u32 = 4096;
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2)
+}
+
+/// The line a background server prints on stdout once its mount is usable.
+const READY: &str = "lorafs-ready";
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Materialize { inputs, out, force } => {
@@ -123,6 +165,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("materialize into {} failed", out.display()))?;
             println!("{}: {summary}", out.display());
         }
+        Command::Mount {
+            inputs,
+            mountpoint,
+            threads,
+            allow_other,
+            read_ahead_kb,
+            foreground,
+            log_file,
+            daemon_child,
+        } => {
+            if !foreground && !daemon_child {
+                return spawn_background_server();
+            }
+            // Validate everything before mounting, so a bad input mounts nothing.
+            lorafs::fuse::check_mountpoint(&mountpoint)?;
+            let engine = std::sync::Arc::new(inputs.open()?);
+            let options = lorafs::fuse::MountOptions {
+                threads,
+                allow_other,
+                read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
+            };
+            lorafs::fuse::mount(engine, &mountpoint, &options, || {
+                if daemon_child {
+                    detach_from_parent(log_file.as_deref());
+                }
+            })?;
+        }
+        Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
         Command::Inspect { inputs, tensors } => {
             let engine = inputs.open()?;
             print!("{}", lorafs::inspect::report(&engine, tensors));
@@ -131,9 +201,95 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mount` without --foreground: run the same command as a background server in its own
+/// session and return once it reports the mount ready, or fail with its error.
+fn spawn_background_server() -> anyhow::Result<()> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let exe = std::env::current_exe().context("cannot find the lorafs executable")?;
+    let mut command = Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe; it detaches the server from the terminal's
+    // session so that closing the terminal or Ctrl-C does not kill the mount.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .context("cannot start the background server")?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        line.push(byte[0] as char);
+    }
+    if line == READY {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .ok();
+    let status = child.wait()?;
+    let message = stderr.trim().trim_start_matches("lorafs: error: ");
+    anyhow::bail!(
+        "{} ({status})",
+        if message.is_empty() {
+            "mount failed"
+        } else {
+            message
+        }
+    )
+}
+
+/// In the background server, once mounted: tell the parent, then point stdout and stderr
+/// at the log file (or /dev/null) so the server never writes to a closed pipe.
+fn detach_from_parent(log_file: Option<&Path>) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY}");
+    let _ = out.flush();
+    let target = match log_file {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    };
+    if let Ok(file) = target {
+        for fd in [1, 2] {
+            // SAFETY: dup2 onto the standard descriptors with a descriptor we own; `file`
+            // stays open for the duration of the call.
+            unsafe { libc::dup2(file.as_raw_fd(), fd) };
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("LORAFS_LOG", "warn")).init();
     let cli = Cli::parse();
+    // A mount is a long-lived server: say what it did at init (kernel settings, read-ahead).
+    let default_level = if matches!(cli.command, Command::Mount { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("LORAFS_LOG", default_level))
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
