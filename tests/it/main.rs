@@ -1,0 +1,7 @@
+//! Integration tests, one module per topic; they share the synthetic-model helpers.
+
+mod common;
+mod errors;
+mod merge;
+mod mount;
+mod read_at;

@@ -1,0 +1,1 @@
+//! Mounted tests: added with the FUSE layer.
