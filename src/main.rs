@@ -245,14 +245,10 @@ fn spawn_background_server() -> anyhow::Result<()> {
         .ok();
     let status = child.wait()?;
     let message = stderr.trim().trim_start_matches("lorafs: error: ");
-    anyhow::bail!(
-        "{} ({status})",
-        if message.is_empty() {
-            "mount failed"
-        } else {
-            message
-        }
-    )
+    if message.is_empty() {
+        anyhow::bail!("mount failed ({status})");
+    }
+    anyhow::bail!("{message}")
 }
 
 /// In the background server, once mounted: tell the parent, then point stdout and stderr
@@ -280,6 +276,21 @@ fn detach_from_parent(log_file: Option<&Path>) {
     }
 }
 
+/// The error and its causes on one line, leaving out causes the message already quotes.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A mount is a long-lived server: say what it did at init (kernel settings, read-ahead).
@@ -293,7 +304,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("lorafs: error: {err:#}");
+            eprintln!("lorafs: error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
     }

@@ -13,7 +13,8 @@ use signal_hook::iterator::Signals;
 use super::LorafsFs;
 use crate::engine::Engine;
 
-/// Filesystem type name, as `mount` and `/proc/self/mountinfo` show it (`fuse.lorafs`).
+/// Our mounts show as source `lorafs:BASE` (and type `fuse.lorafs` where a mount helper
+/// applies the subtype; a direct mount by root shows type `fuse`).
 const FS_NAME: &str = "lorafs";
 
 #[derive(Debug, Clone)]
@@ -42,7 +43,14 @@ pub fn mount(
         MountOption::RO,
         MountOption::NoDev,
         MountOption::NoSuid,
-        MountOption::FSName(engine.base_dir.display().to_string()),
+        MountOption::FSName(format!(
+            "{FS_NAME}:{}",
+            engine
+                .base_dir
+                .canonicalize()
+                .unwrap_or_else(|_| engine.base_dir.clone())
+                .display()
+        )),
         MountOption::Subtype(FS_NAME.into()),
     ];
     if options.allow_other {
@@ -140,7 +148,7 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
         .map(|p| p.join(absolute.file_name().unwrap_or_default()));
     let target = canonical.unwrap_or(absolute);
     match find_mount(&target)? {
-        Some(info) if info.fstype == format!("fuse.{FS_NAME}") => {}
+        Some(info) if info.is_lorafs() => {}
         Some(info) => {
             return Err(io::Error::other(format!(
                 "{} is a {} mount, not lorafs",
@@ -210,6 +218,14 @@ fn fusermount_unmount(path: &Path) -> io::Result<()> {
 struct MountInfo {
     device: String,
     fstype: String,
+    source: Vec<u8>,
+}
+
+impl MountInfo {
+    fn is_lorafs(&self) -> bool {
+        self.fstype == format!("fuse.{FS_NAME}")
+            || (self.fstype.starts_with("fuse") && self.source.starts_with(FS_NAME.as_bytes()))
+    }
 }
 
 fn find_mount(path: &Path) -> io::Result<Option<MountInfo>> {
@@ -223,6 +239,7 @@ fn find_mount(path: &Path) -> io::Result<Option<MountInfo>> {
         Some(MountInfo {
             device: fields.get(2)?.to_string(),
             fstype: fields.get(sep + 1)?.to_string(),
+            source: unescape(fields.get(sep + 2)?),
         })
     }))
 }
