@@ -89,6 +89,10 @@ pub struct Engine {
     pub plan: MergePlan,
     pub kernel: Kernel,
     pub cache: BlockCache,
+    /// Tell the kernel to drop base-file pages once read (`POSIX_FADV_DONTNEED`). A mount
+    /// puts merged pages in the page cache; for a model over half of RAM, base pages kept
+    /// beside them would make the two evict each other.
+    pub drop_base_pages: bool,
     pub stats: EngineStats,
     /// Number of values in the base's tensors (for `inspect`).
     pub base_params: usize,
@@ -143,6 +147,7 @@ impl Engine {
             plan,
             kernel: Kernel::selected(),
             cache: BlockCache::new(options.cache_bytes),
+            drop_base_pages: false,
             stats: EngineStats::default(),
         })
     }
@@ -171,7 +176,7 @@ impl Engine {
                     out.copy_from_slice(&bytes[within as usize..within as usize + n])
                 }
                 Source::Base { offset } => {
-                    read_exact_at(&vf.base, &vf.base_path, out, offset + within)?;
+                    self.read_base(vf, out, offset + within)?;
                     self.stats
                         .bytes_passthrough
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -286,6 +291,35 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Read base bytes, dropping their pages from the page cache afterwards if so configured.
+    fn read_base(&self, vf: &VirtualFile, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_exact_at(&vf.base, &vf.base_path, buf, offset)?;
+        if self.drop_base_pages {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fadvise only advises the kernel about a file we hold open.
+            let rc = unsafe {
+                libc::posix_fadvise(
+                    vf.base.as_raw_fd(),
+                    offset as i64,
+                    buf.len() as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                log::debug!(
+                    "posix_fadvise on {} failed: errno {rc}",
+                    vf.base_path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes of the base's files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
     }
 
     /// Index of the file at a relative path.

@@ -83,6 +83,33 @@ struct Inputs {
     /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB).
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     cache_size: usize,
+    /// Drop base-file pages from the page cache once read: auto (when the model is over
+    /// half of RAM), always or never.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    drop_base_pages: DropBasePages,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DropBasePages {
+    Auto,
+    Always,
+    Never,
+}
+
+/// Physical memory in bytes.
+fn total_ram() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        u64::MAX
+    } else {
+        pages as u64 * size as u64
+    }
 }
 
 impl Inputs {
@@ -90,7 +117,16 @@ impl Inputs {
         let options = EngineOptions {
             cache_bytes: self.cache_size,
         };
-        Ok(Engine::open(&self.base, &self.adapters, options)?)
+        let mut engine = Engine::open(&self.base, &self.adapters, options)?;
+        engine.drop_base_pages = match self.drop_base_pages {
+            DropBasePages::Always => true,
+            DropBasePages::Never => false,
+            DropBasePages::Auto => engine.total_bytes() > total_ram() / 2,
+        };
+        if engine.drop_base_pages {
+            log::info!("dropping base-file pages from the page cache once read");
+        }
+        Ok(engine)
     }
 
     fn paths(&self) -> Vec<&Path> {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run every test: Rust (unit, integration, mounted, kernels; once more with the scalar
+# kernel forced) and the end-to-end tests against transformers and PEFT.
+#
+# Usage: bash scripts/test.sh            (from anywhere; creates the Python env on first run)
+# Mounted tests need root and /dev/fuse; run as root they are required, never skipped.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" = 0 ]; then
+    export LORAFS_REQUIRE_MOUNT=1
+fi
+
+echo "== cargo build (release)"
+cargo build --release --locked
+export LORAFS_BIN="$PWD/target/release/lorafs"
+
+echo "== cargo test"
+cargo test --release --locked
+
+echo "== cargo test with LORAFS_KERNEL=scalar"
+LORAFS_KERNEL=scalar cargo test --release --locked
+
+echo "== end-to-end tests (transformers, peft)"
+venv=$(bash scripts/venv.sh)
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+"$venv/bin/python" -m pytest tests/e2e -q
