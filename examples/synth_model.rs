@@ -52,7 +52,9 @@ fn parse() -> Args {
             "--heads" => a.heads = value().parse().unwrap(),
             "--kv-heads" => a.kv_heads = value().parse().unwrap(),
             "--rank" => a.rank = value().parse().unwrap(),
-            "--shard-gib" => a.shard_bytes = (value().parse::<f64>().unwrap() * (1u64 << 30) as f64) as usize,
+            "--shard-gib" => {
+                a.shard_bytes = (value().parse::<f64>().unwrap() * (1u64 << 30) as f64) as usize
+            }
             "--dtype" => {
                 a.dtype = match value().as_str() {
                     "f16" => Dtype::F16,
@@ -116,7 +118,8 @@ fn main() {
     let (h, i, kv) = (a.hidden, a.intermediate, a.hidden / a.heads * a.kv_heads);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![a.vocab, h])];
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![a.vocab, h])];
     let mut linear = Vec::new();
     for l in 0..a.layers {
         let p = format!("model.layers.{l}");
@@ -142,7 +145,7 @@ fn main() {
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![vec![]];
     let mut size = 0;
     for (name, shape) in shapes {
-        let bytes = shape.iter().product::<usize>() * a.(dtype.bitsize() / 8);
+        let bytes = shape.iter().product::<usize>() * (a.dtype.bitsize() / 8);
         if size + bytes > a.shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(vec![]);
             size = 0;
@@ -154,7 +157,11 @@ fn main() {
     let mut weight_map = serde_json::Map::new();
     let mut total = 0;
     for (k, shard) in shards.into_iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
         let tensors: Vec<_> = shard
             .into_iter()
             .map(|(name, shape)| {
@@ -171,9 +178,17 @@ fn main() {
     }
     if n > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(base.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+        std::fs::write(
+            base.join("model.safetensors.index.json"),
+            serde_json::to_vec_pretty(&index).unwrap(),
+        )
+        .unwrap();
     }
-    let dtype = if a.dtype == Dtype::F16 { "float16" } else { "bfloat16" };
+    let dtype = if a.dtype == Dtype::F16 {
+        "float16"
+    } else {
+        "bfloat16"
+    };
     let config = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": h, "intermediate_size": i, "num_hidden_layers": a.layers,
@@ -182,13 +197,27 @@ fn main() {
         "hidden_act": "silu", "tie_word_embeddings": false, "torch_dtype": dtype, "dtype": dtype,
         "bos_token_id": 1, "eos_token_id": 2,
     });
-    std::fs::write(base.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        base.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
 
     let mut factors = Vec::new();
     for (m, out, inp) in &linear {
         let r = a.rank;
-        factors.push((format!("base_model.model.{m}.lora_A.weight"), vec![r, *inp], Dtype::F32, values(&mut rng, r * inp, Dtype::F32, 0.05)));
-        factors.push((format!("base_model.model.{m}.lora_B.weight"), vec![*out, r], Dtype::F32, values(&mut rng, out * r, Dtype::F32, 0.05)));
+        factors.push((
+            format!("base_model.model.{m}.lora_A.weight"),
+            vec![r, *inp],
+            Dtype::F32,
+            values(&mut rng, r * inp, Dtype::F32, 0.05),
+        ));
+        factors.push((
+            format!("base_model.model.{m}.lora_B.weight"),
+            vec![*out, r],
+            Dtype::F32,
+            values(&mut rng, out * r, Dtype::F32, 0.05),
+        ));
     }
     write(&adapter.join("adapter_model.safetensors"), &factors);
     let config = json!({
@@ -197,6 +226,15 @@ fn main() {
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false, "use_rslora": false,
         "init_lora_weights": false, "base_model_name_or_path": base.display().to_string(),
     });
-    std::fs::write(adapter.join("adapter_config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    eprintln!("base: {} ({:.2} GB); adapter: {}", base.display(), total as f64 / 1e9, adapter.display());
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    eprintln!(
+        "base: {} ({:.2} GB); adapter: {}",
+        base.display(),
+        total as f64 / 1e9,
+        adapter.display()
+    );
 }
