@@ -15,7 +15,11 @@ use crate::error::{Error, Result};
 /// inputs are fixed, so these ids never refer to two different contents.
 pub type BlockKey = (u32, u32);
 
-pub type Block = Arc<[u8]>;
+pub type Block = Arc<Vec<u8>>;
+
+/// Buffers of evicted blocks kept for the next blocks, at most this many bytes: a reader
+/// streaming through a model then allocates (and page-faults) nothing in steady state.
+const SPARE_BYTES: usize = 16 << 20;
 
 type Pending = Arc<OnceLock<Result<Block, Arc<Error>>>>;
 
@@ -23,6 +27,8 @@ struct Inner {
     lru: LruCache<BlockKey, Block>,
     bytes: usize,
     pending: HashMap<BlockKey, Pending>,
+    spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
 }
 
 /// Counters, readable while the cache is in use.
@@ -51,6 +57,8 @@ impl BlockCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
                 pending: HashMap::new(),
+                spare: Vec::new(),
+                spare_bytes: 0,
             }),
             stats: CacheStats::default(),
         }
@@ -73,6 +81,23 @@ impl BlockCache {
         // A panic while holding the lock cannot leave `Inner` inconsistent in a way that
         // matters (at worst a stale byte count), so recover from poisoning.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A zeroed buffer of `len` bytes for a new block, recycled from an evicted one if possible.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        let recycled = {
+            let mut inner = self.lock();
+            let found = inner.spare.iter().position(|b| b.capacity() >= len);
+            found.map(|i| {
+                let b = inner.spare.swap_remove(i);
+                inner.spare_bytes -= b.capacity();
+                b
+            })
+        };
+        let mut buffer = recycled.unwrap_or_default();
+        buffer.clear();
+        buffer.resize(len, 0);
+        buffer
     }
 
     /// The block for `key`, computing it with `compute` if no one has it or is making it.
@@ -103,7 +128,7 @@ impl BlockCache {
         let result = pending.get_or_init(|| {
             computed = true;
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            compute().map(Block::from).map_err(Arc::new)
+            compute().map(Block::new).map_err(Arc::new)
         });
         if computed {
             let mut inner = self.lock();
@@ -121,6 +146,13 @@ impl BlockCache {
                         let (_, evicted) = inner.lru.pop_lru().expect("bytes > 0 implies an entry");
                         inner.bytes -= evicted.len();
                         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                        // Recycle the buffer unless a reader still holds the block.
+                        if let Ok(buffer) = Arc::try_unwrap(evicted) {
+                            if inner.spare_bytes + buffer.capacity() <= SPARE_BYTES {
+                                inner.spare_bytes += buffer.capacity();
+                                inner.spare.push(buffer);
+                            }
+                        }
                     }
                 }
             }

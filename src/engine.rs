@@ -242,7 +242,7 @@ impl Engine {
             let rows = Self::block_rows(m);
             let row0 = b * rows;
             let n = rows.min(m.factors.rows - row0);
-            let mut data = vec![0u8; n * m.row_bytes()];
+            let mut data = self.cache.buffer(n * m.row_bytes());
             read_exact_at(
                 &vf.base,
                 &vf.base_path,

@@ -34,6 +34,10 @@ pub const STATS_FILE: &str = ".lorafs-stats";
 /// How far ahead of a sequential reader merged blocks are computed in the background.
 const PREFETCH_BYTES: u64 = 8 << 20;
 
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 enum NodeKind {
     Dir { children: BTreeMap<OsString, u64> },
     File { file: usize },
@@ -176,7 +180,7 @@ pub fn stats_text(engine: &Engine) -> String {
     let s = &engine.stats;
     format!(
         "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
-         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nkernel {}\n",
+         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nfactor_bytes {}\nkernel {}\npid {}\n",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
@@ -187,7 +191,9 @@ pub fn stats_text(engine: &Engine) -> String {
         s.bytes_read.load(Ordering::Relaxed),
         s.bytes_merged.load(Ordering::Relaxed),
         s.bytes_passthrough.load(Ordering::Relaxed),
+        engine.plan.factor_bytes(),
         engine.kernel.name(),
+        std::process::id(),
     )
 }
 
@@ -285,20 +291,25 @@ impl Filesystem for LorafsFs {
             Some(NodeKind::Dir { .. }) => return reply.error(Errno::EISDIR),
             None => return reply.error(Errno::ENOENT),
         };
-        let mut buf = vec![0u8; size as usize];
-        match self.engine.read_at(file, offset, &mut buf) {
-            Ok(n) => {
-                reply.data(&buf[..n]);
-                self.note_read(fh.0, file, offset, n as u64);
+        READ_BUF.with_borrow_mut(|buf| {
+            // One buffer per FUSE thread, reused: no allocation or zeroing per read.
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
             }
-            Err(err) => {
-                log::error!(
-                    "read of {} at {offset} (+{size}) failed: {err}",
-                    self.engine.files[file].rel.display()
-                );
-                reply.error(Errno::from_i32(err.errno()));
+            match self.engine.read_at(file, offset, &mut buf[..size as usize]) {
+                Ok(n) => {
+                    reply.data(&buf[..n]);
+                    self.note_read(fh.0, file, offset, n as u64);
+                }
+                Err(err) => {
+                    log::error!(
+                        "read of {} at {offset} (+{size}) failed: {err}",
+                        self.engine.files[file].rel.display()
+                    );
+                    reply.error(Errno::from_i32(err.errno()));
+                }
             }
-        }
+        });
     }
 
     fn release(
