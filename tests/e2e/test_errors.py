@@ -1,0 +1,94 @@
+"""Inputs lorafs must refuse: a clear message, a non-zero exit, and nothing written (no
+output directory, no temporary leftovers, no mount)."""
+
+import os
+
+import pytest
+
+BAD = {
+    # (fixture key in manifest["bad"], words the message must contain)
+    "ia3": ["IA3", "LoRA"],
+    "pickle_only": ["adapter_model.bin", "pickle"],
+}
+
+
+def listing(d):
+    return sorted(os.listdir(d))
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+@pytest.mark.parametrize("position", ["alone", "second"])
+def test_materialize_refuses(e2e, lorafs, scratch, bad, position):
+    bad_dir = e2e.m["bad"][bad]
+    adapters = [(bad_dir, 1.0)]
+    if position == "second":
+        adapters = e2e.adapters(["attn"]) + adapters
+    out = scratch / "merged"
+    before = listing(scratch)
+    p = lorafs.run("materialize", e2e.base("f16"), out, *lorafs.adapter_args(adapters))
+    assert p.returncode != 0
+    assert p.stderr.startswith("lorafs: error"), p.stderr
+    for word in BAD[bad]:
+        assert word in p.stderr, f"{word!r} not in {p.stderr!r}"
+    assert str(bad_dir) in p.stderr, p.stderr
+    assert "panicked" not in p.stderr and "RUST_BACKTRACE" not in p.stderr
+    assert not out.exists()
+    assert listing(scratch) == before
+    # nothing written beside the inputs either
+    assert "merged" not in listing(e2e.base("f16"))
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_inspect_refuses(e2e, lorafs, bad):
+    p = lorafs.run("inspect", e2e.base("bf16"), "--adapter", e2e.m["bad"][bad])
+    assert p.returncode != 0
+    for word in BAD[bad]:
+        assert word in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_mount_refuses(e2e, lorafs, scratch, bad):
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    try:
+        p = lorafs.mount(e2e.base("bf16"), mnt, [(e2e.m["bad"][bad], 1.0)], timeout=60)
+        assert p.returncode != 0
+        for word in BAD[bad]:
+            assert word in p.stderr, p.stderr
+        assert not os.path.ismount(mnt)
+        assert listing(mnt) == []
+    finally:
+        lorafs.unmount(mnt)
+
+
+def test_missing_adapter_dir(e2e, lorafs, scratch):
+    out = scratch / "merged"
+    missing = scratch / "no-such-adapter"
+    p = lorafs.run("materialize", e2e.base("f16"), out, "--adapter", missing)
+    assert p.returncode != 0
+    assert str(missing) in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_adapter_for_another_model(e2e, lorafs, scratch):
+    """An adapter whose shapes do not fit the base is an error naming the tensor, never
+    silently skipped."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = e2e.adapter("attn")
+    bad = scratch / "wrong-shape"
+    shutil.copytree(src, bad)
+    state = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("q_proj.lora_A.weight"))
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 8)
+    save_file(state, bad / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert json.loads((bad / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    out = scratch / "merged"
+    p = lorafs.run("materialize", e2e.base("f16"), out, "--adapter", bad)
+    assert p.returncode != 0
+    assert "q_proj" in p.stderr and "shape" in p.stderr, p.stderr
+    assert not out.exists()
