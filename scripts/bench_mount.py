@@ -103,10 +103,11 @@ def main():
     print(f"\n1. dd of the base shard from page cache: {t_base:.3f} s ({size / t_base / 1e9:.2f} GB/s)")
     print("   fresh mount, empty cache, dd of the merged shard:")
     for ra in [0, 1024, 4096, 8192]:
-        def cold():
+        times = []
+        for _ in range(args.runs):
             with Mount(base, adapter, work / "mnt", "--read-ahead-kb", ra):
-                dd(work / "mnt" / shard)
-        t = timed(cold, args.runs)
+                times.append(timed(lambda: dd(work / "mnt" / shard), 1))
+        t = statistics.median(times)
         label = "kernel default 128 KiB" if ra == 0 else f"read-ahead {ra} KiB"
         print(f"   {label:>24}: {t:.3f} s ({size / t / 1e9:.2f} GB/s)  ratio to base {t / t_base:.2f}x")
 

@@ -77,6 +77,12 @@ impl BlockCache {
         self.lock().lru.contains(&key)
     }
 
+    /// Whether the block is cached or being computed right now.
+    pub fn present_or_pending(&self, key: BlockKey) -> bool {
+        let inner = self.lock();
+        inner.lru.contains(&key) || inner.pending.contains_key(&key)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave `Inner` inconsistent in a way that
         // matters (at worst a stale byte count), so recover from poisoning.

@@ -275,7 +275,7 @@ impl Engine {
             let lo = offset.max(seg.start) - seg.start;
             let hi = end.min(seg.start + seg.len) - seg.start;
             for b in lo / block_bytes..hi.div_ceil(block_bytes) {
-                if self.cache.contains((merge as u32, b as u32)) {
+                if self.cache.present_or_pending((merge as u32, b as u32)) {
                     continue;
                 }
                 let engine = Arc::clone(self);
