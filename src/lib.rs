@@ -20,3 +20,4 @@ pub mod plan;
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub mod fuse;
+pub mod hub;

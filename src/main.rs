@@ -74,10 +74,11 @@ enum Command {
 
 #[derive(Args)]
 struct Inputs {
-    /// Base model directory (config.json, tokenizer, *.safetensors).
+    /// Base model directory (config.json, tokenizer, *.safetensors), or a repo id
+    /// `org/name[@revision]` already in the local Hugging Face cache.
     base: PathBuf,
-    /// LoRA adapter directory, optionally with a weight: DIR or DIR:WEIGHT. Repeat to merge
-    /// several; their deltas are summed in f32 and rounded once.
+    /// LoRA adapter directory (or cached repo id), optionally with a weight: DIR or
+    /// DIR:WEIGHT. Repeat to merge several; their deltas are summed in f32 and rounded once.
     #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", required = true, value_parser = parse_adapter)]
     adapters: Vec<(PathBuf, f64)>,
     /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB).
@@ -117,7 +118,13 @@ impl Inputs {
         let options = EngineOptions {
             cache_bytes: self.cache_size,
         };
-        let mut engine = Engine::open(&self.base, &self.adapters, options)?;
+        let base = lorafs::hub::resolve(&self.base)?;
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|(arg, weight)| Ok((lorafs::hub::resolve(arg)?, *weight)))
+            .collect::<lorafs::Result<Vec<_>>>()?;
+        let mut engine = Engine::open(&base, &adapters, options)?;
         engine.drop_base_pages = match self.drop_base_pages {
             DropBasePages::Always => true,
             DropBasePages::Never => false,
@@ -129,11 +136,13 @@ impl Inputs {
         Ok(engine)
     }
 
-    fn paths(&self) -> Vec<&Path> {
-        std::iter::once(self.base.as_path())
-            .chain(self.adapters.iter().map(|(p, _)| p.as_path()))
-            .collect()
-    }
+}
+
+/// The input directories of an engine (resolved), which an output must not touch.
+fn inputs_of(engine: &Engine) -> Vec<&Path> {
+    std::iter::once(engine.base_dir.as_path())
+        .chain(engine.plan.adapters.iter().map(|a| a.dir.as_path()))
+        .collect()
 }
 
 /// `DIR` or `DIR:WEIGHT`; a suffix that is not a number stays part of the path.
@@ -197,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 progress: std::io::stderr().is_terminal(),
             };
-            let summary = materialize(&engine, &out, &inputs.paths(), &options)
+            let summary = materialize(&engine, &out, &inputs_of(&engine), &options)
                 .with_context(|| format!("materialize into {} failed", out.display()))?;
             println!("{}: {summary}", out.display());
         }

@@ -277,3 +277,63 @@ fn output_inside_an_input_is_refused() {
         "base untouched"
     );
 }
+
+#[test]
+fn repo_ids_resolve_in_the_local_cache_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let cache = tmp.path().join("hub");
+    // The cache layout: refs/main holds the commit; snapshots/COMMIT holds links to blobs.
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = cache.join("models--org--tiny-llama/snapshots").join(commit);
+    let blobs = cache.join("models--org--tiny-llama/blobs");
+    write_base(&tmp.path().join("real"), &spec);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(&blobs).unwrap();
+    for (rel, _) in read_tree(&tmp.path().join("real")) {
+        let blob = blobs.join(rel.to_string_lossy().replace('/', "_"));
+        std::fs::rename(tmp.path().join("real").join(&rel), &blob).unwrap();
+        std::fs::create_dir_all(snap.join(&rel).parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&blob, snap.join(&rel)).unwrap();
+    }
+    std::fs::create_dir_all(cache.join("models--org--tiny-llama/refs")).unwrap();
+    std::fs::write(cache.join("models--org--tiny-llama/refs/main"), commit).unwrap();
+    let adapter_snap = cache.join("models--org--tiny-lora/snapshots/feedface00");
+    write_adapter(&adapter_snap, &AdapterSpec::new(&spec, 2, "q_proj"));
+
+    let run = |base: &str, adapter: &str| {
+        let out = std::process::Command::new(lorafs_bin())
+            .args(["inspect", base, "--adapter", adapter])
+            .env("HF_HUB_CACHE", &cache)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for base in [
+        "org/tiny-llama",
+        "org/tiny-llama@main",
+        &format!("org/tiny-llama@{}", &commit[..10]),
+    ] {
+        let (ok, out, err) = run(base, "org/tiny-lora@feedface00:0.5");
+        assert!(ok, "{base}: {err}");
+        assert!(
+            out.contains(&format!("snapshots/{commit}")) && out.contains("weight 0.5"),
+            "{out}"
+        );
+    }
+    let (ok, _, err) = run("org/missing", "org/tiny-lora@feedface00");
+    assert!(
+        !ok && err.contains("org/missing") && err.contains("never downloads"),
+        "{err}"
+    );
+    let (ok, _, err) = run("org/tiny-llama@v2", "org/tiny-lora@feedface00");
+    assert!(
+        !ok && err.contains("revision \"v2\"") && err.contains(commit),
+        "{err}"
+    );
+}
