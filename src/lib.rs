@@ -21,3 +21,4 @@ pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub mod fuse;
 pub mod hub;
+pub mod baseio;
