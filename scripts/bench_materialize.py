@@ -33,10 +33,10 @@ def run(args, env=ENV):
     with tempfile.NamedTemporaryFile(mode="r") as report:
         t = time.perf_counter()
         out = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%M", *map(str, args)],
-                             check=True, capture_output=True, text=True, env=env)
+                             check=True, capture_output=True, env=env)
         elapsed = time.perf_counter() - t
         peak_kib = int(report.read().strip().splitlines()[-1])
-    return elapsed, peak_kib * 1024, out.stdout
+    return elapsed, peak_kib * 1024, out.stdout.decode(errors="replace")
 
 
 def python(code):

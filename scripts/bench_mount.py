@@ -111,6 +111,24 @@ def main():
         label = "kernel default 128 KiB" if ra == 0 else f"read-ahead {ra} KiB"
         print(f"   {label:>24}: {t:.3f} s ({size / t / 1e9:.2f} GB/s)  ratio to base {t / t_base:.2f}x")
 
+    # The FUSE ceiling: the same read through a mount whose adapter changes one small tensor,
+    # so nearly every byte is passed through.
+    one = work / "adapter-one-tensor"
+    if not one.exists():
+        from safetensors.numpy import load_file, save_file
+        one.mkdir()
+        factors = load_file(adapter / "adapter_model.safetensors")
+        save_file({k: v for k, v in factors.items() if ".layers.0.self_attn.q_proj." in k},
+                  one / "adapter_model.safetensors")
+        shutil.copy(adapter / "adapter_config.json", one)
+    times = []
+    for _ in range(args.runs):
+        with Mount(base, one, work / "mnt"):
+            times.append(timed(lambda: dd(work / "mnt" / shard), 1))
+    t = statistics.median(times)
+    print(f"   {'pass-through ceiling':>24}: {t:.3f} s ({size / t / 1e9:.2f} GB/s)  ratio to base {t / t_base:.2f}x"
+          "  (read-ahead 4096 KiB, one 2048x2048 tensor merged)")
+
     out = work / "materialized"
     shutil.rmtree(out, ignore_errors=True)
     sh(LORAFS, "materialize", base, out, "--adapter", adapter, stdout=subprocess.DEVNULL)

@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 /// enough that memory stays bounded (one chunk plus the cache, whatever the model size).
 const CHUNK: usize = 16 << 20;
 
+/// Bytes per `write`: measured here (Linux 6.18, ext4), 1 MiB writes of a 1 GB file take
+/// 0.2 s, 16 MiB writes 0.2 to 1.9 s.
+const WRITE_BYTES: usize = 1 << 20;
+
 #[derive(Debug, Clone, Default)]
 pub struct MaterializeOptions {
     /// Replace an existing output directory.
@@ -95,9 +99,9 @@ pub fn materialize(
             if n == 0 {
                 break;
             }
-            writer
-                .write_all(&buf[..n])
-                .map_err(|e| Error::io(&path, e))?;
+            for piece in buf[..n].chunks(WRITE_BYTES) {
+                writer.write_all(piece).map_err(|e| Error::io(&path, e))?;
+            }
             offset += n as u64;
             bar.inc(n as u64);
         }
