@@ -296,17 +296,29 @@ impl Filesystem for LorafsFs {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            match self.engine.read_at(file, offset, &mut buf[..size as usize]) {
-                Ok(n) => {
+            // A bug must cost one read (EIO), not a serving thread and with it the mount.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.engine.read_at(file, offset, &mut buf[..size as usize])
+            }));
+            let rel = &self.engine.files[file].rel;
+            match result {
+                Ok(Ok(n)) => {
                     reply.data(&buf[..n]);
                     self.note_read(fh.0, file, offset, n as u64);
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     log::error!(
                         "read of {} at {offset} (+{size}) failed: {err}",
-                        self.engine.files[file].rel.display()
+                        rel.display()
                     );
                     reply.error(Errno::from_i32(err.errno()));
+                }
+                Err(_) => {
+                    log::error!(
+                        "read of {} at {offset} (+{size}) panicked; returning EIO",
+                        rel.display()
+                    );
+                    reply.error(Errno::EIO);
                 }
             }
         });
