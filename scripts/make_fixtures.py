@@ -320,3 +320,122 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+
+
+# --------------------------------------------------------------------------------------
+# Adapter features beyond plain LoRA (tests/e2e/test_features.py). Generated separately,
+# by `generate_features(out_dir)`, so that the main fixtures stay as they are.
+
+FEATURE_VOCAB = 400  # the resized vocabulary (base: ARCH["vocab_size"] = 384)
+
+GPT2_ARCH = dict(vocab_size=384, n_positions=128, n_embd=48, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+
+
+def _perturb(peft_model, pattern, scale, seed):
+    """Add noise to every parameter whose name contains `pattern` (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if pattern in name:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def _feature_adapter(base_dir: Path, out: Path, config: dict, seed: int, perturb=(), resize=None, tokenizer=None, **save):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if resize is not None:
+        model.resize_token_embeddings(resize)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **config)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.mul_(0.25)
+            if "lora_embedding_A" in name:
+                p.mul_(0.02)
+    for i, (pattern, scale) in enumerate(perturb):
+        _perturb(peft_model, pattern, scale, seed + i)
+    peft_model.save_pretrained(out, **save)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def generate_features(out_dir) -> dict:
+    """Bases and PEFT adapters for every mergeable feature, and inputs to refuse."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    bases = {}
+
+    def save(model, name, dtype, shard=None):
+        path = out / "bases" / name
+        save_base(model, tokenizer, path, dtype, shard)
+        bases[name] = dict(path=str(path), dtype=str(dtype).removeprefix("torch."))
+        return path
+
+    llama = build_base()
+    f32 = save(llama, "f32", torch.float32)
+    save(llama, "bf16", torch.bfloat16)
+    save(llama, "f16_sharded", torch.float16, "64KB")
+
+    torch.manual_seed(1)
+    biased = LlamaForCausalLM(LlamaConfig(**{**ARCH, "attention_bias": True, "mlp_bias": True})).eval()
+    with torch.no_grad():
+        for name, p in biased.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    bias_f32 = save(biased, "bias_f32", torch.float32)
+    save(biased, "bias_bf16", torch.bfloat16)
+
+    torch.manual_seed(2)
+    tied = LlamaForCausalLM(LlamaConfig(**{**ARCH, "tie_word_embeddings": True})).eval()
+    tied_f32 = save(tied, "tied_f32", torch.float32)
+    save(tied, "tied_bf16", torch.bfloat16)
+
+    torch.manual_seed(3)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**GPT2_ARCH)).eval()
+    gpt2_f32 = save(gpt2, "gpt2_f32", torch.float32)
+    save(gpt2, "gpt2_f16", torch.float16)
+
+    resized_tok = build_tokenizer()
+    resized_tok.add_tokens([f"<extra_{i}>" for i in range(20)])
+
+    A = out / "adapters"
+    specs = {
+        # modules_to_save (saved as plain lm_head.weight), LoRA on attention.
+        "modules_to_save": (f32, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]), dict(perturb=[("modules_to_save", 0.05)])),
+        # DoRA on every Linear; the magnitudes moved away from their initial norms.
+        "dora": (f32, dict(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True), dict(perturb=[("lora_magnitude_vector", 0.05)])),
+        "dora_rslora": (f32, dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"], use_dora=True), dict(perturb=[("lora_magnitude_vector", 0.05)])),
+        # lora_B.bias (needs base biases), and trained biases with bias="all".
+        "lora_bias": (bias_f32, dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"], lora_bias=True), dict(perturb=[("lora_B", 0.0)])),
+        "bias_all": (bias_f32, dict(r=4, lora_alpha=8, target_modules=["q_proj"], bias="all"), dict(perturb=[("bias", 0.05)])),
+        # trainable tokens (rows of embed_tokens replaced) with LoRA on attention.
+        "tokens": (f32, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[5, 17, 200, 383]), dict(perturb=[("trainable_tokens_delta", 0.5)])),
+        # resized vocabulary: embed_tokens/lm_head saved whole with more rows, + tokenizer.
+        "resized": (f32, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), dict(resize=FEATURE_VOCAB, tokenizer=resized_tok, save_embedding_layers=True, perturb=[("embed_tokens", 0.02), ("lm_head", 0.02)])),
+        # embedding LoRA on a tied model (lm_head shares embed_tokens' weight).
+        "tied_embed": (tied_f32, dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"]), dict(save_embedding_layers=False)),
+        "tied_tokens": (tied_f32, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[4, 9, 300]), dict(perturb=[("trainable_tokens_delta", 0.5)])),
+        # GPT-2 Conv1D (c_attn (48,144), square attn c_proj, c_fc, mlp c_proj) and embedding LoRA on wte.
+        "gpt2_conv1d": (gpt2_f32, dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True), {}),
+        "gpt2_embed": (gpt2_f32, dict(r=8, lora_alpha=16, target_modules=["wte", "c_attn"], fan_in_fan_out=True), dict(save_embedding_layers=False)),
+    }
+    adapters = {}
+    for i, (name, (base_dir, config, kw)) in enumerate(specs.items()):
+        kw = dict(kw)
+        perturb = kw.pop("perturb", ())
+        _feature_adapter(base_dir, A / name, config, seed=500 + i, perturb=perturb, **kw)
+        adapters[name] = dict(path=str(A / name), base=str(base_dir))
+
+    manifest = dict(bases=bases, adapters=adapters, sentences=SENTENCES, vocab=FEATURE_VOCAB)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -21,7 +21,7 @@ use crate::cache::{Block, BlockCache};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::model::BaseModel;
-use crate::plan::{MergePlan, TensorMerge};
+use crate::plan::{Input, MergePlan, TensorMerge, WSource};
 
 /// Merged blocks hold whole rows, about this many bytes: big enough that per-block overhead
 /// (a cache lookup, one `pread`) is small next to the merge, small enough that a 128 KiB
@@ -35,8 +35,11 @@ enum Source {
     Bytes(Arc<[u8]>),
     /// The base file's bytes starting at this offset.
     Base { offset: u64 },
-    /// Merged tensor `merge` of the plan; its base rows start at `base_offset`.
-    Merged { merge: usize, base_offset: u64 },
+    /// Bytes of another input file (`Engine::inputs[input]`, an adapter's weights) from this
+    /// offset: a replaced tensor served as stored.
+    Input { input: usize, offset: u64 },
+    /// Merged tensor `merge` of the plan (its `W` source says where its rows come from).
+    Merged { merge: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +67,8 @@ pub struct EngineStats {
     pub bytes_read: AtomicU64,
     pub bytes_passthrough: AtomicU64,
     pub bytes_merged: AtomicU64,
+    /// Bytes served from adapter files (replaced tensors).
+    pub bytes_replaced: AtomicU64,
 }
 
 /// Tuning knobs of the engine.
@@ -87,6 +92,8 @@ pub struct Engine {
     /// Subdirectories of the tree (relative), parents before children.
     pub dirs: Vec<PathBuf>,
     pub plan: MergePlan,
+    /// Adapter weight files, by adapter index: the source of replaced tensors.
+    pub inputs: Vec<(PathBuf, File)>,
     pub kernel: Kernel,
     pub cache: BlockCache,
     /// Tell the kernel to drop base-file pages once read (`POSIX_FADV_DONTNEED`). A mount
@@ -119,25 +126,80 @@ impl Engine {
     }
 
     fn from_plan(base: BaseModel, plan: MergePlan, options: EngineOptions) -> Result<Engine> {
+        let inputs = plan
+            .adapters
+            .iter()
+            .map(|a| {
+                File::open(&a.file)
+                    .map(|f| (a.file.clone(), f))
+                    .map_err(|e| Error::io(&a.file, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut files = Vec::with_capacity(base.files.len());
+        // Size change of each safetensors file (a resized tensor changes its header and data).
+        let mut size_delta: i64 = 0;
+        let mut data_delta: i64 = 0;
         for file in &base.files {
+            if let Some(extra) = plan.extra_files.get(&file.rel) {
+                files.push(passthrough(&file.rel, extra)?);
+                continue;
+            }
             let handle = File::open(&file.path).map_err(|e| Error::io(&file.path, e))?;
-            let segments = match file.layout {
-                None => vec![Segment {
-                    start: 0,
-                    len: file.size,
-                    source: Source::Base { offset: 0 },
-                }],
-                Some(li) => safetensors_segments(&base, li, &plan),
+            let (segments, size) = match file.layout {
+                None => (
+                    vec![Segment {
+                        start: 0,
+                        len: file.size,
+                        source: Source::Base { offset: 0 },
+                    }],
+                    file.size,
+                ),
+                Some(li) => {
+                    let (segments, size, data) = safetensors_segments(&base, li, &plan)?;
+                    let layout = &base.layouts[li];
+                    size_delta += size as i64 - file.size as i64;
+                    data_delta +=
+                        data as i64 - layout.tensors.iter().map(|t| t.len).sum::<u64>() as i64;
+                    (segments, size)
+                }
             };
             files.push(VirtualFile {
                 rel: file.rel.clone(),
-                size: file.size,
+                size,
                 base_path: file.path.clone(),
                 base: handle,
                 segments,
             });
         }
+        // Files derived from the changes: the shard index (total_size) and config.json
+        // (vocab_size) when a resized tensor changes them.
+        for vf in &mut files {
+            let rewritten = if vf.rel == Path::new(INDEX_FILE) && size_delta != 0 {
+                Some(rewrite_index(&vf.base_path, data_delta)?)
+            } else if vf.rel == Path::new("config.json") {
+                match plan.vocab {
+                    Some((old, new)) => Some(rewrite_config(&vf.base_path, old, new)?),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            if let Some(bytes) = rewritten {
+                vf.size = bytes.len() as u64;
+                vf.segments = vec![Segment {
+                    start: 0,
+                    len: vf.size,
+                    source: Source::Bytes(Arc::from(bytes)),
+                }];
+                vf.segments.retain(|s| s.len > 0);
+            }
+        }
+        for (rel, path) in &plan.extra_files {
+            if !files.iter().any(|f| &f.rel == rel) {
+                files.push(passthrough(rel, path)?);
+            }
+        }
+        files.sort_by(|a, b| a.rel.cmp(&b.rel));
         Ok(Engine {
             base_dir: base.dir.clone(),
             base_params: base.num_params(),
@@ -145,6 +207,7 @@ impl Engine {
             files,
             dirs: base.dirs,
             plan,
+            inputs,
             kernel: Kernel::selected(),
             cache: BlockCache::new(options.cache_bytes),
             drop_base_pages: false,
@@ -181,8 +244,15 @@ impl Engine {
                         .bytes_passthrough
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Source::Merged { merge, base_offset } => {
-                    self.read_merged(vf, *merge, *base_offset, within, out)?;
+                Source::Input { input, offset } => {
+                    let (path, handle) = &self.inputs[*input];
+                    read_exact_at(handle, path, out, offset + within)?;
+                    self.stats
+                        .bytes_replaced
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Source::Merged { merge } => {
+                    self.read_merged(vf, *merge, within, out)?;
                     self.stats
                         .bytes_merged
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -208,7 +278,6 @@ impl Engine {
         &self,
         vf: &VirtualFile,
         merge: usize,
-        base_offset: u64,
         within: u64,
         out: &mut [u8],
     ) -> Result<()> {
@@ -216,7 +285,7 @@ impl Engine {
         let block_bytes = (Self::block_rows(m) * m.row_bytes()) as u64;
         let first = within / block_bytes;
         let last = (within + out.len() as u64 - 1) / block_bytes;
-        let get = |b: u64| self.block(vf, merge, base_offset, b as usize);
+        let get = |b: u64| self.block(vf, merge, b as usize);
         let blocks: Vec<Block> = if first == last {
             vec![get(first)?]
         } else {
@@ -236,22 +305,65 @@ impl Engine {
     }
 
     /// Block `b` of merged tensor `merge`, from the cache or computed now.
-    fn block(&self, vf: &VirtualFile, merge: usize, base_offset: u64, b: usize) -> Result<Block> {
+    fn block(&self, vf: &VirtualFile, merge: usize, b: usize) -> Result<Block> {
         let m = &self.plan.merges[merge];
         self.cache.get_or_compute((merge as u32, b as u32), || {
             let rows = Self::block_rows(m);
             let row0 = b * rows;
             let n = rows.min(m.factors.rows - row0);
             let mut data = self.cache.buffer(n * m.row_bytes());
-            read_exact_at(
-                &vf.base,
-                &vf.base_path,
-                &mut data,
-                base_offset + (row0 * m.row_bytes()) as u64,
-            )?;
-            self.kernel.merge(m.dtype, &m.factors, row0, &mut data);
+            self.read_w(vf, m, row0, &mut data)?;
+            for (row, values) in &m.rows {
+                if (row0..row0 + n).contains(row) {
+                    let first = (row - row0) * m.factors.cols;
+                    for (j, &x) in values.iter().enumerate() {
+                        m.dtype.store(&mut data, first + j, x);
+                    }
+                }
+            }
+            if let Some(groups) = &m.dora {
+                crate::dora::merge(m.dtype, &m.factors, groups, row0, &mut data);
+            } else if m.factors.rank > 0 {
+                self.kernel.merge(m.dtype, &m.factors, row0, &mut data);
+            }
             Ok(data)
         })
+    }
+
+    /// Rows `row0 .. row0 + n` of a merged tensor's `W`, in its output dtype, from the base
+    /// file or from an adapter file (a replaced tensor), converted (rounded to nearest even)
+    /// when the stored dtype differs.
+    fn read_w(
+        &self,
+        vf: &VirtualFile,
+        m: &TensorMerge,
+        row0: usize,
+        data: &mut [u8],
+    ) -> Result<()> {
+        let WSource {
+            input,
+            offset,
+            dtype,
+        } = m.w;
+        let cols = m.factors.cols;
+        let at = offset + (row0 * cols * dtype.size()) as u64;
+        let read = |buf: &mut [u8]| match input {
+            Input::Base => self.read_base(vf, buf, at),
+            Input::Adapter(i) => {
+                let (path, handle) = &self.inputs[i];
+                read_exact_at(handle, path, buf, at)
+            }
+        };
+        if dtype == m.dtype {
+            return read(data);
+        }
+        let elements = data.len() / m.dtype.size();
+        let mut raw = vec![0u8; elements * dtype.size()];
+        read(&mut raw)?;
+        for e in 0..elements {
+            m.dtype.store(data, e, dtype.load(&raw, e));
+        }
+        Ok(())
     }
 
     /// Compute, in the background, the merged blocks of `file` in `offset .. offset + len`
@@ -267,7 +379,7 @@ impl Engine {
         let end = (offset + len).min(vf.size);
         let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
         for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {
-            let Source::Merged { merge, base_offset } = seg.source else {
+            let Source::Merged { merge } = seg.source else {
                 continue;
             };
             let m = &self.plan.merges[merge];
@@ -280,9 +392,7 @@ impl Engine {
                 }
                 let engine = Arc::clone(self);
                 rayon::spawn(move || {
-                    if let Err(err) =
-                        engine.block(&engine.files[file], merge, base_offset, b as usize)
-                    {
+                    if let Err(err) = engine.block(&engine.files[file], merge, b as usize) {
                         log::warn!(
                             "prefetch of {} failed: {err}",
                             engine.files[file].rel.display()
@@ -329,47 +439,141 @@ impl Engine {
 }
 
 /// The segments of a safetensors file: its header, then its tensors in file order, runs of
-/// untouched tensors joined into one pass-through segment.
-fn safetensors_segments(base: &BaseModel, li: usize, plan: &MergePlan) -> Vec<Segment> {
+/// untouched tensors joined into one pass-through segment. Returns them with the file's size
+/// and the size of its data (tensor bytes). When a replaced tensor has another shape, the
+/// header is regenerated and the tensors after it move.
+fn safetensors_segments(
+    base: &BaseModel,
+    li: usize,
+    plan: &MergePlan,
+) -> Result<(Vec<Segment>, u64, u64)> {
     let layout = &base.layouts[li];
+    let merge_of = |ti: usize| {
+        plan.merges
+            .binary_search_by_key(&(li, ti), |m| (m.layout, m.tensor))
+            .ok()
+    };
+    let shapes: Vec<Vec<usize>> = layout
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(ti, t)| match merge_of(ti) {
+            Some(mi) => plan.merges[mi].shape.clone(),
+            None => t.shape.clone(),
+        })
+        .collect();
+    let (header, ranges): (Arc<[u8]>, Vec<(u64, u64)>) = if shapes
+        .iter()
+        .zip(&layout.tensors)
+        .all(|(s, t)| s == &t.shape)
+    {
+        (
+            Arc::from(layout.header.as_slice()),
+            layout.tensors.iter().map(|t| (t.offset, t.len)).collect(),
+        )
+    } else {
+        let (header, ranges) = layout.header_with(&shapes)?;
+        (Arc::from(header), ranges)
+    };
     let mut segments = vec![Segment {
         start: 0,
-        len: layout.header.len() as u64,
-        source: Source::Bytes(Arc::from(layout.header.as_slice())),
+        len: header.len() as u64,
+        source: Source::Bytes(header),
     }];
-    for (ti, t) in layout.tensors.iter().enumerate() {
-        let merged = plan
-            .merges
-            .binary_search_by_key(&(li, ti), |m| (m.layout, m.tensor))
-            .ok();
-        match (merged, segments.last_mut()) {
-            (Some(merge), _) => segments.push(Segment {
-                start: t.offset,
-                len: t.len,
-                source: Source::Merged {
-                    merge,
-                    base_offset: t.offset,
-                },
-            }),
-            (
-                None,
-                Some(Segment {
-                    start,
-                    len,
-                    source: Source::Base { .. },
-                }),
-            ) if *start + *len == t.offset => {
-                *len += t.len;
+    for (ti, (t, &(start, len))) in layout.tensors.iter().zip(&ranges).enumerate() {
+        let source = match merge_of(ti) {
+            Some(merge) => {
+                let m = &plan.merges[merge];
+                debug_assert_eq!(m.bytes(), len);
+                match m.w.input {
+                    Input::Adapter(input) if m.is_plain_copy() => Source::Input {
+                        input,
+                        offset: m.w.offset,
+                    },
+                    _ => Source::Merged { merge },
+                }
             }
-            (None, _) => segments.push(Segment {
-                start: t.offset,
-                len: t.len,
-                source: Source::Base { offset: t.offset },
-            }),
+            None => Source::Base { offset: t.offset },
+        };
+        match (source, segments.last_mut()) {
+            (
+                Source::Base { offset },
+                Some(Segment {
+                    start: s,
+                    len: l,
+                    source: Source::Base { offset: prev },
+                }),
+            ) if *s + *l == start && *prev + *l == offset => {
+                *l += len;
+            }
+            (source, _) => segments.push(Segment { start, len, source }),
         }
     }
     segments.retain(|s| s.len > 0);
-    segments
+    let data: u64 = ranges.iter().map(|r| r.1).sum();
+    let size = ranges
+        .last()
+        .map(|&(o, l)| o + l)
+        .unwrap_or(segments.first().map_or(0, |s| s.len));
+    Ok((segments, size, data))
+}
+
+/// A file served unchanged from `path` (a base file, or an adapter's tokenizer file).
+fn passthrough(rel: &Path, path: &Path) -> Result<VirtualFile> {
+    let handle = File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = handle.metadata().map_err(|e| Error::io(path, e))?.len();
+    Ok(VirtualFile {
+        rel: rel.to_path_buf(),
+        size,
+        base_path: path.to_path_buf(),
+        base: handle,
+        segments: vec![Segment {
+            start: 0,
+            len: size,
+            source: Source::Base { offset: 0 },
+        }]
+        .into_iter()
+        .filter(|s| s.len > 0)
+        .collect(),
+    })
+}
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// `model.safetensors.index.json` with `metadata.total_size` changed by `delta` bytes.
+fn rewrite_index(path: &Path, delta: i64) -> Result<Vec<u8>> {
+    let mut index: serde_json::Value = crate::error::read_json(path)?;
+    if let Some(total) = index
+        .get_mut("metadata")
+        .and_then(|m| m.get_mut("total_size"))
+    {
+        if let Some(n) = total.as_i64() {
+            *total = serde_json::Value::from(n + delta);
+        }
+    }
+    let mut bytes = serde_json::to_vec_pretty(&index).expect("JSON serializes");
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// `config.json` with `vocab_size` (top level, and in a `text_config`) set to `new` where it
+/// was `old`.
+fn rewrite_config(path: &Path, old: usize, new: usize) -> Result<Vec<u8>> {
+    let mut config: serde_json::Value = crate::error::read_json(path)?;
+    let set = |v: &mut serde_json::Value| {
+        if let Some(size) = v.get_mut("vocab_size") {
+            if size.as_u64() == Some(old as u64) {
+                *size = serde_json::Value::from(new);
+            }
+        }
+    };
+    set(&mut config);
+    if let Some(text) = config.get_mut("text_config") {
+        set(text);
+    }
+    let mut bytes = serde_json::to_vec_pretty(&config).expect("JSON serializes");
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {

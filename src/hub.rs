@@ -44,10 +44,11 @@ pub fn resolve(arg: &Path) -> Result<PathBuf> {
         && !repo.starts_with('/')
         && !revision.is_empty();
     if !is_repo_id {
-        return Err(Error::io(
-            arg,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "directory not found"),
-        ));
+        // A path, not a repo id: report what the filesystem says about it.
+        return match std::fs::metadata(arg) {
+            Err(e) => Err(Error::io(arg, e)),
+            Ok(_) => Err(Error::io(arg, std::io::Error::other("not a directory"))),
+        };
     }
     let Some(cache) = cache_dir() else {
         return Err(not_cached(

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::engine::Engine;
+use crate::plan::TermKind;
 
 /// The human-readable plan. With `tensors`, one line per merged tensor.
 pub fn report(engine: &Engine, tensors: bool) -> String {
@@ -69,6 +70,69 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
             let _ = writeln!(s, "  trained on         {b}");
         }
         let _ = writeln!(s, "  base tensors changed {}", a.tensors_changed);
+        let f = &a.features;
+        let mut used = Vec::new();
+        if f.dora > 0 {
+            used.push(format!("DoRA ({} modules)", f.dora));
+        }
+        if a.use_rslora {
+            used.push("rsLoRA".to_string());
+        }
+        if f.embedding_lora > 0 {
+            used.push(format!("embedding LoRA ({} modules)", f.embedding_lora));
+        }
+        if f.conv1d > 0 {
+            used.push(format!("GPT-2 Conv1D ({} modules)", f.conv1d));
+        }
+        if f.lora_bias > 0 {
+            used.push(format!("lora_bias ({} biases)", f.lora_bias));
+        }
+        if !f.trainable_tokens.is_empty() {
+            used.push("trainable tokens".to_string());
+        }
+        if !f.replacements.is_empty() {
+            used.push(format!("replaced tensors ({})", f.replacements.len()));
+        }
+        if !f.tied.is_empty() {
+            used.push("tied embeddings".to_string());
+        }
+        let _ = writeln!(
+            s,
+            "  features           {}",
+            if used.is_empty() {
+                "plain LoRA".to_string()
+            } else {
+                used.join(", ")
+            }
+        );
+        for (target, n) in &f.trainable_tokens {
+            let _ = writeln!(s, "  trainable tokens   {n} rows of {target}");
+        }
+        for (key, target, shape, dtype) in &f.replacements {
+            let _ = writeln!(
+                s,
+                "  replaces           {target} <- {key} {dtype} {shape:?}"
+            );
+        }
+        for key in &f.tied {
+            let _ = writeln!(
+                s,
+                "  tied               {key} applies to the input embedding (lm_head is tied to it)"
+            );
+        }
+        if !f.tokenizer_files.is_empty() {
+            let _ = writeln!(
+                s,
+                "  tokenizer          {} (from the adapter)",
+                f.tokenizer_files.join(", ")
+            );
+        }
+    }
+    if let Some((old, new)) = plan.vocab {
+        let _ = writeln!(
+            s,
+            "resized vocab {old} -> {new} (safetensors headers, index and config.json rewritten)"
+        );
     }
     let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
     for m in &plan.merges {
@@ -89,22 +153,34 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
                 .iter()
                 .map(|t| {
                     format!(
-                        "#{} r={} s={}{}",
+                        "#{} r={} s={}{}{}",
                         t.adapter + 1,
                         t.rank,
                         t.scale,
-                        if t.transposed { " T" } else { "" }
+                        if t.transposed { " T" } else { "" },
+                        match t.kind {
+                            TermKind::Lora => "",
+                            TermKind::LoraBias => " lora_bias",
+                            TermKind::Dora => " DoRA",
+                        }
                     )
                 })
                 .collect();
+            let mut sources = Vec::new();
+            if let Some(r) = &m.replaced {
+                sources.push(format!("replaced by #{} {}", r.adapter + 1, r.key));
+            }
+            if !m.rows.is_empty() {
+                sources.push(format!("{} token rows", m.rows.len()));
+            }
+            sources.extend(terms);
             let _ = writeln!(
                 s,
-                "  {} {} [{}, {}] <- {}",
+                "  {} {} {:?} <- {}",
                 m.name,
                 m.dtype.name(),
-                m.factors.rows,
-                m.factors.cols,
-                terms.join(" + ")
+                m.shape,
+                sources.join(" + ")
             );
         }
     }

@@ -81,6 +81,47 @@ impl Layout {
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.iter().find(|t| t.name == name)
     }
+
+    /// The header of this file with tensor `i` given shape `shapes[i]` (same dtypes, same
+    /// tensor order, same `__metadata__`), and every tensor's new absolute (offset, len).
+    /// Like the safetensors writer, the JSON is padded with spaces to a multiple of 8 bytes.
+    pub fn header_with(&self, shapes: &[Vec<usize>]) -> Result<(Vec<u8>, Vec<(u64, u64)>)> {
+        use serde_json::{json, Map, Value};
+        let old: Map<String, Value> = serde_json::from_slice(&self.header[8..])
+            .map_err(|e| bad(&self.path, format!("header JSON: {e}")))?;
+        let mut map = Map::new();
+        if let Some(meta) = old.get("__metadata__") {
+            map.insert("__metadata__".into(), meta.clone());
+        }
+        let mut lens = Vec::with_capacity(self.tensors.len());
+        let mut pos = 0usize;
+        for (t, shape) in self.tensors.iter().zip(shapes) {
+            let len = shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+            let mut entry = old.get(&t.name).cloned().unwrap_or_else(|| json!({}));
+            entry["dtype"] = serde_json::to_value(t.dtype).expect("a dtype serializes");
+            entry["shape"] = json!(shape);
+            entry["data_offsets"] = json!([pos, pos + len]);
+            map.insert(t.name.clone(), entry);
+            lens.push(len as u64);
+            pos += len;
+        }
+        let mut text = serde_json::to_vec(&Value::Object(map)).expect("JSON serializes");
+        while text.len() % 8 != 0 {
+            text.push(b' ');
+        }
+        let mut header = (text.len() as u64).to_le_bytes().to_vec();
+        header.extend_from_slice(&text);
+        let mut offset = header.len() as u64;
+        let ranges = lens
+            .into_iter()
+            .map(|len| {
+                let r = (offset, len);
+                offset += len;
+                r
+            })
+            .collect();
+        Ok((header, ranges))
+    }
 }
 
 fn bad(path: &Path, what: impl Into<String>) -> Error {

@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod cache;
+pub mod dora;
 pub mod dtype;
 pub mod engine;
 pub mod error;

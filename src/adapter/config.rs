@@ -20,6 +20,14 @@ pub struct AdapterConfig {
     /// `target_modules` as written: a list of names, a regex string, or absent.
     pub target_modules: Option<Value>,
     pub base_model_name_or_path: Option<String>,
+    pub use_dora: bool,
+    pub lora_bias: bool,
+    /// `bias`: "none", "all" or "lora_only" (trained biases are saved as plain tensors).
+    pub bias: String,
+    /// `modules_to_save` as written (the saved tensors are what counts).
+    pub modules_to_save: Vec<String>,
+    /// `trainable_token_indices`: a list (for the input embedding) or {module: list}.
+    pub trainable_token_indices: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -108,7 +116,9 @@ impl AdapterConfig {
         if raw.use_qalora {
             return refuse("QALoRA adapters need a quantized base; merge them with PEFT".into());
         }
-        if value.get("use_kasa").and_then(Value::as_bool) == Some(true) {
+        if value.get("use_kasa").and_then(Value::as_bool) == Some(true)
+            || is_set(&value.get("kasa_config").cloned())
+        {
             return refuse(
                 "KaSA modifies the base weights' singular values; lorafs does not merge it".into(),
             );
@@ -120,7 +130,7 @@ impl AdapterConfig {
         }
         if let Some(Value::String(init)) = &raw.init_lora_weights {
             let lower = init.to_ascii_lowercase();
-            if ["pissa", "olora", "corda", "lora_ga"]
+            if ["pissa", "olora", "corda", "lora_ga", "loftq"]
                 .iter()
                 .any(|p| lower.starts_with(p))
             {
@@ -130,24 +140,44 @@ impl AdapterConfig {
                 ));
             }
         }
-        if raw.use_dora {
-            return refuse("DoRA (use_dora) is not supported yet".into());
+        for (field, name) in [
+            ("use_bdlora", "BD-LoRA (use_bdlora)"),
+            ("velora_config", "VeLoRA (velora_config)"),
+            ("monteclora_config", "MonteCLoRA (monteclora_config)"),
+        ] {
+            if is_set(&value.get(field).cloned()) {
+                return refuse(format!(
+                    "{name} is a LoRA variant lorafs does not merge; merge it with PEFT"
+                ));
+            }
         }
-        if raw.lora_bias {
-            return refuse("lora_bias is not supported yet".into());
+        if let Some(indices) = &raw.trainable_token_indices {
+            if is_set(&Some(indices.clone())) && token_lists(indices).is_none() {
+                return Err(Error::config(
+                    path,
+                    "trainable_token_indices must be a list of token ids or an object {module: [ids]}",
+                ));
+            }
         }
-        if is_set(&raw.trainable_token_indices) {
-            return refuse(
-                "trainable tokens (trainable_token_indices) are not supported yet".into(),
-            );
+        if let Some(other) = raw.bias.as_deref() {
+            if !matches!(other, "none" | "all" | "lora_only") {
+                return Err(Error::config(
+                    path,
+                    format!("bias is {other:?}; expected \"none\", \"all\" or \"lora_only\""),
+                ));
+            }
         }
-        if matches!(raw.bias.as_deref(), Some("all" | "lora_only")) {
-            return refuse(format!(
-                "bias=\"{}\" (trained biases) is not supported yet",
-                raw.bias.unwrap()
-            ));
-        }
-        let _ = raw.modules_to_save; // checked against the tensors: only saved tensors matter.
+        let modules_to_save = match &raw.modules_to_save {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
 
         if raw.r == 0 {
             return Err(Error::config(path, "r is 0"));
@@ -167,6 +197,13 @@ impl AdapterConfig {
             rank_pattern,
             target_modules: raw.target_modules,
             base_model_name_or_path: raw.base_model_name_or_path,
+            use_dora: raw.use_dora,
+            lora_bias: raw.lora_bias,
+            bias: raw.bias.unwrap_or_else(|| "none".into()),
+            modules_to_save,
+            trainable_token_indices: raw
+                .trainable_token_indices
+                .filter(|v| is_set(&Some(v.clone()))),
         })
     }
 
@@ -193,6 +230,26 @@ impl AdapterConfig {
         }
     }
 
+    /// The token ids whose rows `module` replaces (PEFT `trainable_token_indices`): a plain
+    /// list applies to the input embedding (the only module PEFT then wraps), an object maps
+    /// module-name patterns (matched like target modules: the key equals the name or a dotted
+    /// suffix of it) to lists.
+    pub fn token_indices_for(&self, module: &str) -> Option<Vec<usize>> {
+        let value = self.trainable_token_indices.as_ref()?;
+        match value {
+            Value::Array(_) => token_list(value),
+            Value::Object(map) => map.iter().find_map(|(k, v)| {
+                let matches = module == k || module.ends_with(&format!(".{k}"));
+                if matches {
+                    token_list(v)
+                } else {
+                    None
+                }
+            }),
+            _ => None,
+        }
+    }
+
     /// `target_modules` for display.
     pub fn target_modules_display(&self) -> String {
         match &self.target_modules {
@@ -212,6 +269,23 @@ impl AdapterConfig {
             }
             Some(other) => other.to_string(),
         }
+    }
+}
+
+fn token_list(value: &Value) -> Option<Vec<usize>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|v| v.as_u64().map(|i| i as usize))
+        .collect()
+}
+
+/// Whether `trainable_token_indices` has one of its two valid forms.
+fn token_lists(value: &Value) -> Option<()> {
+    match value {
+        Value::Array(_) => token_list(value).map(|_| ()),
+        Value::Object(map) => map.values().try_for_each(|v| token_list(v).map(|_| ())),
+        _ => None,
     }
 }
 

@@ -49,11 +49,6 @@ def test_sharded_index_kept(e2e, scratch):
     assert all((out / s).is_file() for s in shards)
 
 
-@pytest.mark.xfail(
-    reason="PEFT's default save of an adapter targeting embed_tokens/lm_head also stores "
-    "the full layers (`*.base_layer.weight`); lorafs refuses those replacements (not yet)",
-    strict=False,
-)
 @pytest.mark.parametrize("base", ["f32", "bf16"])
 def test_saved_embedding_layers(e2e, scratch, base):
     adapters = e2e.adapters(["embed_saved"])

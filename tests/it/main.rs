@@ -2,6 +2,7 @@
 
 mod common;
 mod errors;
+mod features;
 mod merge;
 mod mount;
 mod read_at;

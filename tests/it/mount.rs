@@ -346,7 +346,7 @@ fn bad_mount_points_and_inputs_mount_nothing() {
         vec!["--adapter".into(), s.tmp.path().join("nope").into()],
     );
     assert!(
-        !ok && err.contains("nope") && err.contains("not found"),
+        !ok && err.contains("nope") && err.contains("No such file"),
         "{err}"
     );
     assert!(

@@ -1,0 +1,86 @@
+//! DoRA rows: `W' = m / ‖W + Δ‖_row · (W + Δ)`, computed row by row in f32.
+//!
+//! PEFT (tuners/lora/variants.py `DoraLinearVariant.merge_unsafe`, tuners/lora/dora.py
+//! `get_weight_norm`) computes, in f32: `x = W + Δ` with `Δ = s·B@A`, the L2 norm of each
+//! output row of `x` (`torch.linalg.norm(x, dim=1)`), `factor = m / norm`, and
+//! `factor · x`, rounded once to the weight's dtype. Each output row needs only its own row
+//! of `W`, `U` and the magnitude, so DoRA stays row-local and fits lorafs's blocks.
+//!
+//! A tensor with a DoRA term is merged here instead of by the SIMD kernels: the terms are
+//! applied in order (a plain LoRA term adds its delta, a DoRA term rescales the running row),
+//! all in f32, and the row is rounded once at the end. The delta of one term is accumulated
+//! like the kernels do (`acc = fma(U[i,k], V[k,j], acc)`, k ascending); the norm is summed
+//! in f64 and rounded to f32.
+
+use crate::dtype::DType;
+use crate::kernel::Factors;
+use crate::plan::DoraGroup;
+
+/// Merge rows `row0 ..` of a tensor in place: `data` holds those rows of `W` in `dtype`.
+pub fn merge(dtype: DType, f: &Factors, groups: &[DoraGroup], row0: usize, data: &mut [u8]) {
+    let cols = f.cols;
+    let n = data.len() / (cols * dtype.size()).max(1);
+    let mut acc = vec![0f32; cols];
+    let mut delta = vec![0f32; cols];
+    for r in 0..n {
+        let i = row0 + r;
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = dtype.load(data, r * cols + j);
+        }
+        for g in groups {
+            let u = &f.u[i * f.rank + g.offset..i * f.rank + g.offset + g.rank];
+            delta.fill(0.0);
+            for (k, &uk) in u.iter().enumerate() {
+                let v = &f.v[(g.offset + k) * cols..(g.offset + k + 1) * cols];
+                for (d, &vj) in delta.iter_mut().zip(v) {
+                    *d = uk.mul_add(vj, *d);
+                }
+            }
+            match &g.magnitude {
+                None => {
+                    for (a, d) in acc.iter_mut().zip(&delta) {
+                        *a += d;
+                    }
+                }
+                Some(m) => {
+                    let mut sum = 0f64;
+                    for (a, d) in acc.iter_mut().zip(&delta) {
+                        *a += d;
+                        sum += (*a as f64) * (*a as f64);
+                    }
+                    let norm = sum.sqrt() as f32;
+                    let factor = m[i] / norm;
+                    for a in acc.iter_mut() {
+                        *a *= factor;
+                    }
+                }
+            }
+        }
+        for (j, &a) in acc.iter().enumerate() {
+            dtype.store(data, r * cols + j, a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_dora_term_rescales_rows_to_the_magnitude() {
+        // W = [[3, 0], [0, 1]], Δ = 0 (U = 0): rows scaled to norms m = [2, 5].
+        let f = Factors::new(2, 1, 2, vec![0.0, 0.0], vec![1.0, 1.0]);
+        let groups = [DoraGroup {
+            offset: 0,
+            rank: 1,
+            magnitude: Some(vec![2.0, 5.0]),
+        }];
+        let mut data = Vec::new();
+        for x in [3f32, 0.0, 0.0, 1.0] {
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        merge(DType::F32, &f, &groups, 0, &mut data);
+        let out: Vec<f32> = (0..4).map(|i| DType::F32.load(&data, i)).collect();
+        assert_eq!(out, vec![2.0, 0.0, 0.0, 5.0]);
+    }
+}
