@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A model of about 60 % of RAM, read whole through the mount twice, with and without
-# dropping base pages (--drop-base-pages). Base and merged pages together exceed RAM, so
-# without dropping they evict each other and the second pass re-reads and re-merges;
-# with dropping, the merged pages stay cached and the second pass is served from memory.
+# A model of about 60 % of RAM, read whole through the mount twice, with the base read
+# through the page cache and with O_DIRECT (--direct-io never|always; auto picks always
+# here). Base and merged pages together exceed RAM, so with buffered reads they evict each
+# other and the second pass re-reads and re-merges; with O_DIRECT the merged pages stay
+# cached and the second pass is served from memory.
 # Baseline in the same run: dd of the base files cold from disk. Needs root (mount,
 # drop_caches). The model (written by examples/synth_model.rs, no Python) is deleted after.
 #
@@ -39,7 +40,7 @@ echo "baseline: dd of the base from disk (cold): $t s, $(mb_s "$t") MB/s"
 mkdir -p "$dir/mnt"
 for mode in never always; do
     sync; echo 3 > /proc/sys/vm/drop_caches
-    "$lorafs" mount "$dir/base" "$dir/mnt" --adapter "$dir/adapter" --drop-base-pages "$mode"
+    "$lorafs" mount "$dir/base" "$dir/mnt" --adapter "$dir/adapter" --direct-io "$mode"
     t1=$(read_all "$dir/mnt")
     c1=$(awk '/^bytes_computed/ {print int($2 / 1000000)}' "$dir/mnt/.lorafs-stats")
     cached=$(awk '/^Cached/ {print int($2 / 1024)}' /proc/meminfo)
@@ -47,7 +48,7 @@ for mode in never always; do
     pid=$(awk '/^pid/ {print $2}' "$dir/mnt/.lorafs-stats")
     rss=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$pid/status")
     c2=$(awk '/^bytes_computed/ {print int($2 / 1000000)}' "$dir/mnt/.lorafs-stats")
-    echo "--drop-base-pages $mode: pass 1 $t1 s ($(mb_s "$t1") MB/s, merged $c1 MB, page cache after: $cached MiB)," \
+    echo "--direct-io $mode: pass 1 $t1 s ($(mb_s "$t1") MB/s, merged $c1 MB, page cache after: $cached MiB)," \
          "pass 2 $t2 s ($(mb_s "$t2") MB/s, merged $((c2 - c1)) MB); server peak RSS $rss MiB"
     "$lorafs" unmount "$dir/mnt"
 done

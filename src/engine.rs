@@ -8,8 +8,6 @@
 //! (base bytes at the same offsets), and merged tensors, computed in blocks of whole rows.
 //! A later change of header or of a tensor's size is a change to this list only.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +15,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::adapter::Adapter;
+use crate::baseio::InputFile;
 use crate::cache::{Block, BlockCache};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
@@ -57,7 +56,7 @@ pub struct VirtualFile {
     pub size: u64,
     /// The base file behind it (for messages and `stat` times).
     pub base_path: PathBuf,
-    base: File,
+    base: InputFile,
     segments: Vec<Segment>,
 }
 
@@ -93,13 +92,12 @@ pub struct Engine {
     pub dirs: Vec<PathBuf>,
     pub plan: MergePlan,
     /// Adapter weight files, by adapter index: the source of replaced tensors.
-    pub inputs: Vec<(PathBuf, File)>,
+    pub inputs: Vec<InputFile>,
     pub kernel: Kernel,
     pub cache: BlockCache,
-    /// Tell the kernel to drop base-file pages once read (`POSIX_FADV_DONTNEED`). A mount
-    /// puts merged pages in the page cache; for a model over half of RAM, base pages kept
-    /// beside them would make the two evict each other.
-    pub drop_base_pages: bool,
+    /// Read the base with `O_DIRECT`, around the page cache (see [`crate::baseio`]): for
+    /// models over half of RAM, whose base pages would evict the merged ones.
+    pub direct_base_reads: bool,
     pub stats: EngineStats,
     /// Number of values in the base's tensors (for `inspect`).
     pub base_params: usize,
@@ -129,11 +127,7 @@ impl Engine {
         let inputs = plan
             .adapters
             .iter()
-            .map(|a| {
-                File::open(&a.file)
-                    .map(|f| (a.file.clone(), f))
-                    .map_err(|e| Error::io(&a.file, e))
-            })
+            .map(|a| InputFile::open(&a.file))
             .collect::<Result<Vec<_>>>()?;
         let mut files = Vec::with_capacity(base.files.len());
         // Size change of each safetensors file (a resized tensor changes its header and data).
@@ -144,7 +138,7 @@ impl Engine {
                 files.push(passthrough(&file.rel, extra)?);
                 continue;
             }
-            let handle = File::open(&file.path).map_err(|e| Error::io(&file.path, e))?;
+            let handle = InputFile::open(&file.path)?;
             let (segments, size) = match file.layout {
                 None => (
                     vec![Segment {
@@ -210,7 +204,7 @@ impl Engine {
             inputs,
             kernel: Kernel::selected(),
             cache: BlockCache::new(options.cache_bytes),
-            drop_base_pages: false,
+            direct_base_reads: false,
             stats: EngineStats::default(),
         })
     }
@@ -245,8 +239,7 @@ impl Engine {
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Source::Input { input, offset } => {
-                    let (path, handle) = &self.inputs[*input];
-                    read_exact_at(handle, path, out, offset + within)?;
+                    self.inputs[*input].read_exact_at(out, offset + within, false)?;
                     self.stats
                         .bytes_replaced
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -349,10 +342,7 @@ impl Engine {
         let at = offset + (row0 * cols * dtype.size()) as u64;
         let read = |buf: &mut [u8]| match input {
             Input::Base => self.read_base(vf, buf, at),
-            Input::Adapter(i) => {
-                let (path, handle) = &self.inputs[i];
-                read_exact_at(handle, path, buf, at)
-            }
+            Input::Adapter(i) => self.inputs[i].read_exact_at(buf, at, false),
         };
         if dtype == m.dtype {
             return read(data);
@@ -403,28 +393,9 @@ impl Engine {
         }
     }
 
-    /// Read base bytes, dropping their pages from the page cache afterwards if so configured.
+    /// Read base bytes, around the page cache if so configured.
     fn read_base(&self, vf: &VirtualFile, buf: &mut [u8], offset: u64) -> Result<()> {
-        read_exact_at(&vf.base, &vf.base_path, buf, offset)?;
-        if self.drop_base_pages {
-            use std::os::fd::AsRawFd;
-            // SAFETY: posix_fadvise only advises the kernel about a file we hold open.
-            let rc = unsafe {
-                libc::posix_fadvise(
-                    vf.base.as_raw_fd(),
-                    offset as i64,
-                    buf.len() as i64,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                log::debug!(
-                    "posix_fadvise on {} failed: errno {rc}",
-                    vf.base_path.display()
-                );
-            }
-        }
-        Ok(())
+        vf.base.read_exact_at(buf, offset, self.direct_base_reads)
     }
 
     /// Total bytes of the base's files.
@@ -520,8 +491,8 @@ fn safetensors_segments(
 
 /// A file served unchanged from `path` (a base file, or an adapter's tokenizer file).
 fn passthrough(rel: &Path, path: &Path) -> Result<VirtualFile> {
-    let handle = File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = handle.metadata().map_err(|e| Error::io(path, e))?.len();
+    let handle = InputFile::open(path)?;
+    let size = handle.len()?;
     Ok(VirtualFile {
         rel: rel.to_path_buf(),
         size,
@@ -574,20 +545,4 @@ fn rewrite_config(path: &Path, old: usize, new: usize) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(&config).expect("JSON serializes");
     bytes.push(b'\n');
     Ok(bytes)
-}
-
-fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::io(
-                path,
-                std::io::Error::new(
-                    e.kind(),
-                    "file is shorter than when lorafs opened it; inputs must not change",
-                ),
-            )
-        } else {
-            Error::io(path, e)
-        }
-    })
 }

@@ -84,14 +84,15 @@ struct Inputs {
     /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB).
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     cache_size: usize,
-    /// Drop base-file pages from the page cache once read: auto (when the model is over
-    /// half of RAM), always or never.
+    /// Read base files with O_DIRECT, keeping them out of the page cache: auto (when the
+    /// model is over half of RAM, so base and merged pages do not evict each other), always
+    /// or never.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
-    drop_base_pages: DropBasePages,
+    direct_io: DirectIo,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum DropBasePages {
+enum DirectIo {
     Auto,
     Always,
     Never,
@@ -125,17 +126,16 @@ impl Inputs {
             .map(|(arg, weight)| Ok((lorafs::hub::resolve(arg)?, *weight)))
             .collect::<lorafs::Result<Vec<_>>>()?;
         let mut engine = Engine::open(&base, &adapters, options)?;
-        engine.drop_base_pages = match self.drop_base_pages {
-            DropBasePages::Always => true,
-            DropBasePages::Never => false,
-            DropBasePages::Auto => engine.total_bytes() > total_ram() / 2,
+        engine.direct_base_reads = match self.direct_io {
+            DirectIo::Always => true,
+            DirectIo::Never => false,
+            DirectIo::Auto => engine.total_bytes() > total_ram() / 2,
         };
-        if engine.drop_base_pages {
-            log::info!("dropping base-file pages from the page cache once read");
+        if engine.direct_base_reads {
+            log::info!("reading base files with O_DIRECT, around the page cache");
         }
         Ok(engine)
     }
-
 }
 
 /// The input directories of an engine (resolved), which an output must not touch.

@@ -75,8 +75,15 @@ fn interesting_offsets(engine: &Engine, file: usize) -> Vec<u64> {
 fn random_ranges_equal_materialized_bytes() {
     for dtype in [Dtype::BF16, Dtype::F32] {
         let f = fixture(dtype);
-        for cache in [0, 4096, 64 << 20] {
-            let engine = engine(&f, cache);
+        for (cache, direct) in [
+            (0, false),
+            (4096, true),
+            (64 << 20, false),
+            (64 << 20, true),
+        ] {
+            let mut engine = engine(&f, cache);
+            // O_DIRECT base reads (models over half of RAM) serve the same bytes.
+            engine.direct_base_reads = direct;
             let mut rng = StdRng::seed_from_u64(cache as u64);
             for (index, file) in engine.files.iter().enumerate() {
                 let want = &f.expected[&file.rel];
