@@ -114,11 +114,11 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine> {
         let base = BaseModel::open(base_dir)?;
-        let adapters = adapters
+        let mut adapters = adapters
             .iter()
             .map(|(dir, weight)| Adapter::load(dir, *weight))
             .collect::<Result<Vec<_>>>()?;
-        let plan = MergePlan::build(&base, &adapters)?;
+        let plan = MergePlan::build(&base, &mut adapters)?;
         drop(adapters); // the plan holds the factors it needs, packed.
         Engine::from_plan(base, plan, options)
     }

@@ -186,7 +186,9 @@ fn view(shape: &[usize]) -> (usize, usize) {
 }
 
 impl MergePlan {
-    pub fn build(base: &BaseModel, adapters: &[Adapter]) -> Result<MergePlan> {
+    /// Plan the merge. The adapters' LoRA factors are moved into the plan (their shapes
+    /// stay, for messages), so memory holds one copy of them.
+    pub fn build(base: &BaseModel, adapters: &mut [Adapter]) -> Result<MergePlan> {
         let mut pending: BTreeMap<(usize, usize), Pending> = BTreeMap::new();
         let mut summaries = Vec::new();
         let conv1d_arch = base
@@ -246,7 +248,7 @@ impl MergePlan {
             }
         };
 
-        for (ai, adapter) in adapters.iter().enumerate() {
+        for (ai, adapter) in adapters.iter_mut().enumerate() {
             let mut scales = BTreeMap::new();
             let mut features = Features::default();
             let mut changed = std::collections::BTreeSet::new();
@@ -366,7 +368,9 @@ impl MergePlan {
             }
 
             // 3. LoRA factors (and DoRA), on top of the (possibly replaced) W.
-            for factors in adapter.modules.values() {
+            let modules: Vec<String> = adapter.modules.keys().cloned().collect();
+            for module in modules {
+                let factors = &adapter.modules[&module];
                 let target = format!("{}.weight", factors.module);
                 let (loc, tied) = lookup(adapter, &factors.a.key, &target)?;
                 note_tied(&mut features, tied, &factors.a.key);
@@ -374,6 +378,9 @@ impl MergePlan {
                 let p = pending.entry(loc).or_insert_with(|| fresh(loc, dtype));
                 let transposed = orientation(adapter, factors, &p.shape, conv1d_arch)?;
                 let scale = adapter.scale(factors);
+                let (embedding, rank) = (factors.embedding, factors.rank());
+                // The plan takes the factors over: no second copy of them at any time.
+                let factors = adapter.modules.get_mut(&module).expect("listed above");
                 let (u, v) = orient(factors, transposed, scale as f32);
                 *scales.entry(format_scale(scale)).or_insert(0) += 1;
                 let magnitude = adapter.magnitudes.get(&factors.module);
@@ -390,7 +397,7 @@ impl MergePlan {
                                 "`{}`: DoRA on a transposed layer ({}) normalises columns of the stored \
                                  weight; lorafs merges DoRA on Linear layers only",
                                 m.key,
-                                if factors.embedding { "embedding" } else { "GPT-2 Conv1D" }
+                                if embedding { "embedding" } else { "GPT-2 Conv1D" }
                             ),
                         ));
                     }
@@ -411,15 +418,15 @@ impl MergePlan {
                         ));
                     }
                     features.dora += 1;
-                } else if factors.embedding {
+                } else if embedding {
                     features.embedding_lora += 1;
                 } else if transposed {
                     features.conv1d += 1;
                 }
                 let term = Term {
                     adapter: ai,
-                    module: factors.module.clone(),
-                    rank: factors.rank(),
+                    module,
+                    rank,
                     scale,
                     transposed,
                     kind,
@@ -531,26 +538,22 @@ impl MergePlan {
                     }
                 }
                 let rank: usize = p.parts.iter().map(|(t, ..)| t.rank).sum();
-                let mut u = vec![0f32; rows * rank];
-                let mut v = Vec::with_capacity(rank * cols);
+                let any_dora = p.parts.iter().any(|(t, ..)| t.kind == TermKind::Dora);
                 let mut offset = 0;
                 let mut terms = Vec::new();
-                let any_dora = p.parts.iter().any(|(t, ..)| t.kind == TermKind::Dora);
                 let mut groups = Vec::new();
+                let mut factors = Vec::new();
                 for (term, tu, tv, magnitude) in p.parts {
-                    for i in 0..rows {
-                        u[i * rank + offset..i * rank + offset + term.rank]
-                            .copy_from_slice(&tu[i * term.rank..(i + 1) * term.rank]);
-                    }
-                    v.extend_from_slice(&tv);
                     groups.push(DoraGroup {
                         offset,
                         rank: term.rank,
                         magnitude,
                     });
                     offset += term.rank;
+                    factors.push((term.rank, tu, tv));
                     terms.push(term);
                 }
+                let (u, v) = concat_ranks(rows, rank, cols, factors);
                 Ok(TensorMerge {
                     name: entry.name.clone(),
                     layout: li,
@@ -629,6 +632,31 @@ fn format_scale(scale: f64) -> String {
 
 /// Decide whether the delta is `B @ A` as stored (Linear) or transposed (Conv1D, embedding),
 /// and check that the shapes fit the base tensor.
+/// Concatenate per-term factors along the rank: `U = [U₁ | U₂ | …]`, `V = [V₁; V₂; …]`.
+/// A single term (the common case) is moved, not copied, so loading needs no second copy.
+fn concat_ranks(
+    rows: usize,
+    rank: usize,
+    cols: usize,
+    mut parts: Vec<(usize, Vec<f32>, Vec<f32>)>,
+) -> (Vec<f32>, Vec<f32>) {
+    if parts.len() == 1 {
+        let (_, u, v) = parts.pop().expect("one part");
+        return (u, v);
+    }
+    let mut u = vec![0f32; rows * rank];
+    let mut v = Vec::with_capacity(rank * cols);
+    let mut offset = 0;
+    for (r, tu, tv) in parts {
+        for i in 0..rows {
+            u[i * rank + offset..i * rank + offset + r].copy_from_slice(&tu[i * r..(i + 1) * r]);
+        }
+        v.extend_from_slice(&tv);
+        offset += r;
+    }
+    (u, v)
+}
+
 fn orientation(
     adapter: &Adapter,
     f: &ModuleFactors,
@@ -682,23 +710,26 @@ fn orientation(
 }
 
 /// (U, V) for one adapter: `U = s·B`, `V = A`, or transposed `U = s·Aᵀ`, `V = Bᵀ`.
-fn orient(f: &ModuleFactors, transposed: bool, scale: f32) -> (Vec<f32>, Vec<f32>) {
+/// Takes the factors' data out of `f` (only their shapes stay).
+fn orient(f: &mut ModuleFactors, transposed: bool, scale: f32) -> (Vec<f32>, Vec<f32>) {
     let r = f.rank();
+    let (a, b) = (std::mem::take(&mut f.a.data), std::mem::take(&mut f.b.data));
     if !transposed {
-        let u = f.b.data.iter().map(|&x| scale * x).collect();
-        (u, f.a.data.clone())
+        let mut u = b;
+        u.iter_mut().for_each(|x| *x *= scale);
+        (u, a)
     } else {
         let (rows, cols) = (f.a.cols, f.b.rows);
         let mut u = vec![0f32; rows * r];
         for k in 0..r {
             for i in 0..rows {
-                u[i * r + k] = scale * f.a.data[k * rows + i];
+                u[i * r + k] = scale * a[k * rows + i];
             }
         }
         let mut v = vec![0f32; r * cols];
         for j in 0..cols {
             for k in 0..r {
-                v[k * cols + j] = f.b.data[j * r + k];
+                v[k * cols + j] = b[j * r + k];
             }
         }
         (u, v)
