@@ -47,7 +47,8 @@ impl InputFile {
         })
     }
 
-    pub fn len(&self) -> Result<u64> {
+    /// The file's size now.
+    pub fn size(&self) -> Result<u64> {
         Ok(self
             .buffered
             .metadata()

@@ -492,7 +492,7 @@ fn safetensors_segments(
 /// A file served unchanged from `path` (a base file, or an adapter's tokenizer file).
 fn passthrough(rel: &Path, path: &Path) -> Result<VirtualFile> {
     let handle = InputFile::open(path)?;
-    let size = handle.len()?;
+    let size = handle.size()?;
     Ok(VirtualFile {
         rel: rel.to_path_buf(),
         size,

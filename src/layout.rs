@@ -11,6 +11,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
+/// Absolute `(offset, len)` of a tensor's bytes in its file.
+pub type TensorRange = (u64, u64);
+
 /// One tensor of a safetensors file, with absolute file offsets.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
@@ -85,7 +88,7 @@ impl Layout {
     /// The header of this file with tensor `i` given shape `shapes[i]` (same dtypes, same
     /// tensor order, same `__metadata__`), and every tensor's new absolute (offset, len).
     /// Like the safetensors writer, the JSON is padded with spaces to a multiple of 8 bytes.
-    pub fn header_with(&self, shapes: &[Vec<usize>]) -> Result<(Vec<u8>, Vec<(u64, u64)>)> {
+    pub fn header_with(&self, shapes: &[Vec<usize>]) -> Result<(Vec<u8>, Vec<TensorRange>)> {
         use serde_json::{json, Map, Value};
         let old: Map<String, Value> = serde_json::from_slice(&self.header[8..])
             .map_err(|e| bad(&self.path, format!("header JSON: {e}")))?;

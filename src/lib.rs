@@ -20,6 +20,6 @@ pub mod plan;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
+pub mod baseio;
 pub mod fuse;
 pub mod hub;
-pub mod baseio;

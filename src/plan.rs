@@ -167,12 +167,15 @@ pub struct MergePlan {
 }
 
 /// A tensor being planned.
+/// One term of a pending merge: the term, its U and V, and a DoRA magnitude if any.
+type Part = (Term, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
 struct Pending {
     w: WSource,
     shape: Vec<usize>,
     dtype: DType,
     replaced: Option<ReplacedBy>,
-    parts: Vec<(Term, Vec<f32>, Vec<f32>, Option<Vec<f32>>)>,
+    parts: Vec<Part>,
     rows: BTreeMap<usize, Vec<f32>>,
 }
 

@@ -233,6 +233,9 @@ pub fn write_base(dir: &Path, spec: &BaseSpec) -> Vec<Tensor> {
     tensors
 }
 
+/// Per module, the (A, B) factors written, as f64 after rounding to the file's dtype.
+pub type Factors = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
+
 /// A LoRA adapter to write.
 #[derive(Clone, Debug)]
 pub struct AdapterSpec {
@@ -300,7 +303,7 @@ pub fn write_config(dir: &Path, config: &Value) {
 }
 
 /// Write an adapter directory; returns, per module, (A, B) as stored (rounded to the dtype).
-pub fn write_adapter(dir: &Path, spec: &AdapterSpec) -> BTreeMap<String, (Vec<f64>, Vec<f64>)> {
+pub fn write_adapter(dir: &Path, spec: &AdapterSpec) -> Factors {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let prefix = if spec.prefix { "base_model.model." } else { "" };
     let mut tensors = Vec::new();
@@ -351,7 +354,7 @@ pub fn write_adapter(dir: &Path, spec: &AdapterSpec) -> BTreeMap<String, (Vec<f6
 /// the f32 accumulation error lorafs is allowed (`Σ|terms|`).
 pub fn reference_merge(
     base: &[Tensor],
-    adapters: &[(&AdapterSpec, &BTreeMap<String, (Vec<f64>, Vec<f64>)>, f64)],
+    adapters: &[(&AdapterSpec, &Factors, f64)],
 ) -> BTreeMap<String, (Vec<f64>, Vec<f64>)> {
     let mut out = BTreeMap::new();
     for t in base {

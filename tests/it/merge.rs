@@ -61,8 +61,6 @@ fn check(base_dir: &Path, out: &Path, base: &[Tensor], adapters: &[(&AdapterSpec
     assert_eq!(checked, base.len(), "every tensor checked");
 }
 
-type Factors = std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)>;
-
 #[test]
 fn one_adapter_every_dtype_single_and_sharded() {
     for dtype in [Dtype::F16, Dtype::BF16, Dtype::F32] {
