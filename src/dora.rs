@@ -31,9 +31,8 @@ pub fn merge(dtype: DType, f: &Factors, groups: &[DoraGroup], row0: usize, data:
             let u = &f.u[i * f.rank + g.offset..i * f.rank + g.offset + g.rank];
             delta.fill(0.0);
             for (k, &uk) in u.iter().enumerate() {
-                let v = &f.v[(g.offset + k) * cols..(g.offset + k + 1) * cols];
-                for (d, &vj) in delta.iter_mut().zip(v) {
-                    *d = uk.mul_add(vj, *d);
+                for (j, d) in delta.iter_mut().enumerate() {
+                    *d = uk.mul_add(f.v(g.offset + k, j), *d);
                 }
             }
             match &g.magnitude {

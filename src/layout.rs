@@ -109,7 +109,7 @@ impl Layout {
             pos += len;
         }
         let mut text = serde_json::to_vec(&Value::Object(map)).expect("JSON serializes");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(b' ');
         }
         let mut header = (text.len() as u64).to_le_bytes().to_vec();

@@ -9,60 +9,226 @@
 //! ```
 //! `round_to_dtype` is round-to-nearest-even with subnormals kept and overflow to ±inf, and
 //! any NaN result becomes the canonical quiet NaN ([`crate::dtype`]). [`scalar`] is the
-//! reference; every other kernel is tested to produce exactly its bytes.
+//! reference; every other kernel is tested to produce exactly its bytes (`tests/kernels.rs`).
+//!
+//! # The SIMD kernels
+//! `avx512` / `avx512bf16` (x86-64 AVX-512 F/BW/VL/DQ, and BF16), `avx2` (x86-64 AVX2 + FMA +
+//! F16C) and `neon` (aarch64) all work the same way: a register tile of a few rows × [`PANEL`]
+//! (or a slice of it) columns of f32 accumulators is filled by `rank` rounds of vector FMAs —
+//! one load of a `V` slice serves every row of the tile, one broadcast of `U[i,k]` every
+//! column — and then `W` is loaded, widened, added, rounded and stored once. Each lane does
+//! exactly the scalar sequence of operations above, so the results are the same bits; only
+//! the order in which *elements* are computed differs, never the order of the operations
+//! *within* an element. Every kernel is chosen at run time (`is_x86_feature_detected!`), so
+//! one binary runs everywhere; see `BENCHMARKS.md` ("Kernels") for their speed.
+//!
+//! `V` is packed once per tensor by [`Factors::new`] into column panels ([`PANEL`] columns
+//! wide, `k`-major inside, zero-padded, 64-byte aligned) so the tile reads it contiguously
+//! instead of with a stride of `cols` floats (which for `cols = 4096` would make every `V` row
+//! of a tile fall into the same L1 set). The columns are walked in blocks of panels whose
+//! packed `V` fits in L2 ([`panels_per_block`]), so large ranks do not stream `V` from L3 for
+//! every group of rows.
 
 pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 use std::sync::OnceLock;
 
 use crate::dtype::DType;
 
+/// Width in columns of one packed panel of `V`.
+pub(crate) const PANEL: usize = 64;
+
+/// Budget of packed `V` bytes that one column block may use: it is re-read by every group of
+/// rows, so it should stay in L2 next to the streamed `W` rows.
+const V_BLOCK_BYTES: usize = 256 << 10;
+
+/// How many panels one column block holds for this rank (at least one).
+pub(crate) fn panels_per_block(rank: usize) -> usize {
+    (V_BLOCK_BYTES / (rank.max(1) * PANEL * 4)).max(1)
+}
+
+/// One cache line of 16 f32: the unit of the packed `V`, so it is 64-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+const _: () = assert!(std::mem::size_of::<Line>() == 64 && PANEL.is_multiple_of(16));
+
+/// `V` packed in column panels: element `(k, p·PANEL + c)` is at `(p·rank + k)·PANEL + c`.
+#[derive(Clone, Default)]
+struct PackedV {
+    lines: Vec<Line>,
+}
+
+impl PackedV {
+    fn new(rank: usize, cols: usize, v: &[f32]) -> PackedV {
+        let panels = cols.div_ceil(PANEL);
+        let mut lines = vec![Line([0.0; 16]); panels * rank * PANEL / 16];
+        // SAFETY: `Line` is `repr(C)` around `[f32; 16]` with size 64 (checked above), so
+        // the `lines.len() * 16` floats are contiguous, initialised and exclusively borrowed.
+        let flat = unsafe {
+            std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16)
+        };
+        for p in 0..panels {
+            let c0 = p * PANEL;
+            let width = PANEL.min(cols - c0);
+            for k in 0..rank {
+                let dst = (p * rank + k) * PANEL;
+                flat[dst..dst + width].copy_from_slice(&v[k * cols + c0..k * cols + c0 + width]);
+            }
+        }
+        PackedV { lines }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: as in `new`: the lines are `lines.len() * 16` contiguous initialised f32.
+        unsafe {
+            std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.lines.len() * 16)
+        }
+    }
+}
+
+impl std::fmt::Debug for PackedV {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedV({} floats)", self.lines.len() * 16)
+    }
+}
+
 /// The low-rank factors of one merged tensor: `Δ = U @ V` with `U` (rows × rank) and
 /// `V` (rank × cols), both row-major f32. Several adapters are concatenated along the rank.
+///
+/// [`Factors::new`] also packs `V` for the SIMD kernels, so `u` and `v` are read-only after
+/// construction: build a new `Factors` to change them.
 #[derive(Debug, Clone)]
 pub struct Factors {
     pub rows: usize,
     pub rank: usize,
     pub cols: usize,
     pub u: Vec<f32>,
-    pub v: Vec<f32>,
+    /// `V`, kept only in the packed layout (one copy in memory); [`Factors::v`] reads it.
+    packed: PackedV,
 }
 
 impl Factors {
     pub fn new(rows: usize, rank: usize, cols: usize, u: Vec<f32>, v: Vec<f32>) -> Factors {
         assert_eq!(u.len(), rows * rank);
         assert_eq!(v.len(), rank * cols);
+        let packed = PackedV::new(rank, cols, &v);
         Factors {
             rows,
             rank,
             cols,
             u,
-            v,
+            packed,
         }
+    }
+
+    /// `V[k, j]`.
+    #[inline]
+    pub fn v(&self, k: usize, j: usize) -> f32 {
+        self.packed.as_slice()[((j / PANEL) * self.rank + k) * PANEL + j % PANEL]
     }
 
     /// Bytes held by the factors (for memory accounting).
     pub fn bytes(&self) -> usize {
-        (self.u.len() + self.v.len()) * 4
+        self.u.len() * 4 + self.packed.lines.len() * 64
+    }
+
+    /// The packed `V`: `ceil(cols / PANEL)` panels of `rank × PANEL` floats, 64-byte aligned.
+    pub(crate) fn panels(&self) -> &[f32] {
+        self.packed.as_slice()
     }
 }
 
 /// A kernel implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// The reference: plain Rust, one element at a time.
     Scalar,
+    /// x86-64 AVX2 + FMA + F16C: 6 rows × 16 columns of accumulators.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL/DQ: 4 rows × 64 columns of accumulators, masked tails.
+    Avx512,
+    /// [`Kernel::Avx512`] built with AVX512_BF16 too, for its BF16 rounding instruction.
+    Avx512Bf16,
+    /// aarch64 Advanced SIMD: 6 rows × 16 columns of accumulators.
+    Neon,
 }
 
 impl Kernel {
+    /// Every kernel, runnable here or not, reference first.
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Scalar,
+        Kernel::Avx2,
+        Kernel::Avx512,
+        Kernel::Avx512Bf16,
+        Kernel::Neon,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx512Bf16 => "avx512bf16",
+            Kernel::Neon => "neon",
         }
     }
 
-    /// Every kernel this CPU can run, reference first.
+    /// What the kernel needs from the CPU.
+    pub fn requires(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "nothing",
+            Kernel::Avx2 => "x86-64 with avx2, fma and f16c",
+            Kernel::Avx512 => "x86-64 with avx512f, avx512bw, avx512vl and avx512dq",
+            Kernel::Avx512Bf16 => {
+                "x86-64 with avx512f, avx512bw, avx512vl, avx512dq and avx512bf16"
+            }
+            Kernel::Neon => "aarch64 with neon",
+        }
+    }
+
+    /// Whether this CPU can run the kernel (cheap: the detection is cached by std).
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16 => {
+                Kernel::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every kernel this CPU can run, reference first, best last.
     pub fn available() -> Vec<Kernel> {
-        vec![Kernel::Scalar]
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
     }
 
     /// The kernel in use: `LORAFS_KERNEL` if set (and runnable here), else the best available.
@@ -92,6 +258,8 @@ impl Kernel {
 
     /// Merge rows `row0 .. row0 + n` of a tensor in place: `data` holds those rows of `W`
     /// (little-endian `dtype`, `n × f.cols` elements) and receives the merged values.
+    ///
+    /// Panics if the kernel cannot run on this CPU (see [`Kernel::available`]).
     pub fn merge(self, dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
         let row_bytes = f.cols * dtype.size();
         assert_eq!(data.len() % row_bytes.max(1), 0, "partial row");
@@ -99,8 +267,72 @@ impl Kernel {
             row0 + data.len() / row_bytes.max(1) <= f.rows,
             "rows out of range"
         );
+        if data.is_empty() {
+            return;
+        }
+        assert!(
+            self.is_supported(),
+            "the {} kernel needs {}",
+            self.name(),
+            self.requires()
+        );
         match self {
             Kernel::Scalar => scalar::merge(dtype, f, row0, data),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `is_supported` checked avx2, fma and f16c just above.
+            Kernel::Avx2 => unsafe { avx2::merge(dtype, f, row0, data) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `is_supported` checked avx512f, avx512bw, avx512vl and avx512dq above.
+            Kernel::Avx512 => unsafe { avx512::base::merge(dtype, f, row0, data) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `is_supported` checked those and avx512bf16 just above.
+            Kernel::Avx512Bf16 => unsafe { avx512::bf16::merge(dtype, f, row0, data) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `is_supported` checked neon just above.
+            Kernel::Neon => unsafe { neon::merge(dtype, f, row0, data) },
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("is_supported is false for kernels of other architectures"),
+        }
+    }
+}
+
+/// The shape of one `merge` call, checked once so the kernels can use raw pointers.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(crate) struct Job<'a> {
+    /// `U` rows `row0 ..`, row-major, `rank` floats each (at least `n · rank` floats).
+    pub u: &'a [f32],
+    /// Packed `V`, see [`Factors::panels`].
+    pub panels: &'a [f32],
+    pub rank: usize,
+    pub cols: usize,
+    /// Rows in `data`.
+    pub n: usize,
+    /// Bytes per row of `data`.
+    pub row_bytes: usize,
+}
+
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+impl<'a> Job<'a> {
+    pub fn new(dtype: DType, f: &'a Factors, row0: usize, data: &[u8]) -> Job<'a> {
+        let row_bytes = f.cols * dtype.size();
+        assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes));
+        let n = data.len() / row_bytes;
+        assert!(row0 + n <= f.rows);
+        let panels = f.panels();
+        assert_eq!(panels.len(), f.cols.div_ceil(PANEL) * f.rank * PANEL);
+        Job {
+            u: &f.u[row0 * f.rank..(row0 + n) * f.rank],
+            panels,
+            rank: f.rank,
+            cols: f.cols,
+            n,
+            row_bytes,
         }
     }
 }

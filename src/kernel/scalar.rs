@@ -10,7 +10,7 @@ pub fn merge(dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
         for j in 0..f.cols {
             let mut acc = 0.0f32;
             for (k, &uk) in u.iter().enumerate() {
-                acc = uk.mul_add(f.v[k * f.cols + j], acc);
+                acc = uk.mul_add(f.v(k, j), acc);
             }
             let e = r * f.cols + j;
             let w = dtype.load(data, e);

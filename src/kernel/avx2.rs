@@ -1,0 +1,242 @@
+//! The AVX2 + FMA + F16C kernel: tiles of [`ROWS`] rows × 16 columns (a quarter panel), i.e.
+//! `ROWS × 2` ymm accumulators out of 16 registers, filled by `rank` rounds of
+//! `vfmadd231ps` with a broadcast `U[i,k]`. Columns past the last multiple of 16 go through a
+//! small zero-padded copy of the rows, so the tail runs the very same vector code.
+//!
+//! Conversions, each checked bit for bit against [`crate::dtype`] by `tests/kernels.rs`:
+//! F16 by `vcvtph2ps` / `vcvtps2ph` with a round-to-nearest-even immediate (exact, subnormals
+//! kept, overflow to ±inf); BF16 by a 16-bit shift and integer RNE on the f32 bits; a NaN sum
+//! first becomes the f32 quiet NaN `0x7FC00000`, which narrows to the canonical NaN.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use super::{panels_per_block, Factors, Job, PANEL};
+use crate::dtype::{DType, CANONICAL_NAN_F32};
+
+/// f32 lanes per vector.
+const LANES: usize = 8;
+/// Vectors per tile row.
+const VECS: usize = 2;
+/// Columns per tile.
+const WIDTH: usize = LANES * VECS;
+/// Rows per tile: `ROWS × VECS` accumulators + `VECS` `V` registers + 1 broadcast ≤ 16.
+const ROWS: usize = 6;
+
+const F16: u8 = 0;
+const BF16: u8 = 1;
+const F32: u8 = 2;
+
+const fn elem_size(d: u8) -> usize {
+    if d == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Merge `data` (rows `row0 ..` of the tensor) in place; see [`super::Kernel::merge`].
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn merge(dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
+    let job = Job::new(dtype, f, row0, data);
+    match dtype {
+        DType::F16 => run::<F16>(&job, data),
+        DType::BF16 => run::<BF16>(&job, data),
+        DType::F32 => run::<F32>(&job, data),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn run<const D: u8>(job: &Job, data: &mut [u8]) {
+    let panels = job.cols.div_ceil(PANEL);
+    let block = panels_per_block(job.rank);
+    let mut p0 = 0;
+    while p0 < panels {
+        let p1 = (p0 + block).min(panels);
+        let mut r = 0;
+        while r + ROWS <= job.n {
+            rows::<D, ROWS>(job, data, r, p0, p1);
+            r += ROWS;
+        }
+        match job.n - r {
+            0 => {}
+            1 => rows::<D, 1>(job, data, r, p0, p1),
+            2 => rows::<D, 2>(job, data, r, p0, p1),
+            3 => rows::<D, 3>(job, data, r, p0, p1),
+            4 => rows::<D, 4>(job, data, r, p0, p1),
+            5 => rows::<D, 5>(job, data, r, p0, p1),
+            _ => unreachable!(),
+        }
+        p0 = p1;
+    }
+}
+
+/// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows<const D: u8, const RR: usize>(job: &Job, data: &mut [u8], r: usize, p0: usize, p1: usize) {
+    let (rank, cols, row_bytes) = (job.rank, job.cols, job.row_bytes);
+    let size = elem_size(D);
+    let u = &job.u[r * rank..(r + RR) * rank];
+    let w = &mut data[r * row_bytes..(r + RR) * row_bytes];
+    let panels = &job.panels[p0 * rank * PANEL..p1 * rank * PANEL];
+    for p in p0..p1 {
+        for s in 0..PANEL / WIDTH {
+            let c0 = p * PANEL + s * WIDTH;
+            if c0 >= cols {
+                break;
+            }
+            // (Not dereferenced when `rank == 0`, where `panels` is empty.)
+            let v = panels
+                .as_ptr()
+                .wrapping_add((p - p0) * rank * PANEL + s * WIDTH);
+            let left = cols - c0;
+            if left >= WIDTH {
+                // SAFETY: `u` holds RR rows of `rank` floats, `v` (32-byte aligned) is followed
+                // by `rank` rows of PANEL floats of which it reads the first WIDTH, and `w`
+                // holds RR rows of `row_bytes` with columns `c0 .. c0 + WIDTH` inside each row.
+                unsafe {
+                    tile::<D, RR>(u.as_ptr(), rank, v, w[c0 * size..].as_mut_ptr(), row_bytes)
+                }
+            } else {
+                // The last columns: run the same tile on a zero-padded copy.
+                let stride = WIDTH * size;
+                let mut buf = [0u8; ROWS * WIDTH * 4];
+                for i in 0..RR {
+                    buf[i * stride..i * stride + left * size].copy_from_slice(
+                        &w[i * row_bytes + c0 * size..i * row_bytes + cols * size],
+                    );
+                }
+                // SAFETY: as above, with `buf` holding RR rows of `stride` bytes = WIDTH
+                // elements.
+                unsafe { tile::<D, RR>(u.as_ptr(), rank, v, buf.as_mut_ptr(), stride) }
+                for i in 0..RR {
+                    w[i * row_bytes + c0 * size..i * row_bytes + cols * size]
+                        .copy_from_slice(&buf[i * stride..i * stride + left * size]);
+                }
+            }
+        }
+    }
+}
+
+/// One tile: `RR` rows × `WIDTH` columns.
+///
+/// # Safety
+/// `u` points at `RR` rows of `rank` f32 (stride `rank`), `v` at `rank` rows of `WIDTH` f32
+/// (stride `PANEL`) aligned to 32 bytes, `w` at `RR` rows (stride `row_bytes`) of `WIDTH`
+/// elements of dtype `D`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const D: u8, const RR: usize>(
+    u: *const f32,
+    rank: usize,
+    v: *const f32,
+    w: *mut u8,
+    row_bytes: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); VECS]; RR];
+    for k in 0..rank {
+        let mut vk = [_mm256_setzero_ps(); VECS];
+        for (c, vkc) in vk.iter_mut().enumerate() {
+            // SAFETY: row `k < rank` of `v` has WIDTH floats, 32-byte aligned.
+            *vkc = unsafe { _mm256_load_ps(v.add(k * PANEL + c * LANES)) };
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r < RR` of `u` has `rank > k` floats.
+            let uk = _mm256_set1_ps(unsafe { *u.add(r * rank + k) });
+            for (a, &vkc) in acc_r.iter_mut().zip(&vk) {
+                *a = _mm256_fmadd_ps(uk, vkc, *a);
+            }
+        }
+    }
+    // Every load of the tile before any of its stores: rows are often a multiple of 4 KiB
+    // apart, and a load after a store to the same offset of another row would wait on a false
+    // (4K-aliased) dependency.
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        for (c, a) in acc_r.iter_mut().enumerate() {
+            // SAFETY: the LANES elements at column `c · LANES` of row `r` are inside `w`.
+            let x = unsafe { load::<D>(w.add(r * row_bytes + c * LANES * elem_size(D))) };
+            *a = _mm256_add_ps(x, *a);
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        // SAFETY: as for the loads: the WIDTH elements of row `r` are inside `w`.
+        unsafe { store_pair::<D>(w.add(r * row_bytes), acc_r[0], acc_r[1]) };
+    }
+}
+
+/// Load 8 elements of dtype `D` at `p`, widened exactly to f32.
+///
+/// # Safety
+/// The 8 elements at `p` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load<const D: u8>(p: *const u8) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match D {
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p.cast()),
+            ))),
+            _ => _mm256_loadu_ps(p.cast()),
+        }
+    }
+}
+
+/// Replace NaNs by the f32 quiet NaN `0x7FC00000`, which every narrowing below turns into the
+/// canonical NaN of its dtype.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn canonical_nan(x: __m256) -> __m256 {
+    let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+    _mm256_blendv_ps(
+        x,
+        _mm256_castsi256_ps(_mm256_set1_epi32(CANONICAL_NAN_F32 as i32)),
+        nan,
+    )
+}
+
+/// f32 bits rounded to nearest even at bit 16: the BF16 value in the high half of each lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bf16_round(x: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(x);
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+    _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)))
+}
+
+/// Round 2 × 8 f32 to dtype `D` (RNE, canonical NaN, subnormals kept) and store them as 16
+/// consecutive elements at `p`, `a` first.
+///
+/// # Safety
+/// The 16 elements at `p` must be writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_pair<const D: u8>(p: *mut u8, a: __m256, b: __m256) {
+    let (a, b) = (canonical_nan(a), canonical_nan(b));
+    // SAFETY: the caller's contract.
+    unsafe {
+        match D {
+            F16 => {
+                let ha = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a);
+                let hb = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b);
+                _mm256_storeu_si256(p.cast(), _mm256_set_m128i(hb, ha))
+            }
+            BF16 => {
+                let ra = _mm256_srli_epi32::<16>(bf16_round(a));
+                let rb = _mm256_srli_epi32::<16>(bf16_round(b));
+                // `packus` works per 128-bit lane (a0-3 b0-3 a4-7 b4-7): reorder the quarters.
+                let packed = _mm256_packus_epi32(ra, rb);
+                _mm256_storeu_si256(p.cast(), _mm256_permute4x64_epi64::<0b11_01_10_00>(packed))
+            }
+            _ => {
+                _mm256_storeu_ps(p.cast(), a);
+                _mm256_storeu_ps(p.add(32).cast(), b)
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The AVX-512 kernels: tiles of [`ROWS`] rows × one 64-column panel, i.e. `ROWS × 4` zmm
+//! accumulators, filled by `rank` rounds of `vfmadd231ps` (one load of each `V` vector per
+//! round serves all rows, one broadcast of `U[i,k]` all columns). Partial panels at the right
+//! edge use masked loads and stores of `W`; packed `V` is zero-padded there, so its loads need
+//! no mask.
+//!
+//! Two builds of the same code (the `kernel!` macro): `base` needs AVX-512 F/BW/VL/DQ, `bf16`
+//! also AVX512_BF16, whose `vcvtne2ps2bf16` narrows 32 values in one instruction.
+//!
+//! # Conversions (each checked bit for bit against [`crate::dtype`] by `tests/kernels.rs`)
+//! * Widening: F16 by `vcvtph2ps`, BF16 by a 16-bit shift; both exact.
+//! * NaN: a NaN sum is replaced by the f32 quiet NaN `0x7FC00000`, which both narrowings
+//!   below turn into the canonical `0x7E00` / `0x7FC0` (and F32 stores as is).
+//! * F16: `vcvtps2ph` with an explicit round-to-nearest-even immediate — RNE, subnormals kept
+//!   (MXCSR.FTZ does not apply to it; DAZ is never set by Rust code), overflow to ±inf.
+//! * BF16, `base` build: integer RNE on the bits, `(x + 0x7FFF + ((x >> 16) & 1)) >> 16`,
+//!   which keeps subnormals and overflows to ±inf.
+//! * BF16, `bf16` build: `vcvtne2ps2bf16` is RNE with overflow to ±inf but flushes subnormal
+//!   inputs and outputs to zero and keeps NaN payloads. So each tile row is first classified
+//!   with `vfpclassps` (NaN or subnormal sums); rows with any take the integer path above.
+//!   Both kernels appear in [`super::Kernel::available`], so both are tested here.
+//!
+//! Rust 1.89 stabilised the AVX-512 intrinsics, hence the crate's `rust-version`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use super::{panels_per_block, Factors, Job, PANEL};
+use crate::dtype::{DType, CANONICAL_NAN_F32};
+
+/// f32 lanes per vector.
+const LANES: usize = 16;
+/// Vectors per tile row: one panel.
+const VECS: usize = PANEL / LANES;
+/// Rows per tile: `ROWS × VECS` accumulators + `VECS` `V` registers (+ broadcasts) out of 32.
+/// Measured on Zen 5: 4 × 64 beats 6 × 64, 8 × 32 and 2 × 64 (more rows spill or leave less
+/// room to overlap one tile's rounding with the next tile's FMAs).
+const ROWS: usize = 4;
+/// Prefetch the `W` rows this many tiles ahead (helps when `W` comes from L3 or DRAM).
+const PREFETCH_TILES: usize = 4;
+
+const F16: u8 = 0;
+const BF16: u8 = 1;
+const F32: u8 = 2;
+
+const fn elem_size(d: u8) -> usize {
+    if d == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Lanes of `x` that `vcvtne2ps2bf16` would not round like the contract: NaN (QNaN | SNaN)
+/// and subnormal.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn bf16_special(x: __m512) -> u16 {
+    _mm512_fpclass_ps_mask::<{ 0x81 | 0x20 }>(x)
+}
+
+/// Narrow 2 × 16 f32 (no NaN, no subnormal) to 32 BF16, RNE: `lo` to the low 16 words.
+///
+/// # Safety
+/// The CPU must support avx512f and avx512bf16 (an `unsafe fn`, not only a target-feature
+/// one, so that the `base` build, which never calls it, can still name it).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
+unsafe fn bf16_pair_native(lo: __m512, hi: __m512) -> __m512i {
+    let h = _mm512_cvtne2ps_pbh(hi, lo);
+    // SAFETY: `__m512bh` and `__m512i` are both 64-byte plain vectors.
+    unsafe { std::mem::transmute::<__m512bh, __m512i>(h) }
+}
+
+/// The kernel body, instantiated once per set of target features: `$native_bf16` says
+/// whether the features include avx512bf16 (so `bf16_pair_native` may be used).
+macro_rules! kernel {
+    ($features:literal, $native_bf16:literal) => {
+        use super::*;
+
+        /// Merge `data` (rows `row0 ..` of the tensor) in place; see
+        /// [`crate::kernel::Kernel::merge`].
+        ///
+        /// # Safety
+        /// The CPU must support the target features of this module.
+        #[target_feature(enable = $features)]
+        pub(in crate::kernel) unsafe fn merge(
+            dtype: DType,
+            f: &Factors,
+            row0: usize,
+            data: &mut [u8],
+        ) {
+            let job = Job::new(dtype, f, row0, data);
+            match dtype {
+                DType::F16 => run::<F16>(&job, data),
+                DType::BF16 => run::<BF16>(&job, data),
+                DType::F32 => run::<F32>(&job, data),
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        fn run<const D: u8>(job: &Job, data: &mut [u8]) {
+            let panels = job.cols.div_ceil(PANEL);
+            let block = panels_per_block(job.rank);
+            let mut p0 = 0;
+            while p0 < panels {
+                let p1 = (p0 + block).min(panels);
+                let mut r = 0;
+                while r + ROWS <= job.n {
+                    rows::<D, ROWS>(job, data, r, p0, p1);
+                    r += ROWS;
+                }
+                match job.n - r {
+                    0 => {}
+                    1 => rows::<D, 1>(job, data, r, p0, p1),
+                    2 => rows::<D, 2>(job, data, r, p0, p1),
+                    3 => rows::<D, 3>(job, data, r, p0, p1),
+                    _ => unreachable!(),
+                }
+                p0 = p1;
+            }
+        }
+
+        /// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn rows<const D: u8, const RR: usize>(
+            job: &Job,
+            data: &mut [u8],
+            r: usize,
+            p0: usize,
+            p1: usize,
+        ) {
+            let (rank, cols, row_bytes) = (job.rank, job.cols, job.row_bytes);
+            let u = &job.u[r * rank..(r + RR) * rank];
+            let w = &mut data[r * row_bytes..(r + RR) * row_bytes];
+            let panels = &job.panels[p0 * rank * PANEL..p1 * rank * PANEL];
+            for p in p0..p1 {
+                let c0 = p * PANEL;
+                // (Not dereferenced when `rank == 0`, where `panels` is empty.)
+                let v = panels.as_ptr().wrapping_add((p - p0) * rank * PANEL);
+                let wp = w[c0 * elem_size(D)..].as_mut_ptr();
+                let left = cols - c0;
+                if left >= PANEL {
+                    // SAFETY: `u` holds RR rows of `rank` floats and `v` (a panel of the
+                    // packed, 64-byte aligned `V`) `rank × PANEL` floats; `w` holds RR rows
+                    // of `row_bytes`, and columns `c0 .. c0 + PANEL` are inside each row.
+                    unsafe {
+                        tile::<D, RR, false>(u.as_ptr(), rank, v, wp, row_bytes, [u16::MAX; VECS])
+                    }
+                } else {
+                    let mut masks = [0u16; VECS];
+                    for (c, m) in masks.iter_mut().enumerate() {
+                        let valid = left.saturating_sub(c * LANES).min(LANES);
+                        *m = ((1u32 << valid) - 1) as u16;
+                    }
+                    // SAFETY: as above, except that only the `left` columns selected by
+                    // `masks` are inside each row of `w`, and only those are accessed.
+                    unsafe { tile::<D, RR, true>(u.as_ptr(), rank, v, wp, row_bytes, masks) }
+                }
+            }
+        }
+
+        /// One tile: `RR` rows × `PANEL` columns.
+        ///
+        /// # Safety
+        /// `u` points at `RR` rows of `rank` f32 (stride `rank`), `v` at `rank × PANEL` f32
+        /// aligned to 64 bytes, `w` at `RR` rows (stride `row_bytes`) of `PANEL` elements of
+        /// dtype `D` — or, if `MASKED`, of the elements whose bit is set in `masks`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const D: u8, const RR: usize, const MASKED: bool>(
+            u: *const f32,
+            rank: usize,
+            v: *const f32,
+            w: *mut u8,
+            row_bytes: usize,
+            masks: [u16; VECS],
+        ) {
+            if !MASKED {
+                for r in 0..RR {
+                    for line in 0..PANEL * elem_size(D) / 64 {
+                        let ahead = PREFETCH_TILES * PANEL * elem_size(D) + line * 64;
+                        // A prefetch never faults, whatever the address.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            w.wrapping_add(r * row_bytes + ahead).cast::<i8>(),
+                        );
+                    }
+                }
+            }
+            let mut acc = [[_mm512_setzero_ps(); VECS]; RR];
+            for k in 0..rank {
+                let mut vk = [_mm512_setzero_ps(); VECS];
+                for (c, vkc) in vk.iter_mut().enumerate() {
+                    // SAFETY: `k · PANEL + c · LANES + LANES <= rank · PANEL`; 64-byte aligned.
+                    *vkc = unsafe { _mm512_load_ps(v.add(k * PANEL + c * LANES)) };
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    // SAFETY: row `r < RR` of `u` has `rank > k` floats.
+                    let uk = _mm512_set1_ps(unsafe { *u.add(r * rank + k) });
+                    for (a, &vkc) in acc_r.iter_mut().zip(&vk) {
+                        *a = _mm512_fmadd_ps(uk, vkc, *a);
+                    }
+                }
+            }
+            // Every load of the tile before any of its stores: rows are often a multiple of
+            // 4 KiB apart, and a load after a store to the same offset of another row would
+            // wait on a false (4K-aliased) dependency.
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (c, (a, &m)) in acc_r.iter_mut().zip(&masks).enumerate() {
+                    if MASKED && m == 0 {
+                        continue;
+                    }
+                    // SAFETY: element `c · LANES` of row `r` is inside `w` (the contract);
+                    // `load` touches only the lanes the caller allows.
+                    let x = unsafe {
+                        load::<D, MASKED>(w.add(r * row_bytes + c * LANES * elem_size(D)), m)
+                    };
+                    *a = _mm512_add_ps(x, *a);
+                }
+            }
+            for (r, sums) in acc.iter().enumerate() {
+                // SAFETY: row `r < RR` starts inside `w`.
+                let row = unsafe { w.add(r * row_bytes) };
+                if D == BF16 && $native_bf16 {
+                    let mut flags = 0u16;
+                    for &s in sums {
+                        flags |= bf16_special(s);
+                    }
+                    if flags == 0 {
+                        // SAFETY: as for the loads; this build has avx512bf16.
+                        unsafe { store_bf16_native::<MASKED>(row, sums, &masks) };
+                        continue;
+                    }
+                }
+                for (c, (&s, &m)) in sums.iter().zip(&masks).enumerate() {
+                    if MASKED && m == 0 {
+                        continue;
+                    }
+                    // SAFETY: as for the loads.
+                    unsafe { store::<D, MASKED>(row.add(c * LANES * elem_size(D)), s, m) };
+                }
+            }
+        }
+
+        /// Round one tile row of sums without NaNs or subnormals to BF16 with
+        /// `vcvtne2ps2bf16` and store it at `p` (only the lanes selected by `masks` if
+        /// `MASKED`).
+        ///
+        /// # Safety
+        /// The CPU must support avx512bf16; the `PANEL` elements at `p` (the selected ones if
+        /// `MASKED`) must be writable.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn store_bf16_native<const MASKED: bool>(
+            p: *mut u8,
+            sums: &[__m512; VECS],
+            masks: &[u16; VECS],
+        ) {
+            for c in (0..VECS).step_by(2) {
+                // SAFETY: the caller's contract: avx512bf16, and 32 elements from column
+                // `c · LANES` (the selected ones if `MASKED`).
+                unsafe {
+                    let h = bf16_pair_native(sums[c], sums[c + 1]);
+                    let q = p.add(c * LANES * 2);
+                    if MASKED {
+                        let m = (masks[c + 1] as u32) << 16 | masks[c] as u32;
+                        _mm512_mask_storeu_epi16(q.cast(), m, h);
+                    } else {
+                        _mm512_storeu_si512(q.cast(), h);
+                    }
+                }
+            }
+        }
+
+        /// Load 16 elements of dtype `D` at `p` (only those selected by `m` if `MASKED`,
+        /// others 0), widened exactly to f32.
+        ///
+        /// # Safety
+        /// The 16 elements at `p` (the selected ones if `MASKED`) must be readable.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn load<const D: u8, const MASKED: bool>(p: *const u8, m: u16) -> __m512 {
+            // SAFETY: the caller's contract; masked-off lanes are not accessed.
+            unsafe {
+                if D == F32 {
+                    if MASKED {
+                        _mm512_maskz_loadu_ps(m, p.cast())
+                    } else {
+                        _mm512_loadu_ps(p.cast())
+                    }
+                } else {
+                    let h = if MASKED {
+                        _mm256_maskz_loadu_epi16(m, p.cast())
+                    } else {
+                        _mm256_loadu_si256(p.cast())
+                    };
+                    if D == F16 {
+                        _mm512_cvtph_ps(h)
+                    } else {
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                    }
+                }
+            }
+        }
+
+        /// Round 16 f32 to dtype `D` — RNE, canonical NaN, subnormals kept — and store them
+        /// at `p` (only the lanes selected by `m` if `MASKED`).
+        ///
+        /// # Safety
+        /// The 16 elements at `p` (the selected ones if `MASKED`) must be writable.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn store<const D: u8, const MASKED: bool>(p: *mut u8, x: __m512, m: u16) {
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            let canonical = _mm512_castsi512_ps(_mm512_set1_epi32(CANONICAL_NAN_F32 as i32));
+            let x = _mm512_mask_mov_ps(x, nan, canonical);
+            // SAFETY: the caller's contract; masked-off lanes are not accessed.
+            unsafe {
+                if D == F32 {
+                    if MASKED {
+                        _mm512_mask_storeu_ps(p.cast(), m, x)
+                    } else {
+                        _mm512_storeu_ps(p.cast(), x)
+                    }
+                } else {
+                    let h = if D == F16 {
+                        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x)
+                    } else {
+                        let bits = _mm512_castps_si512(x);
+                        let odd =
+                            _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                        let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+                        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+                        _mm512_cvtepi32_epi16(rounded)
+                    };
+                    if MASKED {
+                        _mm256_mask_storeu_epi16(p.cast(), m, h)
+                    } else {
+                        _mm256_storeu_si256(p.cast(), h)
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// AVX-512 F/BW/VL/DQ; BF16 rounded with integer operations.
+pub(super) mod base {
+    kernel!("avx512f,avx512bw,avx512vl,avx512dq", false);
+}
+
+/// AVX-512 F/BW/VL/DQ + BF16; BF16 rounded with `vcvtne2ps2bf16` when exact.
+pub(super) mod bf16 {
+    kernel!("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16", true);
+}

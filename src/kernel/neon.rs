@@ -1,0 +1,253 @@
+//! The aarch64 Advanced SIMD (NEON) kernel: tiles of [`ROWS`] rows × 16 columns (a quarter
+//! panel), i.e. `ROWS × 4` q-register accumulators out of 32, filled by `rank` rounds of
+//! `fmla` with a duplicated `U[i,k]`. Columns past the last multiple of 16 go through a small
+//! zero-padded copy of the rows, so the tail runs the very same vector code.
+//!
+//! Conversions: F16 by `fcvtl` / `fcvtn` (inline assembly, so no unstable or recent `f16`
+//! intrinsics are needed) — exact / round-to-nearest-even with subnormals kept under the
+//! default FPCR (RNE, FZ = FZ16 = DN = 0, which Rust code never changes); BF16 by a 16-bit
+//! shift and integer RNE on the f32 bits; a NaN sum first becomes the f32 quiet NaN
+//! `0x7FC00000`, which narrows to the canonical NaN.
+//!
+//! Tested bit for bit against the reference (`tests/kernels.rs`) under `qemu-aarch64` user-mode
+//! emulation (`--target aarch64-unknown-linux-gnu`), not yet on aarch64 hardware; its
+//! performance is unmeasured.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::{panels_per_block, Factors, Job, PANEL};
+use crate::dtype::{DType, CANONICAL_NAN_F32};
+
+/// f32 lanes per vector.
+const LANES: usize = 4;
+/// Vectors per tile row.
+const VECS: usize = 4;
+/// Columns per tile.
+const WIDTH: usize = LANES * VECS;
+/// Rows per tile: `ROWS × VECS` accumulators + `VECS` `V` registers + 1 broadcast ≤ 32.
+const ROWS: usize = 6;
+
+const F16: u8 = 0;
+const BF16: u8 = 1;
+const F32: u8 = 2;
+
+const fn elem_size(d: u8) -> usize {
+    if d == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Merge `data` (rows `row0 ..` of the tensor) in place; see [`super::Kernel::merge`].
+///
+/// # Safety
+/// The CPU must support neon.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn merge(dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
+    let job = Job::new(dtype, f, row0, data);
+    match dtype {
+        DType::F16 => run::<F16>(&job, data),
+        DType::BF16 => run::<BF16>(&job, data),
+        DType::F32 => run::<F32>(&job, data),
+    }
+}
+
+#[target_feature(enable = "neon")]
+fn run<const D: u8>(job: &Job, data: &mut [u8]) {
+    let panels = job.cols.div_ceil(PANEL);
+    let block = panels_per_block(job.rank);
+    let mut p0 = 0;
+    while p0 < panels {
+        let p1 = (p0 + block).min(panels);
+        let mut r = 0;
+        while r + ROWS <= job.n {
+            rows::<D, ROWS>(job, data, r, p0, p1);
+            r += ROWS;
+        }
+        match job.n - r {
+            0 => {}
+            1 => rows::<D, 1>(job, data, r, p0, p1),
+            2 => rows::<D, 2>(job, data, r, p0, p1),
+            3 => rows::<D, 3>(job, data, r, p0, p1),
+            4 => rows::<D, 4>(job, data, r, p0, p1),
+            5 => rows::<D, 5>(job, data, r, p0, p1),
+            _ => unreachable!(),
+        }
+        p0 = p1;
+    }
+}
+
+/// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn rows<const D: u8, const RR: usize>(job: &Job, data: &mut [u8], r: usize, p0: usize, p1: usize) {
+    let (rank, cols, row_bytes) = (job.rank, job.cols, job.row_bytes);
+    let size = elem_size(D);
+    let u = &job.u[r * rank..(r + RR) * rank];
+    let w = &mut data[r * row_bytes..(r + RR) * row_bytes];
+    let panels = &job.panels[p0 * rank * PANEL..p1 * rank * PANEL];
+    for p in p0..p1 {
+        for s in 0..PANEL / WIDTH {
+            let c0 = p * PANEL + s * WIDTH;
+            if c0 >= cols {
+                break;
+            }
+            // (Not dereferenced when `rank == 0`, where `panels` is empty.)
+            let v = panels
+                .as_ptr()
+                .wrapping_add((p - p0) * rank * PANEL + s * WIDTH);
+            let left = cols - c0;
+            if left >= WIDTH {
+                // SAFETY: `u` holds RR rows of `rank` floats, `v` is followed by `rank` rows of
+                // PANEL floats of which it reads the first WIDTH, and `w` holds RR rows of
+                // `row_bytes` with columns `c0 .. c0 + WIDTH` inside each row.
+                unsafe {
+                    tile::<D, RR>(u.as_ptr(), rank, v, w[c0 * size..].as_mut_ptr(), row_bytes)
+                }
+            } else {
+                // The last columns: run the same tile on a zero-padded copy.
+                let stride = WIDTH * size;
+                let mut buf = [0u8; ROWS * WIDTH * 4];
+                for i in 0..RR {
+                    buf[i * stride..i * stride + left * size].copy_from_slice(
+                        &w[i * row_bytes + c0 * size..i * row_bytes + cols * size],
+                    );
+                }
+                // SAFETY: as above, with `buf` holding RR rows of `stride` bytes = WIDTH
+                // elements.
+                unsafe { tile::<D, RR>(u.as_ptr(), rank, v, buf.as_mut_ptr(), stride) }
+                for i in 0..RR {
+                    w[i * row_bytes + c0 * size..i * row_bytes + cols * size]
+                        .copy_from_slice(&buf[i * stride..i * stride + left * size]);
+                }
+            }
+        }
+    }
+}
+
+/// One tile: `RR` rows × `WIDTH` columns.
+///
+/// # Safety
+/// `u` points at `RR` rows of `rank` f32 (stride `rank`), `v` at `rank` rows of `WIDTH` f32
+/// (stride `PANEL`), `w` at `RR` rows (stride `row_bytes`) of `WIDTH` elements of dtype `D`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn tile<const D: u8, const RR: usize>(
+    u: *const f32,
+    rank: usize,
+    v: *const f32,
+    w: *mut u8,
+    row_bytes: usize,
+) {
+    let mut acc = [[vdupq_n_f32(0.0); VECS]; RR];
+    for k in 0..rank {
+        let mut vk = [vdupq_n_f32(0.0); VECS];
+        for (c, vkc) in vk.iter_mut().enumerate() {
+            // SAFETY: row `k < rank` of `v` has WIDTH floats.
+            *vkc = unsafe { vld1q_f32(v.add(k * PANEL + c * LANES)) };
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r < RR` of `u` has `rank > k` floats.
+            let uk = vdupq_n_f32(unsafe { *u.add(r * rank + k) });
+            for (a, &vkc) in acc_r.iter_mut().zip(&vk) {
+                // a + vkc·uk, fused: the contract's fma(U, V, acc).
+                *a = vfmaq_f32(*a, vkc, uk);
+            }
+        }
+    }
+    // Every load of the tile before any of its stores: rows are often a multiple of 4 KiB
+    // apart, and a load after a store to the same offset of another row would wait on a false
+    // (4K-aliased) dependency.
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        for (c, a) in acc_r.iter_mut().enumerate() {
+            // SAFETY: the LANES elements at column `c · LANES` of row `r` are inside `w`.
+            let x = unsafe { load::<D>(w.add(r * row_bytes + c * LANES * elem_size(D))) };
+            *a = vaddq_f32(x, *a);
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (c, &a) in acc_r.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { store::<D>(w.add(r * row_bytes + c * LANES * elem_size(D)), a) };
+        }
+    }
+}
+
+/// Widen 4 F16 to f32 (exact).
+#[inline]
+#[target_feature(enable = "neon")]
+fn f16_to_f32(h: uint16x4_t) -> float32x4_t {
+    let out: float32x4_t;
+    // SAFETY: `fcvtl` reads and writes only the named vector registers (and may set FPSR's
+    // cumulative exception flags, which is why `preserves_flags` is not claimed).
+    unsafe {
+        asm!(
+            "fcvtl {out:v}.4s, {h:v}.4h",
+            h = in(vreg) h,
+            out = lateout(vreg) out,
+            options(pure, nomem, nostack)
+        );
+    }
+    out
+}
+
+/// Narrow 4 f32 to F16, round to nearest even (the default FPCR rounding mode).
+#[inline]
+#[target_feature(enable = "neon")]
+fn f32_to_f16(x: float32x4_t) -> uint16x4_t {
+    let out: uint16x4_t;
+    // SAFETY: as in `f16_to_f32`.
+    unsafe {
+        asm!(
+            "fcvtn {out:v}.4h, {x:v}.4s",
+            x = in(vreg) x,
+            out = lateout(vreg) out,
+            options(pure, nomem, nostack)
+        );
+    }
+    out
+}
+
+/// Load 4 elements of dtype `D` at `p`, widened exactly to f32.
+///
+/// # Safety
+/// The 4 elements at `p` must be readable.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn load<const D: u8>(p: *const u8) -> float32x4_t {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match D {
+            F16 => f16_to_f32(vld1_u16(p.cast())),
+            BF16 => vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.cast()))),
+            _ => vld1q_f32(p.cast()),
+        }
+    }
+}
+
+/// Round 4 f32 to dtype `D` (RNE, canonical NaN) and store them at `p`.
+///
+/// # Safety
+/// The 4 elements at `p` must be writable.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn store<const D: u8>(p: *mut u8, x: float32x4_t) {
+    let not_nan = vceqq_f32(x, x);
+    let x = vbslq_f32(not_nan, x, vdupq_n_f32(f32::from_bits(CANONICAL_NAN_F32)));
+    // SAFETY: the caller's contract.
+    unsafe {
+        match D {
+            F16 => vst1_u16(p.cast(), f32_to_f16(x)),
+            BF16 => {
+                let bits = vreinterpretq_u32_f32(x);
+                let odd = vandq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(1));
+                let bias = vaddq_u32(odd, vdupq_n_u32(0x7FFF));
+                vst1_u16(p.cast(), vshrn_n_u32::<16>(vaddq_u32(bits, bias)))
+            }
+            _ => vst1q_f32(p.cast(), x),
+        }
+    }
+}
