@@ -15,6 +15,7 @@ every linear layer). Run:
 """
 
 import argparse
+import filecmp
 import os
 import shutil
 import subprocess
@@ -94,13 +95,16 @@ def main():
     shutil.rmtree(work / "peft")
     t, rss, _ = run([LORAFS, "materialize", base, out_dir("lorafs"), "--adapter", adapter])
     rows.append(("lorafs materialize", t, rss))
-    shutil.rmtree(work / "lorafs")
-    t, rss, _ = run([LORAFS, "materialize", base, out_dir("lorafs"), "--adapter", adapter],
+    t, rss, _ = run([LORAFS, "materialize", base, out_dir("lorafs-scalar"), "--adapter", adapter],
                     env={**ENV, "LORAFS_KERNEL": "scalar"})
     rows.append(("lorafs materialize, LORAFS_KERNEL=scalar", t, rss))
+    same = all(filecmp.cmp(f, work / "lorafs-scalar" / f.name, shallow=False)
+               for f in (work / "lorafs").iterdir())
     shutil.rmtree(work / "lorafs")
+    shutil.rmtree(work / "lorafs-scalar")
 
     copy, peft_t = rows[0][1], rows[1][1]
+    print(f"default and scalar kernels wrote identical bytes: {same}")
     print(f"\n{'writing a merged copy':<44}{'seconds':>9}{'vs copy':>9}{'vs PEFT':>9}{'peak RSS':>12}")
     for name, t, rss in rows:
         print(f"{name:<44}{t:>9.2f}{t / copy:>8.2f}x{t / peft_t:>8.2f}x{gb(rss):>12}")

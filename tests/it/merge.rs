@@ -256,3 +256,33 @@ fn inspect_shows_the_plan_and_parameter_counts() {
     assert!(out.contains("base tensors changed 8"), "{out}");
     assert!(out.contains("k_proj, o_proj, q_proj, v_proj"), "{out}");
 }
+
+#[test]
+fn parallel_and_single_threaded_output_are_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec {
+        dtype: Dtype::BF16,
+        hidden: 256,
+        kv: 128,
+        inter: 3000,
+        ..BaseSpec::default()
+    };
+    write_base(&tmp.path().join("base"), &spec);
+    write_adapter(&tmp.path().join("a"), &AdapterSpec::new(&spec, 16, ""));
+    let mut trees = Vec::new();
+    for threads in ["1", "2"] {
+        let out = tmp.path().join(format!("out{threads}"));
+        let status = std::process::Command::new(lorafs_bin())
+            .arg("materialize")
+            .arg(tmp.path().join("base"))
+            .arg(&out)
+            .arg("--adapter")
+            .arg(tmp.path().join("a"))
+            .env("RAYON_NUM_THREADS", threads)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        trees.push(read_tree(&out));
+    }
+    assert!(trees[0] == trees[1], "same bytes with 1 and 2 threads");
+}
