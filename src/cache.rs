@@ -17,8 +17,9 @@ pub type BlockKey = (u32, u32);
 
 pub type Block = Arc<Vec<u8>>;
 
-/// Buffers of evicted blocks kept for the next blocks, at most this many bytes: a reader
-/// streaming through a model then allocates (and page-faults) nothing in steady state.
+/// Buffers of evicted blocks kept for the next blocks, at most this many bytes (and an eighth
+/// of the budget, which covers them): a reader streaming through a model then allocates
+/// (and page-faults) nothing in steady state.
 const SPARE_BYTES: usize = 16 << 20;
 
 type Pending = Arc<OnceLock<Result<Block, Arc<Error>>>>;
@@ -148,13 +149,15 @@ impl BlockCache {
                     if let Some(old) = inner.lru.put(key, block.clone()) {
                         inner.bytes -= old.len();
                     }
-                    while inner.bytes > self.budget {
+                    // The budget covers cached blocks and the spare buffers together.
+                    while inner.bytes + inner.spare_bytes > self.budget && inner.bytes > 0 {
                         let (_, evicted) = inner.lru.pop_lru().expect("bytes > 0 implies an entry");
                         inner.bytes -= evicted.len();
                         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                         // Recycle the buffer unless a reader still holds the block.
                         if let Ok(buffer) = Arc::try_unwrap(evicted) {
-                            if inner.spare_bytes + buffer.capacity() <= SPARE_BYTES {
+                            let spare_max = SPARE_BYTES.min(self.budget / 8);
+                            if inner.spare_bytes + buffer.capacity() <= spare_max {
                                 inner.spare_bytes += buffer.capacity();
                                 inner.spare.push(buffer);
                             }

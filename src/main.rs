@@ -225,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Validate everything before mounting, so a bad input mounts nothing.
             lorafs::fuse::check_mountpoint(&mountpoint)?;
+            one_malloc_arena();
             let engine = std::sync::Arc::new(inputs.open()?);
             let options = lorafs::fuse::MountOptions {
                 threads,
@@ -244,6 +245,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The server allocates about 1 MiB blocks from several threads; with glibc's default of
+/// one arena per thread, freed blocks stay spread over arenas and resident memory ends some
+/// 50 MiB above the cache budget (measured). One arena is enough at this allocation rate.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before the server starts threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// `mount` without --foreground: run the same command as a background server in its own
