@@ -57,12 +57,10 @@ pub struct LorafsFs {
     next_fh: AtomicU64,
     /// Per open file handle: where the last read ended, to spot sequential readers.
     last_end: Mutex<HashMap<u64, u64>>,
-    /// Read-ahead to set on the mount's backing device once mounted (KiB), if any.
-    read_ahead_kb: Option<u32>,
 }
 
 impl LorafsFs {
-    pub fn new(engine: Arc<Engine>, read_ahead_kb: Option<u32>) -> LorafsFs {
+    pub fn new(engine: Arc<Engine>) -> LorafsFs {
         let uid = euid();
         let gid = egid();
         let mtime = |p: &Path| {
@@ -139,7 +137,6 @@ impl LorafsFs {
             stats_ino,
             next_fh: AtomicU64::new(1),
             last_end: Mutex::new(HashMap::new()),
-            read_ahead_kb,
         }
     }
 
@@ -222,7 +219,6 @@ impl Filesystem for LorafsFs {
                 Err(e) => log::info!("kernel refused max_readahead {max}: {e}"),
             },
         }
-        let _ = self.read_ahead_kb; // applied by the session once the mount exists.
         Ok(())
     }
 

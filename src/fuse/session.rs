@@ -37,7 +37,7 @@ pub fn mount(
 ) -> io::Result<()> {
     check_mountpoint(mountpoint)?;
     let mountpoint = mountpoint.canonicalize()?;
-    let fs = LorafsFs::new(engine.clone(), options.read_ahead_kb);
+    let fs = LorafsFs::new(engine.clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
