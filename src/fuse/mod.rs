@@ -177,7 +177,7 @@ pub fn stats_text(engine: &Engine) -> String {
     let s = &engine.stats;
     format!(
         "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
-         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nfactor_bytes {}\nkernel {}\npid {}\n",
+         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nfactor_bytes {}\nkernel {}\npid {}\n",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
@@ -188,6 +188,7 @@ pub fn stats_text(engine: &Engine) -> String {
         s.bytes_read.load(Ordering::Relaxed),
         s.bytes_merged.load(Ordering::Relaxed),
         s.bytes_passthrough.load(Ordering::Relaxed),
+        s.bytes_replaced.load(Ordering::Relaxed),
         engine.plan.factor_bytes(),
         engine.kernel.name(),
         std::process::id(),
