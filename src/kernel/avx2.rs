@@ -11,6 +11,7 @@
 
 use std::arch::x86_64::*;
 
+use super::dcode::{elem_size, BF16, F16, F32};
 use super::{panels_per_block, Factors, Job, PANEL};
 use crate::dtype::{DType, CANONICAL_NAN_F32};
 
@@ -22,18 +23,6 @@ const VECS: usize = 2;
 const WIDTH: usize = LANES * VECS;
 /// Rows per tile: `ROWS × VECS` accumulators + `VECS` `V` registers + 1 broadcast ≤ 16.
 const ROWS: usize = 6;
-
-const F16: u8 = 0;
-const BF16: u8 = 1;
-const F32: u8 = 2;
-
-const fn elem_size(d: u8) -> usize {
-    if d == F32 {
-        4
-    } else {
-        2
-    }
-}
 
 /// Merge `data` (rows `row0 ..` of the tensor) in place; see [`super::Kernel::merge`].
 ///
@@ -49,78 +38,7 @@ pub(super) unsafe fn merge(dtype: DType, f: &Factors, row0: usize, data: &mut [u
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-fn run<const D: u8>(job: &Job, data: &mut [u8]) {
-    let panels = job.cols.div_ceil(PANEL);
-    let block = panels_per_block(job.rank);
-    let mut p0 = 0;
-    while p0 < panels {
-        let p1 = (p0 + block).min(panels);
-        let mut r = 0;
-        while r + ROWS <= job.n {
-            rows::<D, ROWS>(job, data, r, p0, p1);
-            r += ROWS;
-        }
-        match job.n - r {
-            0 => {}
-            1 => rows::<D, 1>(job, data, r, p0, p1),
-            2 => rows::<D, 2>(job, data, r, p0, p1),
-            3 => rows::<D, 3>(job, data, r, p0, p1),
-            4 => rows::<D, 4>(job, data, r, p0, p1),
-            5 => rows::<D, 5>(job, data, r, p0, p1),
-            _ => unreachable!(),
-        }
-        p0 = p1;
-    }
-}
-
-/// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn rows<const D: u8, const RR: usize>(job: &Job, data: &mut [u8], r: usize, p0: usize, p1: usize) {
-    let (rank, cols, row_bytes) = (job.rank, job.cols, job.row_bytes);
-    let size = elem_size(D);
-    let u = &job.u[r * rank..(r + RR) * rank];
-    let w = &mut data[r * row_bytes..(r + RR) * row_bytes];
-    let panels = &job.panels[p0 * rank * PANEL..p1 * rank * PANEL];
-    for p in p0..p1 {
-        for s in 0..PANEL / WIDTH {
-            let c0 = p * PANEL + s * WIDTH;
-            if c0 >= cols {
-                break;
-            }
-            // (Not dereferenced when `rank == 0`, where `panels` is empty.)
-            let v = panels
-                .as_ptr()
-                .wrapping_add((p - p0) * rank * PANEL + s * WIDTH);
-            let left = cols - c0;
-            if left >= WIDTH {
-                // SAFETY: `u` holds RR rows of `rank` floats, `v` (32-byte aligned) is followed
-                // by `rank` rows of PANEL floats of which it reads the first WIDTH, and `w`
-                // holds RR rows of `row_bytes` with columns `c0 .. c0 + WIDTH` inside each row.
-                unsafe {
-                    tile::<D, RR>(u.as_ptr(), rank, v, w[c0 * size..].as_mut_ptr(), row_bytes)
-                }
-            } else {
-                // The last columns: run the same tile on a zero-padded copy.
-                let stride = WIDTH * size;
-                let mut buf = [0u8; ROWS * WIDTH * 4];
-                for i in 0..RR {
-                    buf[i * stride..i * stride + left * size].copy_from_slice(
-                        &w[i * row_bytes + c0 * size..i * row_bytes + cols * size],
-                    );
-                }
-                // SAFETY: as above, with `buf` holding RR rows of `stride` bytes = WIDTH
-                // elements.
-                unsafe { tile::<D, RR>(u.as_ptr(), rank, v, buf.as_mut_ptr(), stride) }
-                for i in 0..RR {
-                    w[i * row_bytes + c0 * size..i * row_bytes + cols * size]
-                        .copy_from_slice(&buf[i * stride..i * stride + left * size]);
-                }
-            }
-        }
-    }
-}
+padded_tile_driver!("avx2,fma,f16c");
 
 /// One tile: `RR` rows × `WIDTH` columns.
 ///

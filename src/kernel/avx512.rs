@@ -25,6 +25,7 @@
 
 use std::arch::x86_64::*;
 
+use super::dcode::{elem_size, BF16, F16, F32};
 use super::{panels_per_block, Factors, Job, PANEL};
 use crate::dtype::{DType, CANONICAL_NAN_F32};
 
@@ -38,18 +39,6 @@ const VECS: usize = PANEL / LANES;
 const ROWS: usize = 4;
 /// Prefetch the `W` rows this many tiles ahead (helps when `W` comes from L3 or DRAM).
 const PREFETCH_TILES: usize = 4;
-
-const F16: u8 = 0;
-const BF16: u8 = 1;
-const F32: u8 = 2;
-
-const fn elem_size(d: u8) -> usize {
-    if d == F32 {
-        4
-    } else {
-        2
-    }
-}
 
 /// Lanes of `x` that `vcvtne2ps2bf16` would not round like the contract: NaN (QNaN | SNaN)
 /// and subnormal.
