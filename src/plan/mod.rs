@@ -1,0 +1,234 @@
+//! The merge plan: which base tensors change, and the f32 factors that change them.
+//!
+//! Every supported delta is row-local: row `i` of the merged tensor needs row `i` of `W` and
+//! row `i` of `U`. Linear LoRA gives `U = w·s·B`, `V = A`; transposed layouts (GPT-2 Conv1D,
+//! embeddings) give `U = w·s·Aᵀ`, `V = Bᵀ`. Several adapters on one tensor are concatenated
+//! along the rank, so their deltas are summed in f32 and rounded once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::adapter::Adapter;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernel::Factors;
+use crate::model::BaseModel;
+
+mod build;
+
+use build::{summary, Planner, Tally};
+
+/// Architectures whose projection layers are transformers' `Conv1D` (weights stored
+/// (in, out)). Only square weights need this: other shapes show their orientation.
+const CONV1D_MODEL_TYPES: [&str; 4] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer"];
+
+/// What a term adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TermKind {
+    /// `s·B@A` (or its transpose).
+    Lora,
+    /// `s·lora_B.bias`, added to the bias.
+    LoraBias,
+    /// DoRA: `m / ‖W + s·B@A‖_row · (W + s·B@A)`.
+    Dora,
+}
+
+/// One adapter's contribution to one tensor.
+#[derive(Debug, Clone)]
+pub struct Term {
+    pub adapter: usize,
+    pub module: String,
+    pub rank: usize,
+    /// `w · alpha / r` (or `/ √r` with rsLoRA), as applied.
+    pub scale: f64,
+    pub transposed: bool,
+    pub kind: TermKind,
+}
+
+/// The file a merged tensor's `W` is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// The base file holding the tensor.
+    Base,
+    /// Adapter `i`'s `adapter_model.safetensors` (a replaced tensor).
+    Adapter(usize),
+}
+
+/// Where the rows of `W` come from: a file, the absolute offset of row 0, and the dtype they
+/// are stored in (converted to the output dtype, rounding to nearest even, when it differs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WSource {
+    pub input: Input,
+    pub offset: u64,
+    pub dtype: DType,
+}
+
+/// A tensor served from an adapter instead of the base.
+#[derive(Debug, Clone)]
+pub struct ReplacedBy {
+    pub adapter: usize,
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// One term of a DoRA tensor's sequence: ranks `offset .. offset + rank` of the factors, and
+/// for a DoRA term its magnitude vector (one value per output row).
+#[derive(Debug, Clone)]
+pub struct DoraGroup {
+    pub offset: usize,
+    pub rank: usize,
+    pub magnitude: Option<Vec<f32>>,
+}
+
+/// A base tensor that the adapters change.
+#[derive(Debug)]
+pub struct TensorMerge {
+    pub name: String,
+    /// Index into [`BaseModel::layouts`] and into that layout's tensors.
+    pub layout: usize,
+    pub tensor: usize,
+    /// The output dtype: always the base tensor's.
+    pub dtype: DType,
+    /// The output shape (the base's, or a replacement's).
+    pub shape: Vec<usize>,
+    pub w: WSource,
+    /// `Δ = U @ V` over a (rows, cols) view of the tensor; rank 0 when nothing is added.
+    pub factors: Factors,
+    pub terms: Vec<Term>,
+    /// Set when a term is DoRA: every term in order, applied one after another.
+    pub dora: Option<Vec<DoraGroup>>,
+    /// Rows of `W` replaced before merging (trainable tokens), sorted, already rounded to
+    /// the output dtype.
+    pub rows: Vec<(usize, Vec<f32>)>,
+    pub replaced: Option<ReplacedBy>,
+}
+
+impl TensorMerge {
+    pub fn row_bytes(&self) -> usize {
+        self.factors.cols * self.dtype.size()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        (self.factors.rows * self.row_bytes()) as u64
+    }
+
+    /// A replacement served as the adapter's bytes, unchanged.
+    pub fn is_plain_copy(&self) -> bool {
+        self.factors.rank == 0
+            && self.rows.is_empty()
+            && self.dora.is_none()
+            && self.w.input != Input::Base
+            && self.w.dtype == self.dtype
+    }
+}
+
+/// Which features an adapter uses, for `inspect`.
+#[derive(Debug, Clone, Default)]
+pub struct Features {
+    pub dora: usize,
+    pub embedding_lora: usize,
+    pub conv1d: usize,
+    pub lora_bias: usize,
+    pub trainable_tokens: Vec<(String, usize)>,
+    /// (adapter key, base tensor, shape, dtype)
+    pub replacements: Vec<(String, String, Vec<usize>, String)>,
+    /// Tensors applied to the input embedding because the base ties lm_head to it.
+    pub tied: Vec<String>,
+    pub tokenizer_files: Vec<String>,
+}
+
+/// Per-adapter facts for `inspect` and the logs, kept after the factors are packed.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    pub weight: f64,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub target_modules: String,
+    pub base_model: Option<String>,
+    pub tensors_changed: usize,
+    pub num_params: usize,
+    /// Distinct scales applied (module count per scale), e.g. when alpha_pattern is used.
+    pub scales: BTreeMap<String, usize>,
+    pub features: Features,
+}
+
+#[derive(Debug)]
+pub struct MergePlan {
+    /// Sorted by (layout, tensor) so that file order is plan order.
+    pub merges: Vec<TensorMerge>,
+    pub adapters: Vec<AdapterSummary>,
+    /// `vocab_size` (base, merged) when a replaced embedding changes it.
+    pub vocab: Option<VocabResize>,
+    /// Files served from an adapter directory instead of the base (tokenizer), by relative
+    /// name; the last adapter that has one wins.
+    pub extra_files: BTreeMap<PathBuf, PathBuf>,
+}
+
+/// One term of a pending merge: the term, its U and V, and a DoRA magnitude if any.
+type Part = (Term, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+/// (base, merged) `vocab_size` when a replacement resizes the embedding.
+pub type VocabResize = (usize, usize);
+
+/// A tensor being planned.
+struct Pending {
+    w: WSource,
+    shape: Vec<usize>,
+    dtype: DType,
+    replaced: Option<ReplacedBy>,
+    parts: Vec<Part>,
+    rows: BTreeMap<usize, Vec<f32>>,
+}
+
+/// (rows, cols) of the 2-D view a tensor is merged in: a 1-D tensor is one row.
+fn view(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [r, rest @ ..] => (*r, rest.iter().product()),
+    }
+}
+
+impl MergePlan {
+    /// Plan the merge. The adapters' LoRA factors are moved into the plan (their shapes
+    /// stay, for messages), so memory holds one copy of them.
+    pub fn build(base: &BaseModel, adapters: &mut [Adapter]) -> Result<MergePlan> {
+        let mut planner = Planner::new(base);
+        let mut summaries = Vec::new();
+        for (ai, adapter) in adapters.iter_mut().enumerate() {
+            let mut tally = Tally::default();
+            planner.replacements(ai, adapter, &mut tally)?;
+            planner.trainable_tokens(adapter, &mut tally)?;
+            planner.lora(ai, adapter, &mut tally)?;
+            planner.lora_biases(ai, adapter, &mut tally)?;
+            summaries.push(summary(adapter, tally));
+        }
+        let (merges, vocab) = planner.finish()?;
+
+        let mut extra_files = BTreeMap::new();
+        for adapter in adapters {
+            for path in &adapter.tokenizer_files {
+                if let Some(name) = path.file_name() {
+                    extra_files.insert(PathBuf::from(name), path.clone());
+                }
+            }
+        }
+        Ok(MergePlan {
+            merges,
+            adapters: summaries,
+            vocab,
+            extra_files,
+        })
+    }
+
+    /// Bytes of f32 factors held in memory.
+    pub fn factor_bytes(&self) -> usize {
+        self.merges.iter().map(|m| m.factors.bytes()).sum()
+    }
+}
