@@ -50,6 +50,10 @@ enum Command {
         /// Read-ahead of the mount in KiB (0 keeps the kernel's 128 KiB). Needs root.
         #[arg(long, value_name = "KIB", default_value_t = DEFAULT_READ_AHEAD_KB)]
         read_ahead_kb: u32,
+        /// Merge the whole model into the page cache in the background once mounted:
+        /// auto (when it fits in a quarter of RAM), always or never.
+        #[arg(long, value_name = "WHEN", default_value = "auto")]
+        warm: Warm,
         /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts.
         #[arg(long)]
         foreground: bool,
@@ -89,6 +93,13 @@ struct Inputs {
     /// or never.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     direct_io: DirectIo,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Warm {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -216,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             allow_other,
             read_ahead_kb,
+            warm,
             foreground,
             log_file,
             daemon_child,
@@ -227,10 +239,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lorafs::fuse::check_mountpoint(&mountpoint)?;
             one_malloc_arena();
             let engine = std::sync::Arc::new(inputs.open()?);
+            let warm = match warm {
+                Warm::Always => true,
+                Warm::Never => false,
+                Warm::Auto => !engine.direct_base_reads && engine.total_bytes() <= total_ram() / 4,
+            };
             let options = lorafs::fuse::MountOptions {
                 threads,
                 allow_other,
                 read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
+                warm,
             };
             lorafs::fuse::mount(engine, &mountpoint, &options, || {
                 if daemon_child {
@@ -351,8 +369,10 @@ fn error_chain(err: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A mount is a long-lived server: say what it did at init (kernel settings, read-ahead).
+    // fuser's session warns when the mount is already gone as it ends (after `umount` or
+    // `lorafs unmount`, the normal way): not worth a warning.
     let default_level = if matches!(cli.command, Command::Mount { .. }) {
-        "info"
+        "info,fuser::session=error"
     } else {
         "warn"
     };

@@ -140,6 +140,17 @@ impl LorafsFs {
         }
     }
 
+    /// The inode number of every file, by file index.
+    pub fn file_inodes(&self) -> Vec<u64> {
+        let mut inodes = vec![0; self.engine.files.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let NodeKind::File { file } = node.kind {
+                inodes[file] = i as u64 + 1;
+            }
+        }
+        inodes
+    }
+
     fn node(&self, ino: INodeNo) -> Option<&Node> {
         self.nodes.get((ino.0 as usize).checked_sub(1)?)
     }
@@ -319,6 +330,18 @@ impl Filesystem for LorafsFs {
                 }
             }
         });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        // Called on every close; nothing is ever written, so nothing to flush.
+        reply.ok();
     }
 
     fn release(

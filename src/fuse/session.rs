@@ -25,7 +25,13 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Read-ahead of the mount's backing device in KiB, set through sysfs after mounting.
     pub read_ahead_kb: Option<u32>,
+    /// Once mounted, merge every file in the background and hand it to the kernel's page
+    /// cache (FUSE_NOTIFY_STORE), so that readers find it there.
+    pub warm: bool,
 }
+
+/// Bytes per page-cache store while warming: one FUSE request's worth.
+const WARM_CHUNK: usize = 1 << 20;
 
 /// Mount `engine` at `mountpoint` and serve it until unmounted (by `umount`, `lorafs
 /// unmount`, SIGINT or SIGTERM). `ready` runs once the mount is usable.
@@ -38,6 +44,7 @@ pub fn mount(
     check_mountpoint(mountpoint)?;
     let mountpoint = mountpoint.canonicalize()?;
     let fs = LorafsFs::new(engine.clone());
+    let inodes = fs.file_inodes();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -65,6 +72,12 @@ pub fn mount(
         )
     })?;
 
+    if options.warm {
+        let (engine, notifier, root) = (engine.clone(), session.notifier(), mountpoint.clone());
+        std::thread::Builder::new()
+            .name("lorafs-warm".into())
+            .spawn(move || warm(&engine, &notifier, &root, &inodes))?;
+    }
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
     }
@@ -109,6 +122,39 @@ pub fn mount(
     session.run()?;
     log::info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Merge every file, in order, and store it in the kernel's page cache, so that a loader
+/// started after the mount (Python takes a second or two to import torch) finds the model
+/// there. Reads arriving meanwhile are served as usual; both go through the block cache, so
+/// nothing is merged twice. Stops quietly at the first refusal (e.g. the mount is gone).
+fn warm(engine: &Engine, notifier: &fuser::Notifier, root: &Path, inodes: &[u64]) {
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; WARM_CHUNK];
+    let mut stored = 0u64;
+    for (index, file) in engine.files.iter().enumerate() {
+        // The kernel keeps pages only for inodes it knows: look the file up first.
+        if let Err(e) = std::fs::metadata(root.join(&file.rel)) {
+            return log::info!("warm-up stopped at {}: {e}", file.rel.display());
+        }
+        let mut offset = 0;
+        while offset < file.size {
+            let n = match engine.read_at(index, offset, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return log::warn!("warm-up stopped at {}: {e}", file.rel.display()),
+            };
+            if let Err(e) = notifier.store(fuser::INodeNo(inodes[index]), offset, &buf[..n]) {
+                return log::info!("warm-up stopped at {}: {e}", file.rel.display());
+            }
+            offset += n as u64;
+            stored += n as u64;
+        }
+    }
+    log::info!(
+        "warm-up: {stored} bytes in the page cache after {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 /// Refuse a mount point that is missing, not a directory, not empty, or already mounted.

@@ -199,7 +199,17 @@ fn random_preads_from_many_threads() {
     let guard = MountGuard::new(
         &s.base,
         &mnt,
-        &args(&s, &["--cache-size", "256KiB", "--threads", "4"]),
+        &args(
+            &s,
+            &[
+                "--cache-size",
+                "256KiB",
+                "--threads",
+                "4",
+                "--warm",
+                "never",
+            ],
+        ),
     );
     std::thread::scope(|scope| {
         for t in 0..6u64 {
@@ -360,4 +370,42 @@ fn bad_mount_points_and_inputs_mount_nothing() {
     drop(guard);
     let (ok, _, err) = run_lorafs(&["unmount".as_ref(), mnt.as_os_str()]);
     assert!(!ok && err.contains("not mounted"), "{err}");
+}
+
+#[test]
+fn warm_up_fills_the_page_cache_with_the_merged_bytes() {
+    if !can_mount() {
+        return;
+    }
+    let s = setup();
+    let mnt = s.tmp.path().join("mnt");
+    let guard = MountGuard::new(&s.base, &mnt, &args(&s, &["--warm", "always"]));
+    let total: u64 = s.expected.values().map(|b| b.len() as u64).sum();
+    let bytes_read = || {
+        let stats = std::fs::read_to_string(guard.mountpoint.join(".lorafs-stats")).unwrap();
+        let line = stats
+            .lines()
+            .find(|l| l.starts_with("bytes_read "))
+            .unwrap()
+            .to_string();
+        line["bytes_read ".len()..].parse::<u64>().unwrap()
+    };
+    let start = Instant::now();
+    while bytes_read() < total {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "warm-up did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let warmed = bytes_read();
+    assert!(
+        read_tree(&guard.mountpoint) == s.expected,
+        "warmed pages hold the merged bytes"
+    );
+    assert_eq!(
+        bytes_read(),
+        warmed,
+        "every read was served from the page cache"
+    );
 }
