@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--keep", action="store_true", help="keep the generated model")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="load through mounts without background warm-up (--warm never)")
     args = ap.parse_args()
 
     work = Path(args.dir)
@@ -149,7 +151,8 @@ def main():
     mounted = []
     rss = budget = factors = 0
     for _ in range(args.runs):
-        with Mount(base, adapter, work / "mnt") as m:
+        extra = ["--warm", "never"] if args.no_warm else []
+        with Mount(base, adapter, work / "mnt", *extra) as m:
             mounted.append(load_and_forward(work / "mnt"))
             rss, s = m.peak_rss(), m.stats()
             budget, factors = int(s["cache_budget"]), int(s["factor_bytes"])
