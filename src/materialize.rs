@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -89,23 +90,7 @@ pub fn materialize(
         )
         .expect("valid template"),
     );
-    let mut buf = vec![0u8; CHUNK];
-    for (index, file) in engine.files.iter().enumerate() {
-        let path = tmp.path().join(&file.rel);
-        let mut writer = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut offset = 0;
-        while offset < file.size {
-            let n = engine.read_at(index, offset, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            for piece in buf[..n].chunks(WRITE_BYTES) {
-                writer.write_all(piece).map_err(|e| Error::io(&path, e))?;
-            }
-            offset += n as u64;
-            bar.inc(n as u64);
-        }
-    }
+    write_files(engine, tmp.path(), &bar)?;
     bar.finish_and_clear();
 
     if out.exists() {
@@ -122,6 +107,63 @@ pub fn materialize(
         tensors_merged: engine.plan.merges.len(),
         bytes: total,
         elapsed: start.elapsed(),
+    })
+}
+
+/// Write every file under `dir`: this thread merges a chunk (`read_at`) while a writer
+/// thread writes the previous one, so merging and writing overlap.
+fn write_files(engine: &Engine, dir: &Path, bar: &ProgressBar) -> Result<()> {
+    // (file index, buffer, bytes used); a file of size 0 is sent once with 0 bytes.
+    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>, usize)>(1);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        empty_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            let mut current: Option<(usize, File, PathBuf)> = None;
+            for (index, buf, n) in full_rx {
+                if current.as_ref().map(|c| c.0) != Some(index) {
+                    let path = dir.join(&engine.files[index].rel);
+                    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                    current = Some((index, file, path));
+                }
+                let (_, file, path) = current.as_mut().expect("set above");
+                for piece in buf[..n].chunks(WRITE_BYTES) {
+                    file.write_all(piece).map_err(|e| Error::io(&*path, e))?;
+                }
+                if buf.len() == CHUNK {
+                    let _ = empty_tx.send(buf); // back to the producer
+                }
+            }
+            Ok(())
+        });
+        let produced = (|| -> Result<()> {
+            for (index, file) in engine.files.iter().enumerate() {
+                if file.size == 0 && full_tx.send((index, Vec::new(), 0)).is_err() {
+                    return Ok(()); // the writer stopped: its error is reported below
+                }
+                let mut offset = 0;
+                while offset < file.size {
+                    let Ok(mut buf) = empty_rx.recv() else {
+                        return Ok(());
+                    };
+                    let n = engine.read_at(index, offset, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if full_tx.send((index, buf, n)).is_err() {
+                        return Ok(());
+                    }
+                    offset += n as u64;
+                    bar.inc(n as u64);
+                }
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer.join().expect("the writer thread does not panic");
+        produced.and(written)
     })
 }
 

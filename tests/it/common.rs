@@ -208,6 +208,7 @@ pub fn write_base(dir: &Path, spec: &BaseSpec) -> Vec<Tensor> {
     .unwrap();
     std::fs::create_dir_all(dir.join("extra/nested")).unwrap();
     std::fs::write(dir.join("extra/nested/notes.txt"), b"not a weight file\n").unwrap();
+    std::fs::write(dir.join("extra/empty.txt"), b"").unwrap();
 
     if spec.shards <= 1 {
         write_safetensors(&dir.join("model.safetensors"), &tensors);
