@@ -30,7 +30,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def run(args, env=ENV):
-    """Run a command; return (seconds, its peak RSS in bytes, stdout)."""
+    """Run a command; return (seconds, its peak RSS in bytes, stdout). Dirty pages left by
+    the previous contender are flushed first, so no one pays for another's writeback."""
+    os.sync()
     with tempfile.NamedTemporaryFile(mode="r") as report:
         t = time.perf_counter()
         out = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%M", *map(str, args)],

@@ -85,9 +85,10 @@ struct Inputs {
     /// DIR:WEIGHT. Repeat to merge several; their deltas are summed in f32 and rounded once.
     #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", required = true, value_parser = parse_adapter)]
     adapters: Vec<(PathBuf, f64)>,
-    /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB).
-    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
-    cache_size: usize,
+    /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB). Default: 256MiB for a mount,
+    /// 32MiB for materialize, which streams and reads each block once.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_size: Option<usize>,
     /// Read base files with O_DIRECT, keeping them out of the page cache: auto (when the
     /// model is over half of RAM, so base and merged pages do not evict each other), always
     /// or never.
@@ -126,9 +127,10 @@ fn total_ram() -> u64 {
 }
 
 impl Inputs {
-    fn open(&self) -> anyhow::Result<Engine> {
+    /// Open the engine; `default_cache` is the cache budget unless --cache-size says.
+    fn open(&self, default_cache: usize) -> anyhow::Result<Engine> {
         let options = EngineOptions {
-            cache_bytes: self.cache_size,
+            cache_bytes: self.cache_size.unwrap_or(default_cache),
         };
         let base = lorafs::hub::resolve(&self.base)?;
         let adapters = self
@@ -195,6 +197,12 @@ fn parse_size(arg: &str) -> Result<usize, String> {
     Ok((number * (1u64 << shift) as f64) as usize)
 }
 
+/// Cache budgets by default. A mount keeps recently merged blocks for readers that come
+/// back (several loader threads, mmap faults out of order); materialize reads every block
+/// once, in order, and only needs the blocks its 16 MiB chunks share at their edges.
+const MOUNT_CACHE: usize = 256 << 20;
+const MATERIALIZE_CACHE: usize = 32 << 20;
+
 /// Read-ahead for the mount, KiB. Cold sequential reads through FUSE at the kernel's
 /// default 128 KiB run about a third as fast as at 1-8 MiB (BENCHMARKS.md, "Mount").
 const DEFAULT_READ_AHEAD_KB: u32 = 4096;
@@ -211,7 +219,7 @@ const READY: &str = "lorafs-ready";
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Materialize { inputs, out, force } => {
-            let engine = inputs.open()?;
+            let engine = inputs.open(MATERIALIZE_CACHE)?;
             log::info!("kernel: {}", engine.kernel.name());
             let options = MaterializeOptions {
                 force,
@@ -238,7 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Validate everything before mounting, so a bad input mounts nothing.
             lorafs::fuse::check_mountpoint(&mountpoint)?;
             one_malloc_arena();
-            let engine = std::sync::Arc::new(inputs.open()?);
+            let engine = std::sync::Arc::new(inputs.open(MOUNT_CACHE)?);
             let warm = match warm {
                 Warm::Always => true,
                 Warm::Never => false,
@@ -258,7 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
         Command::Inspect { inputs, tensors } => {
-            let engine = inputs.open()?;
+            let engine = inputs.open(0)?;
             print!("{}", lorafs::inspect::report(&engine, tensors));
         }
     }
