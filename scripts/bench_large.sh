@@ -48,7 +48,10 @@ for mode in never always; do
     pid=$(awk '/^pid/ {print $2}' "$dir/mnt/.lorafs-stats")
     rss=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$pid/status")
     c2=$(awk '/^bytes_computed/ {print int($2 / 1000000)}' "$dir/mnt/.lorafs-stats")
+    budget=$(awk '/^cache_budget/ {print int($2 / 1048576)}' "$dir/mnt/.lorafs-stats")
+    factors=$(awk '/^factor_bytes/ {print int($2 / 1048576)}' "$dir/mnt/.lorafs-stats")
     echo "--direct-io $mode: pass 1 $t1 s ($(mb_s "$t1") MB/s, merged $c1 MB, page cache after: $cached MiB)," \
-         "pass 2 $t2 s ($(mb_s "$t2") MB/s, merged $((c2 - c1)) MB); server peak RSS $rss MiB"
+         "pass 2 $t2 s ($(mb_s "$t2") MB/s, merged $((c2 - c1)) MB);" \
+         "server peak RSS $rss MiB (cache budget $budget MiB + factors $factors MiB)"
     "$lorafs" unmount "$dir/mnt"
 done
