@@ -24,20 +24,6 @@ const WIDTH: usize = LANES * VECS;
 /// Rows per tile: `ROWS × VECS` accumulators + `VECS` `V` registers + 1 broadcast ≤ 16.
 const ROWS: usize = 6;
 
-/// Merge `data` (rows `row0 ..` of the tensor) in place; see [`super::Kernel::merge`].
-///
-/// # Safety
-/// The CPU must support avx2, fma and f16c.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn merge(dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
-    let job = Job::new(dtype, f, row0, data);
-    match dtype {
-        DType::F16 => run::<F16>(&job, data),
-        DType::BF16 => run::<BF16>(&job, data),
-        DType::F32 => run::<F32>(&job, data),
-    }
-}
-
 padded_tile_driver!("avx2,fma,f16c");
 
 /// One tile: `RR` rows × `WIDTH` columns.

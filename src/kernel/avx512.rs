@@ -67,48 +67,7 @@ macro_rules! kernel {
     ($features:literal, $native_bf16:literal) => {
         use super::*;
 
-        /// Merge `data` (rows `row0 ..` of the tensor) in place; see
-        /// [`crate::kernel::Kernel::merge`].
-        ///
-        /// # Safety
-        /// The CPU must support the target features of this module.
-        #[target_feature(enable = $features)]
-        pub(in crate::kernel) unsafe fn merge(
-            dtype: DType,
-            f: &Factors,
-            row0: usize,
-            data: &mut [u8],
-        ) {
-            let job = Job::new(dtype, f, row0, data);
-            match dtype {
-                DType::F16 => run::<F16>(&job, data),
-                DType::BF16 => run::<BF16>(&job, data),
-                DType::F32 => run::<F32>(&job, data),
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        fn run<const D: u8>(job: &Job, data: &mut [u8]) {
-            let panels = job.cols.div_ceil(PANEL);
-            let block = panels_per_block(job.rank);
-            let mut p0 = 0;
-            while p0 < panels {
-                let p1 = (p0 + block).min(panels);
-                let mut r = 0;
-                while r + ROWS <= job.n {
-                    rows::<D, ROWS>(job, data, r, p0, p1);
-                    r += ROWS;
-                }
-                match job.n - r {
-                    0 => {}
-                    1 => rows::<D, 1>(job, data, r, p0, p1),
-                    2 => rows::<D, 2>(job, data, r, p0, p1),
-                    3 => rows::<D, 3>(job, data, r, p0, p1),
-                    _ => unreachable!(),
-                }
-                p0 = p1;
-            }
-        }
+        tile_driver!($features, 1 2 3);
 
         /// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
         #[inline]

@@ -50,14 +50,34 @@ mod dcode {
     }
 }
 
-/// The tiling driver of the kernels that finish the last columns of a row on a zero-padded
-/// copy (AVX2 and NEON, both 6-row tiles): column blocks of panels that keep `V` in L2, tiles
-/// of `ROWS` rows, then the remaining rows. The invoking module provides `ROWS`, `WIDTH` and
-/// `unsafe fn tile::<D, RR>(u, rank, v, w, row_bytes)`.
+/// The entry point and tiling loop every SIMD kernel shares: `merge` (one monomorphised `run`
+/// per dtype), then column blocks of panels that keep `V` in L2, tiles of `ROWS` rows, then
+/// the remaining rows (`$rem`: 1 to `ROWS - 1`). The invoking module provides `ROWS` and
+/// `fn rows::<D, RR>(job, data, r, p0, p1)`.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-macro_rules! padded_tile_driver {
-    ($features:literal) => {
-        const _: () = assert!(ROWS == 6, "the remainder match below covers 1 to 5 rows");
+macro_rules! tile_driver {
+    ($features:literal, $($rem:literal)+) => {
+        const _: () = assert!(ROWS == 1 + [$($rem),+].len(), "a remainder arm per row count");
+
+        /// Merge `data` (rows `row0 ..` of the tensor) in place; see
+        /// [`crate::kernel::Kernel::merge`].
+        ///
+        /// # Safety
+        /// The CPU must support the target features this function is compiled for.
+        #[target_feature(enable = $features)]
+        pub(in crate::kernel) unsafe fn merge(
+            dtype: DType,
+            f: &Factors,
+            row0: usize,
+            data: &mut [u8],
+        ) {
+            let job = Job::new(dtype, f, row0, data);
+            match dtype {
+                DType::F16 => run::<F16>(&job, data),
+                DType::BF16 => run::<BF16>(&job, data),
+                DType::F32 => run::<F32>(&job, data),
+            }
+        }
 
         #[target_feature(enable = $features)]
         fn run<const D: u8>(job: &Job, data: &mut [u8]) {
@@ -73,16 +93,22 @@ macro_rules! padded_tile_driver {
                 }
                 match job.n - r {
                     0 => {}
-                    1 => rows::<D, 1>(job, data, r, p0, p1),
-                    2 => rows::<D, 2>(job, data, r, p0, p1),
-                    3 => rows::<D, 3>(job, data, r, p0, p1),
-                    4 => rows::<D, 4>(job, data, r, p0, p1),
-                    5 => rows::<D, 5>(job, data, r, p0, p1),
+                    $($rem => rows::<D, $rem>(job, data, r, p0, p1),)+
                     _ => unreachable!(),
                 }
                 p0 = p1;
             }
         }
+    };
+}
+
+/// The row loop of the kernels that finish the last columns of a row on a zero-padded copy
+/// (AVX2 and NEON, both 6-row tiles), on top of [`tile_driver`]. The invoking module provides
+/// `ROWS`, `WIDTH` and `unsafe fn tile::<D, RR>(u, rank, v, w, row_bytes)`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! padded_tile_driver {
+    ($features:literal) => {
+        tile_driver!($features, 1 2 3 4 5);
 
         /// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
         #[inline]
