@@ -74,10 +74,6 @@ impl BlockCache {
         self.lock().bytes
     }
 
-    pub fn contains(&self, key: BlockKey) -> bool {
-        self.lock().lru.contains(&key)
-    }
-
     /// Whether the block is cached or being computed right now.
     pub fn present_or_pending(&self, key: BlockKey) -> bool {
         let inner = self.lock();
@@ -184,7 +180,11 @@ mod tests {
                 .unwrap();
         }
         assert!(cache.bytes() <= 10);
-        assert!(cache.contains((0, 4)) && cache.contains((0, 3)) && !cache.contains((0, 0)));
+        assert!(
+            cache.present_or_pending((0, 4))
+                && cache.present_or_pending((0, 3))
+                && !cache.present_or_pending((0, 0))
+        );
         let block = cache
             .get_or_compute((0, 4), || panic!("must be a hit"))
             .unwrap();

@@ -402,11 +402,6 @@ impl Engine {
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
-
-    /// Index of the file at a relative path.
-    pub fn file_index(&self, rel: &Path) -> Option<usize> {
-        self.files.iter().position(|f| f.rel == rel)
-    }
 }
 
 /// The segments of a safetensors file: its header, then its tensors in file order, runs of

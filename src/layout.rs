@@ -81,10 +81,6 @@ impl Layout {
         })
     }
 
-    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
-        self.tensors.iter().find(|t| t.name == name)
-    }
-
     /// The header of this file with tensor `i` given shape `shapes[i]` (same dtypes, same
     /// tensor order, same `__metadata__`), and every tensor's new absolute (offset, len).
     /// Like the safetensors writer, the JSON is padded with spaces to a multiple of 8 bytes.

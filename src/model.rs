@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::layout::{Layout, TensorEntry};
+use crate::layout::Layout;
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
@@ -136,11 +136,6 @@ impl BaseModel {
             tensors,
             config,
         })
-    }
-
-    pub fn tensor(&self, name: &str) -> Option<(&Layout, &TensorEntry)> {
-        let &(li, ti) = self.tensors.get(name)?;
-        Some((&self.layouts[li], &self.layouts[li].tensors[ti]))
     }
 
     /// Number of values in all the base tensors.

@@ -46,10 +46,6 @@ impl<T> Patterns<T> {
             .map(|(_, _, v)| v)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     pub fn keys(&self) -> impl Iterator<Item = (&str, &T)> {
         self.entries.iter().map(|(k, _, v)| (k.as_str(), v))
     }

@@ -13,6 +13,7 @@ What "equal to PEFT" means here, and the bounds, are documented in `E2E.check_me
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -453,19 +454,26 @@ def lorafs(lorafs_bin) -> Lorafs:
     return Lorafs(lorafs_bin)
 
 
-@pytest.fixture(scope="session")
-def fixtures_manifest():
+@contextlib.contextmanager
+def generated(function: str, prefix: str):
+    """Run `function` of scripts/make_fixtures.py into a temporary directory, removed after."""
     spec = importlib.util.spec_from_file_location("make_fixtures", REPO / "scripts" / "make_fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    root = tempfile.mkdtemp(prefix="lorafs-e2e-fixtures-")
+    root = tempfile.mkdtemp(prefix=prefix)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            manifest = mod.generate(root)
-        yield manifest
+            result = getattr(mod, function)(root)
+        yield result
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fixtures_manifest():
+    with generated("generate", "lorafs-e2e-fixtures-") as manifest:
+        yield manifest
 
 
 @pytest.fixture(scope="session")

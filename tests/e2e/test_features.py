@@ -7,7 +7,6 @@ Fixtures: scripts/make_fixtures.py `generate_features` (adapters made by PEFT it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, load_model, ulp_distance, ulp_of
+from conftest import generated, load_model, ulp_distance, ulp_of
 
 # name: (base, adapter, resize the base's vocabulary for PEFT, max ulps apart in f16/bf16)
 CASES = {
@@ -44,16 +43,8 @@ CASES = {
 
 @pytest.fixture(scope="session")
 def feat():
-    spec = importlib.util.spec_from_file_location("make_fixtures", REPO / "scripts" / "make_fixtures.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    root = tempfile.mkdtemp(prefix="lorafs-e2e-features-")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield mod.generate_features(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with generated("generate_features", "lorafs-e2e-features-") as manifest:
+        yield manifest
 
 
 _peft_cache = {}
