@@ -16,9 +16,9 @@ use crate::error::{Error, Result};
 /// enough that memory stays bounded (one chunk plus the cache, whatever the model size).
 const CHUNK: usize = 16 << 20;
 
-/// Bytes per `write`. Measured here (Linux 6.18, ext4, a VM): writing a 1 GB file in 1 MiB
-/// or larger pieces takes 0.2 s or 1.5 s depending on what the page cache held before (large
-/// folios whose memory the host has to fault in), 256 KiB pieces 0.2 s either way.
+/// Bytes per `write`. On this project's VMs, 1 MiB or larger writes of a new file sometimes
+/// run five times slower (large page-cache folios the host faults in); 256 KiB writes do not
+/// (BENCHMARKS.md, "Against PEFT", says how to see it).
 const WRITE_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone, Default)]
