@@ -274,8 +274,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The server allocates about 1 MiB blocks from several threads; with glibc's default of
-/// one arena per thread, freed blocks stay spread over arenas and resident memory ends some
-/// 50 MiB above the cache budget (measured). One arena is enough at this allocation rate.
+/// one arena per thread, freed blocks stay spread over arenas and resident memory ends tens
+/// of MiB above the cache budget. One arena is enough at this allocation rate.
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before the server starts threads.
