@@ -1,13 +1,21 @@
-//! Merge-kernel throughput on one 4096 × 4096 tensor, next to the two passes that bound it:
-//! a plain memcpy of the same bytes and a "convert-only" pass (widen to f32 and round back,
-//! in place, with the kernels' own rounding and NaN handling, best SIMD available).
+//! Merge-kernel throughput on one 4096 × 4096 tensor, next to the passes that bound it: a
+//! plain memcpy of the same bytes, a "convert-only" pass (widen to f32 and round back, in
+//! place, with the kernels' own rounding and NaN handling, best SIMD available) and, on
+//! AVX-512 machines, "fma-only": the best kernel's register tile doing its FMAs without
+//! touching `W`, the compute floor of a merge at that rank.
+//!
+//! A second part ("stream" rows) runs the baselines and the best kernel over 16 copies of the
+//! tensor one after the other (512 MiB), far more than the last-level cache, as when a model
+//! is merged from the page cache.
 //!
 //! `cargo bench --bench kernels [-- FILTER...]` — a `harness = false` main that times each
 //! case with repeated runs and reports the median (and minimum); FILTERs are substrings of the
-//! case labels (`avx512`, `BF16`, `r16`, `2t`, ...). `KERNEL_BENCH_REPS` sets the runs per
-//! case (default 15). GB/s counts the bytes of `W` merged (read and rewritten in place) per
-//! second; GFLOP/s is `2 · rows · cols · rank / time`. Ratios use medians. On a shared
-//! machine set `KERNEL_BENCH_IDLE=1` to wait for an idle CPU before each case.
+//! case labels (`avx512`, `BF16`, `r16`, `2t`, ...; the stream part runs only with no filter
+//! or with `stream` among them). `KERNEL_BENCH_REPS` sets the runs per case (default 15).
+//! GB/s counts the bytes of `W` merged (read and rewritten in place) per second; GFLOP/s is
+//! `2 · rows · cols · rank / time`. "vs memcpy" uses the median of the set's memcpy runs;
+//! "vs convert-only" that of a convert-only run timed before each run of the case, so a
+//! machine that gets slower or faster between cases does not skew it. On a shared machine set `KERNEL_BENCH_IDLE=1` to wait for an idle CPU before each case.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -20,6 +28,8 @@ const COLS: usize = 4096;
 const RANKS: [usize; 3] = [8, 16, 64];
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 const THREADS: [usize; 2] = [1, 2];
+/// Tensors in a streaming set: 16 × 32 MiB, far more than the last-level cache.
+const STREAM_TENSORS: usize = 16;
 
 /// Deterministic pseudo-random f32 in [-1, 1).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -54,6 +64,33 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
         .collect();
     t.sort_by(f64::total_cmp);
     (t[t.len() / 2], t[0])
+}
+
+/// Like [`time`] for `case`, with a run of `base` before each run of `case`: returns the
+/// (median, minimum) of `case` and the median of `base`. Ratios of paired medians are not
+/// skewed by the machine getting slower or faster between two blocks of runs.
+fn time_paired(
+    reps: usize,
+    data: &mut [u8],
+    mut base: impl FnMut(&mut [u8]),
+    mut case: impl FnMut(&mut [u8]),
+) -> ((f64, f64), f64) {
+    let run = |f: &mut dyn FnMut(&mut [u8]), data: &mut [u8]| {
+        let start = Instant::now();
+        f(data);
+        black_box(&mut *data);
+        start.elapsed().as_secs_f64()
+    };
+    run(&mut base, data);
+    run(&mut case, data);
+    let (mut b, mut c) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        b.push(run(&mut base, data));
+        c.push(run(&mut case, data));
+    }
+    b.sort_by(f64::total_cmp);
+    c.sort_by(f64::total_cmp);
+    ((c[c.len() / 2], c[0]), b[b.len() / 2])
 }
 
 /// Busy and total jiffies of all CPUs, from `/proc/stat`.
@@ -142,6 +179,60 @@ fn convert_only(dtype: DType, data: &mut [u8]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// One cache line of f32, so the panels are 64-byte aligned like the kernels' packed `V`.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([f32; 16]);
+
+    /// A packed `V` of the kernels' shape (panels of `rank × 64` floats); the values do not
+    /// matter to the FMA-only bound.
+    pub struct Panels {
+        lines: Vec<Line>,
+    }
+
+    impl Panels {
+        pub fn new(rank: usize, cols: usize) -> Panels {
+            Panels {
+                lines: vec![Line([0.5; 16]); cols.div_ceil(64) * rank * 4],
+            }
+        }
+    }
+
+    /// The avx512 kernel's tile loop (4 rows × 64 columns of accumulators, `rank` rounds of
+    /// one `V` load per vector and one `U` broadcast per row) over the rows of `u` and every
+    /// panel, without touching `W`: each tile's sums are only added into a running total.
+    ///
+    /// # Safety
+    /// Needs avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_only(u: &[f32], rank: usize, v: &Panels) -> f32 {
+        const ROWS: usize = 4;
+        let mut total = _mm512_setzero_ps();
+        for rows in u.chunks_exact(ROWS * rank) {
+            for panel in v.lines.chunks_exact(rank * 4) {
+                let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
+                for k in 0..rank {
+                    let vk: [__m512; 4] = std::array::from_fn(|c| {
+                        // SAFETY: `Line` is 16 aligned f32, in bounds by construction.
+                        unsafe { _mm512_load_ps(panel[k * 4 + c].0.as_ptr()) }
+                    });
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        let uk = _mm512_set1_ps(rows[r * rank + k]);
+                        for (a, &vkc) in acc_r.iter_mut().zip(&vk) {
+                            *a = _mm512_fmadd_ps(uk, vkc, *a);
+                        }
+                    }
+                }
+                // A tree of adds, so the running total is one dependent add per tile.
+                let a = acc
+                    .map(|r| _mm512_add_ps(_mm512_add_ps(r[0], r[1]), _mm512_add_ps(r[2], r[3])));
+                let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                total = _mm512_add_ps(total, sum);
+            }
+        }
+        _mm512_reduce_add_ps(total)
+    }
 
     use lorafs::dtype::DType;
 
@@ -242,56 +333,107 @@ struct Row {
     secs: (f64, f64),
     bytes: usize,
     flops: f64,
-    /// Median seconds of memcpy and of the convert-only pass, same dtype and threads.
+    /// Median seconds of memcpy (same dtype, threads and data) and of the convert-only pass
+    /// (the same, timed in turn with this case's runs).
     base: (f64, f64),
 }
 
-fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let wanted =
-        |label: &str| filters.is_empty() || filters.iter().all(|f| label.contains(f.as_str()));
-    let reps: usize = std::env::var("KERNEL_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
-    let kernels = Kernel::available();
-    eprintln!(
-        "kernels: {:?}; tensor {ROWS}x{COLS}; median of {reps} runs; {} CPUs; load average {}",
-        kernels.iter().map(|k| k.name()).collect::<Vec<_>>(),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        loadavg()
-    );
-    let mut table: Vec<Row> = Vec::new();
-    for dtype in DTYPES {
-        let bytes = ROWS * COLS * dtype.size();
-        let mut w = weights(dtype);
+/// One set of cases: a dtype, a thread count and the data they run over (`tensors` copies of
+/// the 4096 × 4096 tensor, one after the other, each merged once per run).
+struct Set {
+    dtype: DType,
+    threads: usize,
+    tensors: usize,
+}
+
+impl Set {
+    fn tag(&self) -> String {
+        let stream = if self.tensors > 1 { " stream" } else { "" };
+        format!("{} {}t{stream}", self.dtype.name(), self.threads)
+    }
+}
+
+struct Bench {
+    reps: usize,
+    filters: Vec<String>,
+    table: Vec<Row>,
+}
+
+impl Bench {
+    fn wanted(&self, label: &str) -> bool {
+        self.filters.is_empty() || self.filters.iter().all(|f| label.contains(f.as_str()))
+    }
+
+    fn push(
+        &mut self,
+        label: String,
+        secs: (f64, f64),
+        bytes: usize,
+        flops: f64,
+        base: (f64, f64),
+    ) {
+        eprintln!("{label:<34} {:>8.2} ms", secs.0 * 1e3);
+        self.table.push(Row {
+            label,
+            secs,
+            bytes,
+            flops,
+            base,
+        });
+    }
+
+    /// The baselines, the FMA-only bound and every kernel at every rank, on one set.
+    fn run(&mut self, set: &Set, kernels: &[Kernel]) {
+        let Set {
+            dtype,
+            threads,
+            tensors,
+        } = *set;
+        let tag = set.tag();
+        let reps = self.reps;
+        let one = weights(dtype);
+        let bytes = one.len() * tensors;
+        let mut w = one.repeat(tensors);
+        drop(one);
+        let tensor_bytes = bytes / tensors;
         let row_bytes = COLS * dtype.size();
-        for threads in THREADS {
-            let tag = format!("{} {}t", dtype.name(), threads);
-            // A memcpy of the same bytes into a second buffer, split the same way.
-            let mut dst = vec![0u8; bytes];
-            wait_idle();
-            let copy = time(reps, || {
-                let per = bytes / threads;
-                split_rows(&mut dst, per, threads, |i, d| {
-                    d.copy_from_slice(&w[i * per..i * per + d.len()])
+        // Each tensor split over the threads by rows, tensors one after the other.
+        let each = |w: &mut [u8], f: &(dyn Fn(usize, &mut [u8]) + Sync)| {
+            for t in w.chunks_mut(tensor_bytes) {
+                split_rows(t, row_bytes, threads, f);
+            }
+        };
+        // A memcpy of the same bytes into a second buffer, split the same way.
+        let mut dst = vec![0u8; bytes];
+        wait_idle();
+        let copy = time(reps, || {
+            for (t, d) in w.chunks(tensor_bytes).zip(dst.chunks_mut(tensor_bytes)) {
+                let per = tensor_bytes.div_ceil(threads);
+                split_rows(d, per, threads, |i, d| {
+                    d.copy_from_slice(&t[i * per..i * per + d.len()])
                 });
-                black_box(&mut dst);
-            });
-            drop(dst);
-            wait_idle();
-            let convert = time(reps, || {
-                split_rows(&mut w, row_bytes, threads, |_, d| convert_only(dtype, d));
-                black_box(&mut w);
-            });
+            }
+            black_box(&mut dst);
+        });
+        drop(dst);
+        let convert = |w: &mut [u8]| each(w, &|_, d| convert_only(dtype, d));
+        wait_idle();
+        let convert_secs = time(reps, || convert(&mut w));
+        let base = (copy.0, convert_secs.0);
+        self.push(format!("memcpy {tag}"), copy, bytes, 0.0, base);
+        self.push(
+            format!("convert-only {tag}"),
+            convert_secs,
+            bytes,
+            0.0,
+            base,
+        );
+        if tensors == 1 {
             // The same pass one element at a time with `DType::load`/`store` (the `half`
             // crate), for scale: what an unvectorised merge could at best reach.
             wait_idle();
-            let convert_scalar = time(reps, || {
-                split_rows(&mut w, row_bytes, threads, |_, d| {
+            let scalar = time(reps, || {
+                each(&mut w, &|_, d| {
                     for i in 0..d.len() / dtype.size() {
                         let x = dtype.load(d, i);
                         dtype.store(d, i, x);
@@ -299,53 +441,119 @@ fn main() {
                 });
                 black_box(&mut w);
             });
-            let base = (copy.0, convert.0);
-            for (label, secs) in [
-                (format!("memcpy {tag}"), copy),
-                (format!("convert-only {tag}"), convert),
-                (format!("convert-only scalar {tag}"), convert_scalar),
-            ] {
-                eprintln!("{label:<28} {:>8.2} ms", secs.0 * 1e3);
-                table.push(Row {
-                    label,
-                    secs,
-                    bytes,
-                    flops: 0.0,
-                    base,
-                });
-            }
-            for &rank in &RANKS {
-                // Small factors, so that the repeated in-place merges keep W in its range.
-                let f = Factors::new(
-                    ROWS,
-                    rank,
-                    COLS,
-                    values(ROWS * rank, 2, 0.01),
-                    values(rank * COLS, 3, 0.01),
-                );
-                for &kernel in &kernels {
-                    let label = format!("{} {tag} r{rank}", kernel.name());
-                    // The scalar reference (a software fma per element) only as a reference.
-                    if !wanted(&label) || (kernel == Kernel::Scalar && threads > 1) {
-                        continue;
-                    }
-                    let reps = if kernel == Kernel::Scalar { 3 } else { reps };
+            self.push(
+                format!("convert-only scalar {tag}"),
+                scalar,
+                bytes,
+                0.0,
+                base,
+            );
+        }
+        for &rank in &RANKS {
+            // Small factors, so that the repeated in-place merges keep W in its range.
+            let f = Factors::new(
+                ROWS,
+                rank,
+                COLS,
+                values(ROWS * rank, 2, 0.01),
+                values(rank * COLS, 3, 0.01),
+            );
+            let flops = 2.0 * (ROWS * COLS * rank * tensors) as f64;
+            let label = format!("fma-only {tag} r{rank}");
+            if tensors == 1 && self.wanted(&label) {
+                if let Some(fma) = fma_only(&f, threads) {
                     wait_idle();
-                    let secs = time(reps, || {
-                        split_rows(&mut w, row_bytes, threads, |row0, d| {
-                            kernel.merge(dtype, &f, row0, d)
-                        });
-                        black_box(&mut w);
-                    });
-                    eprintln!("{label:<28} {:>8.2} ms", secs.0 * 1e3);
-                    table.push(Row {
-                        label,
-                        secs,
-                        bytes,
-                        flops: 2.0 * (ROWS * COLS * rank) as f64,
-                        base,
-                    });
+                    let (secs, paired) = time_paired(reps, &mut w, convert, fma);
+                    self.push(label, secs, bytes, flops, (copy.0, paired));
                 }
+            }
+            for &kernel in kernels {
+                let label = format!("{} {tag} r{rank}", kernel.name());
+                // The scalar reference (a software fma per element) only as a reference.
+                if !self.wanted(&label) || (kernel == Kernel::Scalar && threads > 1) {
+                    continue;
+                }
+                let reps = if kernel == Kernel::Scalar { 3 } else { reps };
+                wait_idle();
+                let (secs, paired) = time_paired(reps, &mut w, convert, |w: &mut [u8]| {
+                    each(w, &|row0, d| kernel.merge(dtype, &f, row0, d))
+                });
+                self.push(label, secs, bytes, flops, (copy.0, paired));
+            }
+        }
+    }
+}
+
+/// The FMAs of the best kernel's register tile alone (no `W` loaded, rounded or stored) over
+/// the 4096 × 4096 tensor, rows split over `threads`: the compute floor of a merge at this
+/// rank. `None` without AVX-512. (The argument, `W`, is not touched.)
+#[allow(clippy::type_complexity)]
+fn fma_only(f: &Factors, threads: usize) -> Option<Box<dyn Fn(&mut [u8]) + '_>> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        let v = x86::Panels::new(f.rank, COLS);
+        return Some(Box::new(move |_: &mut [u8]| {
+            let per = ROWS.div_ceil(threads);
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let (u, v) = (&f.u[t * per * f.rank..(t + 1) * per * f.rank], &v);
+                    // SAFETY: avx512f was just detected.
+                    s.spawn(move || black_box(unsafe { x86::fma_only(u, f.rank, v) }));
+                }
+            });
+        }));
+    }
+    let _ = (f, threads);
+    None
+}
+
+fn main() {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let reps: usize = std::env::var("KERNEL_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let kernels = Kernel::available();
+    let best = *kernels
+        .last()
+        .expect("the scalar kernel is always available");
+    eprintln!(
+        "kernels: {:?}; tensor {ROWS}x{COLS}; streams of {STREAM_TENSORS}; median of {reps} runs; \
+         {} CPUs; load average {}",
+        kernels.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        loadavg()
+    );
+    let mut bench = Bench {
+        reps,
+        filters,
+        table: Vec::new(),
+    };
+    for dtype in DTYPES {
+        for threads in THREADS {
+            let set = Set {
+                dtype,
+                threads,
+                tensors: 1,
+            };
+            bench.run(&set, &kernels);
+        }
+    }
+    // The same with data much larger than the last-level cache, as when a model is merged
+    // from the page cache: the best kernel only.
+    for dtype in DTYPES {
+        for threads in THREADS {
+            let set = Set {
+                dtype,
+                threads,
+                tensors: STREAM_TENSORS,
+            };
+            // (Only with no filter or a `stream` filter: these sets are the slow ones.)
+            if bench.filters.is_empty() || bench.filters.iter().any(|f| f == "stream") {
+                bench.run(&set, &[best]);
             }
         }
     }
@@ -353,7 +561,7 @@ fn main() {
     println!();
     println!("| case | median ms | min ms | GB/s | GFLOP/s | vs memcpy | vs convert-only |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for r in &table {
+    for r in &bench.table {
         let (median, min) = r.secs;
         let gflops = if r.flops > 0.0 {
             format!("{:.1}", r.flops / median / 1e9)
