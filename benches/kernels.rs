@@ -14,7 +14,7 @@
 //! or with `stream` among them). `KERNEL_BENCH_REPS` sets the runs per case (default 15).
 //! GB/s counts the bytes of `W` merged (read and rewritten in place) per second; GFLOP/s is
 //! `2 · rows · cols · rank / time`. "vs memcpy" uses the median of the set's memcpy runs;
-//! "vs convert-only" that of a convert-only run timed before each run of the case, so a
+//! "vs convert-only" that of a block of convert-only runs timed just before the case's, so a
 //! machine that gets slower or faster between cases does not skew it. On a shared machine set `KERNEL_BENCH_IDLE=1` to wait for an idle CPU before each case.
 
 use std::hint::black_box;
@@ -66,31 +66,26 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
     (t[t.len() / 2], t[0])
 }
 
-/// Like [`time`] for `case`, with a run of `base` before each run of `case`: returns the
-/// (median, minimum) of `case` and the median of `base`. Ratios of paired medians are not
-/// skewed by the machine getting slower or faster between two blocks of runs.
-fn time_paired(
+/// [`time`] of `base`, then of `case`, on the same data: returns the (median, minimum) of
+/// `case` and the median of `base`. Ratios of the two are not skewed by the machine getting
+/// slower or faster between cases (a shared VM), and each block of runs starts with a warm-up
+/// run, so neither is timed just after the other. (Interleaving single runs was tried: the
+/// pass after a merge or an FMA-only run is then slower by up to 30%, a bias, not noise.)
+fn time_beside(
     reps: usize,
     data: &mut [u8],
     mut base: impl FnMut(&mut [u8]),
     mut case: impl FnMut(&mut [u8]),
 ) -> ((f64, f64), f64) {
-    let run = |f: &mut dyn FnMut(&mut [u8]), data: &mut [u8]| {
-        let start = Instant::now();
-        f(data);
+    let b = time(reps, || {
+        base(data);
         black_box(&mut *data);
-        start.elapsed().as_secs_f64()
-    };
-    run(&mut base, data);
-    run(&mut case, data);
-    let (mut b, mut c) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
-        b.push(run(&mut base, data));
-        c.push(run(&mut case, data));
-    }
-    b.sort_by(f64::total_cmp);
-    c.sort_by(f64::total_cmp);
-    ((c[c.len() / 2], c[0]), b[b.len() / 2])
+    });
+    let c = time(reps, || {
+        case(data);
+        black_box(&mut *data);
+    });
+    (c, b.0)
 }
 
 /// Busy and total jiffies of all CPUs, from `/proc/stat`.
@@ -334,7 +329,7 @@ struct Row {
     bytes: usize,
     flops: f64,
     /// Median seconds of memcpy (same dtype, threads and data) and of the convert-only pass
-    /// (the same, timed in turn with this case's runs).
+    /// (the same, timed just before this case).
     base: (f64, f64),
 }
 
@@ -463,8 +458,8 @@ impl Bench {
             if tensors == 1 && self.wanted(&label) {
                 if let Some(fma) = fma_only(&f, threads) {
                     wait_idle();
-                    let (secs, paired) = time_paired(reps, &mut w, convert, fma);
-                    self.push(label, secs, bytes, flops, (copy.0, paired));
+                    let (secs, convert_med) = time_beside(reps, &mut w, convert, fma);
+                    self.push(label, secs, bytes, flops, (copy.0, convert_med));
                 }
             }
             for &kernel in kernels {
@@ -475,10 +470,10 @@ impl Bench {
                 }
                 let reps = if kernel == Kernel::Scalar { 3 } else { reps };
                 wait_idle();
-                let (secs, paired) = time_paired(reps, &mut w, convert, |w: &mut [u8]| {
+                let (secs, convert_med) = time_beside(reps, &mut w, convert, |w: &mut [u8]| {
                     each(w, &|row0, d| kernel.merge(dtype, &f, row0, d))
                 });
-                self.push(label, secs, bytes, flops, (copy.0, paired));
+                self.push(label, secs, bytes, flops, (copy.0, convert_med));
             }
         }
     }
