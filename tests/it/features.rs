@@ -54,6 +54,26 @@ fn t(name: &str, dtype: Dtype, shape: &[usize], values: Vec<f64>) -> Tensor {
     }
 }
 
+/// `lora_A` of `module`: `rank × fan_in`, F32.
+fn lora_a(module: &str, rank: usize, fan_in: usize, values: Vec<f64>) -> Tensor {
+    t(
+        &format!("{P}{module}.lora_A.weight"),
+        Dtype::F32,
+        &[rank, fan_in],
+        values,
+    )
+}
+
+/// `lora_B` of `module`: `fan_out × rank`, F32.
+fn lora_b(module: &str, fan_out: usize, rank: usize, values: Vec<f64>) -> Tensor {
+    t(
+        &format!("{P}{module}.lora_B.weight"),
+        Dtype::F32,
+        &[fan_out, rank],
+        values,
+    )
+}
+
 fn rounded(dtype: Dtype, v: &[f64]) -> Vec<f64> {
     decode(dtype, &encode(dtype, v))
 }
@@ -134,18 +154,8 @@ fn replacements_same_shape_with_lora_on_top() {
                 &[h],
                 norm.clone(),
             ),
-            t(
-                &format!("{P}{q}.lora_A.weight"),
-                Dtype::F32,
-                &[4, h],
-                a.clone(),
-            ),
-            t(
-                &format!("{P}{q}.lora_B.weight"),
-                Dtype::F32,
-                &[h, 4],
-                b.clone(),
-            ),
+            lora_a(q, 4, h, a.clone()),
+            lora_b(q, h, 4, b.clone()),
         ],
     );
     let out = tmp.path().join("out");
@@ -212,18 +222,8 @@ fn resized_vocabulary_regenerates_header_index_and_config() {
                 &[v2, h],
                 head.clone(),
             ),
-            t(
-                &format!("{P}lm_head.lora_A.weight"),
-                Dtype::F32,
-                &[4, h],
-                a.clone(),
-            ),
-            t(
-                &format!("{P}lm_head.lora_B.weight"),
-                Dtype::F32,
-                &[v2, 4],
-                b.clone(),
-            ),
+            lora_a("lm_head", 4, h, a.clone()),
+            lora_b("lm_head", v2, 4, b.clone()),
         ],
     );
     std::fs::write(adir.join("tokenizer.json"), b"{\"added\": true}").unwrap();
@@ -320,18 +320,8 @@ fn lora_bias_adds_scaled_bias_and_trained_biases_replace() {
     write_safetensors(
         &adir.join("adapter_model.safetensors"),
         &[
-            t(
-                &format!("{P}{q}.lora_A.weight"),
-                Dtype::F32,
-                &[4, h],
-                a.clone(),
-            ),
-            t(
-                &format!("{P}{q}.lora_B.weight"),
-                Dtype::F32,
-                &[h, 4],
-                b.clone(),
-            ),
+            lora_a(q, 4, h, a.clone()),
+            lora_b(q, h, 4, b.clone()),
             t(&format!("{P}{q}.lora_B.bias"), Dtype::F32, &[h], lb.clone()),
             t(&format!("{P}{k}.bias"), Dtype::F32, &[spec.kv], kb.clone()),
         ],
@@ -383,8 +373,8 @@ fn trainable_tokens_replace_rows() {
                 &[indices.len(), h],
                 delta.clone(),
             ),
-            t(&format!("{P}{q}.lora_A.weight"), Dtype::F32, &[4, h], a),
-            t(&format!("{P}{q}.lora_B.weight"), Dtype::F32, &[h, 4], b),
+            lora_a(q, 4, h, a),
+            lora_b(q, h, 4, b),
         ],
     );
     let out = tmp.path().join("out");
@@ -424,18 +414,8 @@ fn dora_rescales_rows() {
         write_safetensors(
             &adir.join("adapter_model.safetensors"),
             &[
-                t(
-                    &format!("{P}{m}.lora_A.weight"),
-                    Dtype::F32,
-                    &[4, i],
-                    a.clone(),
-                ),
-                t(
-                    &format!("{P}{m}.lora_B.weight"),
-                    Dtype::F32,
-                    &[h, 4],
-                    b.clone(),
-                ),
+                lora_a(m, 4, i, a.clone()),
+                lora_b(m, h, 4, b.clone()),
                 t(
                     &format!("{P}{m}.lora_magnitude_vector"),
                     Dtype::F32,
@@ -517,18 +497,8 @@ fn refusals_name_the_feature() {
         let _ = std::fs::remove_dir_all(&adir);
         write_config(&adir, &config(extra));
         let mut tensors = vec![
-            t(
-                &format!("{P}{q}.lora_A.weight"),
-                Dtype::F32,
-                &[4, h],
-                vec![0.1; 4 * h],
-            ),
-            t(
-                &format!("{P}{q}.lora_B.weight"),
-                Dtype::F32,
-                &[h, 4],
-                vec![0.1; 4 * h],
-            ),
+            lora_a(q, 4, h, vec![0.1; 4 * h]),
+            lora_b(q, h, 4, vec![0.1; 4 * h]),
         ];
         tensors.extend(extra_tensors);
         write_safetensors(&adir.join("adapter_model.safetensors"), &tensors);
