@@ -1,6 +1,6 @@
 //! Merge-kernel throughput on one 4096 × 4096 tensor, next to the passes that bound it: a
 //! plain memcpy of the same bytes, a "convert-only" pass (widen to f32 and round back, in
-//! place, with the kernels' own rounding and NaN handling, best SIMD available) and, on
+//! place, with the kernels' own rounding and NaN handling, AVX-512 where the CPU has it, else one element at a time) and, on
 //! AVX-512 machines, "fma-only": the best kernel's register tile doing its FMAs without
 //! touching `W`, the compute floor of a merge at that rank.
 //!
@@ -155,16 +155,16 @@ fn split_rows(
 /// using the same instructions as the best kernel.
 fn convert_only(dtype: DType, data: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512dq")
-        && data.len().is_multiple_of(64)
-    {
-        let native_bf16 = is_x86_feature_detected!("avx512bf16");
+    if Kernel::Avx512.is_supported() && data.len().is_multiple_of(64) {
+        let native_bf16 = Kernel::Avx512Bf16.is_supported();
         // SAFETY: the features were just detected; the length is a whole number of vectors.
         return unsafe { x86::convert_avx512(dtype, data, native_bf16) };
     }
+    convert_scalar(dtype, data);
+}
+
+/// The same pass one element at a time with `DType::load`/`store` (the `half` crate).
+fn convert_scalar(dtype: DType, data: &mut [u8]) {
     for i in 0..data.len() / dtype.size() {
         let x = dtype.load(data, i);
         dtype.store(data, i, x);
@@ -249,7 +249,8 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn canonical_nan(x: __m512) -> __m512 {
-        let canonical = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC0_0000));
+        let canonical =
+            _mm512_castsi512_ps(_mm512_set1_epi32(lorafs::dtype::CANONICAL_NAN_F32 as i32));
         _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), canonical)
     }
 
@@ -424,16 +425,10 @@ impl Bench {
             base,
         );
         if tensors == 1 {
-            // The same pass one element at a time with `DType::load`/`store` (the `half`
-            // crate), for scale: what an unvectorised merge could at best reach.
+            // For scale: what an unvectorised merge could at best reach.
             wait_idle();
             let scalar = time(reps, || {
-                each(&mut w, &|_, d| {
-                    for i in 0..d.len() / dtype.size() {
-                        let x = dtype.load(d, i);
-                        dtype.store(d, i, x);
-                    }
-                });
+                each(&mut w, &|_, d| convert_scalar(dtype, d));
                 black_box(&mut w);
             });
             self.push(
@@ -485,14 +480,14 @@ impl Bench {
 #[allow(clippy::type_complexity)]
 fn fma_only(f: &Factors, threads: usize) -> Option<Box<dyn Fn(&mut [u8]) + '_>> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if Kernel::Avx512.is_supported() {
         let v = x86::Panels::new(f.rank, COLS);
         return Some(Box::new(move |_: &mut [u8]| {
             let per = ROWS.div_ceil(threads);
             std::thread::scope(|s| {
                 for t in 0..threads {
                     let (u, v) = (&f.u[t * per * f.rank..(t + 1) * per * f.rank], &v);
-                    // SAFETY: avx512f was just detected.
+                    // SAFETY: AVX-512 support was just checked.
                     s.spawn(move || black_box(unsafe { x86::fma_only(u, f.rank, v) }));
                 }
             });

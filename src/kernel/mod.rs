@@ -206,7 +206,7 @@ struct Line([f32; 16]);
 const _: () = assert!(std::mem::size_of::<Line>() == 64 && PANEL.is_multiple_of(16));
 
 /// `V` packed in column panels: element `(k, p·PANEL + c)` is at `(p·rank + k)·PANEL + c`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct PackedV {
     lines: Vec<Line>,
 }
@@ -278,6 +278,18 @@ impl Factors {
     #[inline]
     pub fn v(&self, k: usize, j: usize) -> f32 {
         self.packed.as_slice()[((j / PANEL) * self.rank + k) * PANEL + j % PANEL]
+    }
+
+    /// Column `j` of `V`: `V[k, j]` for `k` in `0 .. rank`, in order.
+    #[inline]
+    pub fn v_column(&self, j: usize) -> impl Iterator<Item = f32> + '_ {
+        let start = ((j / PANEL) * self.rank) * PANEL + j % PANEL;
+        let packed = self.packed.as_slice();
+        packed[start.min(packed.len())..]
+            .iter()
+            .step_by(PANEL)
+            .take(self.rank)
+            .copied()
     }
 
     /// Bytes held by the factors (for memory accounting).
@@ -380,24 +392,32 @@ impl Kernel {
     pub fn selected() -> Kernel {
         static SELECTED: OnceLock<Kernel> = OnceLock::new();
         *SELECTED.get_or_init(|| {
-            let available = Kernel::available();
-            let best = *available
-                .last()
-                .expect("the scalar kernel is always available");
-            match std::env::var("LORAFS_KERNEL") {
-                Ok(name) if !name.is_empty() => match available.iter().find(|k| k.name() == name) {
-                    Some(&k) => k,
-                    None => {
-                        log::warn!(
-                            "LORAFS_KERNEL={name} is not available on this CPU; using {}",
-                            best.name()
-                        );
-                        best
-                    }
-                },
-                _ => best,
-            }
+            Kernel::choose(
+                &Kernel::available(),
+                std::env::var("LORAFS_KERNEL").ok().as_deref(),
+            )
         })
+    }
+
+    /// The kernel named `requested` if it is in `available`, else the best (last) of
+    /// `available`, with a warning when a name was given but cannot be used.
+    fn choose(available: &[Kernel], requested: Option<&str>) -> Kernel {
+        let best = *available
+            .last()
+            .expect("the scalar kernel is always available");
+        match requested {
+            Some(name) if !name.is_empty() => match available.iter().find(|k| k.name() == name) {
+                Some(&k) => k,
+                None => {
+                    log::warn!(
+                        "LORAFS_KERNEL={name} is not available on this CPU; using {}",
+                        best.name()
+                    );
+                    best
+                }
+            },
+            _ => best,
+        }
     }
 
     /// Merge rows `row0 .. row0 + n` of a tensor in place: `data` holds those rows of `W`
@@ -478,5 +498,22 @@ impl<'a> Job<'a> {
             n,
             row_bytes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Kernel::{self, Avx2, Scalar};
+
+    #[test]
+    fn choose_takes_the_requested_kernel_if_available_else_the_best() {
+        let available = [Scalar, Avx2];
+        assert_eq!(Kernel::choose(&available, None), Avx2);
+        assert_eq!(Kernel::choose(&available, Some("")), Avx2);
+        assert_eq!(Kernel::choose(&available, Some("scalar")), Scalar);
+        assert_eq!(Kernel::choose(&available, Some("avx2")), Avx2);
+        assert_eq!(Kernel::choose(&available, Some("neon")), Avx2);
+        assert_eq!(Kernel::choose(&available, Some("bogus")), Avx2);
+        assert_eq!(Kernel::choose(&[Scalar], Some("avx512")), Scalar);
     }
 }

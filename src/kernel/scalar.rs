@@ -9,8 +9,8 @@ pub fn merge(dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
         let u = &f.u[(row0 + r) * f.rank..(row0 + r + 1) * f.rank];
         for j in 0..f.cols {
             let mut acc = 0.0f32;
-            for (k, &uk) in u.iter().enumerate() {
-                acc = uk.mul_add(f.v(k, j), acc);
+            for (&uk, vk) in u.iter().zip(f.v_column(j)) {
+                acc = uk.mul_add(vk, acc);
             }
             let e = r * f.cols + j;
             let w = dtype.load(data, e);
