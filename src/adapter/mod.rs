@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use safetensors::SafeTensors;
 
 use crate::dtype::{to_f32_vec, DType};
 use crate::error::{Error, Result};
@@ -161,10 +160,6 @@ impl Adapter {
         // SAFETY: read-only map of an input file that must not change while lorafs runs;
         // everything needed is copied out before the map is dropped.
         let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::io(&file, e))?;
-        let tensors = SafeTensors::deserialize(&map).map_err(|e| Error::BadSafetensors {
-            path: file.clone(),
-            what: e.to_string(),
-        })?;
 
         let mut halves: BTreeMap<(String, bool), (Option<Factor>, Option<Factor>)> =
             BTreeMap::new();
@@ -176,11 +171,7 @@ impl Adapter {
         // File order, so that messages and `inspect` follow the adapter file.
         for entry in &layout.tensors {
             let key = &entry.name;
-            let view = tensors.tensor(key).map_err(|e| Error::BadSafetensors {
-                path: file.clone(),
-                what: e.to_string(),
-            })?;
-            num_params += view.shape().iter().product::<usize>();
+            num_params += entry.numel();
             let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
             let role = classify(name).ok_or_else(|| unsupported_key(&file, key, name))?;
             if let Role::Replace(target) = role {
@@ -194,61 +185,57 @@ impl Adapter {
                 });
                 continue;
             }
-            let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+            let dtype = DType::from_safetensors(entry.dtype).ok_or_else(|| {
                 Error::tensor(
                     &file,
                     key,
                     format!(
                         "dtype {:?} is not supported (F16, BF16 or F32)",
-                        view.dtype()
+                        entry.dtype
                     ),
                 )
             })?;
-            let shape = view.shape();
-            let data = to_f32_vec(dtype, view.data());
-            let vector = |what: &str| -> Result<Factor> {
-                if shape.len() != 1 {
-                    return Err(Error::tensor(
-                        &file,
-                        key,
-                        format!("expected a 1-D {what}, found shape {shape:?}"),
-                    ));
-                }
-                Ok(Factor {
-                    key: key.clone(),
-                    rows: 1,
-                    cols: shape[0],
-                    data: data.clone(),
-                })
+            let shape = &entry.shape;
+            let (dims, what) = match role {
+                Role::LoraBias(_) => (1, "lora_B bias"),
+                Role::Magnitude(_) => (1, "DoRA magnitude vector"),
+                Role::Tokens(_) => (2, "trainable tokens delta"),
+                Role::Factor(..) | Role::Replace(_) => (2, "LoRA factor"),
             };
-            let matrix = |what: &str| -> Result<Factor> {
-                if shape.len() > 2 && what == "LoRA factor" {
-                    return Err(Error::unsupported(
-                        &file,
-                        format!(
-                            "`{key}` has shape {shape:?}: LoRA on a convolution (nn.Conv1d/2d/3d) \
-                             is not supported by lorafs (and with groups > 1 it cannot be merged \
-                             as a low-rank delta at all); merge it with PEFT"
-                        ),
-                    ));
-                }
-                if shape.len() != 2 {
-                    return Err(Error::tensor(
-                        &file,
-                        key,
-                        format!("expected a 2-D {what}, found shape {shape:?}"),
-                    ));
-                }
-                Ok(Factor {
-                    key: key.clone(),
-                    rows: shape[0],
-                    cols: shape[1],
-                    data: data.clone(),
-                })
+            if matches!(role, Role::Factor(..)) && shape.len() > 2 {
+                return Err(Error::unsupported(
+                    &file,
+                    format!(
+                        "`{key}` has shape {shape:?}: LoRA on a convolution (nn.Conv1d/2d/3d) \
+                         is not supported by lorafs (and with groups > 1 it cannot be merged \
+                         as a low-rank delta at all); merge it with PEFT"
+                    ),
+                ));
+            }
+            if shape.len() != dims {
+                return Err(Error::tensor(
+                    &file,
+                    key,
+                    format!("expected a {dims}-D {what}, found shape {shape:?}"),
+                ));
+            }
+            let bytes = usize::try_from(entry.offset)
+                .ok()
+                .and_then(|start| map.get(start..start + entry.len as usize))
+                .ok_or_else(|| Error::tensor(&file, key, "the file changed while being read"))?;
+            let (rows, cols) = if dims == 1 {
+                (1, shape[0])
+            } else {
+                (shape[0], shape[1])
+            };
+            let factor = Factor {
+                key: key.clone(),
+                rows,
+                cols,
+                data: to_f32_vec(dtype, bytes),
             };
             match role {
                 Role::Factor(module, part, embedding) => {
-                    let factor = matrix("LoRA factor")?;
                     let slot = halves.entry((module.to_string(), embedding)).or_default();
                     match part {
                         Part::A => slot.0 = Some(factor),
@@ -256,13 +243,13 @@ impl Adapter {
                     }
                 }
                 Role::LoraBias(module) => {
-                    lora_biases.insert(module.to_string(), vector("lora_B bias")?);
+                    lora_biases.insert(module.to_string(), factor);
                 }
                 Role::Magnitude(module) => {
-                    magnitudes.insert(module.to_string(), vector("DoRA magnitude vector")?);
+                    magnitudes.insert(module.to_string(), factor);
                 }
                 Role::Tokens(module) => {
-                    token_deltas.insert(module.to_string(), matrix("trainable tokens delta")?);
+                    token_deltas.insert(module.to_string(), factor);
                 }
                 Role::Replace(_) => unreachable!("handled above"),
             }
