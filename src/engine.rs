@@ -19,7 +19,7 @@ use crate::baseio::InputFile;
 use crate::cache::{Block, BlockCache};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
-use crate::model::BaseModel;
+use crate::model::{BaseModel, INDEX_FILE};
 use crate::plan::{Input, MergePlan, TensorMerge, WSource};
 
 /// Merged blocks hold whole rows, about this many bytes: big enough that per-block overhead
@@ -503,8 +503,6 @@ fn passthrough(rel: &Path, path: &Path) -> Result<VirtualFile> {
         .collect(),
     })
 }
-
-const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// `model.safetensors.index.json` with `metadata.total_size` changed by `delta` bytes.
 fn rewrite_index(path: &Path, delta: i64) -> Result<Vec<u8>> {

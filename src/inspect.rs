@@ -50,21 +50,13 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
             .collect();
         let _ = writeln!(s, "  scales applied     {}", scales.join(", "));
         let _ = writeln!(s, "  target modules     {}", a.target_modules);
-        if !a.alpha_pattern.is_empty() {
-            let p: Vec<String> = a
-                .alpha_pattern
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let _ = writeln!(s, "  alpha_pattern      {}", p.join(", "));
-        }
-        if !a.rank_pattern.is_empty() {
-            let p: Vec<String> = a
-                .rank_pattern
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let _ = writeln!(s, "  rank_pattern       {}", p.join(", "));
+        for (label, pairs) in [
+            ("alpha_pattern", pairs(&a.alpha_pattern)),
+            ("rank_pattern", pairs(&a.rank_pattern)),
+        ] {
+            if !pairs.is_empty() {
+                let _ = writeln!(s, "  {label:<18} {}", pairs.join(", "));
+            }
         }
         if let Some(b) = &a.base_model {
             let _ = writeln!(s, "  trained on         {b}");
@@ -201,4 +193,9 @@ fn yes(b: bool) -> &'static str {
     } else {
         "no"
     }
+}
+
+/// `key=value` for each pattern, in order.
+fn pairs<T: std::fmt::Display>(patterns: &[(String, T)]) -> Vec<String> {
+    patterns.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }

@@ -8,7 +8,8 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
-const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The shard index of a sharded model.
+pub(crate) const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Directory depth beyond which the walk gives up (a symlink loop, most likely).
 const MAX_DEPTH: usize = 32;
@@ -83,16 +84,12 @@ impl BaseModel {
             None => None,
         };
         let mut tensors = HashMap::new();
-        for (li, layout) in layouts.iter().enumerate() {
-            let rel = files
-                .iter()
-                .find(|f| f.layout == Some(li))
-                .map(|f| f.rel.clone())
-                .unwrap();
+        for (li, rel) in files.iter().filter_map(|f| Some((f.layout?, &f.rel))) {
+            let layout = &layouts[li];
             for (ti, t) in layout.tensors.iter().enumerate() {
                 if let Some(map) = &weight_map {
                     // With an index, the index decides which file holds a tensor.
-                    if map.get(&t.name).map(PathBuf::from) != Some(rel.clone()) {
+                    if map.get(&t.name).map(Path::new) != Some(rel.as_path()) {
                         continue;
                     }
                 }

@@ -21,11 +21,6 @@ pub struct AdapterConfig {
     pub target_modules: Option<Value>,
     pub base_model_name_or_path: Option<String>,
     pub use_dora: bool,
-    pub lora_bias: bool,
-    /// `bias`: "none", "all" or "lora_only" (trained biases are saved as plain tensors).
-    pub bias: String,
-    /// `modules_to_save` as written (the saved tensors are what counts).
-    pub modules_to_save: Vec<String>,
     /// `trainable_token_indices`: a list (for the input embedding) or {module: list}.
     pub trainable_token_indices: Option<Value>,
 }
@@ -62,9 +57,13 @@ struct Raw {
     use_qalora: bool,
     #[serde(default)]
     arrow_config: Option<Value>,
+    // `lora_bias` and `modules_to_save` are only type-checked: the saved tensors are what
+    // counts (`lora_B.bias`, `modules_to_save.*` keys).
     #[serde(default)]
+    #[allow(dead_code)]
     lora_bias: bool,
     #[serde(default)]
+    #[allow(dead_code)]
     modules_to_save: Option<Value>,
     #[serde(default)]
     trainable_token_indices: Option<Value>,
@@ -83,8 +82,7 @@ impl AdapterConfig {
         if !value.is_object() {
             return Err(Error::config(path, "expected a JSON object"));
         }
-        let raw: Raw = serde_json::from_value(value.clone())
-            .map_err(|e| Error::config(path, e.to_string()))?;
+        let raw = Raw::deserialize(&value).map_err(|e| Error::config(path, e.to_string()))?;
         let refuse = |what: String| Err(Error::unsupported(path, what));
 
         match raw.peft_type.as_deref() {
@@ -101,14 +99,14 @@ impl AdapterConfig {
                 ))
             }
         }
-        if is_set(&raw.alora_invocation_tokens) {
+        if is_set(raw.alora_invocation_tokens.as_ref()) {
             return refuse(
                 "aLoRA (alora_invocation_tokens) activates only after the invocation tokens, \
                  so it has no merged equivalent"
                     .into(),
             );
         }
-        if is_set(&raw.arrow_config) {
+        if is_set(raw.arrow_config.as_ref()) {
             return refuse(
                 "Arrow routing picks adapters per token, so it has no merged equivalent".into(),
             );
@@ -117,13 +115,13 @@ impl AdapterConfig {
             return refuse("QALoRA adapters need a quantized base; merge them with PEFT".into());
         }
         if value.get("use_kasa").and_then(Value::as_bool) == Some(true)
-            || is_set(&value.get("kasa_config").cloned())
+            || is_set(value.get("kasa_config"))
         {
             return refuse(
                 "KaSA modifies the base weights' singular values; lorafs does not merge it".into(),
             );
         }
-        if is_set(&raw.layer_replication) {
+        if is_set(raw.layer_replication.as_ref()) {
             return refuse(
                 "layer_replication changes the number of layers, not their values".into(),
             );
@@ -145,14 +143,14 @@ impl AdapterConfig {
             ("velora_config", "VeLoRA (velora_config)"),
             ("monteclora_config", "MonteCLoRA (monteclora_config)"),
         ] {
-            if is_set(&value.get(field).cloned()) {
+            if is_set(value.get(field)) {
                 return refuse(format!(
                     "{name} is a LoRA variant lorafs does not merge; merge it with PEFT"
                 ));
             }
         }
         if let Some(indices) = &raw.trainable_token_indices {
-            if is_set(&Some(indices.clone())) && token_lists(indices).is_none() {
+            if is_set(Some(indices)) && token_lists(indices).is_none() {
                 return Err(Error::config(
                     path,
                     "trainable_token_indices must be a list of token ids or an object {module: [ids]}",
@@ -167,18 +165,6 @@ impl AdapterConfig {
                 ));
             }
         }
-        let modules_to_save = match &raw.modules_to_save {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string())
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-
         if raw.r == 0 {
             return Err(Error::config(path, "r is 0"));
         }
@@ -198,12 +184,7 @@ impl AdapterConfig {
             target_modules: raw.target_modules,
             base_model_name_or_path: raw.base_model_name_or_path,
             use_dora: raw.use_dora,
-            lora_bias: raw.lora_bias,
-            bias: raw.bias.unwrap_or_else(|| "none".into()),
-            modules_to_save,
-            trainable_token_indices: raw
-                .trainable_token_indices
-                .filter(|v| is_set(&Some(v.clone()))),
+            trainable_token_indices: raw.trainable_token_indices.filter(|v| is_set(Some(v))),
         })
     }
 
@@ -289,7 +270,7 @@ fn token_lists(value: &Value) -> Option<()> {
     }
 }
 
-fn is_set(value: &Option<Value>) -> bool {
+fn is_set(value: Option<&Value>) -> bool {
     match value {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Array(a)) => !a.is_empty(),

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-
 use crate::dtype::{to_f32_vec, DType};
 use crate::error::{Error, Result};
 use crate::layout::Layout;

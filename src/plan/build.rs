@@ -299,8 +299,6 @@ impl<'a> Planner<'a> {
             p.replaced = Some(ReplacedBy {
                 adapter: ai,
                 key: r.key.clone(),
-                shape: r.shape.clone(),
-                dtype: src,
             });
             tally.features.replacements.push((
                 r.key.clone(),
@@ -459,22 +457,17 @@ impl<'a> Planner<'a> {
         for (module, bias) in &adapter.lora_biases {
             let factors = &adapter.modules[module];
             let target = format!("{module}.bias");
-            let (loc, _) = self
-                .base
-                .tensors
-                .get(&target)
-                .map(|&l| (l, false))
-                .ok_or_else(|| {
-                    Error::tensor(
-                        &adapter.file,
-                        &bias.key,
-                        format!(
-                            "lora_bias needs base tensor `{target}`, which {} does not have \
+            let loc = *self.base.tensors.get(&target).ok_or_else(|| {
+                Error::tensor(
+                    &adapter.file,
+                    &bias.key,
+                    format!(
+                        "lora_bias needs base tensor `{target}`, which {} does not have \
                          (PEFT cannot merge lora_bias into a layer without a bias either)",
-                            self.base.dir.display()
-                        ),
-                    )
-                })?;
+                        self.base.dir.display()
+                    ),
+                )
+            })?;
             let dtype = self.base_dtype(loc, &target)?;
             let p = self.slot(loc, dtype);
             if view(&p.shape) != (1, bias.cols) {

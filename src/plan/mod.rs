@@ -68,8 +68,6 @@ pub struct WSource {
 pub struct ReplacedBy {
     pub adapter: usize,
     pub key: String,
-    pub shape: Vec<usize>,
-    pub dtype: DType,
 }
 
 /// One term of a DoRA tensor's sequence: ranks `offset .. offset + rank` of the factors, and
