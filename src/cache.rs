@@ -86,7 +86,8 @@ impl BlockCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A zeroed buffer of `len` bytes for a new block, recycled from an evicted one if possible.
+    /// A buffer of `len` bytes for a new block, recycled from an evicted one if possible. Its
+    /// contents are unspecified: the caller overwrites all of it.
     pub fn buffer(&self, len: usize) -> Vec<u8> {
         let recycled = {
             let mut inner = self.lock();
@@ -98,7 +99,7 @@ impl BlockCache {
             })
         };
         let mut buffer = recycled.unwrap_or_default();
-        buffer.clear();
+        buffer.truncate(len);
         buffer.resize(len, 0);
         buffer
     }

@@ -130,51 +130,27 @@ impl Engine {
             .map(|a| InputFile::open(&a.file))
             .collect::<Result<Vec<_>>>()?;
         let mut files = Vec::with_capacity(base.files.len());
-        // Size change of each safetensors file (a resized tensor changes its header and data).
-        let mut size_delta: i64 = 0;
+        // Change of the safetensors files' data (tensor bytes): a resized tensor changes it.
         let mut data_delta: i64 = 0;
         for file in &base.files {
-            if let Some(extra) = plan.extra_files.get(&file.rel) {
-                files.push(passthrough(&file.rel, extra)?);
-                continue;
+            let extra = plan.extra_files.get(&file.rel);
+            let mut vf = passthrough(&file.rel, extra.unwrap_or(&file.path))?;
+            if let (Some(li), None) = (file.layout, extra) {
+                let (segments, size, delta) = safetensors_segments(&base, li, &plan)?;
+                (vf.segments, vf.size) = (segments, size);
+                data_delta += delta;
             }
-            let handle = InputFile::open(&file.path)?;
-            let (segments, size) = match file.layout {
-                None => (
-                    vec![Segment {
-                        start: 0,
-                        len: file.size,
-                        source: Source::Base { offset: 0 },
-                    }],
-                    file.size,
-                ),
-                Some(li) => {
-                    let (segments, size, data) = safetensors_segments(&base, li, &plan)?;
-                    let layout = &base.layouts[li];
-                    size_delta += size as i64 - file.size as i64;
-                    data_delta +=
-                        data as i64 - layout.tensors.iter().map(|t| t.len).sum::<u64>() as i64;
-                    (segments, size)
-                }
-            };
-            files.push(VirtualFile {
-                rel: file.rel.clone(),
-                size,
-                base_path: file.path.clone(),
-                base: handle,
-                segments,
-            });
+            files.push(vf);
         }
         // Files derived from the changes: the shard index (total_size) and config.json
         // (vocab_size) when a resized tensor changes them.
         for vf in &mut files {
-            let rewritten = if vf.rel == Path::new(INDEX_FILE) && size_delta != 0 {
+            let rewritten = if vf.rel == Path::new(INDEX_FILE) && data_delta != 0 {
                 Some(rewrite_index(&vf.base_path, data_delta)?)
             } else if vf.rel == Path::new("config.json") {
-                match plan.vocab {
-                    Some((old, new)) => Some(rewrite_config(&vf.base_path, old, new)?),
-                    None => None,
-                }
+                plan.vocab.map(|(old, new)| {
+                    rewrite_config(base.config.clone().unwrap_or_default(), old, new)
+                })
             } else {
                 None
             };
@@ -185,7 +161,6 @@ impl Engine {
                     len: vf.size,
                     source: Source::Bytes(Arc::from(bytes)),
                 }];
-                vf.segments.retain(|s| s.len > 0);
             }
         }
         for (rel, path) in &plan.extra_files {
@@ -260,8 +235,13 @@ impl Engine {
         Ok(len)
     }
 
+    /// Bytes of one block of `m` (all blocks but the last of a tensor).
+    fn block_bytes(m: &TensorMerge) -> u64 {
+        (Self::block_rows(m) * m.row_bytes()) as u64
+    }
+
     /// Rows per block of a merged tensor.
-    pub fn block_rows(m: &TensorMerge) -> usize {
+    fn block_rows(m: &TensorMerge) -> usize {
         (BLOCK_BYTES / m.row_bytes().max(1)).max(1)
     }
 
@@ -275,7 +255,7 @@ impl Engine {
         out: &mut [u8],
     ) -> Result<()> {
         let m = &self.plan.merges[merge];
-        let block_bytes = (Self::block_rows(m) * m.row_bytes()) as u64;
+        let block_bytes = Self::block_bytes(m);
         let first = within / block_bytes;
         let last = (within + out.len() as u64 - 1) / block_bytes;
         let get = |b: u64| self.block(vf, merge, b as usize);
@@ -373,7 +353,7 @@ impl Engine {
                 continue;
             };
             let m = &self.plan.merges[merge];
-            let block_bytes = (Self::block_rows(m) * m.row_bytes()) as u64;
+            let block_bytes = Self::block_bytes(m);
             let lo = offset.max(seg.start) - seg.start;
             let hi = end.min(seg.start + seg.len) - seg.start;
             for b in lo / block_bytes..hi.div_ceil(block_bytes) {
@@ -398,7 +378,7 @@ impl Engine {
         vf.base.read_exact_at(buf, offset, self.direct_base_reads)
     }
 
-    /// Total bytes of the base's files.
+    /// Total bytes of the merged directory's files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
@@ -406,13 +386,13 @@ impl Engine {
 
 /// The segments of a safetensors file: its header, then its tensors in file order, runs of
 /// untouched tensors joined into one pass-through segment. Returns them with the file's size
-/// and the size of its data (tensor bytes). When a replaced tensor has another shape, the
+/// and the change in the size of its data (tensor bytes). When a replaced tensor has another shape, the
 /// header is regenerated and the tensors after it move.
 fn safetensors_segments(
     base: &BaseModel,
     li: usize,
     plan: &MergePlan,
-) -> Result<(Vec<Segment>, u64, u64)> {
+) -> Result<(Vec<Segment>, u64, i64)> {
     let layout = &base.layouts[li];
     let merge_of = |ti: usize| {
         plan.merges
@@ -477,11 +457,12 @@ fn safetensors_segments(
     }
     segments.retain(|s| s.len > 0);
     let data: u64 = ranges.iter().map(|r| r.1).sum();
+    let before: u64 = layout.tensors.iter().map(|t| t.len).sum();
     let size = ranges
         .last()
         .map(|&(o, l)| o + l)
         .unwrap_or(segments.first().map_or(0, |s| s.len));
-    Ok((segments, size, data))
+    Ok((segments, size, data as i64 - before as i64))
 }
 
 /// A file served unchanged from `path` (a base file, or an adapter's tokenizer file).
@@ -497,10 +478,7 @@ fn passthrough(rel: &Path, path: &Path) -> Result<VirtualFile> {
             start: 0,
             len: size,
             source: Source::Base { offset: 0 },
-        }]
-        .into_iter()
-        .filter(|s| s.len > 0)
-        .collect(),
+        }],
     })
 }
 
@@ -520,10 +498,9 @@ fn rewrite_index(path: &Path, delta: i64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// `config.json` with `vocab_size` (top level, and in a `text_config`) set to `new` where it
-/// was `old`.
-fn rewrite_config(path: &Path, old: usize, new: usize) -> Result<Vec<u8>> {
-    let mut config: serde_json::Value = crate::error::read_json(path)?;
+/// The base's `config.json` with `vocab_size` (top level, and in a `text_config`) set to
+/// `new` where it was `old`.
+fn rewrite_config(mut config: serde_json::Value, old: usize, new: usize) -> Vec<u8> {
     let set = |v: &mut serde_json::Value| {
         if let Some(size) = v.get_mut("vocab_size") {
             if size.as_u64() == Some(old as u64) {
@@ -537,5 +514,5 @@ fn rewrite_config(path: &Path, old: usize, new: usize) -> Result<Vec<u8>> {
     }
     let mut bytes = serde_json::to_vec_pretty(&config).expect("JSON serializes");
     bytes.push(b'\n');
-    Ok(bytes)
+    bytes
 }

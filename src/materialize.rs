@@ -62,24 +62,21 @@ pub fn materialize(
 ) -> Result<Summary> {
     let start = Instant::now();
     check_output(out, inputs, options.force)?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = parent_dir(out);
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.lorafs-"))
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
 
     for dir in &engine.dirs {
         let path = tmp.path().join(dir);
         std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
     }
-    let total: u64 = engine.files.iter().map(|f| f.size).sum();
+    let total = engine.total_bytes();
     let bar = if options.progress {
         ProgressBar::new(total)
     } else {
@@ -174,18 +171,16 @@ fn check_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
         path: out.to_path_buf(),
         what: what.to_string(),
     };
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = parent_dir(out);
     let parent = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
-    for input in inputs {
-        let input = input.canonicalize().map_err(|e| Error::io(input, e))?;
-        if parent.starts_with(&input) {
-            return Err(output(
-                "is inside an input directory; write the merged model elsewhere",
-            ));
-        }
+    let inputs = inputs
+        .iter()
+        .map(|i| i.canonicalize().map_err(|e| Error::io(i, e)))
+        .collect::<Result<Vec<_>>>()?;
+    if inputs.iter().any(|i| parent.starts_with(i)) {
+        return Err(output(
+            "is inside an input directory; write the merged model elsewhere",
+        ));
     }
     if let Ok(meta) = std::fs::symlink_metadata(out) {
         if !force {
@@ -197,14 +192,18 @@ fn check_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
             ));
         }
         let out = out.canonicalize().map_err(|e| Error::io(out, e))?;
-        for input in inputs {
-            let input = input.canonicalize().map_err(|e| Error::io(input, e))?;
-            if input.starts_with(&out) {
-                return Err(output(
-                    "contains an input (base or adapter); refusing to replace it",
-                ));
-            }
+        if inputs.iter().any(|i| i.starts_with(&out)) {
+            return Err(output(
+                "contains an input (base or adapter); refusing to replace it",
+            ));
         }
     }
     Ok(())
+}
+
+/// The directory `out` is created in.
+fn parent_dir(out: &Path) -> &Path {
+    out.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }

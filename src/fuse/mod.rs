@@ -443,7 +443,7 @@ impl Filesystem for LorafsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes: u64 = self.engine.files.iter().map(|f| f.size).sum();
+        let bytes = self.engine.total_bytes();
         reply.statfs(
             bytes.div_ceil(4096),
             0,
