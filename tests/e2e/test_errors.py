@@ -25,6 +25,8 @@ def test_materialize_refuses(e2e, lorafs, scratch, bad, position):
         adapters = e2e.adapters(["attn"]) + adapters
     out = scratch / "merged"
     before = listing(scratch)
+    inputs = [e2e.base("f16")] + [d for d, _ in adapters]
+    inputs_before = [listing(d) for d in inputs]
     p = lorafs.run("materialize", e2e.base("f16"), out, *lorafs.adapter_args(adapters))
     assert p.returncode != 0
     assert p.stderr.startswith("lorafs: error"), p.stderr
@@ -34,8 +36,8 @@ def test_materialize_refuses(e2e, lorafs, scratch, bad, position):
     assert "panicked" not in p.stderr and "RUST_BACKTRACE" not in p.stderr
     assert not out.exists()
     assert listing(scratch) == before
-    # nothing written beside the inputs either
-    assert "merged" not in listing(e2e.base("f16"))
+    # nothing written into the inputs either
+    assert [listing(d) for d in inputs] == inputs_before
 
 
 @pytest.mark.parametrize("bad", sorted(BAD))

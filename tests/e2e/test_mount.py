@@ -121,6 +121,7 @@ def test_unmount_ends_the_server(e2e, lorafs, mounter):
     # the mount outlives the `lorafs mount` command (it daemonized)
     assert files_of(mnt)
     pids = _server_pids(mnt)
+    assert pids, f"no lorafs server process found for {mnt}"
     p = lorafs.run("unmount", mnt, timeout=30)
     assert p.returncode == 0, p.stderr
     assert not os.path.ismount(mnt)
