@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ "$(id -u)" = 0 ]; then
     export LORAFS_REQUIRE_MOUNT=1
 else
-    echo "== not root: the mounted tests of tests/it/mount.rs will skip, each saying why" \
+    echo "== not root: the mounted tests of tests/it/mount.rs will pass without mounting" \
          "(as root they are required)"
 fi
 
