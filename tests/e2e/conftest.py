@@ -62,6 +62,16 @@ def ordered_bits(t: torch.Tensor) -> torch.Tensor:
     return torch.where(i < 0, -mag, mag)
 
 
+def files_of(d: Path) -> list[str]:
+    """Every file below `d`, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+
+
+def listing(d) -> list[str]:
+    """The sorted names in directory `d`."""
+    return sorted(os.listdir(d))
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
     assert not torch.isnan(a).any() and not torch.isnan(b).any()

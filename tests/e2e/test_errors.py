@@ -5,15 +5,13 @@ import os
 
 import pytest
 
+from conftest import listing
+
 BAD = {
     # (fixture key in manifest["bad"], words the message must contain)
     "ia3": ["IA3", "LoRA"],
     "pickle_only": ["adapter_model.bin", "pickle"],
 }
-
-
-def listing(d):
-    return sorted(os.listdir(d))
 
 
 @pytest.mark.parametrize("bad", sorted(BAD))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import generated, load_model, ulp_distance, ulp_of
+from conftest import files_of, generated, listing, load_model, ulp_distance, ulp_of
 
 # name: (base, adapter, resize the base's vocabulary for PEFT, max ulps apart in f16/bf16)
 CASES = {
@@ -111,10 +111,6 @@ def check_against_peft(merged_dir: Path, ref, dtype, max_ulp: int, base_dir: Pat
     rtol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     assert float((got - exp).abs().max()) <= rtol * scale
     return model
-
-
-def files_of(d: Path):
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -247,10 +243,6 @@ def refusal_inputs(feat):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _listing(d):
-    return sorted(os.listdir(d))
-
-
 @pytest.mark.parametrize("name", sorted(REFUSALS) + ["quantized"])
 def test_refused(feat, lorafs, scratch, refusal_inputs, name):
     if name == "quantized":
@@ -259,14 +251,14 @@ def test_refused(feat, lorafs, scratch, refusal_inputs, name):
         base = Path(feat["bases"][feat_base(feat, REFUSALS[name][0])]["path"])
         adapter, words = refusal_inputs[name], REFUSALS[name][3]
     out = scratch / "merged"
-    before = _listing(scratch)
+    before = listing(scratch)
     p = lorafs.run("materialize", base, out, "--adapter", adapter)
     assert p.returncode != 0
     assert p.stderr.startswith("lorafs: error"), p.stderr
     for w in words:
         assert w in p.stderr, f"{w!r} not in {p.stderr!r}"
     assert "panicked" not in p.stderr
-    assert not out.exists() and _listing(scratch) == before
+    assert not out.exists() and listing(scratch) == before
 
     mnt = scratch / "mnt"
     mnt.mkdir()
@@ -276,7 +268,7 @@ def test_refused(feat, lorafs, scratch, refusal_inputs, name):
         for w in words:
             assert w in p.stderr, f"{w!r} not in {p.stderr!r}"
         assert not os.path.ismount(mnt)
-        assert _listing(mnt) == []
+        assert listing(mnt) == []
     finally:
         lorafs.unmount(mnt)
 

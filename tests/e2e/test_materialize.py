@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import files_of
+
 BASES = ["f32", "f16", "bf16", "bf16_sharded"]
 SINGLE = ["all_linear", "attn", "rslora", "patterns", "embed_head", "bf16_factors"]
 
@@ -12,8 +14,8 @@ SINGLE = ["all_linear", "attn", "rslora", "patterns", "embed_head", "bf16_factor
 def same_layout(base: Path, out: Path):
     """The merged directory keeps the base's files: same names, and every file that is not
     a safetensors shard (config, tokenizer, index) byte-identical."""
-    names = sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
-    got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    names = files_of(base)
+    got = files_of(out)
     assert got == names
     for rel in names:
         if not rel.endswith(".safetensors"):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import files_of
+
 CASES = {
     "f32-all_linear": ("f32", ["all_linear"]),
     "f16-embed_head": ("f16", ["embed_head"]),
@@ -21,10 +23,6 @@ CASES = {
     "bf16_sharded-weighted": ("bf16_sharded", [("ckpt1", 0.5), ("ckpt2", 1.5), ("ckpt3", -0.25)]),
     "f16-mixed": ("f16", ["attn", ("rslora", 0.75), "patterns", ("embed_head", 2.0)]),
 }
-
-
-def files_of(d: Path):
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
 
 
 def assert_same_tree(mnt: Path, out: Path):
