@@ -455,3 +455,35 @@ pub fn read_tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     }
     out
 }
+
+/// An engine over `base` and `(adapter directory, weight)`s through the library, with a
+/// 1 MiB cache.
+pub fn open_engine(base: &Path, adapters: &[(&Path, f64)]) -> lorafs::Result<lorafs::Engine> {
+    let list: Vec<_> = adapters
+        .iter()
+        .map(|(p, w)| (p.to_path_buf(), *w))
+        .collect();
+    lorafs::Engine::open(
+        base,
+        &list,
+        lorafs::EngineOptions {
+            cache_bytes: 1 << 20,
+        },
+    )
+}
+
+/// Materialize `base` + adapters into `out` through the library; returns the engine.
+pub fn materialize_lib(base: &Path, adapters: &[(&Path, f64)], out: &Path) -> lorafs::Engine {
+    let engine = open_engine(base, adapters).unwrap();
+    let inputs: Vec<&Path> = std::iter::once(base)
+        .chain(adapters.iter().map(|(p, _)| *p))
+        .collect();
+    lorafs::materialize::materialize(
+        &engine,
+        out,
+        &inputs,
+        &lorafs::materialize::MaterializeOptions::default(),
+    )
+    .unwrap();
+    engine
+}

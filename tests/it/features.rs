@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use lorafs::materialize::{materialize, MaterializeOptions};
-use lorafs::{Engine, EngineOptions};
+use lorafs::Engine;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use safetensors::Dtype;
@@ -16,24 +15,17 @@ use crate::common::*;
 
 const P: &str = "base_model.model.";
 
+/// Each adapter at weight 1.
+fn weighted<'a>(adapters: &[&'a Path]) -> Vec<(&'a Path, f64)> {
+    adapters.iter().map(|&p| (p, 1.0)).collect()
+}
+
 fn open(base: &Path, adapters: &[&Path]) -> lorafs::Result<Engine> {
-    let list: Vec<_> = adapters.iter().map(|p| (p.to_path_buf(), 1.0)).collect();
-    Engine::open(
-        base,
-        &list,
-        EngineOptions {
-            cache_bytes: 1 << 20,
-        },
-    )
+    open_engine(base, &weighted(adapters))
 }
 
 fn run(base: &Path, adapters: &[&Path], out: &Path) -> Engine {
-    let engine = open(base, adapters).unwrap();
-    let inputs: Vec<&Path> = std::iter::once(base)
-        .chain(adapters.iter().copied())
-        .collect();
-    materialize(&engine, out, &inputs, &MaterializeOptions::default()).unwrap();
-    engine
+    materialize_lib(base, &weighted(adapters), out)
 }
 
 fn config(extra: Value) -> Value {

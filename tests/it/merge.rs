@@ -2,32 +2,9 @@
 
 use std::path::Path;
 
-use lorafs::materialize::{materialize, MaterializeOptions};
-use lorafs::{Engine, EngineOptions};
 use safetensors::Dtype;
 
 use crate::common::*;
-
-/// Materialize `base` + adapters into `out` through the library.
-fn run(base: &Path, adapters: &[(&Path, f64)], out: &Path) -> Engine {
-    let list: Vec<_> = adapters
-        .iter()
-        .map(|(p, w)| (p.to_path_buf(), *w))
-        .collect();
-    let engine = Engine::open(
-        base,
-        &list,
-        EngineOptions {
-            cache_bytes: 1 << 20,
-        },
-    )
-    .unwrap();
-    let inputs: Vec<&Path> = std::iter::once(base)
-        .chain(adapters.iter().map(|(p, _)| *p))
-        .collect();
-    materialize(&engine, out, &inputs, &MaterializeOptions::default()).unwrap();
-    engine
-}
 
 /// Check every tensor of the merged directory, and that every other file is unchanged.
 fn check(base_dir: &Path, out: &Path, base: &[Tensor], adapters: &[(&AdapterSpec, &Factors, f64)]) {
@@ -75,7 +52,7 @@ fn one_adapter_every_dtype_single_and_sharded() {
             let a = AdapterSpec::new(&spec, 8, "proj");
             let fa = write_adapter(&tmp.path().join("a"), &a);
             let out = tmp.path().join("out");
-            let engine = run(
+            let engine = materialize_lib(
                 &tmp.path().join("base"),
                 &[(&tmp.path().join("a"), 1.0)],
                 &out,
@@ -109,7 +86,7 @@ fn ranks_from_1_to_64_and_odd_shapes() {
         a.dtype = factor_dtype;
         let fa = write_adapter(&tmp.path().join("a"), &a);
         let out = tmp.path().join("out");
-        run(
+        materialize_lib(
             &tmp.path().join("base"),
             &[(&tmp.path().join("a"), 1.0)],
             &out,
@@ -148,7 +125,7 @@ fn several_weighted_adapters_rslora_and_patterns() {
         write_adapter(&tmp.path().join("c"), &c),
     );
     let out = tmp.path().join("out");
-    let engine = run(
+    let engine = materialize_lib(
         &tmp.path().join("base"),
         &[
             (&tmp.path().join("a"), 0.5),
