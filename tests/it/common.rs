@@ -424,11 +424,15 @@ pub fn lorafs_bin() -> PathBuf {
 }
 
 /// Run the binary; returns (success, stdout, stderr).
-pub fn run_lorafs(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    let out = std::process::Command::new(lorafs_bin())
-        .args(args)
-        .output()
-        .unwrap();
+pub fn run_lorafs<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> (bool, String, String) {
+    output_of(std::process::Command::new(lorafs_bin()).args(args))
+}
+
+/// Run `command`: (success, stdout, stderr).
+pub fn output_of(command: &mut std::process::Command) -> (bool, String, String) {
+    let out = command.output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

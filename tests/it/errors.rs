@@ -20,7 +20,7 @@ fn fails(mutate: impl FnOnce(&Path, &Path), expect: &[&str]) {
     write_base(&base, &spec);
     write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn"));
     mutate(&base, &adapter);
-    let (ok, _, err) = run_lorafs(&[
+    let (ok, _, err) = run_lorafs([
         "materialize".as_ref(),
         base.as_os_str(),
         out.as_os_str(),
@@ -261,7 +261,7 @@ fn output_inside_an_input_is_refused() {
     write_adapter(&tmp.path().join("a"), &AdapterSpec::new(&spec, 2, "q_proj"));
     let before = read_tree(&tmp.path().join("base"));
     for out in [tmp.path().join("base/merged"), tmp.path().join("base")] {
-        let (ok, _, err) = run_lorafs(&[
+        let (ok, _, err) = run_lorafs([
             "materialize".as_ref(),
             tmp.path().join("base").as_os_str(),
             out.as_os_str(),
@@ -302,16 +302,11 @@ fn repo_ids_resolve_in_the_local_cache_only() {
     write_adapter(&adapter_snap, &AdapterSpec::new(&spec, 2, "q_proj"));
 
     let run = |base: &str, adapter: &str| {
-        let out = std::process::Command::new(lorafs_bin())
-            .args(["inspect", base, "--adapter", adapter])
-            .env("HF_HUB_CACHE", &cache)
-            .current_dir(tmp.path())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        output_of(
+            std::process::Command::new(lorafs_bin())
+                .args(["inspect", base, "--adapter", adapter])
+                .env("HF_HUB_CACHE", &cache)
+                .current_dir(tmp.path()),
         )
     };
     for base in [

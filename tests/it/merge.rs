@@ -175,19 +175,13 @@ fn materialize_refuses_existing_output_unless_forced() {
         }
         v
     };
-    let (ok, _, err) = run_lorafs(
-        &args(false)
-            .iter()
-            .map(|s| s.as_os_str())
-            .collect::<Vec<_>>(),
-    );
+    let (ok, _, err) = run_lorafs(args(false));
     assert!(
         !ok && err.contains("already exists") && err.contains("--force"),
         "{err}"
     );
     assert!(out.join("old").exists(), "untouched without --force");
-    let (ok, stdout, err) =
-        run_lorafs(&args(true).iter().map(|s| s.as_os_str()).collect::<Vec<_>>());
+    let (ok, stdout, err) = run_lorafs(args(true));
     assert!(ok, "{err}");
     assert!(stdout.contains("tensors merged"), "{stdout}");
     assert!(!out.join("old").exists() && out.join("model.safetensors").exists());
@@ -212,7 +206,7 @@ fn inspect_shows_the_plan_and_parameter_counts() {
     let mut a = AdapterSpec::new(&spec, 4, "self_attn");
     a.rslora = true;
     write_adapter(&tmp.path().join("a"), &a);
-    let (ok, out, err) = run_lorafs(&[
+    let (ok, out, err) = run_lorafs([
         "inspect".as_ref(),
         tmp.path().join("base").as_os_str(),
         "--adapter".as_ref(),

@@ -125,7 +125,7 @@ fn setup() -> Option<Setup> {
         out.clone().into(),
     ];
     args.extend(adapter_args.iter().cloned());
-    let (ok, _, err) = run_lorafs(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    let (ok, _, err) = run_lorafs(&args);
     assert!(ok, "{err}");
     let expected = read_tree(&out);
     Some(Setup {
@@ -326,7 +326,7 @@ fn bad_mount_points_and_inputs_mount_nothing() {
     let mount = |base: &Path, mnt: &Path, adapters: Vec<OsString>| {
         let mut v: Vec<OsString> = vec!["mount".into(), base.into(), mnt.into()];
         v.extend(adapters);
-        run_lorafs(&v.iter().map(|a| a.as_os_str()).collect::<Vec<_>>())
+        run_lorafs(v)
     };
     let (ok, _, err) = mount(
         &s.base,
@@ -360,7 +360,7 @@ fn bad_mount_points_and_inputs_mount_nothing() {
     let (ok, _, err) = mount(&s.base, &mnt, s.adapter_args.clone());
     assert!(!ok && err.contains("already a mount point"), "{err}");
     drop(guard);
-    let (ok, _, err) = run_lorafs(&["unmount".as_ref(), mnt.as_os_str()]);
+    let (ok, _, err) = run_lorafs(["unmount".as_ref(), mnt.as_os_str()]);
     assert!(!ok && err.contains("not mounted"), "{err}");
 }
 
