@@ -243,6 +243,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !foreground && !daemon_child {
                 return spawn_background_server();
             }
+            // First, before anything uses rayon: panics are logged and cost one request.
+            lorafs::fuse::init_server_process();
             // Validate everything before mounting, so a bad input mounts nothing.
             lorafs::fuse::check_mountpoint(&mountpoint)?;
             one_malloc_arena();
@@ -310,39 +312,87 @@ fn spawn_background_server() -> anyhow::Result<()> {
     let mut child = command
         .spawn()
         .context("cannot start the background server")?;
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut line = String::new();
-    let mut byte = [0u8; 1];
-    while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-        line.push(byte[0] as char);
-    }
-    if line == READY {
-        return Ok(());
-    }
-    let mut stderr = String::new();
-    child
+    // Read stderr while waiting for the ready line: a server that logs more than a pipe
+    // holds (64 KiB) before it is ready would otherwise block on it, and `mount` with it.
+    let stderr = child
         .stderr
         .take()
-        .expect("piped")
-        .read_to_string(&mut stderr)
-        .ok();
-    let status = child.wait()?;
-    let message = stderr.trim().trim_start_matches("lorafs: error: ");
-    if message.is_empty() {
-        anyhow::bail!("mount failed ({status})");
+        .context("no stderr pipe to the server")?;
+    let collector = std::thread::spawn(move || StderrTail::collect(stderr));
+    let stdout = child
+        .stdout
+        .take()
+        .context("no stdout pipe to the server")?;
+    let mut line = Vec::new();
+    // Bounded: the server prints nothing else on stdout before the ready line.
+    stdout.take(READY.len() as u64 + 1).read_to_end(&mut line)?;
+    if line == format!("{READY}\n").as_bytes() {
+        return Ok(());
     }
-    anyhow::bail!("{message}")
+    let tail = collector.join().unwrap_or_default();
+    let status = child.wait()?;
+    match tail.error_message() {
+        Some(message) => anyhow::bail!("{message}"),
+        None => anyhow::bail!("mount failed ({status})"),
+    }
 }
 
-/// In the background server, once mounted: tell the parent, then point stdout and stderr
-/// at the log file (or /dev/null) so the server never writes to a closed pipe.
+/// The last bytes a background server wrote to stderr: enough for its error, bounded
+/// whatever it logs.
+#[derive(Default)]
+struct StderrTail(Vec<u8>);
+
+impl StderrTail {
+    /// Bytes kept (up to twice as many between trims): the error comes last, and a few lines
+    /// before it say what led there.
+    const KEEP: usize = 16 << 10;
+
+    fn collect(mut from: impl std::io::Read) -> StderrTail {
+        let mut tail = StderrTail::default();
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => return tail,
+                Ok(n) => tail.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The server is gone: what it wrote so far is all there is.
+                Err(_) => return tail,
+            }
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+        if self.0.len() > 2 * Self::KEEP {
+            self.0.drain(..self.0.len() - Self::KEEP);
+        }
+    }
+
+    /// The server's error line (`lorafs: error: ...`, printed last), else whatever it
+    /// printed last (a panic, a log line), else `None`.
+    fn error_message(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.0);
+        let prefix = "lorafs: error: ";
+        let last_error = text.lines().rev().find_map(|l| l.strip_prefix(prefix));
+        let message = match last_error {
+            Some(error) => error.to_string(),
+            None => text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())?
+                .to_string(),
+        };
+        Some(message.trim().to_string())
+    }
+}
+
+/// In the background server, once mounted: point stderr at the log file (or /dev/null), tell
+/// the parent, then point stdout there too, so the server never writes to a pipe whose
+/// reader has gone (or stopped reading).
 fn detach_from_parent(log_file: Option<&Path>) {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "{READY}");
-    let _ = out.flush();
     let target = match log_file {
         Some(path) => std::fs::OpenOptions::new()
             .create(true)
@@ -350,13 +400,18 @@ fn detach_from_parent(log_file: Option<&Path>) {
             .open(path),
         None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
     };
-    if let Ok(file) = target {
-        for fd in [1, 2] {
-            // SAFETY: dup2 onto the standard descriptors with a descriptor we own; `file`
-            // stays open for the duration of the call.
+    let redirect = |fd: i32| {
+        if let Ok(file) = &target {
+            // SAFETY: dup2 onto a standard descriptor with a descriptor we own; `file` stays
+            // open for the duration of the call.
             unsafe { libc::dup2(file.as_raw_fd(), fd) };
         }
-    }
+    };
+    redirect(2);
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY}");
+    let _ = out.flush();
+    redirect(1);
 }
 
 /// The error and its causes on one line, leaving out causes the message already quotes.
@@ -408,6 +463,32 @@ mod tests {
         );
         assert_eq!(parse_adapter("c:/x").unwrap(), (PathBuf::from("c:/x"), 1.0));
         assert!(parse_adapter("a:inf").is_err());
+    }
+
+    #[test]
+    fn a_servers_stderr_is_kept_bounded_and_its_error_found() {
+        let mut log = Vec::new();
+        for i in 0..10_000 {
+            log.extend_from_slice(format!("[WARN lorafs] warning number {i}\n").as_bytes());
+        }
+        log.extend_from_slice(b"lorafs: error: mount point /m: is not empty\n");
+        let tail = StderrTail::collect(&log[..]);
+        assert!(
+            tail.0.len() <= 2 * StderrTail::KEEP,
+            "{} bytes kept",
+            tail.0.len()
+        );
+        assert_eq!(
+            tail.error_message().as_deref(),
+            Some("mount point /m: is not empty")
+        );
+        let panicked =
+            StderrTail::collect(&b"[ERROR lorafs] thread main panicked at x.rs:1:2\n\n"[..]);
+        assert_eq!(
+            panicked.error_message().as_deref(),
+            Some("[ERROR lorafs] thread main panicked at x.rs:1:2")
+        );
+        assert_eq!(StderrTail::collect(&b" \n"[..]).error_message(), None);
     }
 
     #[test]

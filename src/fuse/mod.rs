@@ -1,16 +1,19 @@
 //! The FUSE adapter: the only module that knows `fuser`. Each callback asks the core and
 //! replies, or logs why and replies with an errno; none of them can panic on bad input.
 
+mod inodes;
+mod panics;
 mod session;
 
+pub use panics::init_server_process;
 pub use session::{check_mountpoint, mount, unmount, MountOptions};
 
-use std::collections::{BTreeMap, HashMap};
-use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -19,16 +22,15 @@ use fuser::{
 };
 
 use crate::engine::Engine;
+use inodes::{Node, NodeKind};
+use panics::caught;
 
 /// The content never changes while mounted, so the kernel may cache names and attributes
 /// for as long as it likes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Reported as `st_blksize`: programs such as `cat` size their reads by it, and larger reads
-/// mean fewer round trips through the kernel (FUSE caps one read at 1 MiB anyway).
-const BLKSIZE: u32 = 1 << 20;
-
-/// A file not listed in any directory, readable by name: live counters of the mount.
+/// A file in the root not listed in any directory, readable by name: live counters of the
+/// mount. A base file of that name wins: it is served, and the counters are not.
 pub const STATS_FILE: &str = ".lorafs-stats";
 
 /// How far ahead of a sequential reader merged blocks are computed in the background.
@@ -38,106 +40,40 @@ thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-enum NodeKind {
-    Dir { children: BTreeMap<OsString, u64> },
-    File { file: usize },
-}
-
-struct Node {
-    parent: u64,
-    kind: NodeKind,
-    attr: FileAttr,
-}
-
 pub struct LorafsFs {
     engine: Arc<Engine>,
     /// Index = inode number - 1.
     nodes: Vec<Node>,
-    stats_ino: u64,
+    /// The stats file's inode, unless the base has a file of that name.
+    stats_ino: Option<u64>,
     next_fh: AtomicU64,
     /// Per open file handle: where the last read ended, to spot sequential readers.
     last_end: Mutex<HashMap<u64, u64>>,
 }
 
 impl LorafsFs {
-    pub fn new(engine: Arc<Engine>) -> LorafsFs {
-        let uid = euid();
-        let gid = egid();
-        let mtime = |p: &Path| {
-            std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .unwrap_or(UNIX_EPOCH)
+    /// The tree of `engine`, each node with its source's permissions and owner; fails when a
+    /// source cannot be stat'ed.
+    pub fn new(engine: Arc<Engine>) -> io::Result<LorafsFs> {
+        let nodes = inodes::build(&engine)?;
+        let shadowed = match &nodes[0].kind {
+            NodeKind::Dir { children } => children.contains_key(OsStr::new(STATS_FILE)),
+            NodeKind::File { .. } => false,
         };
-        let attr = |ino: u64, kind: FileType, size: u64, time: SystemTime| FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: time,
-            mtime: time,
-            ctime: time,
-            crtime: time,
-            kind,
-            perm: if kind == FileType::Directory {
-                0o555
-            } else {
-                0o444
-            },
-            nlink: if kind == FileType::Directory { 2 } else { 1 },
-            uid,
-            gid,
-            rdev: 0,
-            blksize: BLKSIZE,
-            flags: 0,
-        };
-        let dir_node = |ino: u64, parent: u64, time| Node {
-            parent,
-            kind: NodeKind::Dir {
-                children: BTreeMap::new(),
-            },
-            attr: attr(ino, FileType::Directory, 0, time),
-        };
-        let mut nodes = vec![dir_node(1, 1, mtime(&engine.base_dir))];
-        let mut dir_ino: HashMap<&Path, u64> = HashMap::from([(Path::new(""), 1)]);
-        let link = |nodes: &mut Vec<Node>, parent: u64, name: &OsStr, ino: u64| {
-            if let NodeKind::Dir { children } = &mut nodes[parent as usize - 1].kind {
-                children.insert(name.to_os_string(), ino);
-            }
-        };
-        for dir in &engine.dirs {
-            let ino = nodes.len() as u64 + 1;
-            let parent = dir_ino[dir.parent().unwrap_or(Path::new(""))];
-            nodes.push(dir_node(ino, parent, mtime(&engine.base_dir.join(dir))));
-            link(&mut nodes, parent, dir.file_name().unwrap_or_default(), ino);
-            dir_ino.insert(dir, ino);
-        }
-        for (index, file) in engine.files.iter().enumerate() {
-            let ino = nodes.len() as u64 + 1;
-            let parent = dir_ino[file.rel.parent().unwrap_or(Path::new(""))];
-            nodes.push(Node {
-                parent,
-                kind: NodeKind::File { file: index },
-                attr: attr(
-                    ino,
-                    FileType::RegularFile,
-                    file.size,
-                    mtime(&file.base_path),
-                ),
-            });
-            link(
-                &mut nodes,
-                parent,
-                file.rel.file_name().unwrap_or_default(),
-                ino,
+        if shadowed {
+            log::warn!(
+                "{}: the base has a file named {STATS_FILE}: it is served, and the mount's \
+                 counters only through `kill -USR1 PID` (logged)",
+                engine.base_dir.display()
             );
         }
-        let stats_ino = nodes.len() as u64 + 1;
-        LorafsFs {
+        Ok(LorafsFs {
+            stats_ino: (!shadowed).then_some(nodes.len() as u64 + 1),
             engine,
             nodes,
-            stats_ino,
             next_fh: AtomicU64::new(1),
             last_end: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The inode number of every file, by file index.
@@ -155,13 +91,22 @@ impl LorafsFs {
         self.nodes.get((ino.0 as usize).checked_sub(1)?)
     }
 
-    fn stats_attr(&self) -> FileAttr {
+    fn is_stats(&self, ino: INodeNo) -> bool {
+        self.stats_ino == Some(ino.0)
+    }
+
+    /// The stats file is the mounting user's (and root's) to read: it shows the server's pid
+    /// and activity, not model bytes, and the base's owner may be someone else.
+    fn stats_attr(&self, ino: u64) -> FileAttr {
         let mut attr = self.nodes[0].attr;
-        attr.ino = INodeNo(self.stats_ino);
+        attr.ino = INodeNo(ino);
         attr.kind = FileType::RegularFile;
-        attr.perm = 0o444;
+        attr.perm = 0o400;
+        attr.uid = euid();
+        attr.gid = egid();
         attr.nlink = 1;
         attr.size = self.stats_text().len() as u64;
+        attr.blocks = attr.size.div_ceil(512);
         attr
     }
 
@@ -180,6 +125,71 @@ impl LorafsFs {
             self.engine.prefetch(file, offset + len, PREFETCH_BYTES);
         }
     }
+
+    /// Serve a read of merged file `file`.
+    fn read_file(&self, file: usize, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+        READ_BUF.with_borrow_mut(|buf| {
+            // One buffer per FUSE thread, reused: no allocation or zeroing per read.
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let rel = &self.engine.files[file].rel;
+            // A bug must cost one read (EIO), not a serving thread and with it the mount.
+            let result =
+                panics::catch(|| self.engine.read_at(file, offset, &mut buf[..size as usize]));
+            match result {
+                None => {
+                    log::error!(
+                        "read of {} at {offset} (+{size}) panicked; returning EIO",
+                        rel.display()
+                    );
+                    reply.error(Errno::EIO);
+                }
+                Some(Ok(n)) => {
+                    reply.data(&buf[..n]);
+                    self.note_read(fh.0, file, offset, n as u64);
+                }
+                Some(Err(err)) => {
+                    log::error!(
+                        "read of {} at {offset} (+{size}) failed: {err}",
+                        rel.display()
+                    );
+                    reply.error(Errno::from_i32(err.errno()));
+                }
+            }
+        });
+    }
+
+    /// List directory `ino` from entry `offset` on: `.`, `..`, then the children by name.
+    fn list(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let NodeKind::Dir { children } = &node.kind else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let dots = [
+            (ino.0, FileType::Directory, OsStr::new(".")),
+            (node.parent, FileType::Directory, OsStr::new("..")),
+        ];
+        let entries = dots
+            .into_iter()
+            .chain(children.iter().map(|(name, &child)| {
+                (
+                    child,
+                    self.nodes[child as usize - 1].attr.kind,
+                    name.as_os_str(),
+                )
+            }));
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (child, kind, name)) in entries.enumerate().skip(skip) {
+            // The offset passed back is that of the next entry.
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
 }
 
 /// The live counters, as served by the stats file and logged on SIGUSR1.
@@ -188,7 +198,8 @@ pub fn stats_text(engine: &Engine) -> String {
     let s = &engine.stats;
     format!(
         "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
-         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nfactor_bytes {}\nkernel {}\npid {}\n",
+         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nfactor_bytes {}\nkernel {}\npid {}\n\
+         panics_caught {}\n",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
@@ -203,6 +214,7 @@ pub fn stats_text(engine: &Engine) -> String {
         engine.plan.factor_bytes(),
         engine.kernel.name(),
         std::process::id(),
+        panics::caught_count(),
     )
 }
 
@@ -216,6 +228,9 @@ fn egid() -> u32 {
     unsafe { libc::getegid() }
 }
 
+/// Each callback runs its body under [`caught`]: a bug costs that request (EIO), not the
+/// worker thread and with it the mount. `init` runs once, before serving, and only sets
+/// kernel options.
 impl Filesystem for LorafsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // More reads in flight than the default 16: readahead of several files at once and
@@ -235,46 +250,56 @@ impl Filesystem for LorafsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 == 1 && name == STATS_FILE {
-            return reply.entry(&Duration::ZERO, &self.stats_attr(), Generation(0));
-        }
-        match self.node(parent).map(|n| &n.kind) {
-            Some(NodeKind::Dir { children }) => match children.get(name) {
-                Some(&ino) => reply.entry(&TTL, &self.nodes[ino as usize - 1].attr, Generation(0)),
+        caught("lookup", || {
+            if let (1, Some(stats)) = (parent.0, self.stats_ino) {
+                if name == STATS_FILE {
+                    return reply.entry(&Duration::ZERO, &self.stats_attr(stats), Generation(0));
+                }
+            }
+            match self.node(parent).map(|n| &n.kind) {
+                Some(NodeKind::Dir { children }) => match children.get(name) {
+                    Some(&ino) => {
+                        reply.entry(&TTL, &self.nodes[ino as usize - 1].attr, Generation(0))
+                    }
+                    None => reply.error(Errno::ENOENT),
+                },
+                Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
                 None => reply.error(Errno::ENOENT),
-            },
-            Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
-        }
+            }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if ino.0 == self.stats_ino {
-            return reply.attr(&Duration::ZERO, &self.stats_attr());
-        }
-        match self.node(ino) {
-            Some(node) => reply.attr(&TTL, &node.attr),
-            None => reply.error(Errno::ENOENT),
-        }
+        caught("getattr", || {
+            if self.is_stats(ino) {
+                return reply.attr(&Duration::ZERO, &self.stats_attr(ino.0));
+            }
+            match self.node(ino) {
+                Some(node) => reply.attr(&TTL, &node.attr),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        if ino.0 == self.stats_ino {
-            // Its size changes with every read: bypass the page cache.
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-        }
-        match self.node(ino).map(|n| &n.kind) {
-            // The content never changes while mounted: keep the page cache across opens.
-            Some(NodeKind::File { .. }) => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        caught("open", || {
+            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                return reply.error(Errno::EROFS);
             }
-            Some(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
-            None => reply.error(Errno::ENOENT),
-        }
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            if self.is_stats(ino) {
+                // Its size changes with every read: bypass the page cache.
+                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            match self.node(ino).map(|n| &n.kind) {
+                // The content never changes while mounted: keep the page cache across opens.
+                Some(NodeKind::File { .. }) => {
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+                }
+                Some(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn read(
@@ -288,48 +313,21 @@ impl Filesystem for LorafsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino.0 == self.stats_ino {
-            let text = self.stats_text();
-            let start = (offset as usize).min(text.len());
-            let end = (start + size as usize).min(text.len());
-            return reply.data(&text.as_bytes()[start..end]);
-        }
-        let file = match self.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::File { file }) => *file,
-            Some(NodeKind::Dir { .. }) => return reply.error(Errno::EISDIR),
-            None => return reply.error(Errno::ENOENT),
-        };
-        READ_BUF.with_borrow_mut(|buf| {
-            // One buffer per FUSE thread, reused: no allocation or zeroing per read.
-            if buf.len() < size as usize {
-                buf.resize(size as usize, 0);
+        caught("read", || {
+            if self.is_stats(ino) {
+                let text = self.stats_text();
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(text.len());
+                let end = start.saturating_add(size as usize).min(text.len());
+                return reply.data(&text.as_bytes()[start..end]);
             }
-            // A bug must cost one read (EIO), not a serving thread and with it the mount.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.engine.read_at(file, offset, &mut buf[..size as usize])
-            }));
-            let rel = &self.engine.files[file].rel;
-            match result {
-                Ok(Ok(n)) => {
-                    reply.data(&buf[..n]);
-                    self.note_read(fh.0, file, offset, n as u64);
-                }
-                Ok(Err(err)) => {
-                    log::error!(
-                        "read of {} at {offset} (+{size}) failed: {err}",
-                        rel.display()
-                    );
-                    reply.error(Errno::from_i32(err.errno()));
-                }
-                Err(_) => {
-                    log::error!(
-                        "read of {} at {offset} (+{size}) panicked; returning EIO",
-                        rel.display()
-                    );
-                    reply.error(Errno::EIO);
-                }
+            match self.node(ino).map(|n| &n.kind) {
+                Some(NodeKind::File { file }) => self.read_file(*file, fh, offset, size, reply),
+                Some(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
+                None => reply.error(Errno::ENOENT),
             }
-        });
+        })
     }
 
     fn flush(
@@ -354,19 +352,21 @@ impl Filesystem for LorafsFs {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        self.last_end
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        reply.ok();
+        caught("release", || {
+            self.last_end
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fh.0);
+            reply.ok();
+        })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.node(ino).map(|n| &n.kind) {
+        caught("opendir", || match self.node(ino).map(|n| &n.kind) {
             Some(NodeKind::Dir { .. }) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
-        }
+        })
     }
 
     fn readdir(
@@ -375,38 +375,15 @@ impl Filesystem for LorafsFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let Some(node) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let NodeKind::Dir { children } = &node.kind else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let dots = [
-            (ino.0, FileType::Directory, OsStr::new(".")),
-            (node.parent, FileType::Directory, OsStr::new("..")),
-        ];
-        let entries = dots
-            .into_iter()
-            .chain(children.iter().map(|(name, &child)| {
-                (
-                    child,
-                    self.nodes[child as usize - 1].attr.kind,
-                    name.as_os_str(),
-                )
-            }));
-        for (i, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
-            // The offset passed back is that of the next entry.
-            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
-                break;
-            }
-        }
-        reply.ok();
+        caught("readdir", || self.list(ino, offset, reply))
     }
 
     // The calls below come from ordinary tools (`ls -l` asks for ACL xattrs, `isatty` sends
     // an ioctl); they have plain answers, so fuser's "not implemented" warning would be noise.
+    // No ACLs: the kernel checks the mode bits alone, so an ACL of a source that grants more
+    // than its mode is not carried over (narrower, never wider).
 
     fn getxattr(
         &self,
@@ -443,16 +420,18 @@ impl Filesystem for LorafsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes = self.engine.total_bytes();
-        reply.statfs(
-            bytes.div_ceil(4096),
-            0,
-            0,
-            self.nodes.len() as u64,
-            0,
-            4096,
-            255,
-            4096,
-        );
+        caught("statfs", || {
+            let bytes = self.engine.total_bytes();
+            reply.statfs(
+                bytes.div_ceil(4096),
+                0,
+                0,
+                self.nodes.len() as u64,
+                0,
+                4096,
+                255,
+                4096,
+            )
+        })
     }
 }

@@ -43,11 +43,14 @@ pub fn mount(
 ) -> io::Result<()> {
     check_mountpoint(mountpoint)?;
     let mountpoint = mountpoint.canonicalize()?;
-    let fs = LorafsFs::new(engine.clone());
+    let fs = LorafsFs::new(engine.clone())?;
     let inodes = fs.file_inodes();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
+        // The kernel checks each access against the mode and owner each node takes from its
+        // source (see `inodes`), so `--allow-other` shares no more than the source does.
+        MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::FSName(format!(
@@ -76,7 +79,11 @@ pub fn mount(
         let (engine, notifier, root) = (engine.clone(), session.notifier(), mountpoint.clone());
         std::thread::Builder::new()
             .name("lorafs-warm".into())
-            .spawn(move || warm(&engine, &notifier, &root, &inodes))?;
+            .spawn(move || {
+                super::panics::caught_background("warm-up", || {
+                    warm(&engine, &notifier, &root, &inodes)
+                });
+            })?;
     }
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
