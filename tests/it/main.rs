@@ -5,4 +5,5 @@ mod errors;
 mod features;
 mod merge;
 mod mount;
+mod mount_trust;
 mod read_at;

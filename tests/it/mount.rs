@@ -13,7 +13,7 @@ use safetensors::Dtype;
 
 use crate::common::*;
 
-fn can_mount() -> bool {
+pub(crate) fn can_mount() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let fuse = std::fs::OpenOptions::new()
@@ -37,19 +37,19 @@ fn can_mount() -> bool {
     false
 }
 
-fn is_mounted(path: &Path) -> bool {
+pub(crate) fn is_mounted(path: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let path = path.to_str().unwrap();
     text.lines().any(|l| l.split(' ').nth(4) == Some(path))
 }
 
 /// A mounted lorafs; unmounts on drop, even when the test fails.
-struct MountGuard {
-    mountpoint: PathBuf,
+pub(crate) struct MountGuard {
+    pub(crate) mountpoint: PathBuf,
 }
 
 impl MountGuard {
-    fn new(base: &Path, mountpoint: &Path, extra: &[OsString]) -> MountGuard {
+    pub(crate) fn new(base: &Path, mountpoint: &Path, extra: &[OsString]) -> MountGuard {
         std::fs::create_dir_all(mountpoint).unwrap();
         let mut args: Vec<OsString> = vec!["mount".into(), base.into(), mountpoint.into()];
         args.extend(extra.iter().cloned());
