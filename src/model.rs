@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::baseio::Identity;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -22,6 +23,8 @@ pub struct BaseFile {
     /// Full path (symlinks, as in a Hugging Face cache snapshot, are followed when read).
     pub path: PathBuf,
     pub size: u64,
+    /// The file's identity when the walk found it, before anything was read from it.
+    pub identity: Identity,
     /// Index into [`BaseModel::layouts`] for `*.safetensors` files.
     pub layout: Option<usize>,
 }
@@ -195,6 +198,7 @@ fn walk(
                 rel,
                 path,
                 size: meta.len(),
+                identity: Identity::of(&meta),
                 layout: None,
             });
         }
