@@ -117,7 +117,8 @@ pub struct Engine {
 
 impl Engine {
     /// Open a base model and adapters (`(dir, weight)`, in order) and plan the merge. All
-    /// inputs are validated here; reads afterwards fail only on I/O errors.
+    /// inputs are validated here; reads afterwards fail only on I/O errors, or when an input
+    /// changed since (see [`crate::baseio`]).
     pub fn open(
         base_dir: &Path,
         adapters: &[(PathBuf, f64)],
