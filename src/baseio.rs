@@ -1,15 +1,27 @@
-//! Reading base files, through the page cache or around it.
+//! Reading input files: through the page cache or around it, and only ever the version
+//! lorafs opened.
 //!
 //! A mount puts merged pages in the page cache. For a model over half of RAM, base pages
 //! cached beside them would make the two evict each other, so such models read the base
 //! with `O_DIRECT`. (`posix_fadvise(DONTNEED)` after each read does not do it: the kernel
 //! keeps page-cache folios larger than the range advised, which is most of them.)
+//!
+//! An input rewritten in place while lorafs serves it must not be served as a mix of old
+//! bytes (merged blocks in the cache, the plan's factors) and new ones. Each input's
+//! [`Identity`] is recorded before anything is read from it, and every read compares the
+//! file's identity, taken *after* the bytes are in the buffer, with it: a write that lands
+//! before or during the read updates the file's times first (the kernel stamps them before
+//! copying data), so the check sees it; a write after the check leaves the bytes read old,
+//! which is consistent. Once a change is seen the file stays changed, so cached blocks made
+//! from it are refused too.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
@@ -22,55 +34,229 @@ thread_local! {
     static DIRECT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An input file, opened read-only: buffered, and with `O_DIRECT` where the filesystem
-/// supports it.
+/// One version of a file: what `stat` says about it. Writing to the file in place changes
+/// its change time (and size or modification time); replacing it changes the inode.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+    /// Status change time (seconds, nanoseconds).
+    pub ctime: (i64, i64),
+    /// Number of names the file has.
+    pub links: u64,
+}
+
+impl Identity {
+    pub fn of(meta: &Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            links: meta.nlink(),
+        }
+    }
+
+    /// The identity of the file at `path` (symlinks followed).
+    pub fn of_path(path: &Path) -> Result<Identity> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        Ok(Identity::of(&meta))
+    }
+
+    /// Whether `now` may hold other bytes than `self`, and if so what differs (for the
+    /// message). Any status change counts (a chmod too): the change time cannot tell it
+    /// from a write whose modification time was set back (`cp -p` onto the file). Except
+    /// one: a file whose last name went away (replaced by a rename, or deleted) gets a new
+    /// change time but keeps its bytes, and an open descriptor still reads them.
+    pub fn changes(&self, now: &Identity) -> Option<String> {
+        let same =
+            (self.dev, self.ino, self.size, self.mtime) == (now.dev, now.ino, now.size, now.mtime);
+        if same && (self.ctime == now.ctime || (now.links == 0 && self.links > 0)) {
+            return None;
+        }
+        let time = |(s, ns): (i64, i64)| format!("{s}.{ns:09}");
+        let mut parts = Vec::new();
+        if (self.dev, self.ino) != (now.dev, now.ino) {
+            parts.push(format!(
+                "replaced by another file: inode {} → {}",
+                self.ino, now.ino
+            ));
+        }
+        if self.size != now.size {
+            parts.push(format!("size {} → {}", self.size, now.size));
+        }
+        if self.mtime != now.mtime {
+            parts.push(format!("mtime {} → {}", time(self.mtime), time(now.mtime)));
+        }
+        if self.ctime != now.ctime {
+            parts.push(format!("ctime {} → {}", time(self.ctime), time(now.ctime)));
+        }
+        Some(parts.join(", "))
+    }
+}
+
+/// An input file, read-only. Weights files keep one descriptor from open (plus an `O_DIRECT`
+/// one once a read bypasses the page cache); other files are opened at each read, so a
+/// tree of thousands of small files needs no more descriptors than its weights.
 #[derive(Debug)]
 pub struct InputFile {
     pub path: PathBuf,
-    buffered: File,
-    direct: Option<File>,
+    identity: Identity,
+    /// The descriptor held from open, or `None` for a file opened at each read.
+    held: Option<File>,
+    /// The `O_DIRECT` descriptor, opened at the first read that asks for it; `None` inside
+    /// where the filesystem refuses `O_DIRECT` (tmpfs, some FUSE filesystems).
+    direct: OnceLock<Option<File>>,
+    /// Set (to what changed) the first time a change is seen; the file stays changed.
+    changed: OnceLock<String>,
 }
 
 impl InputFile {
-    pub fn open(path: &Path) -> Result<InputFile> {
-        let buffered = File::open(path).map_err(|e| Error::io(path, e))?;
-        // tmpfs and some FUSE filesystems refuse O_DIRECT (EINVAL): then reads stay buffered.
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
+    /// Open `path` and keep the descriptor. `recorded` is the identity taken before anything
+    /// was read from the path (e.g. while walking the base directory): a file that changed
+    /// since is refused now rather than served.
+    pub fn open(path: &Path, recorded: Option<Identity>) -> Result<InputFile> {
+        let file = open_file(path)?;
+        let now = fstat(path, &file)?;
+        if let Some(what) = recorded.and_then(|r| r.changes(&now)) {
+            return Err(Error::Changed {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
         Ok(InputFile {
             path: path.to_path_buf(),
-            buffered,
-            direct,
+            identity: recorded.unwrap_or(now),
+            held: Some(file),
+            direct: OnceLock::new(),
+            changed: OnceLock::new(),
         })
     }
 
-    /// The file's size now.
-    pub fn size(&self) -> Result<u64> {
-        Ok(self
-            .buffered
-            .metadata()
-            .map_err(|e| Error::io(&self.path, e))?
-            .len())
+    /// A file opened at each read, whose identity was taken before anything was read from
+    /// its path.
+    pub fn lazy(path: &Path, identity: Identity) -> InputFile {
+        InputFile {
+            path: path.to_path_buf(),
+            identity,
+            held: None,
+            direct: OnceLock::new(),
+            changed: OnceLock::new(),
+        }
+    }
+
+    /// The file's size when lorafs opened it (the only size it ever serves).
+    pub fn size(&self) -> u64 {
+        self.identity.size
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
     }
 
     /// Fill `buf` from `offset`, around the page cache if `bypass_cache` (and possible).
+    /// Fails with [`Error::Changed`] if the file is not the version opened.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, bypass_cache: bool) -> Result<()> {
-        let result = match (&self.direct, bypass_cache) {
-            (Some(direct), true) => read_direct(direct, buf, offset),
-            _ => self.buffered.read_exact_at(buf, offset),
-        };
-        result.map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                let what = "file is shorter than when lorafs opened it; inputs must not change";
-                Error::io(&self.path, io::Error::new(e.kind(), what))
-            } else {
-                Error::io(&self.path, e)
+        self.unchanged()?;
+        let opened;
+        let file = match &self.held {
+            Some(file) => file,
+            None => {
+                opened = open_file(&self.path)?;
+                &opened
             }
+        };
+        let result = match (bypass_cache, self.held.is_some()) {
+            (true, true) => match self.direct(file) {
+                Some(direct) => read_direct(direct, buf, offset),
+                None => file.read_exact_at(buf, offset),
+            },
+            _ => file.read_exact_at(buf, offset),
+        };
+        // After the read: a change that could have reached `buf` is visible now. A short
+        // read is most likely a truncation, which this names.
+        self.verify(file)?;
+        result.map_err(|e| match e.kind() {
+            // Both read paths say it the same way (std's "failed to fill whole buffer").
+            io::ErrorKind::UnexpectedEof => Error::io(&self.path, io::Error::from(e.kind())),
+            _ => Error::io(&self.path, e),
         })
     }
+
+    /// Whether the file is still the version opened: its flag, then its identity now.
+    pub fn check(&self) -> Result<()> {
+        self.unchanged()?;
+        match &self.held {
+            Some(file) => self.verify(file),
+            None => self.verify(&open_file(&self.path)?),
+        }
+    }
+
+    /// Fails if a change was seen before (no system call).
+    pub fn unchanged(&self) -> Result<()> {
+        match self.changed.get() {
+            None => Ok(()),
+            Some(what) => Err(self.changed_error(what.clone())),
+        }
+    }
+
+    fn verify(&self, file: &File) -> Result<()> {
+        let now = fstat(&self.path, file)?;
+        let Some(what) = self.identity.changes(&now) else {
+            return Ok(());
+        };
+        if self.changed.set(what.clone()).is_ok() {
+            // Once per file: every later read fails with the same error, unlogged here.
+            log::error!("{}", self.changed_error(what.clone()));
+        }
+        Err(self.changed_error(self.changed.get().cloned().unwrap_or(what)))
+    }
+
+    fn changed_error(&self, what: String) -> Error {
+        Error::Changed {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// The `O_DIRECT` descriptor of the held file, opened once. It is opened through
+    /// `/proc/self/fd`, so it is the same file as the held descriptor even if the path was
+    /// replaced since.
+    fn direct(&self, held: &File) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                let direct = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(format!("/proc/self/fd/{}", held.as_raw_fd()))
+                    .ok()?;
+                let meta = direct.metadata().ok()?;
+                ((meta.dev(), meta.ino()) == (self.identity.dev, self.identity.ino))
+                    .then_some(direct)
+            })
+            .as_ref()
+    }
+}
+
+/// Open an input read-only; running out of descriptors says what to do about it.
+fn open_file(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EMFILE) {
+            let what = "too many open files: raise `ulimit -n`";
+            Error::io(path, io::Error::new(e.kind(), what))
+        } else {
+            Error::io(path, e)
+        }
+    })
+}
+
+fn fstat(path: &Path, file: &File) -> Result<Identity> {
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    Ok(Identity::of(&meta))
 }
 
 /// Read `buf.len()` bytes at `offset` with aligned O_DIRECT reads into a thread-local
@@ -107,23 +293,31 @@ fn read_direct(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Seek, Write};
+
+    fn tempdir() -> tempfile::TempDir {
+        // /var/tmp is disk-backed where /tmp may be tmpfs (which refuses O_DIRECT).
+        tempfile::tempdir_in("/var/tmp")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap()
+    }
+
+    /// Overwrite bytes in place (same inode, same size). Kernels before 6.13 stamp times at
+    /// clock-tick granularity: wait a tick so the write gets a time of its own.
+    fn overwrite(path: &Path, offset: u64, bytes: &[u8]) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut f = OpenOptions::new().write(true).open(path).unwrap();
+        f.seek(io::SeekFrom::Start(offset)).unwrap();
+        f.write_all(bytes).unwrap();
+    }
 
     #[test]
     fn direct_and_buffered_reads_agree_at_any_offset() {
-        // /var/tmp is disk-backed where /tmp may be tmpfs (which refuses O_DIRECT).
-        let dir = tempfile::tempdir_in("/var/tmp")
-            .or_else(|_| tempfile::tempdir())
-            .unwrap();
+        let dir = tempdir();
         let path = dir.path().join("data");
         let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let file = InputFile::open(&path).unwrap();
-        if file.direct.is_none() {
-            eprintln!(
-                "O_DIRECT not supported on {}: checking buffered reads only",
-                dir.path().display()
-            );
-        }
+        let file = InputFile::open(&path, None).unwrap();
         for (offset, len) in [
             (0, 1),
             (1, 4095),
@@ -143,8 +337,111 @@ mod tests {
                 );
             }
         }
+        if file.direct.get().is_some_and(Option::is_none) {
+            eprintln!(
+                "O_DIRECT not supported on {}: checked buffered reads only",
+                dir.path().display()
+            );
+        }
         let mut buf = vec![0u8; 10];
         let err = file.read_exact_at(&mut buf, 49_995, true).unwrap_err();
-        assert!(err.to_string().contains("shorter than"), "{err}");
+        assert!(err.to_string().contains("unexpected end of file"), "{err}");
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_fails_every_read_after() {
+        let dir = tempdir();
+        let path = dir.path().join("data");
+        std::fs::write(&path, vec![1u8; 10_000]).unwrap();
+        for held in [true, false] {
+            let file = if held {
+                InputFile::open(&path, None).unwrap()
+            } else {
+                InputFile::lazy(&path, Identity::of_path(&path).unwrap())
+            };
+            let mut buf = vec![0u8; 100];
+            file.read_exact_at(&mut buf, 0, false).unwrap();
+            overwrite(&path, 5_000, &[2u8; 10]);
+            // The range read is untouched, but the file is not the version opened.
+            let err = file.read_exact_at(&mut buf, 0, false).unwrap_err();
+            assert!(matches!(err, Error::Changed { .. }), "{err}");
+            assert_eq!(err.errno(), libc::EIO);
+            let text = err.to_string();
+            assert!(
+                text.contains("data: changed since lorafs opened it (") && text.contains("ctime"),
+                "{text}"
+            );
+            // Sticky: even a read that would not look again fails.
+            assert!(matches!(file.unchanged(), Err(Error::Changed { .. })));
+        }
+    }
+
+    #[test]
+    fn a_write_with_its_modification_time_set_back_is_a_change() {
+        // What `cp -p new old` does: write in place, then restore the source's times.
+        let dir = tempdir();
+        let path = dir.path().join("data");
+        std::fs::write(&path, vec![1u8; 1000]).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let file = InputFile::open(&path, None).unwrap();
+        overwrite(&path, 0, &[2u8; 10]);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_modified(mtime).unwrap();
+        let mut buf = vec![0u8; 10];
+        let err = file.read_exact_at(&mut buf, 0, false).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("ctime") && !text.contains("mtime"), "{text}");
+    }
+
+    #[test]
+    fn truncation_is_named_as_a_change() {
+        let dir = tempdir();
+        let path = dir.path().join("data");
+        std::fs::write(&path, vec![1u8; 10_000]).unwrap();
+        let file = InputFile::open(&path, None).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let mut buf = vec![0u8; 1000];
+        let err = file.read_exact_at(&mut buf, 5_000, false).unwrap_err();
+        assert!(err.to_string().contains("size 10000 → 100"), "{err}");
+    }
+
+    #[test]
+    fn a_file_replaced_by_rename_keeps_its_held_version_and_fails_a_lazy_one() {
+        let dir = tempdir();
+        let path = dir.path().join("data");
+        std::fs::write(&path, vec![1u8; 1000]).unwrap();
+        let held = InputFile::open(&path, None).unwrap();
+        let lazy = InputFile::lazy(&path, Identity::of_path(&path).unwrap());
+        let new = dir.path().join("new");
+        std::fs::write(&new, vec![2u8; 1000]).unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        let mut buf = vec![0u8; 1000];
+        for bypass in [false, true] {
+            held.read_exact_at(&mut buf, 0, bypass).unwrap();
+            assert_eq!(buf, vec![1u8; 1000]);
+        }
+        let err = lazy.read_exact_at(&mut buf, 0, false).unwrap_err();
+        assert!(
+            err.to_string().contains("replaced by another file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn opening_checks_the_identity_recorded_before() {
+        let dir = tempdir();
+        let path = dir.path().join("data");
+        std::fs::write(&path, vec![1u8; 1000]).unwrap();
+        let before = Identity::of_path(&path).unwrap();
+        overwrite(&path, 0, &[2u8; 2000]);
+        let err = InputFile::open(&path, Some(before)).unwrap_err();
+        assert!(err.to_string().contains("size 1000 → 2000"), "{err}");
+        assert_eq!(InputFile::open(&path, None).unwrap().size(), 2000);
     }
 }

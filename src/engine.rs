@@ -8,6 +8,7 @@
 //! (base bytes at the same offsets), and merged tensors, computed in blocks of whole rows.
 //! A later change of header or of a tensor's size is a change to this list only.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,12 +16,16 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::adapter::Adapter;
-use crate::baseio::InputFile;
+use crate::baseio::{Identity, InputFile};
 use crate::cache::{Block, BlockCache};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::model::{BaseModel, INDEX_FILE};
 use crate::plan::{Input, MergePlan, TensorMerge, WSource};
+
+/// The files of an adapter directory the plan is read from: config first, then weights
+/// (the names `Adapter::load` reads).
+const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
 /// Merged blocks hold whole rows, about this many bytes: big enough that per-block overhead
 /// (a cache lookup, one `pread`) is small next to the merge, small enough that a 128 KiB
@@ -58,6 +63,9 @@ pub struct VirtualFile {
     pub base_path: PathBuf,
     base: InputFile,
     segments: Vec<Segment>,
+    /// Whether some bytes come from the adapters (merged or replaced tensors): then a
+    /// change of an adapter's files fails reads of this file.
+    adapted: bool,
 }
 
 /// Counters of an engine's work, for logs and the mount's stats.
@@ -93,6 +101,8 @@ pub struct Engine {
     pub plan: MergePlan,
     /// Adapter weight files, by adapter index: the source of replaced tensors.
     pub inputs: Vec<InputFile>,
+    /// Adapter config files, by adapter index: read at open only, held to see a change.
+    pub adapter_configs: Vec<InputFile>,
     pub kernel: Kernel,
     pub cache: BlockCache,
     /// Read the base with `O_DIRECT`, around the page cache (see [`crate::baseio`]): for
@@ -107,36 +117,63 @@ pub struct Engine {
 
 impl Engine {
     /// Open a base model and adapters (`(dir, weight)`, in order) and plan the merge. All
-    /// inputs are validated here; reads afterwards fail only on I/O errors.
+    /// inputs are validated here; reads afterwards fail only on I/O errors, or when an input
+    /// changed since (see [`crate::baseio`]).
     pub fn open(
         base_dir: &Path,
         adapters: &[(PathBuf, f64)],
         options: EngineOptions,
     ) -> Result<Engine> {
         let base = BaseModel::open(base_dir)?;
+        // Before the adapters are read: what they are read from must be what is served.
+        let recorded: HashMap<PathBuf, Identity> = adapters
+            .iter()
+            .flat_map(|(dir, _)| ADAPTER_FILES.map(|name| dir.join(name)))
+            .filter_map(|path| Some((path.clone(), Identity::of_path(&path).ok()?)))
+            .collect();
         let mut adapters = adapters
             .iter()
             .map(|(dir, weight)| Adapter::load(dir, *weight))
             .collect::<Result<Vec<_>>>()?;
         let plan = MergePlan::build(&base, &mut adapters)?;
         drop(adapters); // the plan holds the factors it needs, packed.
-        Engine::from_plan(base, plan, options)
+        Engine::from_plan(base, plan, &recorded, options)
     }
 
-    fn from_plan(base: BaseModel, plan: MergePlan, options: EngineOptions) -> Result<Engine> {
+    fn from_plan(
+        base: BaseModel,
+        plan: MergePlan,
+        recorded: &HashMap<PathBuf, Identity>,
+        options: EngineOptions,
+    ) -> Result<Engine> {
+        let open_recorded = |path: &Path| InputFile::open(path, recorded.get(path).copied());
         let inputs = plan
             .adapters
             .iter()
-            .map(|a| InputFile::open(&a.file))
+            .map(|a| open_recorded(&a.file))
+            .collect::<Result<Vec<_>>>()?;
+        let adapter_configs = plan
+            .adapters
+            .iter()
+            .map(|a| open_recorded(&a.dir.join(ADAPTER_FILES[0])))
             .collect::<Result<Vec<_>>>()?;
         let mut files = Vec::with_capacity(base.files.len());
         // Change of the safetensors files' data (tensor bytes): a resized tensor changes it.
         let mut data_delta: i64 = 0;
         for file in &base.files {
             let extra = plan.extra_files.get(&file.rel);
-            let mut vf = passthrough(&file.rel, extra.unwrap_or(&file.path))?;
+            // Weights keep a descriptor; other files are opened at each read (baseio).
+            let input = match (extra, file.layout) {
+                (Some(path), _) => InputFile::lazy(path, Identity::of_path(path)?),
+                (None, Some(_)) => InputFile::open(&file.path, Some(file.identity))?,
+                (None, None) => InputFile::lazy(&file.path, file.identity),
+            };
+            let mut vf = passthrough(&file.rel, input);
             if let (Some(li), None) = (file.layout, extra) {
                 let (segments, size, delta) = safetensors_segments(&base, li, &plan)?;
+                vf.adapted = segments
+                    .iter()
+                    .any(|s| matches!(s.source, Source::Merged { .. } | Source::Input { .. }));
                 (vf.segments, vf.size) = (segments, size);
                 data_delta += delta;
             }
@@ -154,6 +191,11 @@ impl Engine {
             } else {
                 None
             };
+            // The base read the index and config.json after the walk: they must still be the
+            // version walked, which their reads (or these bytes) stand for.
+            if vf.rel == Path::new(INDEX_FILE) || vf.rel == Path::new("config.json") {
+                vf.base.check()?;
+            }
             if let Some(bytes) = rewritten {
                 vf.size = bytes.len() as u64;
                 vf.segments = vec![Segment {
@@ -165,7 +207,10 @@ impl Engine {
         }
         for (rel, path) in &plan.extra_files {
             if !files.iter().any(|f| &f.rel == rel) {
-                files.push(passthrough(rel, path)?);
+                files.push(passthrough(
+                    rel,
+                    InputFile::lazy(path, Identity::of_path(path)?),
+                ));
             }
         }
         files.sort_by(|a, b| a.rel.cmp(&b.rel));
@@ -177,6 +222,7 @@ impl Engine {
             dirs: base.dirs,
             plan,
             inputs,
+            adapter_configs,
             kernel: Kernel::selected(),
             cache: BlockCache::new(options.cache_bytes),
             direct_base_reads: false,
@@ -188,6 +234,9 @@ impl Engine {
     /// at the end of the file). Safe to call from many threads; never writes to the inputs.
     pub fn read_at(&self, file: usize, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let vf = self.files.get(file).ok_or(Error::NoSuchFile(file))?;
+        // Cached blocks were made from the inputs as opened: once one is seen changed, none
+        // of this file's bytes are served, so no read mixes versions.
+        self.sources_unchanged(vf)?;
         if offset >= vf.size {
             return Ok(0);
         }
@@ -233,6 +282,22 @@ impl Engine {
             .bytes_read
             .fetch_add(len as u64, Ordering::Relaxed);
         Ok(len)
+    }
+
+    /// Fails if a file `vf` is made from was seen changed (no system call).
+    fn sources_unchanged(&self, vf: &VirtualFile) -> Result<()> {
+        vf.base.unchanged()?;
+        if vf.adapted {
+            for input in self.adapter_files() {
+                input.unchanged()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every adapter file the plan was read from.
+    fn adapter_files(&self) -> impl Iterator<Item = &InputFile> {
+        self.inputs.iter().chain(&self.adapter_configs)
     }
 
     /// Bytes of one block of `m` (all blocks but the last of a tensor).
@@ -281,6 +346,11 @@ impl Engine {
     fn block(&self, vf: &VirtualFile, merge: usize, b: usize) -> Result<Block> {
         let m = &self.plan.merges[merge];
         self.cache.get_or_compute((merge as u32, b as u32), || {
+            // The factors in memory were read from the adapter files: see a change of them
+            // now (the base's `W` is checked as it is read).
+            for input in self.adapter_files() {
+                input.check()?;
+            }
             let rows = Self::block_rows(m);
             let row0 = b * rows;
             let n = rows.min(m.factors.rows - row0);
@@ -465,21 +535,21 @@ fn safetensors_segments(
     Ok((segments, size, data as i64 - before as i64))
 }
 
-/// A file served unchanged from `path` (a base file, or an adapter's tokenizer file).
-fn passthrough(rel: &Path, path: &Path) -> Result<VirtualFile> {
-    let handle = InputFile::open(path)?;
-    let size = handle.size()?;
-    Ok(VirtualFile {
+/// A file served unchanged from `input` (a base file, or an adapter's tokenizer file).
+fn passthrough(rel: &Path, input: InputFile) -> VirtualFile {
+    let size = input.size();
+    VirtualFile {
         rel: rel.to_path_buf(),
         size,
-        base_path: path.to_path_buf(),
-        base: handle,
+        base_path: input.path.clone(),
+        base: input,
         segments: vec![Segment {
             start: 0,
             len: size,
             source: Source::Base { offset: 0 },
         }],
-    })
+        adapted: false,
+    }
 }
 
 /// `model.safetensors.index.json` with `metadata.total_size` changed by `delta` bytes.

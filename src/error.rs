@@ -39,6 +39,10 @@ pub enum Error {
     /// The output path of `materialize` cannot be used.
     #[error("{}: {what}", path.display())]
     Output { path: PathBuf, what: String },
+    /// An input file changed (rewritten in place, truncated, or replaced) since lorafs opened
+    /// it: serving it further could mix two versions.
+    #[error("{}: changed since lorafs opened it ({what}); remount (or rerun) to use the new version", path.display())]
+    Changed { path: PathBuf, what: String },
     /// A read asked for a file id that does not exist.
     #[error("no file with id {0}")]
     NoSuchFile(usize),
@@ -94,7 +98,8 @@ impl Error {
             | Error::BadSafetensors { .. }
             | Error::Tensor { .. }
             | Error::Unsupported { .. }
-            | Error::Output { .. } => libc::EIO,
+            | Error::Output { .. }
+            | Error::Changed { .. } => libc::EIO,
         }
     }
 }

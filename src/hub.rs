@@ -70,25 +70,50 @@ fn not_cached(arg: &Path, what: &str) -> Error {
     )
 }
 
-/// Find `repo` at `revision` under `cache`; the error says what is missing.
+/// A name that is one plain path component: joined to a directory, it stays inside.
+fn plain_component(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+/// Find `repo` at `revision` under `cache`; the error says what is missing. Nothing outside
+/// the repo's folder is ever returned: a revision is a ref name (plain components, like
+/// `main` or `refs/pr/1`) or a commit, a ref file holds a commit, and the snapshot found
+/// must really be inside `snapshots/` (no link out of it).
 pub fn resolve_in(
     cache: &Path,
     repo: &str,
     revision: &str,
 ) -> std::result::Result<PathBuf, String> {
+    if !revision.split('/').all(plain_component) {
+        return Err(format!(
+            "revision {revision:?} is not a branch, tag or commit name"
+        ));
+    }
     let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
     if !folder.is_dir() {
         return Err(format!("{} does not exist", folder.display()));
     }
     let snapshots = folder.join("snapshots");
-    let commit = match std::fs::read_to_string(folder.join("refs").join(revision)) {
+    let ref_file = folder.join("refs").join(revision);
+    let commit = match std::fs::read_to_string(&ref_file) {
         Ok(hash) => hash.trim().to_string(),
         // A commit hash (or its prefix) names a snapshot directly.
         Err(_) => revision.to_string(),
     };
+    if !plain_component(&commit) {
+        let what = if commit == revision {
+            "is not a ref of this repo, nor a commit".to_string()
+        } else {
+            format!(
+                "has a ref file {} holding {commit:?}, not a commit",
+                ref_file.display()
+            )
+        };
+        return Err(format!("revision {revision:?} {what}"));
+    }
     let exact = snapshots.join(&commit);
     if exact.is_dir() {
-        return Ok(exact);
+        return inside(&snapshots, exact);
     }
     if commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit()) {
         let matches: Vec<PathBuf> = std::fs::read_dir(&snapshots)
@@ -99,7 +124,7 @@ pub fn resolve_in(
             .map(|e| e.path())
             .collect();
         if let [only] = matches.as_slice() {
-            return Ok(only.clone());
+            return inside(&snapshots, only.clone());
         }
     }
     let available: Vec<String> = std::fs::read_dir(&snapshots)
@@ -117,4 +142,79 @@ pub fn resolve_in(
             available.join(", ")
         }
     ))
+}
+
+/// `snapshot` if, with every link resolved, it is inside `snapshots`.
+fn inside(snapshots: &Path, snapshot: PathBuf) -> std::result::Result<PathBuf, String> {
+    let canonical = |p: &Path| {
+        p.canonicalize()
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    if canonical(&snapshot)?.starts_with(canonical(snapshots)?) {
+        Ok(snapshot)
+    } else {
+        Err(format!(
+            "{} leads outside {}",
+            snapshot.display(),
+            snapshots.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache with `models--org--m`: a snapshot `abc1234`, refs/main → it, and refs/pr/1.
+    fn cache() -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let folder = tmp.path().join("models--org--m");
+        std::fs::create_dir_all(folder.join("snapshots/abc1234")).unwrap();
+        std::fs::create_dir_all(folder.join("refs/refs/pr")).unwrap();
+        std::fs::write(folder.join("refs/main"), "abc1234\n").unwrap();
+        std::fs::write(folder.join("refs/refs/pr/1"), "abc1234").unwrap();
+        tmp
+    }
+
+    #[test]
+    fn revisions_resolve_to_snapshots() {
+        let tmp = cache();
+        let snapshot = tmp.path().join("models--org--m/snapshots/abc1234");
+        for revision in ["main", "refs/pr/1", "abc1234", "abc12"] {
+            let found = resolve_in(tmp.path(), "org/m", revision);
+            if revision == "abc12" {
+                // Too short a prefix to be a commit.
+                assert!(found.is_err(), "{found:?}");
+            } else {
+                assert_eq!(found.unwrap(), snapshot, "{revision}");
+            }
+        }
+    }
+
+    #[test]
+    fn revisions_and_refs_never_lead_out_of_the_cache() {
+        let tmp = cache();
+        let folder = tmp.path().join("models--org--m");
+        for revision in ["..", "../..", "main/../..", "/etc", ".", "a//b"] {
+            let err = resolve_in(tmp.path(), "org/m", revision).unwrap_err();
+            assert!(
+                err.contains("is not a branch, tag or commit"),
+                "{revision}: {err}"
+            );
+        }
+        // A ref file holding a path instead of a commit.
+        std::fs::write(folder.join("refs/evil"), "../../x").unwrap();
+        std::fs::create_dir_all(tmp.path().join("x")).unwrap();
+        let err = resolve_in(tmp.path(), "org/m", "evil").unwrap_err();
+        assert!(err.contains("holding \"../../x\", not a commit"), "{err}");
+        std::fs::write(folder.join("refs/dots"), "..").unwrap();
+        assert!(resolve_in(tmp.path(), "org/m", "dots").is_err());
+        // A snapshot that is a link out of the cache.
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), folder.join("snapshots/def5678")).unwrap();
+        let err = resolve_in(tmp.path(), "org/m", "def5678").unwrap_err();
+        assert!(err.contains("leads outside"), "{err}");
+        let err = resolve_in(tmp.path(), "org/m", "def56").unwrap_err();
+        assert!(err.contains("is not in"), "{err}");
+    }
 }

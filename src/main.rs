@@ -286,6 +286,27 @@ fn one_malloc_arena() {
     }
 }
 
+/// Raise the soft limit on open files to the hard one. lorafs keeps one descriptor per
+/// safetensors file (others are opened per read), and the usual soft limit of 1024 is below
+/// the shard count of some models, while the hard limit is usually far higher.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed, which lives on
+    // this stack frame; failures leave the limit as it was, which is fine.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                log::debug!("could not raise the open files limit");
+            }
+        }
+    }
+}
+
 /// `mount` without --foreground: run the same command as a background server in its own
 /// session and return once it reports the mount ready, or fail with its error.
 fn spawn_background_server() -> anyhow::Result<()> {
@@ -441,6 +462,7 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LORAFS_LOG", default_level))
         .init();
+    raise_open_files_limit();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

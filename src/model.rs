@@ -1,10 +1,11 @@
 //! The base model directory: every file in it, and every tensor of its safetensors files.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::baseio::Identity;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -14,6 +15,19 @@ pub(crate) const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Directory depth beyond which the walk gives up (a symlink loop, most likely).
 const MAX_DEPTH: usize = 32;
 
+/// What the walk leaves out, with why: not part of the model, and not to be served or
+/// copied. `.git` anywhere (a base cloned with git, or a submodule); `.cache/huggingface`
+/// at the top, where huggingface_hub keeps download metadata in a local directory.
+fn skipped(rel: &Path) -> Option<&'static str> {
+    if rel.file_name().is_some_and(|n| n == ".git") {
+        Some("git metadata")
+    } else if rel == Path::new(".cache/huggingface") {
+        Some("huggingface_hub download metadata")
+    } else {
+        None
+    }
+}
+
 /// One regular file of the base directory.
 #[derive(Debug)]
 pub struct BaseFile {
@@ -22,6 +36,8 @@ pub struct BaseFile {
     /// Full path (symlinks, as in a Hugging Face cache snapshot, are followed when read).
     pub path: PathBuf,
     pub size: u64,
+    /// The file's identity when the walk found it, before anything was read from it.
+    pub identity: Identity,
     /// Index into [`BaseModel::layouts`] for `*.safetensors` files.
     pub layout: Option<usize>,
 }
@@ -157,13 +173,41 @@ fn read_weight_map(path: &Path) -> Result<HashMap<String, String>> {
         .ok_or_else(|| Error::config(path, "no \"weight_map\" object"))?;
     map.iter()
         .map(|(k, v)| match v.as_str() {
-            Some(file) => Ok((k.clone(), file.to_string())),
+            Some(file) => Ok((k.clone(), shard_name(path, k, file)?)),
             None => Err(Error::config(
                 path,
                 format!("weight_map[{k:?}] is not a file name"),
             )),
         })
         .collect()
+}
+
+/// A shard name of the index as a path relative to the model directory: `./` dropped (as
+/// transformers, which joins it to the directory), `..` and absolute paths refused.
+fn shard_name(index: &Path, tensor: &str, file: &str) -> Result<String> {
+    let mut rel = PathBuf::new();
+    for part in Path::new(file).components() {
+        match part {
+            Component::Normal(name) => rel.push(name),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(Error::config(
+                    index,
+                    format!(
+                        "weight_map[{tensor:?}] = {file:?} is outside the model directory; \
+                         shard names are relative paths inside it"
+                    ),
+                ))
+            }
+        }
+    }
+    if rel.as_os_str().is_empty() {
+        return Err(Error::config(
+            index,
+            format!("weight_map[{tensor:?}] = {file:?} is not a file name"),
+        ));
+    }
+    Ok(rel.to_string_lossy().into_owned())
 }
 
 fn walk(
@@ -185,16 +229,27 @@ fn walk(
         let entry = entry.map_err(|e| Error::io(&dir, e))?;
         let path = entry.path();
         let rel = rel.join(entry.file_name());
+        if let Some(why) = skipped(&rel) {
+            log::debug!("skipping {} ({why}): not part of the model", path.display());
+            continue;
+        }
         // Follow symlinks: a Hugging Face cache snapshot is a directory of links to blobs.
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         if meta.is_dir() {
+            let (before_files, before_dirs) = (files.len(), dirs.len());
             dirs.push(rel.clone());
             walk(root, &rel, depth + 1, files, dirs)?;
+            // A `.cache` that held only huggingface_hub's metadata is not listed either.
+            let empty = files.len() == before_files && dirs.len() == before_dirs + 1;
+            if empty && rel == Path::new(".cache") {
+                dirs.pop();
+            }
         } else if meta.is_file() {
             files.push(BaseFile {
                 rel,
                 path,
                 size: meta.len(),
+                identity: Identity::of(&meta),
                 layout: None,
             });
         }

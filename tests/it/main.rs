@@ -3,6 +3,7 @@
 mod common;
 mod errors;
 mod features;
+mod inputs;
 mod merge;
 mod mount;
 mod mount_trust;
