@@ -56,8 +56,10 @@ impl Target {
             .unwrap_or(Path::new("."));
         let real_parent = check_parent(out, parent)?;
         if out.components().any(|c| c == Component::ParentDir) {
-            // `link/../out` is `./out` to the reader but `TARGET_PARENT/out` to the kernel.
+            // `link/../out` is `./out` to the reader but `TARGET_PARENT/out` to the kernel;
+            // and `link/x/../out` is `link/out` to the reader, which is refused above.
             let lexical = lexical_parent(&cwd.join(parent));
+            check_parent(out, &lexical)?;
             if lexical.canonicalize().ok().as_ref() != Some(&real_parent) {
                 return Err(refuse(&format!(
                     "has `..` after a symbolic link: it is in {}, not in {}; \

@@ -5,4 +5,5 @@ mod errors;
 mod features;
 mod merge;
 mod mount;
+mod output;
 mod read_at;
