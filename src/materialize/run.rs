@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use super::fsops::{exchange, remove_tree, rename_noreplace};
 use super::marker::{Marker, Owner};
-use super::target::{refusal, Existing, Target};
+use super::target::{mount_points, refusal, Existing, Target};
 use crate::error::{Error, Result};
 
 /// Random characters in a run id (alphanumeric).
@@ -68,10 +68,12 @@ impl RunDir {
                 .file_name()
                 .expect("a temporary file has a name");
             let stem = OsStr::from_bytes(stem.as_bytes().strip_suffix(b".owner").expect("suffix"));
-            let run = RunDir(Names::new(target, stem));
-            let tree = run.tree();
+            let names = Names::new(target, stem);
+            let tree = names.tree();
             match std::fs::DirBuilder::new().mode(0o700).create(&tree) {
                 Ok(()) => {
+                    // Only now is the name ours, and the run's drop may remove it.
+                    let run = RunDir(names);
                     owner
                         .keep()
                         .map_err(|e| Error::io(run.0.owner(), e.error))?;
@@ -80,6 +82,7 @@ impl RunDir {
                         .map_err(|e| Error::io(&tree, e))?;
                     return Ok(run);
                 }
+                // Not ours: try another name (the owner file goes with `owner`).
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(Error::io(&tree, e)),
             }
@@ -223,6 +226,11 @@ fn remove_plain(parent: &Path, path: &Path) -> Result<()> {
     };
     if !(meta.is_dir() || meta.is_file()) {
         let what = "is neither a directory nor a regular file; left in place";
+        return Err(Error::io(path, io::Error::other(what)));
+    }
+    // A bind mount (same device, so `remove_tree` would enter it) made since OUT was checked.
+    if let Some(mount) = mount_points().into_iter().find(|m| m.starts_with(path)) {
+        let what = format!("holds a mount point ({}); left in place", mount.display());
         return Err(Error::io(path, io::Error::other(what)));
     }
     remove_tree(parent, path.file_name().expect("a run's names are names"))

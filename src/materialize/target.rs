@@ -214,7 +214,7 @@ fn lexical_parent(path: &Path) -> PathBuf {
 
 /// Every mount point of this process's mount namespace (empty if `/proc` is unreadable: the
 /// device comparison still catches mounts of other filesystems).
-fn mount_points() -> Vec<PathBuf> {
+pub(super) fn mount_points() -> Vec<PathBuf> {
     let Ok(text) = std::fs::read("/proc/self/mountinfo") else {
         return Vec::new();
     };

@@ -510,3 +510,36 @@ fn the_output_keeps_the_source_modes() {
     assert!(ok, "{err}");
     assert!(run_files(tmp.path()).is_empty());
 }
+
+#[test]
+fn a_crash_between_the_two_renames_of_force_puts_the_old_output_back() {
+    // Where the filesystem cannot exchange two names, `--force` moves OUT aside, then the new
+    // tree in. A crash between the two leaves OUT missing and the old one aside: the next
+    // run puts it back. The state is made from a killed run plus the old OUT moved aside.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, a) = slow_inputs(tmp.path());
+    let out = tmp.path().join("out");
+    let before = run_files(tmp.path());
+    let mut child = materialize_cmd(tmp.path(), &base, &out, &a, false)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_dir = wait_for_run_dir(tmp.path(), &before, &mut child);
+    kill(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    let aside = PathBuf::from(format!("{}.old", run_dir.display()));
+    std::fs::create_dir(&aside).unwrap();
+    std::fs::write(aside.join("old.txt"), b"the old output").unwrap();
+
+    let (ok, _, err) = materialize_from(tmp.path(), &base, &out, &a, false);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("old.txt")).unwrap(),
+        b"the old output"
+    );
+    assert!(
+        run_files(tmp.path()).is_empty(),
+        "{:?}",
+        run_files(tmp.path())
+    );
+}
