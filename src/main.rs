@@ -27,9 +27,11 @@ enum Command {
     Materialize {
         #[command(flatten)]
         inputs: Inputs,
-        /// Output directory (must not exist, unless --force).
+        /// Output directory (must not exist, unless --force). Never a symbolic link, a
+        /// mount point, the current directory or one of its ancestors.
         out: PathBuf,
-        /// Replace OUT if it exists.
+        /// Replace OUT if it exists (a directory or regular file): the old one is removed
+        /// once the new one is in place.
         #[arg(long)]
         force: bool,
     },
