@@ -290,7 +290,8 @@ pub(super) fn sweep(target: &Target) {
 fn read_marker(path: &Path) -> Option<Marker> {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        // O_NONBLOCK: a FIFO under that name must not block the open.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
     let meta = file.metadata().ok()?;

@@ -40,11 +40,12 @@ impl Target {
         if raw.is_empty() {
             return Err(refuse("is empty"));
         }
-        let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+        // None when the current directory was removed: there is nothing to protect then.
+        let cwd = std::env::current_dir().ok();
         let Some(Component::Normal(name)) = out.components().next_back() else {
             // `.`, `..`, `/` or `dir/..`: no entry that could be created or replaced.
             if let Ok(real) = out.canonicalize() {
-                if let Some(what) = holds_cwd(&real, &cwd) {
+                if let Some(what) = holds_cwd(&real, cwd.as_deref()) {
                     return Err(refuse(what));
                 }
             }
@@ -58,7 +59,7 @@ impl Target {
         if out.components().any(|c| c == Component::ParentDir) {
             // `link/../out` is `./out` to the reader but `TARGET_PARENT/out` to the kernel;
             // and `link/x/../out` is `link/out` to the reader, which is refused above.
-            let lexical = lexical_parent(&cwd.join(parent));
+            let lexical = lexical_parent(&cwd.unwrap_or_default().join(parent));
             check_parent(out, &lexical)?;
             if lexical.canonicalize().ok().as_ref() != Some(&real_parent) {
                 return Err(refuse(&format!(
@@ -117,8 +118,7 @@ impl Target {
                 "exists and is neither a directory nor a regular file; refusing to replace it",
             ));
         };
-        let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
-        if let Some(what) = holds_cwd(&path, &cwd) {
+        if let Some(what) = holds_cwd(&path, std::env::current_dir().ok().as_deref()) {
             return Err(refuse(what));
         }
         if inputs.iter().any(|i| i.starts_with(&path)) {
@@ -159,7 +159,8 @@ pub(super) fn refusal(out: &Path, what: &str) -> Error {
 }
 
 /// Why `real` (canonical) cannot be replaced because the process works inside it, if so.
-fn holds_cwd(real: &Path, cwd: &Path) -> Option<&'static str> {
+fn holds_cwd(real: &Path, cwd: Option<&Path>) -> Option<&'static str> {
+    let cwd = cwd?;
     if cwd == real {
         Some("is the current directory; refusing to replace it")
     } else if cwd.starts_with(real) {
