@@ -471,7 +471,10 @@ fn the_output_keeps_the_source_modes() {
     let tmp = tempfile::tempdir().unwrap();
     let (base, a) = inputs(tmp.path());
     chmod(&base.join("config.json"), 0o600);
-    chmod(&base.join("tokenizer.json"), 0o640);
+    chmod(&base.join("extra/empty.txt"), 0o640);
+    // A file the adapter brings (its tokenizer) has the adapter file's bits.
+    std::fs::write(a.join("tokenizer.json"), b"{}").unwrap();
+    chmod(&a.join("tokenizer.json"), 0o660);
     chmod(&base.join("model.safetensors"), 0o444);
     // A linked file (as in a Hugging Face snapshot): the target's bits count, not the link's.
     let blob = tmp.path().join("blob");
@@ -487,7 +490,8 @@ fn the_output_keeps_the_source_modes() {
     assert!(ok, "{err}");
     for (rel, want) in [
         ("config.json", 0o600),
-        ("tokenizer.json", 0o640),
+        ("extra/empty.txt", 0o640),
+        ("tokenizer.json", 0o660),
         ("model.safetensors", 0o444),
         ("extra/linked.txt", 0o604),
         ("extra/nested", 0o555),
