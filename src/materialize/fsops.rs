@@ -12,8 +12,9 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 
-/// Nesting beyond which removal gives up rather than hold one descriptor per level.
-const MAX_DEPTH: usize = 64;
+/// Nesting beyond which removal gives up: it holds one descriptor per level, and this stays
+/// well inside the default limit of 1024 open files.
+const MAX_DEPTH: usize = 256;
 
 /// Remove `name` in directory `dir` and, if it is a directory, everything below it.
 /// Descriptor-relative all the way down, so a component swapped for a symbolic link while this
