@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use lorafs::materialize::{materialize, MaterializeOptions};
+use lorafs::materialize::{materialize, Interrupt, MaterializeOptions};
 use lorafs::{Engine, EngineOptions};
 
 #[derive(Parser)]
@@ -27,9 +27,11 @@ enum Command {
     Materialize {
         #[command(flatten)]
         inputs: Inputs,
-        /// Output directory (must not exist, unless --force).
+        /// Output directory (must not exist, unless --force). Never a symbolic link, a
+        /// mount point, the current directory or one of its ancestors.
         out: PathBuf,
-        /// Replace OUT if it exists.
+        /// Replace OUT if it exists (a directory or regular file): the old one is removed
+        /// once the new one is in place.
         #[arg(long)]
         force: bool,
     },
@@ -221,13 +223,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Materialize { inputs, out, force } => {
             let engine = inputs.open(MATERIALIZE_CACHE)?;
             log::info!("kernel: {}", engine.kernel.name());
+            // From here on SIGINT, SIGTERM and SIGHUP stop the run, which removes what it
+            // wrote; then the process exits as if killed by the signal (128 + its number).
+            let interrupt =
+                Interrupt::on_signals().context("cannot install the signal handlers")?;
             let options = MaterializeOptions {
                 force,
                 progress: std::io::stderr().is_terminal(),
+                interrupt: interrupt.clone(),
             };
             let summary = materialize(&engine, &out, &inputs_of(&engine), &options)
-                .with_context(|| format!("materialize into {} failed", out.display()))?;
-            println!("{}: {summary}", out.display());
+                .with_context(|| format!("materialize into {} failed", out.display()));
+            match (summary, interrupt.signal()) {
+                (Ok(summary), _) => println!("{}: {summary}", out.display()),
+                (Err(err), Some(signal)) => {
+                    report(&err);
+                    std::process::exit(128 + signal);
+                }
+                (Err(err), None) => return Err(err),
+            }
         }
         Command::Mount {
             inputs,
@@ -450,6 +464,11 @@ fn error_chain(err: &anyhow::Error) -> String {
     text
 }
 
+/// Print an error, with its causes, as the last line of a failed run.
+fn report(err: &anyhow::Error) {
+    eprintln!("lorafs: error: {}", error_chain(err));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A mount is a long-lived server: say what it did at init (kernel settings, read-ahead).
@@ -466,7 +485,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("lorafs: error: {}", error_chain(&err));
+            report(&err);
             ExitCode::FAILURE
         }
     }

@@ -7,4 +7,5 @@ mod inputs;
 mod merge;
 mod mount;
 mod mount_trust;
+mod output;
 mod read_at;

@@ -1,0 +1,173 @@
+//! `lorafs materialize`: write the merged directory to disk, streaming through
+//! [`Engine::read_at`] so the bytes are exactly what a mount serves.
+//!
+//! What it may touch (docs/SAFETY.md states it for users): the new tree is written in a
+//! directory of its own beside OUT ([`run`]) and renamed into place only when complete;
+//! nothing is ever removed but that run's own files and, with `--force`, an old OUT that
+//! passed every check in [`target`] twice (before the run and when the tree is complete).
+
+mod fsops;
+mod interrupt;
+mod marker;
+mod run;
+mod target;
+mod write;
+
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use interrupt::Interrupt;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use run::RunDir;
+use target::{refusal, Existing, Target};
+
+#[derive(Debug, Clone, Default)]
+pub struct MaterializeOptions {
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+    /// Stops the run (which then removes what it wrote) once set.
+    pub interrupt: Interrupt,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub files: usize,
+    pub tensors_merged: usize,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "{} files, {} tensors merged, {} bytes in {:.2} s ({:.0} MB/s)",
+            self.files,
+            self.tensors_merged,
+            self.bytes,
+            secs,
+            self.bytes as f64 / secs.max(1e-9) / 1e6
+        )
+    }
+}
+
+/// Write the merged directory to `out`. It is built in a temporary directory beside `out`
+/// and renamed into place only when complete, so a failure leaves nothing at `out`.
+/// `inputs` are the base and adapter directories, which the output must not touch.
+pub fn materialize(
+    engine: &Engine,
+    out: &Path,
+    inputs: &[&Path],
+    options: &MaterializeOptions,
+) -> Result<Summary> {
+    let start = Instant::now();
+    let inputs = inputs
+        .iter()
+        .map(|i| i.canonicalize().map_err(|e| Error::io(i, e)))
+        .collect::<Result<Vec<_>>>()?;
+    let target = Target::resolve(out, &inputs)?;
+    run::sweep(&target);
+    if target.existing(&inputs)? != Existing::Nothing && !options.force {
+        return Err(refusal(out, "already exists; pass --force to replace it"));
+    }
+    let modes = Modes::of(engine)?;
+    options.interrupt.check(out)?;
+
+    let run = RunDir::create(&target)?;
+    let tree = run.tree();
+    for dir in &engine.dirs {
+        let path = tree.join(dir);
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    let total = engine.total_bytes();
+    let bar = if options.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let sink = write::Sink {
+        dir: &tree,
+        modes: &modes.files,
+        bar: &bar,
+        interrupt: &options.interrupt,
+        out,
+    };
+    let written = write::write_files(engine, &sink);
+    bar.finish_and_clear();
+    written?;
+    modes.apply_to_dirs(engine, &tree)?;
+    options.interrupt.check(out)?;
+    run.place(&target, &inputs, options.force)?;
+    drop(run); // removes the replaced OUT (--force) and the run's owner file
+    Ok(Summary {
+        files: engine.files.len(),
+        tensors_merged: engine.plan.merges.len(),
+        bytes: total,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The permission bits the output keeps: each file's and directory's source's, read before
+/// any work so that an unreadable source fails the run early.
+struct Modes {
+    /// By index in `engine.files`.
+    files: Vec<u32>,
+    /// By index in `engine.dirs`.
+    dirs: Vec<u32>,
+    /// OUT itself: the base directory's.
+    root: u32,
+}
+
+impl Modes {
+    fn of(engine: &Engine) -> Result<Modes> {
+        Ok(Modes {
+            // A file's source is the base file (config.json and the shard index too, when
+            // lorafs rewrites them) or, for an adapter's tokenizer file, that file.
+            files: (engine.files.iter())
+                .map(|f| source_mode(&f.base_path))
+                .collect::<Result<_>>()?,
+            dirs: (engine.dirs.iter())
+                .map(|d| source_mode(&engine.base_dir.join(d)))
+                .collect::<Result<_>>()?,
+            root: source_mode(&engine.base_dir)?,
+        })
+    }
+
+    /// Set the directories' bits, last and deepest first: a read-only source directory
+    /// (0555) must not stop lorafs writing into its copy, and the root stays 0700 (closed to
+    /// others) until everything below is final.
+    fn apply_to_dirs(&self, engine: &Engine, tree: &Path) -> Result<()> {
+        let dirs = engine.dirs.iter().zip(&self.dirs).rev();
+        for (path, mode) in dirs
+            .map(|(rel, &mode)| (tree.join(rel), mode))
+            .chain(std::iter::once((PathBuf::from(tree), self.root)))
+        {
+            std::fs::set_permissions(&path, Permissions::from_mode(mode))
+                .map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A source's permission bits, through symbolic links (a Hugging Face cache snapshot links
+/// into `blobs/`: the blob's bits count). Only read, write and execute bits: setuid, setgid
+/// and sticky do not carry over to a copy that belongs to whoever runs lorafs.
+fn source_mode(path: &Path) -> Result<u32> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    Ok(meta.permissions().mode() & 0o777)
+}

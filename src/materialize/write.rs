@@ -1,0 +1,105 @@
+//! Streaming the merged files into the run's directory.
+
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use indicatif::ProgressBar;
+
+use super::interrupt::Interrupt;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+
+/// Bytes per `read_at` call: several blocks, so that merging uses every core, and small
+/// enough that memory stays bounded (one chunk plus the cache, whatever the model size).
+const CHUNK: usize = 16 << 20;
+
+/// Bytes per `write`. On this project's VMs, 1 MiB or larger writes of a new file sometimes
+/// run five times slower (large page-cache folios the host faults in); 256 KiB writes do not
+/// (BENCHMARKS.md, "Against PEFT", says how to see it).
+const WRITE_BYTES: usize = 256 << 10;
+
+/// Where the files go and what to watch while writing them.
+pub(super) struct Sink<'a> {
+    /// The run's directory (its subdirectories exist).
+    pub dir: &'a Path,
+    /// Permission bits of each file, by index in `engine.files`.
+    pub modes: &'a [u32],
+    pub bar: &'a ProgressBar,
+    /// Checked per chunk: a signal stops the run with an error naming `out`.
+    pub interrupt: &'a Interrupt,
+    pub out: &'a Path,
+}
+
+/// Write every file under `sink.dir`: this thread merges a chunk (`read_at`) while a writer
+/// thread writes the previous one, so merging and writing overlap.
+pub(super) fn write_files(engine: &Engine, sink: &Sink) -> Result<()> {
+    // (file index, buffer, bytes used); a file of size 0 is sent once with 0 bytes.
+    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>, usize)>(1);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        empty_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            let mut current: Option<(usize, File, PathBuf)> = None;
+            for (index, buf, n) in full_rx {
+                if current.as_ref().map(|c| c.0) != Some(index) {
+                    let path = sink.dir.join(&engine.files[index].rel);
+                    current = Some((index, create(&path, sink.modes[index])?, path));
+                }
+                let (_, file, path) = current.as_mut().expect("set above");
+                for piece in buf[..n].chunks(WRITE_BYTES) {
+                    file.write_all(piece).map_err(|e| Error::io(&*path, e))?;
+                }
+                if buf.len() == CHUNK {
+                    let _ = empty_tx.send(buf); // back to the producer
+                }
+            }
+            Ok(())
+        });
+        let produced = (|| -> Result<()> {
+            for (index, file) in engine.files.iter().enumerate() {
+                sink.interrupt.check(sink.out)?;
+                if file.size == 0 && full_tx.send((index, Vec::new(), 0)).is_err() {
+                    return Ok(()); // the writer stopped: its error is reported below
+                }
+                let mut offset = 0;
+                while offset < file.size {
+                    sink.interrupt.check(sink.out)?;
+                    let Ok(mut buf) = empty_rx.recv() else {
+                        return Ok(());
+                    };
+                    let n = engine.read_at(index, offset, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if full_tx.send((index, buf, n)).is_err() {
+                        return Ok(());
+                    }
+                    offset += n as u64;
+                    sink.bar.inc(n as u64);
+                }
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer.join().expect("the writer thread does not panic");
+        produced.and(written)
+    })
+}
+
+/// A new file with the source's permission bits. Set on the open descriptor, which stays
+/// writable even when the bits say read-only (a 0444 source).
+fn create(path: &Path, mode: u32) -> Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(file)
+}
