@@ -47,6 +47,11 @@ pub struct Identity {
     pub ctime: (i64, i64),
     /// Number of names the file has.
     pub links: u64,
+    /// Permission bits and owner, served (mount) and kept (materialize) from this same
+    /// `stat`, so a file's bytes and its permissions are those of one version.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl Identity {
@@ -58,6 +63,9 @@ impl Identity {
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
             links: meta.nlink(),
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
         }
     }
 

@@ -68,6 +68,14 @@ pub struct VirtualFile {
     adapted: bool,
 }
 
+impl VirtualFile {
+    /// The `stat` of the file behind it, taken before anything was read from it: its
+    /// permissions and owner are what the mount serves and `materialize` keeps.
+    pub fn source(&self) -> Identity {
+        self.base.identity()
+    }
+}
+
 /// Counters of an engine's work, for logs and the mount's stats.
 #[derive(Default, Debug)]
 pub struct EngineStats {

@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 
+use crate::baseio::Identity;
 use crate::engine::Engine;
 
 /// Reported as `st_blksize`: programs such as `cat` size their reads by it, and larger reads
@@ -65,7 +65,7 @@ pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
         nodes.push(Node {
             parent,
             kind: NodeKind::File { file: index },
-            attr: source_attr(&file.base_path, ino, FileType::RegularFile, file.size)?,
+            attr: attr(ino, FileType::RegularFile, file.size, &file.source()),
         });
         link(
             &mut nodes,
@@ -94,19 +94,23 @@ fn link(nodes: &mut [Node], parent: u64, name: &OsStr, ino: u64) {
     }
 }
 
-/// The attributes of a node whose source is `path` (followed if a symlink).
+/// The attributes of a directory node whose source is `path` (followed if a symlink).
 fn source_attr(path: &Path, ino: u64, kind: FileType, size: u64) -> io::Result<FileAttr> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "{}: cannot read its permissions to serve them: {e}",
-                path.display()
-            ),
-        )
-    })?;
-    let time = meta.modified().unwrap_or(UNIX_EPOCH);
-    Ok(FileAttr {
+    let identity = Identity::of_path(path)
+        .map_err(|e| io::Error::other(format!("cannot read its permissions to serve them: {e}")))?;
+    Ok(attr(ino, kind, size, &identity))
+}
+
+/// The attributes of a node whose source had `identity` (a file's is the one the engine
+/// recorded before reading it, so bytes and permissions belong to one version).
+fn attr(ino: u64, kind: FileType, size: u64, source: &Identity) -> FileAttr {
+    let (secs, nanos) = source.mtime;
+    let time = if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos as u32)
+    } else {
+        UNIX_EPOCH
+    };
+    FileAttr {
         ino: INodeNo(ino),
         size,
         blocks: size.div_ceil(512),
@@ -115,12 +119,12 @@ fn source_attr(path: &Path, ino: u64, kind: FileType, size: u64) -> io::Result<F
         ctime: time,
         crtime: time,
         kind,
-        perm: (meta.mode() & KEPT_BITS) as u16,
+        perm: (source.mode & KEPT_BITS) as u16,
         nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid: meta.uid(),
-        gid: meta.gid(),
+        uid: source.uid,
+        gid: source.gid,
         rdev: 0,
         blksize: BLKSIZE,
         flags: 0,
-    })
+    }
 }

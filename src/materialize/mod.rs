@@ -139,8 +139,8 @@ impl Modes {
             // A file's source is the base file (config.json and the shard index too, when
             // lorafs rewrites them) or, for an adapter's tokenizer file, that file.
             files: (engine.files.iter())
-                .map(|f| source_mode(&f.base_path))
-                .collect::<Result<_>>()?,
+                .map(|f| f.source().mode & 0o777)
+                .collect(),
             dirs: (engine.dirs.iter())
                 .map(|d| source_mode(&engine.base_dir.join(d)))
                 .collect::<Result<_>>()?,
