@@ -156,7 +156,7 @@ impl BaseModel {
         self.tensors
             .values()
             .map(|&(li, ti)| self.layouts[li].tensors[ti].numel())
-            .sum()
+            .fold(0, usize::saturating_add)
     }
 
     /// `model_type` from `config.json`.

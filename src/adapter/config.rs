@@ -75,10 +75,38 @@ fn default_r() -> usize {
     8
 }
 
+/// The largest `adapter_config.json` read. Real ones are a few KiB (a long
+/// `trainable_token_indices` list, a few hundred KiB); a parsed JSON value takes several
+/// times its text, so a cap keeps a hostile config's memory bounded.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The config's JSON, refused past [`MAX_CONFIG_BYTES`] before it is read whole.
+fn read_capped(path: &Path) -> Result<Value> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::config(
+            path,
+            format!(
+                "larger than {} MiB; an adapter config is a few KiB",
+                MAX_CONFIG_BYTES >> 20
+            ),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl AdapterConfig {
     /// Read and check `adapter_config.json`; refuse what cannot be merged into a dense base.
     pub fn load(path: &Path) -> Result<AdapterConfig> {
-        let value: Value = crate::error::read_json(path)?;
+        let value = read_capped(path)?;
         if !value.is_object() {
             return Err(Error::config(path, "expected a JSON object"));
         }
@@ -172,7 +200,7 @@ impl AdapterConfig {
         let alpha_pattern =
             Patterns::parse(path, "alpha_pattern", raw.alpha_pattern, |v| v.as_f64())?;
         let rank_pattern = Patterns::parse(path, "rank_pattern", raw.rank_pattern, |v| {
-            v.as_u64().map(|r| r as usize)
+            v.as_u64().and_then(|r| usize::try_from(r).ok())
         })?;
         Ok(AdapterConfig {
             r: raw.r,
@@ -257,7 +285,7 @@ fn token_list(value: &Value) -> Option<Vec<usize>> {
     value
         .as_array()?
         .iter()
-        .map(|v| v.as_u64().map(|i| i as usize))
+        .map(|v| v.as_u64().and_then(|i| usize::try_from(i).ok()))
         .collect()
 }
 

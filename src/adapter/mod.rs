@@ -1,30 +1,46 @@
-//! A PEFT LoRA adapter directory: its config and its factors, read into f32.
+//! A PEFT LoRA adapter directory: its config and the table of its tensors.
+//!
+//! Loading reads only `adapter_config.json` and the safetensors header: every tensor is
+//! classified (factor, bias, magnitude, token rows, replacement) and paired from its name,
+//! dtype and shape alone. No tensor data is read until the merge plan has checked every
+//! shape against the base ([`Adapter::read`]), so a header that declares a huge tensor
+//! costs nothing before it is refused.
 
 mod config;
+mod pair;
 mod pattern;
+mod table;
 
 pub use config::AdapterConfig;
 pub use pattern::Patterns;
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::dtype::{to_f32_vec, DType};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
-/// The prefix PEFT puts before module names (`PeftModel.base_model.model`).
-const PEFT_PREFIX: &str = "base_model.model.";
-
-/// One factor matrix, row-major f32, as stored in the adapter file.
+/// A float tensor of the adapter file as its header describes it, viewed as a matrix (a 1-D
+/// tensor is one row). Its data stays in the file until [`Adapter::read`].
 #[derive(Debug, Clone)]
-pub struct Factor {
+pub struct Stored {
     /// The key in `adapter_model.safetensors`, for messages.
     pub key: String,
+    pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<f32>,
+    /// Absolute byte offset of its data in the adapter file.
+    pub offset: u64,
+}
+
+impl Stored {
+    /// Number of values (the header's size check guarantees no overflow).
+    pub fn numel(&self) -> usize {
+        self.rows.saturating_mul(self.cols)
+    }
 }
 
 /// The LoRA factors of one module: A (r × in) and B (out × r) for Linear and Conv1D, or
@@ -33,8 +49,8 @@ pub struct Factor {
 pub struct ModuleFactors {
     pub module: String,
     pub embedding: bool,
-    pub a: Factor,
-    pub b: Factor,
+    pub a: Stored,
+    pub b: Stored,
 }
 
 impl ModuleFactors {
@@ -42,10 +58,6 @@ impl ModuleFactors {
         self.a.rows
     }
 }
-
-/// A vector or small matrix stored in the adapter (lora_B.bias, DoRA magnitude, trainable
-/// token rows), read into f32.
-pub type Vector = Factor;
 
 /// A tensor the adapter stores whole, to be served in place of a base tensor: PEFT's
 /// `modules_to_save`, `M.base_layer.weight`/`.bias` (e.g. saved embedding layers) and trained
@@ -68,8 +80,9 @@ pub struct Replacement {
 #[derive(Debug, Clone)]
 pub struct TokenRows {
     pub module: String,
+    /// Distinct token ids, one per row of `values`.
     pub indices: Vec<usize>,
-    pub values: Factor,
+    pub values: Stored,
 }
 
 /// A loaded adapter: `--adapter DIR[:WEIGHT]`.
@@ -79,14 +92,18 @@ pub struct Adapter {
     /// The user's weight for this adapter (PEFT `set_scale`), 1 by default.
     pub weight: f64,
     pub config: AdapterConfig,
+    /// `adapter_config.json`, for messages.
+    pub config_path: PathBuf,
     /// The weights file, for messages.
     pub file: PathBuf,
+    /// The weights file, open for [`Adapter::read`].
+    handle: File,
     /// Factors per module name (no prefix, no `.weight`), sorted by module name.
     pub modules: BTreeMap<String, ModuleFactors>,
     /// `M.lora_B.bias` per module (1 × out), added times the scale to `M.bias`.
-    pub lora_biases: BTreeMap<String, Vector>,
+    pub lora_biases: BTreeMap<String, Stored>,
     /// `M.lora_magnitude_vector` per module (1 × out): DoRA.
-    pub magnitudes: BTreeMap<String, Vector>,
+    pub magnitudes: BTreeMap<String, Stored>,
     /// Trainable tokens per module.
     pub tokens: BTreeMap<String, TokenRows>,
     /// Whole tensors served in place of the base's, in adapter-file order.
@@ -113,23 +130,12 @@ pub const TOKENIZER_FILES: [&str; 11] = [
     "chat_template.json",
 ];
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Part {
-    A,
-    B,
-}
-
-/// What an adapter key (prefix removed) means.
-enum Role<'a> {
-    Factor(&'a str, Part, bool),
-    LoraBias(&'a str),
-    Magnitude(&'a str),
-    Tokens(&'a str),
-    /// A whole base tensor, by its base name.
-    Replace(String),
-}
+/// Bytes read from the adapter file at a time by [`Adapter::read`]: the f32 result is the
+/// only allocation that grows with the tensor.
+const READ_CHUNK: usize = 1 << 20;
 
 impl Adapter {
+    /// Read the config and the table of tensors of an adapter directory; no tensor data.
     pub fn load(dir: &Path, weight: f64) -> Result<Adapter> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -137,255 +143,13 @@ impl Adapter {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
             ));
         }
-        let config = AdapterConfig::load(&dir.join("adapter_config.json"))?;
-        let file = dir.join("adapter_model.safetensors");
-        if !file.exists() {
-            let bin = dir.join("adapter_model.bin");
-            if bin.exists() {
-                return Err(Error::unsupported(
-                    &bin,
-                    "adapter_model.bin is a pickle, which lorafs never unpickles (it can run code); \
-                     convert it to adapter_model.safetensors, e.g. load it with PEFT and save_pretrained \
-                     with safe_serialization=True",
-                ));
-            }
-            return Err(Error::io(
-                &file,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
-            ));
-        }
+        let config_path = dir.join("adapter_config.json");
+        let config = AdapterConfig::load(&config_path)?;
+        let file = weights_file(dir)?;
         let layout = Layout::open(&file)?;
         let handle = File::open(&file).map_err(|e| Error::io(&file, e))?;
-        // SAFETY: read-only map of an input file that must not change while lorafs runs;
-        // everything needed is copied out before the map is dropped.
-        let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::io(&file, e))?;
-
-        let mut halves: BTreeMap<(String, bool), (Option<Factor>, Option<Factor>)> =
-            BTreeMap::new();
-        let mut lora_biases = BTreeMap::new();
-        let mut magnitudes = BTreeMap::new();
-        let mut token_deltas: BTreeMap<String, Factor> = BTreeMap::new();
-        let mut replacements = Vec::new();
-        let mut num_params = 0;
-        // File order, so that messages and `inspect` follow the adapter file.
-        for entry in &layout.tensors {
-            let key = &entry.name;
-            num_params += entry.numel();
-            let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
-            let role = classify(name).ok_or_else(|| unsupported_key(&file, key, name))?;
-            if let Role::Replace(target) = role {
-                replacements.push(Replacement {
-                    key: key.clone(),
-                    target,
-                    dtype: entry.dtype,
-                    shape: entry.shape.clone(),
-                    offset: entry.offset,
-                    len: entry.len,
-                });
-                continue;
-            }
-            let dtype = DType::from_safetensors(entry.dtype).ok_or_else(|| {
-                Error::tensor(
-                    &file,
-                    key,
-                    format!(
-                        "dtype {:?} is not supported (F16, BF16 or F32)",
-                        entry.dtype
-                    ),
-                )
-            })?;
-            let shape = &entry.shape;
-            let (dims, what) = match role {
-                Role::LoraBias(_) => (1, "lora_B bias"),
-                Role::Magnitude(_) => (1, "DoRA magnitude vector"),
-                Role::Tokens(_) => (2, "trainable tokens delta"),
-                Role::Factor(..) | Role::Replace(_) => (2, "LoRA factor"),
-            };
-            if matches!(role, Role::Factor(..)) && shape.len() > 2 {
-                return Err(Error::unsupported(
-                    &file,
-                    format!(
-                        "`{key}` has shape {shape:?}: LoRA on a convolution (nn.Conv1d/2d/3d) \
-                         is not supported by lorafs (and with groups > 1 it cannot be merged \
-                         as a low-rank delta at all); merge it with PEFT"
-                    ),
-                ));
-            }
-            if shape.len() != dims {
-                return Err(Error::tensor(
-                    &file,
-                    key,
-                    format!("expected a {dims}-D {what}, found shape {shape:?}"),
-                ));
-            }
-            let bytes = usize::try_from(entry.offset)
-                .ok()
-                .and_then(|start| map.get(start..start + entry.len as usize))
-                .ok_or_else(|| Error::tensor(&file, key, "the file changed while being read"))?;
-            let (rows, cols) = if dims == 1 {
-                (1, shape[0])
-            } else {
-                (shape[0], shape[1])
-            };
-            let factor = Factor {
-                key: key.clone(),
-                rows,
-                cols,
-                data: to_f32_vec(dtype, bytes),
-            };
-            match role {
-                Role::Factor(module, part, embedding) => {
-                    let slot = halves.entry((module.to_string(), embedding)).or_default();
-                    match part {
-                        Part::A => slot.0 = Some(factor),
-                        Part::B => slot.1 = Some(factor),
-                    }
-                }
-                Role::LoraBias(module) => {
-                    lora_biases.insert(module.to_string(), factor);
-                }
-                Role::Magnitude(module) => {
-                    magnitudes.insert(module.to_string(), factor);
-                }
-                Role::Tokens(module) => {
-                    token_deltas.insert(module.to_string(), factor);
-                }
-                Role::Replace(_) => unreachable!("handled above"),
-            }
-        }
-
-        let mut modules = BTreeMap::new();
-        for ((module, embedding), (a, b)) in halves {
-            let (a, b) = match (a, b) {
-                (Some(a), Some(b)) => (a, b),
-                (Some(f), None) | (None, Some(f)) => {
-                    return Err(Error::tensor(
-                        &file,
-                        &f.key,
-                        "has no matching lora_A/lora_B partner",
-                    ))
-                }
-                (None, None) => unreachable!("a slot is created with one half"),
-            };
-            if a.rows != b.cols || a.rows == 0 {
-                return Err(Error::tensor(
-                    &file,
-                    &a.key,
-                    format!(
-                        "rank mismatch: A is {}×{} and B is {}×{}; A's rows must equal B's columns",
-                        a.rows, a.cols, b.rows, b.cols
-                    ),
-                ));
-            }
-            let configured = config.rank_for(&module);
-            if configured != a.rows {
-                log::warn!(
-                    "{}: module {module}: the config says r={configured} but the factors have rank {}; using the factors' rank",
-                    file.display(),
-                    a.rows
-                );
-            }
-            modules.insert(
-                module.clone(),
-                ModuleFactors {
-                    module,
-                    embedding,
-                    a,
-                    b,
-                },
-            );
-        }
-        for (module, bias) in &lora_biases {
-            let Some(f) = modules.get(module) else {
-                return Err(Error::tensor(
-                    &file,
-                    &bias.key,
-                    "lora_B.bias without lora_A/lora_B factors for its module",
-                ));
-            };
-            if f.embedding || bias.cols != f.b.rows {
-                return Err(Error::tensor(
-                    &file,
-                    &bias.key,
-                    format!("has {} values but lora_B has {} rows", bias.cols, f.b.rows),
-                ));
-            }
-        }
-        for (module, m) in &magnitudes {
-            let Some(f) = modules.get(module) else {
-                return Err(Error::tensor(
-                    &file,
-                    &m.key,
-                    "DoRA magnitude vector without lora_A/lora_B factors for its module",
-                ));
-            };
-            if f.embedding {
-                return Err(Error::unsupported(
-                    &file,
-                    format!(
-                        "`{}`: DoRA on an embedding normalises each column over the whole vocabulary; \
-                         lorafs merges DoRA on Linear layers only",
-                        m.key
-                    ),
-                ));
-            }
-        }
-        if config.use_dora {
-            if let Some(f) = modules
-                .values()
-                .find(|f| !magnitudes.contains_key(&f.module))
-            {
-                return Err(Error::unsupported(
-                    &file,
-                    format!(
-                        "DoRA: use_dora is set in adapter_config.json but module {} has no \
-                         lora_magnitude_vector; DoRA cannot be merged without its magnitude",
-                        f.module
-                    ),
-                ));
-            }
-        } else if let Some(m) = magnitudes.values().next() {
-            log::warn!(
-                "{}: `{}`: DoRA magnitude vector present although use_dora is not set; applying DoRA",
-                file.display(),
-                m.key
-            );
-        }
-        let mut tokens = BTreeMap::new();
-        for (module, values) in token_deltas {
-            let indices = config.token_indices_for(&module).ok_or_else(|| {
-                Error::config(
-                    &file,
-                    format!(
-                        "`{}`: trainable tokens for module {module}, but adapter_config.json has no \
-                         trainable_token_indices for it",
-                        values.key
-                    ),
-                )
-            })?;
-            if indices.len() != values.rows {
-                return Err(Error::tensor(
-                    &file,
-                    &values.key,
-                    format!(
-                        "has {} rows but trainable_token_indices lists {} tokens",
-                        values.rows,
-                        indices.len()
-                    ),
-                ));
-            }
-            tokens.insert(
-                module.clone(),
-                TokenRows {
-                    module,
-                    indices,
-                    values,
-                },
-            );
-        }
-        if modules.is_empty() && tokens.is_empty() && replacements.is_empty() {
-            return Err(Error::config(&file, "the adapter holds no LoRA factors"));
-        }
+        let table = table::Table::classify(&file, &layout)?;
+        let parts = pair::Parts::pair(&file, &config, table)?;
         let tokenizer_files = TOKENIZER_FILES
             .iter()
             .map(|n| dir.join(n))
@@ -395,76 +159,92 @@ impl Adapter {
             dir: dir.to_path_buf(),
             weight,
             config,
+            config_path,
             file,
-            modules,
-            lora_biases,
-            magnitudes,
-            tokens,
-            replacements,
+            handle,
+            modules: parts.modules,
+            lora_biases: parts.lora_biases,
+            magnitudes: parts.magnitudes,
+            tokens: parts.tokens,
+            replacements: parts.replacements,
             tokenizer_files,
-            num_params,
+            num_params: parts.num_params,
         })
     }
 
     /// The scale applied to `B @ A` for a module: PEFT's `alpha/r` (or `alpha/√r`) times the
-    /// user's weight.
-    pub fn scale(&self, factors: &ModuleFactors) -> f64 {
-        self.weight * self.config.scale_for(&factors.module, factors.rank())
-    }
-}
-
-/// Split an adapter key (prefix removed) into module name and role.
-fn classify(name: &str) -> Option<Role<'_>> {
-    const SUFFIXES: [(&str, Part, bool); 4] = [
-        (".lora_A.weight", Part::A, false),
-        (".lora_B.weight", Part::B, false),
-        (".lora_embedding_A", Part::A, true),
-        (".lora_embedding_B", Part::B, true),
-    ];
-    if let Some(role) = SUFFIXES.iter().find_map(|&(suffix, part, embedding)| {
-        name.strip_suffix(suffix)
-            .map(|m| Role::Factor(m, part, embedding))
-    }) {
-        return Some(role);
-    }
-    if let Some(m) = name.strip_suffix(".lora_B.bias") {
-        return Some(Role::LoraBias(m));
-    }
-    if let Some(m) = name
-        .strip_suffix(".lora_magnitude_vector")
-        .or_else(|| name.strip_suffix(".lora_magnitude_vector.weight"))
-    {
-        return Some(Role::Magnitude(m));
-    }
-    if let Some(m) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {
-        return Some(Role::Tokens(m));
-    }
-    // Anything else that still names a LoRA part (another variant's tensors, an adapter
-    // name left in the key) is not a plain tensor: refuse rather than replace something.
-    if name.contains("lora_") || name.contains("token_adapter") || name.contains("modules_to_save")
-    {
-        return None;
-    }
-    // `M.base_layer.weight` replaces `M.weight`; any other key replaces itself.
-    for (suffix, to) in [
-        (".base_layer.weight", ".weight"),
-        (".base_layer.bias", ".bias"),
-    ] {
-        if let Some(m) = name.strip_suffix(suffix) {
-            return Some(Role::Replace(format!("{m}{to}")));
+    /// user's weight. Refused unless it is finite in f32, the precision it is applied in: an
+    /// infinite scale would merge into Inf/NaN weights. (A scale that rounds to 0 in f32 is
+    /// allowed: a zero delta.)
+    pub fn scale(&self, factors: &ModuleFactors) -> Result<f64> {
+        let (module, r) = (&factors.module, factors.rank());
+        let alpha = self.config.alpha_for(module);
+        let scale = self.weight * self.config.scale_for(module, r);
+        if (scale as f32).is_finite() {
+            return Ok(scale);
         }
+        let rule = if self.config.use_rslora {
+            "/√r"
+        } else {
+            "/r"
+        };
+        Err(Error::config(
+            &self.config_path,
+            format!(
+                "module `{module}`: scale = weight·lora_alpha{rule} = {}·{alpha}{rule} (r={r}) = \
+                 {scale:e} is not a finite f32, so the merged weights would be Inf or NaN; lower \
+                 lora_alpha (or its alpha_pattern entry) or the --adapter weight",
+                self.weight
+            ),
+        ))
     }
-    Some(Role::Replace(name.to_string()))
+
+    /// The values of `t`, converted to f32. Call it only for a tensor whose shape the merge
+    /// plan checked against the base: the result is as large as the header says.
+    pub fn read(&self, t: &Stored) -> Result<Vec<f32>> {
+        let size = t.dtype.size();
+        let mut out = Vec::with_capacity(t.numel());
+        let mut buf = vec![0u8; READ_CHUNK.min(t.numel() * size)];
+        let (mut pos, mut left) = (t.offset, t.numel());
+        while left > 0 {
+            let n = left.min(READ_CHUNK / size);
+            let bytes = &mut buf[..n * size];
+            self.handle.read_exact_at(bytes, pos).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::tensor(
+                        &self.file,
+                        &t.key,
+                        "the file is shorter than its header says (changed while being read?)",
+                    )
+                } else {
+                    Error::io(&self.file, e)
+                }
+            })?;
+            out.extend((0..n).map(|i| t.dtype.load(bytes, i)));
+            pos += bytes.len() as u64;
+            left -= n;
+        }
+        Ok(out)
+    }
 }
 
-fn unsupported_key(file: &Path, key: &str, name: &str) -> Error {
-    let what = if name.contains("lora_magnitude_vector") {
-        "a DoRA magnitude vector in a form lorafs does not know".to_string()
-    } else {
-        format!(
-            "unknown adapter key `{name}`: not a LoRA factor (lora_A/lora_B, lora_embedding_A/B), \
-             lora_B.bias, DoRA magnitude, trainable tokens delta, or a plain tensor to replace"
-        )
-    };
-    Error::tensor(file, key, what)
+/// `adapter_model.safetensors` of an adapter directory; a pickle is refused.
+fn weights_file(dir: &Path) -> Result<PathBuf> {
+    let file = dir.join("adapter_model.safetensors");
+    if file.exists() {
+        return Ok(file);
+    }
+    let bin = dir.join("adapter_model.bin");
+    if bin.exists() {
+        return Err(Error::unsupported(
+            &bin,
+            "adapter_model.bin is a pickle, which lorafs never unpickles (it can run code); \
+             convert it to adapter_model.safetensors, e.g. load it with PEFT and save_pretrained \
+             with safe_serialization=True",
+        ));
+    }
+    Err(Error::io(
+        &file,
+        std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
+    ))
 }

@@ -1,41 +1,71 @@
-//! Building the plan: each adapter's replacements, trainable tokens, LoRA factors and
-//! lora_B biases applied in turn to the base tensors they name (in that order, as PEFT loads
-//! and merges them), then the terms of every tensor concatenated along the rank.
+//! Planning: each adapter's replacements, trainable tokens, LoRA factors and lora_B biases
+//! applied in turn to the base tensors they name (in that order, as PEFT loads and merges
+//! them). Only headers are looked at here: every shape, layout and scale is checked before
+//! `realize.rs` reads any data.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::vocab::{is_vocab_tensor, tied_embedding};
 use super::*;
-use crate::adapter::{Adapter, ModuleFactors};
+use crate::adapter::{Adapter, ModuleFactors, Stored};
 
-/// `x` rounded to `dtype` (nearest even) and widened back.
-fn round_to(dtype: DType, x: f32) -> f32 {
-    let mut b = [0u8; 4];
-    dtype.store(&mut b, 0, x);
-    dtype.load(&b, 0)
+/// The kind of base layer a module is, which decides how its delta is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layer {
+    /// nn.Linear: weight (out, in), delta `B @ A`.
+    Linear,
+    /// transformers' Conv1D: weight (in, out), delta `(B @ A)ᵀ`.
+    Conv1D,
+    /// nn.Embedding with `lora_embedding_A/B`: weight (vocab, dim), delta `(B @ A)ᵀ`.
+    Embedding,
 }
 
-/// (`lm_head.weight`, input embedding name) when the base ties them and stores only the
-/// embedding.
-fn tied_embedding(base: &BaseModel) -> Option<(String, String)> {
-    let tied = base
-        .config
-        .as_ref()
-        .and_then(|c| c.get("tie_word_embeddings"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(true);
-    let head = "lm_head.weight";
-    if !tied || base.tensors.contains_key(head) {
-        return None;
+impl Layer {
+    fn transposed(self) -> bool {
+        match self {
+            Layer::Linear => false,
+            Layer::Conv1D | Layer::Embedding => true,
+        }
     }
-    let mut embeddings = base
-        .tensors
-        .keys()
-        .filter(|n| n.ends_with("embed_tokens.weight") || n.ends_with(".wte.weight"));
-    let emb = embeddings.next()?.clone();
-    if embeddings.next().is_some() {
-        return None;
+
+    fn describe(self) -> &'static str {
+        match self {
+            Layer::Linear => "a Linear layer",
+            Layer::Conv1D => "a GPT-2 Conv1D layer (weight stored in × out)",
+            Layer::Embedding => "an Embedding layer",
+        }
     }
-    Some((head.to_string(), emb))
+}
+
+/// One adapter's change to a tensor, checked against the tensor's shape; its data is read
+/// when the plan is realized.
+pub(super) enum Op {
+    /// `s·B@A` (or its transpose); a DoRA term when there is a magnitude.
+    Lora {
+        term: Term,
+        a: Stored,
+        b: Stored,
+        magnitude: Option<Stored>,
+    },
+    /// `s·lora_B.bias`, added to a bias.
+    Bias { term: Term, bias: Stored },
+    /// Rows `indices` of W replaced by the rows of `values` (trainable tokens); the deltas of
+    /// earlier ops on those rows are dropped.
+    Tokens {
+        adapter: usize,
+        indices: Vec<usize>,
+        values: Stored,
+    },
+}
+
+/// A tensor being planned.
+pub(super) struct Pending {
+    pub w: WSource,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub replaced: Option<ReplacedBy>,
+    /// In the order PEFT applies them.
+    pub ops: Vec<Op>,
 }
 
 fn format_scale(scale: f64) -> String {
@@ -45,110 +75,44 @@ fn format_scale(scale: f64) -> String {
         .to_string()
 }
 
-/// Concatenate per-term factors along the rank: `U = [U₁ | U₂ | …]`, `V = [V₁; V₂; …]`.
-/// A single term (the common case) is moved, not copied, so loading needs no second copy.
-fn concat_ranks(
-    rows: usize,
-    rank: usize,
-    cols: usize,
-    mut parts: Vec<(usize, Vec<f32>, Vec<f32>)>,
-) -> (Vec<f32>, Vec<f32>) {
-    if parts.len() == 1 {
-        let (_, u, v) = parts.pop().expect("one part");
-        return (u, v);
-    }
-    let mut u = vec![0f32; rows * rank];
-    let mut v = Vec::with_capacity(rank * cols);
-    let mut offset = 0;
-    for (r, tu, tv) in parts {
-        for i in 0..rows {
-            u[i * rank + offset..i * rank + offset + r].copy_from_slice(&tu[i * r..(i + 1) * r]);
-        }
-        v.extend_from_slice(&tv);
-        offset += r;
-    }
-    (u, v)
-}
-
-/// Decide whether the delta is `B @ A` as stored (Linear) or transposed (Conv1D, embedding),
-/// and check that the shapes fit the base tensor.
+/// Whether the delta is `B @ A` as stored or transposed, decided by the layer, and a check
+/// that it fits the base tensor that way. A delta that fits only the other way is refused,
+/// as PEFT refuses to load it (a size mismatch).
 fn orientation(
     adapter: &Adapter,
     f: &ModuleFactors,
     shape: &[usize],
-    conv1d_arch: bool,
+    layer: Layer,
 ) -> Result<bool> {
     let (a, b) = (&f.a, &f.b);
     // B @ A is (out, in) = (b.rows, a.cols).
     let (out, inp) = (b.rows, a.cols);
-    let fits = |rows: usize, cols: usize| shape.len() == 2 && shape[0] == rows && shape[1] == cols;
-    let mismatch = || {
-        Error::tensor(
-            &adapter.file,
-            &a.key,
+    let fits = |rows: usize, cols: usize| shape == [rows, cols];
+    let transposed = layer.transposed();
+    let (rows, cols) = if transposed { (inp, out) } else { (out, inp) };
+    if fits(rows, cols) {
+        return Ok(transposed);
+    }
+    let factors = format!(
+        "lora_A is {}×{} and lora_B is {}×{}, so the delta is {out}×{inp}",
+        a.rows, a.cols, b.rows, b.cols
+    );
+    let what =
+        if fits(cols, rows) {
             format!(
-                "shape does not fit: lora_A is {}×{} and lora_B is {}×{}, so the delta is {out}×{inp}, \
-                 but base tensor `{}.weight` is {shape:?}",
-                a.rows, a.cols, b.rows, b.cols, f.module
-            ),
+            "{factors}, which fits base tensor `{}.weight` {shape:?} only {}; PEFT refuses this \
+             adapter for {}",
+            f.module,
+            if transposed { "untransposed" } else { "transposed" },
+            layer.describe()
         )
-    };
-    if f.embedding {
-        // lora_embedding_A is (r, vocab), lora_embedding_B is (dim, r): Δ = (B @ A)ᵀ.
-        return if fits(inp, out) {
-            Ok(true)
         } else {
-            Err(mismatch())
+            format!(
+                "shape does not fit: {factors}, but base tensor `{}.weight` is {shape:?}",
+                f.module
+            )
         };
-    }
-    match (fits(out, inp), fits(inp, out)) {
-        (true, false) => Ok(false),
-        (false, true) => Ok(true),
-        (true, true) => {
-            // Square: the layout cannot be seen. PEFT forces fan_in_fan_out by module type
-            // (Conv1D → true), so the architecture decides; the config flag is only a hint.
-            let leaf = f.module.rsplit('.').next().unwrap_or("");
-            let conv1d = conv1d_arch && leaf.starts_with("c_");
-            if conv1d != adapter.config.fan_in_fan_out {
-                log::warn!(
-                    "{}: {}: fan_in_fan_out={} in the config, but the layer is {}; following the layer",
-                    adapter.file.display(),
-                    f.module,
-                    adapter.config.fan_in_fan_out,
-                    if conv1d { "a GPT-2 Conv1D" } else { "a Linear" }
-                );
-            }
-            Ok(conv1d)
-        }
-        (false, false) => Err(mismatch()),
-    }
-}
-
-/// (U, V) for one adapter: `U = s·B`, `V = A`, or transposed `U = s·Aᵀ`, `V = Bᵀ`.
-/// Takes the factors' data out of `f` (only their shapes stay).
-fn orient(f: &mut ModuleFactors, transposed: bool, scale: f32) -> (Vec<f32>, Vec<f32>) {
-    let r = f.rank();
-    let (a, b) = (std::mem::take(&mut f.a.data), std::mem::take(&mut f.b.data));
-    if !transposed {
-        let mut u = b;
-        u.iter_mut().for_each(|x| *x *= scale);
-        (u, a)
-    } else {
-        let (rows, cols) = (f.a.cols, f.b.rows);
-        let mut u = vec![0f32; rows * r];
-        for k in 0..r {
-            for i in 0..rows {
-                u[i * r + k] = scale * a[k * rows + i];
-            }
-        }
-        let mut v = vec![0f32; r * cols];
-        for j in 0..cols {
-            for k in 0..r {
-                v[k * cols + j] = b[j * r + k];
-            }
-        }
-        (u, v)
-    }
+    Err(Error::tensor(&adapter.file, &a.key, what))
 }
 
 /// What one adapter did, for its summary.
@@ -157,6 +121,7 @@ pub(super) struct Tally {
     scales: BTreeMap<String, usize>,
     features: Features,
     changed: BTreeSet<(usize, usize)>,
+    warned_fan_in_fan_out: bool,
 }
 
 impl Tally {
@@ -165,17 +130,37 @@ impl Tally {
             self.features.tied.push(key.to_string());
         }
     }
+
+    /// PEFT overrides `fan_in_fan_out` by the layer's type, with a warning; so does lorafs
+    /// (once per adapter).
+    fn note_fan_in_fan_out(&mut self, adapter: &Adapter, module: &str, layer: Layer) {
+        let conv1d = layer == Layer::Conv1D;
+        if layer == Layer::Embedding
+            || conv1d == adapter.config.fan_in_fan_out
+            || self.warned_fan_in_fan_out
+        {
+            return;
+        }
+        self.warned_fan_in_fan_out = true;
+        log::warn!(
+            "{}: fan_in_fan_out={} in the config, but {module} is {}; following the layer \
+             (as PEFT does)",
+            adapter.config_path.display(),
+            adapter.config.fan_in_fan_out,
+            layer.describe()
+        );
+    }
 }
 
 /// The plan being built: every base tensor some adapter touches, by (layout, tensor).
 pub(super) struct Planner<'a> {
-    base: &'a BaseModel,
-    pending: BTreeMap<(usize, usize), Pending>,
+    pub(super) base: &'a BaseModel,
+    pub(super) pending: BTreeMap<(usize, usize), Pending>,
     conv1d_arch: bool,
     /// With tied embeddings the checkpoint usually holds only the input embedding; PEFT
     /// merges an lm_head change into that shared tensor (in place), and transformers saves
     /// it once. So `lm_head.*` goes to the input embedding when the base has no lm_head.
-    tied_embedding: Option<(String, String)>,
+    pub(super) tied_embedding: Option<(String, String)>,
 }
 
 impl<'a> Planner<'a> {
@@ -197,8 +182,8 @@ impl<'a> Planner<'a> {
             return Ok((loc, false));
         }
         if let Some((head, emb)) = &self.tied_embedding {
-            if target == head {
-                return Ok((self.base.tensors[emb.as_str()], true));
+            if let (true, Some(&loc)) = (target == head, self.base.tensors.get(emb)) {
+                return Ok((loc, true));
             }
         }
         Err(Error::tensor(
@@ -227,6 +212,19 @@ impl<'a> Planner<'a> {
         })
     }
 
+    /// The layer a module's factors apply to: from the key (embedding LoRA), the
+    /// architecture and the layer's name, never from the shapes.
+    fn layer(&self, f: &ModuleFactors) -> Layer {
+        let leaf = f.module.rsplit('.').next().unwrap_or("");
+        if f.embedding {
+            Layer::Embedding
+        } else if self.conv1d_arch && CONV1D_LAYERS.contains(&leaf) {
+            Layer::Conv1D
+        } else {
+            Layer::Linear
+        }
+    }
+
     /// The pending merge of a base tensor, created as "W unchanged" on first use.
     fn slot(&mut self, loc: (usize, usize), dtype: DType) -> &mut Pending {
         let base = self.base;
@@ -241,13 +239,14 @@ impl<'a> Planner<'a> {
                 shape: entry.shape.clone(),
                 dtype,
                 replaced: None,
-                parts: Vec::new(),
-                rows: BTreeMap::new(),
+                ops: Vec::new(),
             }
         })
     }
 
-    /// Whole tensors: PEFT loads them in place of the base's before merging.
+    /// Whole tensors: PEFT loads them in place of the base's before merging. Only the
+    /// input and output embeddings may change shape (a resized vocabulary), and only their
+    /// first dimension.
     pub(super) fn replacements(
         &mut self,
         ai: usize,
@@ -259,8 +258,7 @@ impl<'a> Planner<'a> {
             tally.note_tied(tied, &r.key);
             let dtype = self.base_dtype(loc, &r.target)?;
             let entry = &self.base.layouts[loc.0].tensors[loc.1];
-            let src = DType::from_safetensors(r.dtype);
-            let src = match src {
+            let src = match DType::from_safetensors(r.dtype) {
                 Some(d) => d,
                 None if r.dtype == entry.dtype && r.shape == entry.shape => dtype,
                 None => {
@@ -274,22 +272,29 @@ impl<'a> Planner<'a> {
                     ))
                 }
             };
-            if r.shape.len() != entry.shape.len() || r.shape.get(1..) != entry.shape.get(1..) {
-                return Err(Error::tensor(
-                    &adapter.file,
-                    &r.key,
-                    format!(
-                        "shape {:?} cannot replace base tensor `{}` of shape {:?} \
-                     (only the first dimension, e.g. a resized vocabulary, may differ)",
-                        r.shape, r.target, entry.shape
-                    ),
-                ));
+            if r.shape != entry.shape {
+                let vocab = is_vocab_tensor(&r.target, &self.tied_embedding)
+                    || is_vocab_tensor(&entry.name, &self.tied_embedding);
+                let rows_only = !r.shape.is_empty()
+                    && r.shape.len() == entry.shape.len()
+                    && r.shape.get(1..) == entry.shape.get(1..);
+                if !(vocab && rows_only) {
+                    return Err(Error::tensor(
+                        &adapter.file,
+                        &r.key,
+                        format!(
+                            "shape {:?} cannot replace base tensor `{}` of shape {:?}: only the \
+                             input and output embeddings may change shape, and only in their \
+                             first dimension (a resized vocabulary)",
+                            r.shape, entry.name, entry.shape
+                        ),
+                    ));
+                }
             }
             let p = self.slot(loc, dtype);
             // Replacing W discards what earlier adapters merged into it (as loading it into
             // the previously merged model would).
-            p.parts.clear();
-            p.rows.clear();
+            p.ops.clear();
             p.shape = r.shape.clone();
             p.w = WSource {
                 input: Input::Adapter(ai),
@@ -308,13 +313,17 @@ impl<'a> Planner<'a> {
             ));
             tally.changed.insert(loc);
         }
-
         Ok(())
     }
 
     /// Trainable tokens: rows of W replaced (PEFT `index_copy`, values converted to the
     /// weight's dtype).
-    pub(super) fn trainable_tokens(&mut self, adapter: &Adapter, tally: &mut Tally) -> Result<()> {
+    pub(super) fn trainable_tokens(
+        &mut self,
+        ai: usize,
+        adapter: &Adapter,
+        tally: &mut Tally,
+    ) -> Result<()> {
         for t in adapter.tokens.values() {
             let target = format!("{}.weight", t.module);
             let (loc, tied) = self.lookup(adapter, &t.values.key, &target)?;
@@ -332,63 +341,48 @@ impl<'a> Planner<'a> {
                     ),
                 ));
             }
-            if p.parts.iter().any(|(term, ..)| term.kind == TermKind::Dora) {
+            let dora = |op: &Op| matches!(op, Op::Lora { term, .. } if term.kind == TermKind::Dora);
+            if p.ops.iter().any(dora) {
                 return Err(Error::unsupported(
-                &adapter.file,
-                format!("trainable tokens on `{target}`, which an earlier adapter changes with DoRA"),
-            ));
+                    &adapter.file,
+                    format!(
+                        "trainable tokens on `{target}`, which an earlier adapter changes with DoRA"
+                    ),
+                ));
             }
-            for (k, &index) in t.indices.iter().enumerate() {
-                if index >= rows {
-                    return Err(Error::tensor(
-                        &adapter.file,
-                        &t.values.key,
-                        format!("token index {index} is out of range for `{target}` ({rows} rows)"),
-                    ));
-                }
-                let row: Vec<f32> = t.values.data[k * cols..(k + 1) * cols]
-                    .iter()
-                    .map(|&x| round_to(dtype, x))
-                    .collect();
-                // Earlier adapters' deltas on this row are overwritten.
-                for (term, u, _, _) in &mut p.parts {
-                    u[index * term.rank..(index + 1) * term.rank].fill(0.0);
-                }
-                p.rows.insert(index, row);
+            if let Some(index) = t.indices.iter().find(|&&i| i >= rows) {
+                return Err(Error::tensor(
+                    &adapter.file,
+                    &t.values.key,
+                    format!("token index {index} is out of range for `{target}` ({rows} rows)"),
+                ));
             }
+            p.ops.push(Op::Tokens {
+                adapter: ai,
+                indices: t.indices.clone(),
+                values: t.values.clone(),
+            });
             tally
                 .features
                 .trainable_tokens
                 .push((target.clone(), t.indices.len()));
             tally.changed.insert(loc);
         }
-
         Ok(())
     }
 
-    /// LoRA factors (and DoRA), on top of the (possibly replaced) W. The factors' data moves
-    /// into the plan.
-    pub(super) fn lora(
-        &mut self,
-        ai: usize,
-        adapter: &mut Adapter,
-        tally: &mut Tally,
-    ) -> Result<()> {
-        let conv1d_arch = self.conv1d_arch;
-        let modules: Vec<String> = adapter.modules.keys().cloned().collect();
-        for module in modules {
-            let factors = &adapter.modules[&module];
+    /// LoRA factors (and DoRA), on top of the (possibly replaced) W.
+    pub(super) fn lora(&mut self, ai: usize, adapter: &Adapter, tally: &mut Tally) -> Result<()> {
+        for factors in adapter.modules.values() {
             let target = format!("{}.weight", factors.module);
             let (loc, tied) = self.lookup(adapter, &factors.a.key, &target)?;
             tally.note_tied(tied, &factors.a.key);
             let dtype = self.base_dtype(loc, &target)?;
+            let layer = self.layer(factors);
+            tally.note_fan_in_fan_out(adapter, &factors.module, layer);
             let p = self.slot(loc, dtype);
-            let transposed = orientation(adapter, factors, &p.shape, conv1d_arch)?;
-            let scale = adapter.scale(factors);
-            let (embedding, rank) = (factors.embedding, factors.rank());
-            // The plan takes the factors over: no second copy of them at any time.
-            let factors = adapter.modules.get_mut(&module).expect("listed above");
-            let (u, v) = orient(factors, transposed, scale as f32);
+            let transposed = orientation(adapter, factors, &p.shape, layer)?;
+            let scale = adapter.scale(factors)?;
             *tally.scales.entry(format_scale(scale)).or_insert(0) += 1;
             let magnitude = adapter.magnitudes.get(&factors.module);
             let kind = if magnitude.is_some() {
@@ -397,53 +391,30 @@ impl<'a> Planner<'a> {
                 TermKind::Lora
             };
             if let Some(m) = magnitude {
-                if transposed {
-                    return Err(Error::unsupported(
-                        &adapter.file,
-                        format!(
-                        "`{}`: DoRA on a transposed layer ({}) normalises columns of the stored \
-                         weight; lorafs merges DoRA on Linear layers only",
-                        m.key,
-                        if embedding { "embedding" } else { "GPT-2 Conv1D" }
-                    ),
-                    ));
-                }
-                if m.cols != p.shape[0] {
-                    return Err(Error::tensor(
-                        &adapter.file,
-                        &m.key,
-                        format!(
-                            "has {} values but `{target}` has {} rows",
-                            m.cols, p.shape[0]
-                        ),
-                    ));
-                }
-                if !p.rows.is_empty() {
-                    return Err(Error::unsupported(
-                        &adapter.file,
-                        format!("DoRA on `{target}`, whose rows trainable tokens replace"),
-                    ));
-                }
+                check_dora(adapter, m, p, layer, &target)?;
                 tally.features.dora += 1;
-            } else if embedding {
+            } else if layer == Layer::Embedding {
                 tally.features.embedding_lora += 1;
-            } else if transposed {
+            } else if layer == Layer::Conv1D {
                 tally.features.conv1d += 1;
             }
             let term = Term {
                 adapter: ai,
-                module,
-                rank,
+                module: factors.module.clone(),
+                rank: factors.rank(),
                 scale,
                 transposed,
                 kind,
             };
             // A LoRA applied after trainable tokens adds onto the replaced rows too.
-            p.parts
-                .push((term, u, v, magnitude.map(|m| m.data.clone())));
+            p.ops.push(Op::Lora {
+                term,
+                a: factors.a.clone(),
+                b: factors.b.clone(),
+                magnitude: magnitude.cloned(),
+            });
             tally.changed.insert(loc);
         }
-
         Ok(())
     }
 
@@ -455,7 +426,13 @@ impl<'a> Planner<'a> {
         tally: &mut Tally,
     ) -> Result<()> {
         for (module, bias) in &adapter.lora_biases {
-            let factors = &adapter.modules[module];
+            let Some(factors) = adapter.modules.get(module) else {
+                return Err(Error::tensor(
+                    &adapter.file,
+                    &bias.key,
+                    "lora_B.bias without lora_A/lora_B factors for its module",
+                ));
+            };
             let target = format!("{module}.bias");
             let loc = *self.base.tensors.get(&target).ok_or_else(|| {
                 Error::tensor(
@@ -469,6 +446,7 @@ impl<'a> Planner<'a> {
                 )
             })?;
             let dtype = self.base_dtype(loc, &target)?;
+            let scale = adapter.scale(factors)?;
             let p = self.slot(loc, dtype);
             if view(&p.shape) != (1, bias.cols) {
                 return Err(Error::tensor(
@@ -480,7 +458,6 @@ impl<'a> Planner<'a> {
                     ),
                 ));
             }
-            let scale = adapter.scale(factors);
             let term = Term {
                 adapter: ai,
                 module: module.clone(),
@@ -489,77 +466,53 @@ impl<'a> Planner<'a> {
                 transposed: false,
                 kind: TermKind::LoraBias,
             };
-            p.parts
-                .push((term, vec![scale as f32], bias.data.clone(), None));
+            p.ops.push(Op::Bias {
+                term,
+                bias: bias.clone(),
+            });
             tally.features.lora_bias += 1;
             tally.changed.insert(loc);
         }
-
         Ok(())
     }
+}
 
-    /// The merges, in file order, with each tensor's terms concatenated along the rank; and
-    /// the vocabulary resize, if any.
-    pub(super) fn finish(self) -> Result<(Vec<TensorMerge>, Option<VocabResize>)> {
-        let base = self.base;
-        let mut vocab = None;
-        let merges = self
-            .pending
-            .into_iter()
-            .map(|((li, ti), p)| {
-                let entry = &base.layouts[li].tensors[ti];
-                let (rows, cols) = view(&p.shape);
-                if p.shape != entry.shape {
-                    let old = entry.shape[0];
-                    let new = p.shape[0];
-                    match vocab {
-                        Some((_, v)) if v != new => {
-                            return Err(Error::unsupported(
-                                &base.dir,
-                                format!(
-                                    "adapters resize tensors to {v} and to {new} rows; \
-                                     lorafs can serve one vocabulary size only"
-                                ),
-                            ))
-                        }
-                        _ => vocab = Some((old, new)),
-                    }
-                }
-                let rank: usize = p.parts.iter().map(|(t, ..)| t.rank).sum();
-                let any_dora = p.parts.iter().any(|(t, ..)| t.kind == TermKind::Dora);
-                let mut offset = 0;
-                let mut terms = Vec::new();
-                let mut groups = Vec::new();
-                let mut factors = Vec::new();
-                for (term, tu, tv, magnitude) in p.parts {
-                    groups.push(DoraGroup {
-                        offset,
-                        rank: term.rank,
-                        magnitude,
-                    });
-                    offset += term.rank;
-                    factors.push((term.rank, tu, tv));
-                    terms.push(term);
-                }
-                let (u, v) = concat_ranks(rows, rank, cols, factors);
-                Ok(TensorMerge {
-                    name: entry.name.clone(),
-                    layout: li,
-                    tensor: ti,
-                    dtype: p.dtype,
-                    shape: p.shape,
-                    w: p.w,
-                    factors: Factors::new(rows, rank, cols, u, v),
-                    terms,
-                    dora: any_dora.then_some(groups),
-                    rows: p.rows.into_iter().collect(),
-                    replaced: p.replaced,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-
-        Ok((merges, vocab))
+/// DoRA is merged on Linear layers, with one magnitude per row, on rows no token replaces.
+fn check_dora(
+    adapter: &Adapter,
+    m: &Stored,
+    p: &Pending,
+    layer: Layer,
+    target: &str,
+) -> Result<()> {
+    if layer != Layer::Linear {
+        return Err(Error::unsupported(
+            &adapter.file,
+            format!(
+                "`{}`: DoRA on a transposed layer ({}) normalises columns of the stored \
+                 weight; lorafs merges DoRA on Linear layers only",
+                m.key,
+                layer.describe()
+            ),
+        ));
     }
+    if p.shape.first() != Some(&m.cols) {
+        return Err(Error::tensor(
+            &adapter.file,
+            &m.key,
+            format!(
+                "has {} values but `{target}` has shape {:?}",
+                m.cols, p.shape
+            ),
+        ));
+    }
+    if p.ops.iter().any(|op| matches!(op, Op::Tokens { .. })) {
+        return Err(Error::unsupported(
+            &adapter.file,
+            format!("DoRA on `{target}`, whose rows trainable tokens replace"),
+        ));
+    }
+    Ok(())
 }
 
 /// The summary of one adapter, for `inspect` and the logs.
@@ -568,6 +521,7 @@ pub(super) fn summary(adapter: &Adapter, tally: Tally) -> AdapterSummary {
         scales,
         mut features,
         changed,
+        warned_fan_in_fan_out: _,
     } = tally;
     features.tokenizer_files = adapter
         .tokenizer_files

@@ -4,6 +4,10 @@
 //! row `i` of `U`. Linear LoRA gives `U = w·s·B`, `V = A`; transposed layouts (GPT-2 Conv1D,
 //! embeddings) give `U = w·s·Aᵀ`, `V = Bᵀ`. Several adapters on one tensor are concatenated
 //! along the rank, so their deltas are summed in f32 and rounded once.
+//!
+//! Building checks everything from the headers first (`build.rs`: shapes against the base,
+//! layouts, scales; `vocab.rs`: which tensors may change shape), then reads the factors that
+//! passed (`realize.rs`), so a hostile header costs no memory before it is refused.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,12 +19,26 @@ use crate::kernel::Factors;
 use crate::model::BaseModel;
 
 mod build;
+mod realize;
+mod vocab;
 
 use build::{summary, Planner, Tally};
 
-/// Architectures whose projection layers are transformers' `Conv1D` (weights stored
-/// (in, out)). Only square weights need this: other shapes show their orientation.
-const CONV1D_MODEL_TYPES: [&str; 4] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer"];
+/// Architectures that build some layers with transformers' `Conv1D`, whose weight is stored
+/// (in, out), and those layers' names. PEFT decides the layout from the layer's type (a
+/// `Conv1D` gets `fan_in_fan_out=True`, a Linear `False`, whatever the config says), so lorafs
+/// decides it from the architecture and the layer, never from the shapes. transformers
+/// (`models/*/modeling_*.py`): gpt2, openai-gpt, imagegpt and decision_transformer build
+/// c_attn, q_attn, c_proj and c_fc as Conv1D; clvp its decoder MLP's c_fc and c_proj. Every
+/// other layer (GPT-2's lm_head, gpt_bigcode's c_attn ...) is an nn.Linear.
+const CONV1D_MODEL_TYPES: [&str; 5] = [
+    "gpt2",
+    "openai-gpt",
+    "imagegpt",
+    "decision_transformer",
+    "clvp",
+];
+const CONV1D_LAYERS: [&str; 4] = ["c_attn", "q_attn", "c_proj", "c_fc"];
 
 /// What a term adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,21 +186,8 @@ pub struct MergePlan {
     pub extra_files: BTreeMap<PathBuf, PathBuf>,
 }
 
-/// One term of a pending merge: the term, its U and V, and a DoRA magnitude if any.
-type Part = (Term, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
-
 /// (base, merged) `vocab_size` when a replacement resizes the embedding.
 pub type VocabResize = (usize, usize);
-
-/// A tensor being planned.
-struct Pending {
-    w: WSource,
-    shape: Vec<usize>,
-    dtype: DType,
-    replaced: Option<ReplacedBy>,
-    parts: Vec<Part>,
-    rows: BTreeMap<usize, Vec<f32>>,
-}
 
 /// (rows, cols) of the 2-D view a tensor is merged in: a 1-D tensor is one row.
 fn view(shape: &[usize]) -> (usize, usize) {
@@ -194,20 +199,24 @@ fn view(shape: &[usize]) -> (usize, usize) {
 }
 
 impl MergePlan {
-    /// Plan the merge. The adapters' LoRA factors are moved into the plan (their shapes
-    /// stay, for messages), so memory holds one copy of them.
+    /// Plan the merge. Every adapter is checked against the base from the headers alone
+    /// (shapes, ranks, scales, vocabulary, the memory the factors will take); only then are
+    /// the factors read, one at a time, into the plan. The adapters keep no data.
     pub fn build(base: &BaseModel, adapters: &mut [Adapter]) -> Result<MergePlan> {
+        let adapters = &*adapters;
         let mut planner = Planner::new(base);
         let mut summaries = Vec::new();
-        for (ai, adapter) in adapters.iter_mut().enumerate() {
+        for (ai, adapter) in adapters.iter().enumerate() {
             let mut tally = Tally::default();
             planner.replacements(ai, adapter, &mut tally)?;
-            planner.trainable_tokens(adapter, &mut tally)?;
+            planner.trainable_tokens(ai, adapter, &mut tally)?;
             planner.lora(ai, adapter, &mut tally)?;
             planner.lora_biases(ai, adapter, &mut tally)?;
             summaries.push(summary(adapter, tally));
         }
-        let (merges, vocab) = planner.finish()?;
+        let vocab = planner.vocab_resize(adapters)?;
+        planner.check_memory(adapters, physical_memory())?;
+        let merges = planner.finish(adapters)?;
 
         let mut extra_files = BTreeMap::new();
         for adapter in adapters {
@@ -228,5 +237,20 @@ impl MergePlan {
     /// Bytes of f32 factors held in memory.
     pub fn factor_bytes(&self) -> usize {
         self.merges.iter().map(|m| m.factors.bytes()).sum()
+    }
+}
+
+/// Physical memory in bytes (`u64::MAX` if unknown): factors that need more cannot be held.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(size)) {
+        (Ok(pages), Ok(size)) if pages > 0 && size > 0 => pages.saturating_mul(size),
+        _ => u64::MAX,
     }
 }

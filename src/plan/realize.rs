@@ -1,0 +1,232 @@
+//! Realizing the checked plan: the memory the factors will take is compared with the
+//! machine's before anything is read; then each tensor's factors are read from the adapter
+//! files one at a time, oriented, scaled and concatenated along the rank.
+
+use super::build::{Op, Pending, Planner};
+use super::*;
+use crate::adapter::Stored;
+
+/// `x` rounded to `dtype` (nearest even) and widened back.
+fn round_to(dtype: DType, x: f32) -> f32 {
+    let mut b = [0u8; 4];
+    dtype.store(&mut b, 0, x);
+    dtype.load(&b, 0)
+}
+
+/// Values of adapter data an op reads (each held as one f32 in the plan).
+fn op_values(op: &Op) -> u128 {
+    let n = |t: &Stored| t.numel() as u128;
+    match op {
+        Op::Lora {
+            a, b, magnitude, ..
+        } => n(a) + n(b) + magnitude.as_ref().map_or(0, n),
+        Op::Bias { bias, .. } => n(bias) + 1,
+        Op::Tokens { values, .. } => n(values),
+    }
+}
+
+fn op_adapter(op: &Op) -> usize {
+    match op {
+        Op::Lora { term, .. } | Op::Bias { term, .. } => term.adapter,
+        Op::Tokens { adapter, .. } => *adapter,
+    }
+}
+
+fn gib(bytes: u128) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// One term of a tensor being realized: the term, its U and V, and a DoRA magnitude.
+struct Part {
+    term: Term,
+    u: Vec<f32>,
+    v: Vec<f32>,
+    magnitude: Option<Vec<f32>>,
+}
+
+/// (U, V) for one term: `U = s·B`, `V = A`, or transposed `U = s·Aᵀ`, `V = Bᵀ`. `a` is
+/// (r × a_cols), `b` is (b_rows × r).
+fn orient(
+    (a, a_cols): (Vec<f32>, usize),
+    (b, b_rows): (Vec<f32>, usize),
+    r: usize,
+    transposed: bool,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    if !transposed {
+        let mut u = b;
+        u.iter_mut().for_each(|x| *x *= scale);
+        return (u, a);
+    }
+    let (rows, cols) = (a_cols, b_rows);
+    let mut u = vec![0f32; rows * r];
+    for k in 0..r {
+        for i in 0..rows {
+            u[i * r + k] = scale * a[k * rows + i];
+        }
+    }
+    let mut v = vec![0f32; r * cols];
+    for j in 0..cols {
+        for k in 0..r {
+            v[k * cols + j] = b[j * r + k];
+        }
+    }
+    (u, v)
+}
+
+/// Concatenate per-term factors along the rank: `U = [U₁ | U₂ | …]`, `V = [V₁; V₂; …]`.
+/// A single term (the common case) is moved, not copied, so loading needs no second copy.
+fn concat_ranks(rows: usize, rank: usize, cols: usize, parts: &mut [Part]) -> (Vec<f32>, Vec<f32>) {
+    if let [one] = parts {
+        return (std::mem::take(&mut one.u), std::mem::take(&mut one.v));
+    }
+    let mut u = vec![0f32; rows * rank];
+    let mut v = Vec::with_capacity(rank * cols);
+    let mut offset = 0;
+    for p in parts {
+        let r = p.term.rank;
+        for i in 0..rows {
+            u[i * rank + offset..i * rank + offset + r].copy_from_slice(&p.u[i * r..(i + 1) * r]);
+        }
+        v.extend_from_slice(&p.v);
+        offset += r;
+    }
+    (u, v)
+}
+
+impl Planner<'_> {
+    /// Refuse, before reading anything, factors that need more memory (as f32) than the
+    /// machine has, naming the adapter that needs the most: they could never be held, and
+    /// reading them would only end in the OOM killer.
+    pub(super) fn check_memory(&self, adapters: &[Adapter], available: u64) -> Result<()> {
+        let mut per_adapter = vec![0u128; adapters.len()];
+        for op in self.pending.values().flat_map(|p| &p.ops) {
+            per_adapter[op_adapter(op)] += op_values(op) * 4;
+        }
+        let total: u128 = per_adapter.iter().sum();
+        let Some((largest, &bytes)) = per_adapter.iter().enumerate().max_by_key(|(_, b)| **b)
+        else {
+            return Ok(());
+        };
+        if total <= u128::from(available) {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            &adapters[largest].file,
+            format!(
+                "its factors need {} of memory as f32 (all adapters: {}), more than this \
+                 machine's {}",
+                gib(bytes),
+                gib(total),
+                gib(u128::from(available))
+            ),
+        ))
+    }
+
+    /// Read every tensor's factors and build the merges, in file order.
+    pub(super) fn finish(self, adapters: &[Adapter]) -> Result<Vec<TensorMerge>> {
+        let base = self.base;
+        self.pending
+            .into_iter()
+            .map(|((li, ti), p)| {
+                let name = base.layouts[li].tensors[ti].name.clone();
+                realize(name, (li, ti), p, adapters)
+            })
+            .collect()
+    }
+}
+
+/// One tensor's merge: its ops' data read in order.
+fn realize(
+    name: String,
+    (layout, tensor): (usize, usize),
+    p: Pending,
+    adapters: &[Adapter],
+) -> Result<TensorMerge> {
+    let (rows, cols) = view(&p.shape);
+    let mut parts: Vec<Part> = Vec::new();
+    let mut token_rows = BTreeMap::new();
+    for op in p.ops {
+        match op {
+            Op::Lora {
+                term,
+                a,
+                b,
+                magnitude,
+            } => {
+                let adapter = &adapters[term.adapter];
+                let (u, v) = orient(
+                    (adapter.read(&a)?, a.cols),
+                    (adapter.read(&b)?, b.rows),
+                    term.rank,
+                    term.transposed,
+                    term.scale as f32,
+                );
+                let magnitude = magnitude.map(|m| adapter.read(&m)).transpose()?;
+                parts.push(Part {
+                    term,
+                    u,
+                    v,
+                    magnitude,
+                });
+            }
+            Op::Bias { term, bias } => {
+                let v = adapters[term.adapter].read(&bias)?;
+                let u = vec![term.scale as f32];
+                parts.push(Part {
+                    term,
+                    u,
+                    v,
+                    magnitude: None,
+                });
+            }
+            Op::Tokens {
+                adapter,
+                indices,
+                values,
+            } => {
+                let data = adapters[adapter].read(&values)?;
+                for (&index, row) in indices.iter().zip(data.chunks_exact(cols)) {
+                    // Earlier deltas on this row are overwritten.
+                    // (The plan checked `index < rows`; every part has `rows` rows of U.)
+                    for part in &mut parts {
+                        let r = part.term.rank;
+                        if let Some(row) = part.u.get_mut(index * r..(index + 1) * r) {
+                            row.fill(0.0);
+                        }
+                    }
+                    let row: Vec<f32> = row.iter().map(|&x| round_to(p.dtype, x)).collect();
+                    token_rows.insert(index, row);
+                }
+            }
+        }
+    }
+    let rank: usize = parts.iter().map(|part| part.term.rank).sum();
+    let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
+    let (u, v) = concat_ranks(rows, rank, cols, &mut parts);
+    let mut offset = 0;
+    let mut terms = Vec::new();
+    let mut groups = Vec::new();
+    for part in parts {
+        groups.push(DoraGroup {
+            offset,
+            rank: part.term.rank,
+            magnitude: part.magnitude,
+        });
+        offset += part.term.rank;
+        terms.push(part.term);
+    }
+    Ok(TensorMerge {
+        name,
+        layout,
+        tensor,
+        dtype: p.dtype,
+        shape: p.shape,
+        w: p.w,
+        factors: Factors::new(rows, rank, cols, u, v),
+        terms,
+        dora: any_dora.then_some(groups),
+        rows: token_rows.into_iter().collect(),
+        replaced: p.replaced,
+    })
+}
