@@ -1,17 +1,25 @@
 //! The layout of a safetensors file: header bytes and where each tensor's bytes are.
 //!
-//! Parsing and validation are the `safetensors` crate's; this module only adds file names to
-//! its errors, refuses a header that names a tensor twice (the crate reads the header into a
-//! map, where the first one silently vanishes), and keeps what lorafs needs to serve byte
-//! ranges: the exact header bytes (served unchanged) and every tensor's absolute byte range.
-//! Every size computed from a header is overflow-checked: headers are untrusted input.
+//! Only the header is read (`pread`, never a map of the whole file), so a file of any
+//! declared or sparse size costs its header's bytes. Validation is the `safetensors` crate's
+//! (`Metadata::new`: increasing offsets, no holes, sizes that match shapes, overflow-checked),
+//! plus what its map-based reader cannot see: a tensor named twice in the header (the map
+//! silently keeps one). This module adds file names to the errors and keeps what lorafs
+//! needs to serve byte ranges: the exact header bytes (served unchanged) and every tensor's
+//! absolute byte range. Every size computed from a header is overflow-checked.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 
 use crate::error::{Error, Result};
+
+/// The format's cap on the header's JSON (the crate's `MAX_HEADER_SIZE`).
+const MAX_HEADER: u64 = 100_000_000;
 
 /// Absolute `(offset, len)` of a tensor's bytes in its file.
 pub type TensorRange = (u64, u64);
@@ -59,7 +67,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Parse the header of `path`. Only the header pages are read.
+    /// Parse the header of `path`, reading nothing else.
     pub fn open(path: &Path) -> Result<Layout> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -69,23 +77,41 @@ impl Layout {
                 format!("file is {file_size} bytes, shorter than the 8-byte header length"),
             ));
         }
-        // SAFETY: the map is read-only and dropped before this function returns; the inputs
-        // must not change while lorafs runs (documented), and only the header pages are read.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        if let Some(name) = duplicate_key(&map) {
+        let mut len = [0u8; 8];
+        file.read_exact_at(&mut len, 0)
+            .map_err(|e| Error::io(path, e))?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_HEADER {
             return Err(bad(
                 path,
-                format!("tensor `{name}` appears twice in the header"),
+                format!("header length {n} is larger than the 100 MB safetensors allows"),
             ));
         }
-        let (n, metadata) =
-            SafeTensors::read_metadata(&map).map_err(|e| describe(path, &map, e))?;
-        let data_start = 8 + n as u64;
+        if n > file_size - 8 {
+            return Err(bad(
+                path,
+                format!(
+                    "header length {n} runs past the end of the {file_size}-byte file (truncated?)"
+                ),
+            ));
+        }
+        // At most 8 + 100 MB, and no more than the file holds.
+        let mut header = vec![0u8; 8 + n as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| Error::io(path, e))?;
+        let metadata = parse_header(path, &header[8..])?;
+        let data_start = 8 + n;
+        if data_start.checked_add(metadata.data_len() as u64) != Some(file_size) {
+            return Err(bad(
+                path,
+                "the tensors' data offsets do not end at the end of the file (truncated or padded file)",
+            ));
+        }
         let mut tensors = Vec::new();
         for name in metadata.offset_keys() {
-            let info = metadata
-                .info(&name)
-                .expect("offset_keys names are in the metadata");
+            let Some(info) = metadata.info(&name) else {
+                continue;
+            };
             let (start, end) = info.data_offsets;
             // The crate checked these sizes; checked again here so that no later product of
             // this shape can overflow, whatever the crate version.
@@ -95,6 +121,7 @@ impl Layout {
                     format!("tensor `{name}`: data offsets do not match its shape and dtype"),
                 ));
             }
+            // start <= end <= data_len, and data_start + data_len is the file size.
             tensors.push(TensorEntry {
                 name,
                 dtype: info.dtype,
@@ -105,7 +132,7 @@ impl Layout {
         }
         Ok(Layout {
             path: path.to_path_buf(),
-            header: map[..8 + n].to_vec(),
+            header,
             tensors,
             file_size,
         })
@@ -125,8 +152,12 @@ impl Layout {
         let mut lens = Vec::with_capacity(self.tensors.len());
         let mut pos = 0usize;
         for (t, shape) in self.tensors.iter().zip(shapes) {
+            // Sizes stay below i64::MAX, so the change of a file's size is an i64 too.
             let len = byte_size(shape, t.dtype)
-                .filter(|&len| pos.checked_add(len).is_some())
+                .filter(|&len| {
+                    pos.checked_add(len)
+                        .is_some_and(|end| end <= i64::MAX as usize)
+                })
                 .ok_or_else(|| {
                     Error::tensor(
                         &self.path,
@@ -169,79 +200,88 @@ fn bad(path: &Path, what: impl Into<String>) -> Error {
     }
 }
 
+/// The header's JSON as the crate's validated `Metadata`; a key named twice is refused.
+fn parse_header(path: &Path, json: &[u8]) -> Result<Metadata> {
+    let header = Header::parse(json).map_err(|e| bad(path, format!("header JSON: {e}")))?;
+    if let Some(name) = header.duplicate {
+        return Err(bad(
+            path,
+            format!("tensor `{name}` appears twice in the header"),
+        ));
+    }
+    let mut tensors = header.tensors;
+    // The crate's order: by offsets (stable, so equal offsets keep the file's order).
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    Metadata::new(header.metadata, tensors).map_err(|e| describe(path, json, e))
+}
+
+/// The header's entries in file order, and the first key it names twice.
+struct Header {
+    metadata: Option<HashMap<String, String>>,
+    tensors: Vec<(String, TensorInfo)>,
+    duplicate: Option<String>,
+}
+
+impl Header {
+    fn parse(json: &[u8]) -> serde_json::Result<Header> {
+        use serde::de::{Deserializer, MapAccess, Visitor};
+
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
+                let mut header = Header {
+                    metadata: None,
+                    tensors: Vec::new(),
+                    duplicate: None,
+                };
+                let mut seen = HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "__metadata__" {
+                        header.metadata = Some(map.next_value()?);
+                    } else {
+                        header.tensors.push((key.clone(), map.next_value()?));
+                    }
+                    if header.duplicate.is_none() && !seen.insert(key.clone()) {
+                        header.duplicate = Some(key);
+                    }
+                }
+                Ok(header)
+            }
+        }
+        serde_json::Deserializer::from_slice(json).deserialize_map(Entries)
+    }
+}
+
 /// Turn the crate's error into a message that says what is wrong with which tensor.
-fn describe(path: &Path, file: &[u8], err: safetensors::SafeTensorError) -> Error {
+fn describe(path: &Path, json: &[u8], err: safetensors::SafeTensorError) -> Error {
     use safetensors::SafeTensorError as E;
-    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap());
     let what = match err {
-        E::HeaderTooLarge => {
-            format!("header length {header_len} is larger than the 100 MB safetensors allows")
-        }
-        E::InvalidHeaderLength => format!(
-            "header length {header_len} runs past the end of the {}-byte file (truncated?)",
-            file.len()
-        ),
-        E::MetadataIncompleteBuffer => {
-            "the tensors' data offsets do not end at the end of the file (truncated or padded file)"
-                .to_string()
-        }
         E::InvalidOffset(name) => {
             format!("tensor `{name}`: data offsets leave a hole or overlap the previous tensor")
         }
-        E::TensorInvalidInfo => match find_inconsistent_tensor(file, header_len) {
-            Some(name) => format!("tensor `{name}`: data offsets do not match its shape and dtype"),
-            None => "a tensor's data offsets do not match its shape and dtype".to_string(),
-        },
+        E::TensorInvalidInfo | E::ValidationOverflow | E::MisalignedSlice => {
+            match find_inconsistent_tensor(json) {
+                Some(name) => {
+                    format!("tensor `{name}`: data offsets do not match its shape and dtype")
+                }
+                None => "a tensor's data offsets do not match its shape and dtype".to_string(),
+            }
+        }
         other => other.to_string(),
     };
     bad(path, what)
 }
 
 /// The crate does not say which tensor fails its size check; find it for the message.
-fn find_inconsistent_tensor(file: &[u8], header_len: u64) -> Option<String> {
-    let json = file.get(8..8usize.checked_add(usize::try_from(header_len).ok()?)?)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json).ok()?;
-    header.into_iter().find_map(|(name, v)| {
-        let info: safetensors::tensor::TensorInfo = serde_json::from_value(v).ok()?;
+fn find_inconsistent_tensor(json: &[u8]) -> Option<String> {
+    let header = Header::parse(json).ok()?;
+    header.tensors.into_iter().find_map(|(name, info)| {
         let want = byte_size(&info.shape, info.dtype);
         (want.is_none() || info.data_offsets.1.checked_sub(info.data_offsets.0) != want)
             .then_some(name)
     })
-}
-
-/// The first key that the header JSON of `file` names twice, if the header is readable JSON.
-/// Anything else wrong with the header is left to the crate to report.
-fn duplicate_key(file: &[u8]) -> Option<String> {
-    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-    use std::collections::HashSet;
-
-    struct FirstDuplicate;
-    impl<'de> Visitor<'de> for FirstDuplicate {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-            let mut seen = HashSet::new();
-            let mut first = None;
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                if first.is_none() && !seen.insert(key.clone()) {
-                    first = Some(key);
-                }
-            }
-            Ok(first)
-        }
-    }
-
-    let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
-    // The crate's own cap on header size; past it the crate refuses the file anyway.
-    if n > 100_000_000 {
-        return None;
-    }
-    let json = file.get(8..8usize.checked_add(n)?)?;
-    serde_json::Deserializer::from_slice(json)
-        .deserialize_map(FirstDuplicate)
-        .ok()
-        .flatten()
 }
