@@ -568,7 +568,13 @@ fn rewrite_index(path: &Path, delta: i64) -> Result<Vec<u8>> {
         .and_then(|m| m.get_mut("total_size"))
     {
         if let Some(n) = total.as_i64() {
-            *total = serde_json::Value::from(n + delta);
+            let sum = n.checked_add(delta).ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("metadata.total_size {n} overflows when changed by {delta} bytes"),
+                )
+            })?;
+            *total = serde_json::Value::from(sum);
         }
     }
     let mut bytes = serde_json::to_vec_pretty(&index).expect("JSON serializes");
