@@ -84,7 +84,9 @@ struct Inputs {
     /// `org/name[@revision]` already in the local Hugging Face cache.
     base: PathBuf,
     /// LoRA adapter directory (or cached repo id), optionally with a weight: DIR or
-    /// DIR:WEIGHT. Repeat to merge several; their deltas are summed in f32 and rounded once.
+    /// DIR:WEIGHT. An argument that is an existing path is taken whole (a directory named
+    /// `ad:2` is that directory at weight 1). Repeat to merge several; their deltas are
+    /// summed in f32 and rounded once.
     #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", required = true, value_parser = parse_adapter)]
     adapters: Vec<(PathBuf, f64)>,
     /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB). Default: 256MiB for a mount,
@@ -160,8 +162,12 @@ fn inputs_of(engine: &Engine) -> Vec<&Path> {
         .collect()
 }
 
-/// `DIR` or `DIR:WEIGHT`; a suffix that is not a number stays part of the path.
+/// `DIR` or `DIR:WEIGHT`; a suffix that is not a number stays part of the path, and so does
+/// one that is when the whole argument names an existing path (a directory `ad:2`).
 fn parse_adapter(arg: &str) -> Result<(PathBuf, f64), String> {
+    if Path::new(arg).exists() {
+        return Ok((PathBuf::from(arg), 1.0));
+    }
     if let Some((dir, weight)) = arg.rsplit_once(':') {
         if let Ok(w) = weight.parse::<f64>() {
             if !w.is_finite() {
@@ -530,6 +536,22 @@ mod tests {
             Some("[ERROR lorafs] thread main panicked at x.rs:1:2")
         );
         assert_eq!(StderrTail::collect(&b" \n"[..]).error_message(), None);
+    }
+
+    #[test]
+    fn an_existing_path_wins_over_a_weight_suffix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ad:2");
+        let arg = dir.to_str().unwrap();
+        assert_eq!(
+            parse_adapter(arg).unwrap(),
+            (tmp.path().join("ad"), 2.0),
+            "no such path yet: a weight"
+        );
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(parse_adapter(arg).unwrap(), (dir.clone(), 1.0));
+        let weighted = format!("{arg}:0.5");
+        assert_eq!(parse_adapter(&weighted).unwrap(), (dir, 0.5));
     }
 
     #[test]
