@@ -123,7 +123,8 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
     if let Some((old, new)) = plan.vocab {
         let _ = writeln!(
             s,
-            "resized vocab {old} -> {new} (safetensors headers, index and config.json rewritten)"
+            "resized vocab {old} -> {new} ({})",
+            resized_files(engine)
         );
     }
     let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
@@ -185,6 +186,43 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
         100.0 * trainable as f64 / all.max(1) as f64
     );
     s
+}
+
+/// Which derived files a resized vocabulary rewrites, read back from what the engine serves
+/// (so the report never claims a change that is not served): the regenerated safetensors
+/// headers, and the shard index and `config.json` when their served bytes differ from the
+/// base's.
+fn resized_files(engine: &Engine) -> String {
+    let mut rewritten = vec!["safetensors headers".to_string()];
+    let mut kept = Vec::new();
+    for name in ["model.safetensors.index.json", "config.json"] {
+        let Some((i, vf)) = engine
+            .files
+            .iter()
+            .enumerate()
+            .find(|(_, f)| f.rel == std::path::Path::new(name))
+        else {
+            continue;
+        };
+        let mut served = vec![0u8; usize::try_from(vf.size).unwrap_or(0)];
+        let same = match (
+            engine.read_at(i, 0, &mut served),
+            std::fs::read(&vf.base_path),
+        ) {
+            (Ok(n), Ok(base)) => served[..n] == base[..],
+            _ => false,
+        };
+        if same {
+            kept.push(name);
+        } else {
+            rewritten.push(name.to_string());
+        }
+    }
+    let mut text = format!("rewritten: {}", rewritten.join(", "));
+    if !kept.is_empty() {
+        let _ = write!(text, "; served unchanged: {}", kept.join(", "));
+    }
+    text
 }
 
 fn yes(b: bool) -> &'static str {
