@@ -121,11 +121,8 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
         }
     }
     if let Some((old, new)) = plan.vocab {
-        let _ = writeln!(
-            s,
-            "resized vocab {old} -> {new} ({})",
-            resized_files(engine)
-        );
+        let files = resized_files(engine, new);
+        let _ = writeln!(s, "resized vocab {old} -> {new} ({files})");
     }
     let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
     for m in &plan.merges {
@@ -188,41 +185,42 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
     s
 }
 
-/// Which derived files a resized vocabulary rewrites, read back from what the engine serves
-/// (so the report never claims a change that is not served): the regenerated safetensors
-/// headers, and the shard index and `config.json` when their served bytes differ from the
-/// base's.
-fn resized_files(engine: &Engine) -> String {
-    let mut rewritten = vec!["safetensors headers".to_string()];
-    let mut kept = Vec::new();
-    for name in ["model.safetensors.index.json", "config.json"] {
-        let Some((i, vf)) = engine
+/// What a resized vocabulary rewrites, read back from what the engine serves (so the report
+/// never claims a change that is not served): the regenerated safetensors headers, the shard
+/// index when its bytes change, and `config.json` when its served `vocab_size` is the new one.
+fn resized_files(engine: &Engine, new: usize) -> String {
+    let served = |name: &str| {
+        let (i, vf) = engine
             .files
             .iter()
             .enumerate()
-            .find(|(_, f)| f.rel == std::path::Path::new(name))
-        else {
-            continue;
-        };
-        let mut served = vec![0u8; usize::try_from(vf.size).unwrap_or(0)];
-        let same = match (
-            engine.read_at(i, 0, &mut served),
-            std::fs::read(&vf.base_path),
-        ) {
-            (Ok(n), Ok(base)) => served[..n] == base[..],
-            _ => false,
-        };
-        if same {
-            kept.push(name);
-        } else {
-            rewritten.push(name.to_string());
+            .find(|(_, f)| f.rel == std::path::Path::new(name))?;
+        let mut bytes = vec![0u8; usize::try_from(vf.size).ok()?];
+        let n = engine.read_at(i, 0, &mut bytes).ok()?;
+        bytes.truncate(n);
+        Some((bytes, &vf.base_path))
+    };
+    let mut rewritten = vec!["safetensors headers".to_string()];
+    let mut kept = String::new();
+    if let Some((bytes, base)) = served("model.safetensors.index.json") {
+        if std::fs::read(base).ok().as_ref() != Some(&bytes) {
+            rewritten.push("model.safetensors.index.json".into());
         }
     }
-    let mut text = format!("rewritten: {}", rewritten.join(", "));
-    if !kept.is_empty() {
-        let _ = write!(text, "; served unchanged: {}", kept.join(", "));
+    if let Some((bytes, _)) = served("config.json") {
+        let config: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let vocab = |v: &serde_json::Value| v.get("vocab_size").and_then(|s| s.as_u64());
+        let sizes = [vocab(&config), config.get("text_config").and_then(vocab)];
+        if sizes.contains(&Some(new as u64)) {
+            rewritten.push("config.json vocab_size".into());
+        } else {
+            kept = match sizes.iter().flatten().next() {
+                Some(size) => format!("; config.json keeps vocab_size {size}"),
+                None => "; config.json has no vocab_size".into(),
+            };
+        }
     }
-    text
+    format!("rewritten: {}{kept}", rewritten.join(", "))
 }
 
 fn yes(b: bool) -> &'static str {

@@ -220,7 +220,16 @@ fn resized_vocabulary_regenerates_header_index_and_config() {
     );
     std::fs::write(adir.join("tokenizer.json"), b"{\"added\": true}").unwrap();
     let out = tmp.path().join("out");
-    run(&tmp.path().join("base"), &[&adir], &out);
+    let engine = run(&tmp.path().join("base"), &[&adir], &out);
+    let report = lorafs::inspect::report(&engine, false);
+    assert!(
+        report.contains(&format!(
+            "resized vocab {} -> {v2} (rewritten: safetensors headers, \
+             model.safetensors.index.json, config.json vocab_size)\n",
+            spec.vocab
+        )),
+        "{report}"
+    );
     let got = values(&out);
     let f = Dtype::F16;
     assert_eq!(got["model.embed_tokens.weight"].1, vec![v2, h]);
@@ -270,6 +279,130 @@ fn resized_vocabulary_regenerates_header_index_and_config() {
             let old = safetensors::SafeTensors::read_metadata(&before).unwrap().1;
             assert_eq!(st.offset_keys(), old.offset_keys(), "{}", rel.display());
         }
+    }
+}
+
+#[test]
+fn inspect_names_only_the_files_a_resize_rewrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    // A config whose vocab_size is not the embedding's row count is served as it is.
+    std::fs::write(
+        base.join("config.json"),
+        json!({"model_type": "llama", "vocab_size": 128}).to_string(),
+    )
+    .unwrap();
+    let (h, v2) = (spec.hidden, spec.vocab + 3);
+    let adir = tmp.path().join("a");
+    write_config(&adir, &config(json!({})));
+    let resized = |name: &str| {
+        t(
+            &format!("{P}{name}"),
+            Dtype::F32,
+            &[v2, h],
+            vec![0.5; v2 * h],
+        )
+    };
+    write_safetensors(
+        &adir.join("adapter_model.safetensors"),
+        &[
+            resized("model.embed_tokens.weight"),
+            resized("lm_head.weight"),
+        ],
+    );
+    let engine = open(&base, &[&adir]).unwrap();
+    let report = lorafs::inspect::report(&engine, false);
+    assert!(
+        report.contains(&format!(
+            "resized vocab {} -> {v2} (rewritten: safetensors headers; config.json keeps \
+             vocab_size 128)\n",
+            spec.vocab
+        )),
+        "{report}"
+    );
+}
+
+/// A GPT-2-shaped base with one block: Conv1D weights stored (in, out), F32.
+pub fn write_gpt2(dir: &Path, h: usize, vocab: usize) -> Vec<Tensor> {
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut w = |name: &str, shape: &[usize]| {
+        let n = shape.iter().product();
+        t(name, Dtype::F32, shape, random_values(&mut rng, n, 0.5))
+    };
+    let tensors = vec![
+        w("transformer.wte.weight", &[vocab, h]),
+        w("transformer.h.0.attn.c_attn.weight", &[h, 3 * h]),
+        w("transformer.h.0.attn.c_proj.weight", &[h, h]),
+        w("transformer.h.0.mlp.c_fc.weight", &[h, 4 * h]),
+        w("transformer.h.0.mlp.c_proj.weight", &[4 * h, h]),
+        w("transformer.ln_f.weight", &[h]),
+    ];
+    std::fs::create_dir_all(dir).unwrap();
+    let config = json!({"model_type": "gpt2", "n_embd": h, "vocab_size": vocab});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), &tensors);
+    tensors
+}
+
+#[test]
+fn gpt2_conv1d_and_embedding_lora_merge_transposed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (h, vocab, r) = (16, 50, 2);
+    let base = write_gpt2(&tmp.path().join("base"), h, vocab);
+    let mut rng = StdRng::seed_from_u64(23);
+    // fan_in_fan_out is left false: PEFT (and lorafs) follow the layer, and the square
+    // attn.c_proj shows that the architecture decides, not the shapes.
+    let adir = tmp.path().join("a");
+    write_config(
+        &adir,
+        &json!({"peft_type": "LORA", "r": r, "lora_alpha": 4,
+            "target_modules": ["c_attn", "c_proj", "c_fc", "wte"]}),
+    );
+    let mut tensors = Vec::new();
+    let mut want = BTreeMap::new();
+    for w in &base {
+        let Some(module) = w.name.strip_suffix(".weight") else {
+            continue;
+        };
+        if w.shape.len() != 2 {
+            continue;
+        }
+        // Stored (rows, cols) = (in, out) for Conv1D, (vocab, dim) for wte: A is r × rows,
+        // B is cols × r, and W[i, j] += s·Σₖ B[j, k]·A[k, i].
+        let (rows, cols) = (w.shape[0], w.shape[1]);
+        let a = random_values(&mut rng, r * rows, 0.3);
+        let b = random_values(&mut rng, cols * r, 0.3);
+        let mut x = w
+            .values
+            .iter()
+            .map(|&v| v as f32 as f64)
+            .collect::<Vec<_>>();
+        for i in 0..rows {
+            for j in 0..cols {
+                x[i * cols + j] +=
+                    2.0 * (0..r).map(|k| b[j * r + k] * a[k * rows + i]).sum::<f64>();
+            }
+        }
+        want.insert(w.name.clone(), x);
+        let (ka, kb) = if module.ends_with("wte") {
+            ("lora_embedding_A", "lora_embedding_B")
+        } else {
+            ("lora_A.weight", "lora_B.weight")
+        };
+        tensors.push(t(&format!("{P}{module}.{ka}"), Dtype::F32, &[r, rows], a));
+        tensors.push(t(&format!("{P}{module}.{kb}"), Dtype::F32, &[cols, r], b));
+    }
+    write_safetensors(&adir.join("adapter_model.safetensors"), &tensors);
+    let out = tmp.path().join("out");
+    let engine = run(&tmp.path().join("base"), &[&adir], &out);
+    let features = &engine.plan.adapters[0].features;
+    assert_eq!((features.conv1d, features.embedding_lora), (4, 1));
+    let got = values(&out);
+    assert_eq!(want.len(), 5);
+    for (name, x) in &want {
+        close(name, Dtype::F32, &got[name].2, x);
     }
 }
 
