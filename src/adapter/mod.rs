@@ -191,10 +191,12 @@ impl Adapter {
         Err(Error::config(
             &self.config_path,
             format!(
-                "module `{module}`: scale = weight·lora_alpha{rule} = {}·{alpha}{rule} (r={r}) = \
-                 {scale:e} is not a finite f32, so the merged weights would be Inf or NaN; lower \
-                 lora_alpha (or its alpha_pattern entry) or the --adapter weight",
-                self.weight
+                "module `{module}`: scale = weight·lora_alpha{rule} = {}·{}{rule} (r={r}) = {} is \
+                 not a finite f32, so the merged weights would be Inf or NaN; lower lora_alpha \
+                 (or its alpha_pattern entry) or the --adapter weight",
+                short(self.weight),
+                short(alpha),
+                short(scale)
             ),
         ))
     }
@@ -225,6 +227,15 @@ impl Adapter {
             left -= n;
         }
         Ok(out)
+    }
+}
+
+/// A number for a message: plain when of moderate size, else in scientific notation.
+fn short(x: f64) -> String {
+    if x == 0.0 || (1e-4..1e6).contains(&x.abs()) {
+        x.to_string()
+    } else {
+        format!("{x:e}")
     }
 }
 

@@ -100,8 +100,8 @@ fn orientation(
     let what =
         if fits(cols, rows) {
             format!(
-            "{factors}, which fits base tensor `{}.weight` {shape:?} only {}; PEFT refuses this \
-             adapter for {}",
+            "{factors} and base tensor `{}.weight` is {shape:?}: it fits only {}; PEFT refuses \
+             this adapter for {}",
             f.module,
             if transposed { "untransposed" } else { "transposed" },
             layer.describe()

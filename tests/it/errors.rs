@@ -147,6 +147,34 @@ fn shape_that_does_not_match_offsets() {
 }
 
 #[test]
+fn tensor_named_twice_in_a_header() {
+    fails(
+        |base, _| {
+            // Hand-written: a JSON object cannot hold the key twice once parsed.
+            let file = base.join("model.safetensors");
+            let bytes = std::fs::read(&file).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let text = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+            let mut json = text
+                .trim_end()
+                .replace("\"lm_head.weight\"", "\"model.norm.weight\"")
+                .into_bytes();
+            while !json.len().is_multiple_of(8) {
+                json.push(b' ');
+            }
+            let mut out = (json.len() as u64).to_le_bytes().to_vec();
+            out.extend(json);
+            out.extend(&bytes[8 + n..]);
+            std::fs::write(&file, out).unwrap();
+        },
+        &[
+            "model.safetensors",
+            "tensor `model.norm.weight` appears twice in the header",
+        ],
+    );
+}
+
+#[test]
 fn adapter_key_without_base_tensor() {
     fails(
         |_, a| {

@@ -3,6 +3,7 @@
 mod common;
 mod errors;
 mod features;
+mod hostile;
 mod inputs;
 mod merge;
 mod mount;
