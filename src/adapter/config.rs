@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Number;
 
+use super::json::{IsSet, PatternEntries, TargetModules, Text, TokenIndices};
 use super::pattern::Patterns;
 use crate::error::{Error, Result};
 
@@ -18,13 +19,15 @@ pub struct AdapterConfig {
     pub alpha_pattern: Patterns<f64>,
     pub rank_pattern: Patterns<usize>,
     /// `target_modules` as written: a list of names, a regex string, or absent.
-    pub target_modules: Option<Value>,
+    pub target_modules: TargetModules,
     pub base_model_name_or_path: Option<String>,
     pub use_dora: bool,
     /// `trainable_token_indices`: a list (for the input embedding) or {module: list}.
-    pub trainable_token_indices: Option<Value>,
+    pub trainable_token_indices: TokenIndices,
 }
 
+/// The config as read: every field lorafs looks at, in a compact form (see `json.rs`);
+/// other fields are skipped unread.
 #[derive(Deserialize)]
 struct Raw {
     #[serde(default)]
@@ -40,23 +43,33 @@ struct Raw {
     #[serde(default)]
     use_dora: bool,
     #[serde(default)]
-    alpha_pattern: Option<Map<String, Value>>,
+    alpha_pattern: PatternEntries,
     #[serde(default)]
-    rank_pattern: Option<Map<String, Value>>,
+    rank_pattern: PatternEntries,
     #[serde(default)]
-    target_modules: Option<Value>,
+    target_modules: TargetModules,
     #[serde(default)]
     base_model_name_or_path: Option<String>,
     #[serde(default)]
-    layer_replication: Option<Value>,
+    layer_replication: IsSet,
     #[serde(default)]
-    init_lora_weights: Option<Value>,
+    init_lora_weights: Text,
     #[serde(default)]
-    alora_invocation_tokens: Option<Value>,
+    alora_invocation_tokens: IsSet,
     #[serde(default)]
     use_qalora: bool,
     #[serde(default)]
-    arrow_config: Option<Value>,
+    arrow_config: IsSet,
+    #[serde(default)]
+    use_kasa: IsSet,
+    #[serde(default)]
+    kasa_config: IsSet,
+    #[serde(default)]
+    use_bdlora: IsSet,
+    #[serde(default)]
+    velora_config: IsSet,
+    #[serde(default)]
+    monteclora_config: IsSet,
     // `lora_bias` and `modules_to_save` are only type-checked: the saved tensors are what
     // counts (`lora_B.bias`, `modules_to_save.*` keys).
     #[serde(default)]
@@ -64,9 +77,9 @@ struct Raw {
     lora_bias: bool,
     #[serde(default)]
     #[allow(dead_code)]
-    modules_to_save: Option<Value>,
+    modules_to_save: IsSet,
     #[serde(default)]
-    trainable_token_indices: Option<Value>,
+    trainable_token_indices: TokenIndices,
     #[serde(default)]
     bias: Option<String>,
 }
@@ -76,12 +89,11 @@ fn default_r() -> usize {
 }
 
 /// The largest `adapter_config.json` read. Real ones are a few KiB (a long
-/// `trainable_token_indices` list, a few hundred KiB); a parsed JSON value takes several
-/// times its text, so a cap keeps a hostile config's memory bounded.
-const MAX_CONFIG_BYTES: u64 = 16 << 20;
+/// `trainable_token_indices` list, a few hundred KiB); the cap bounds a hostile one.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
-/// The config's JSON, refused past [`MAX_CONFIG_BYTES`] before it is read whole.
-fn read_capped(path: &Path) -> Result<Value> {
+/// The config's bytes, refused past [`MAX_CONFIG_BYTES`] before they are read whole.
+fn read_capped(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut bytes = Vec::new();
@@ -97,94 +109,31 @@ fn read_capped(path: &Path) -> Result<Value> {
             ),
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
+    Ok(bytes)
+}
+
+/// Parse the config: a JSON object whose fields have the types PEFT writes.
+fn parse(path: &Path, bytes: &[u8]) -> Result<Raw> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(Error::config(path, "expected a JSON object"));
+    }
+    serde_json::from_slice(bytes).map_err(|source| match source.classify() {
+        serde_json::error::Category::Data => Error::config(path, source.to_string()),
+        serde_json::error::Category::Io
+        | serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof => Error::Json {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 
 impl AdapterConfig {
     /// Read and check `adapter_config.json`; refuse what cannot be merged into a dense base.
     pub fn load(path: &Path) -> Result<AdapterConfig> {
-        let value = read_capped(path)?;
-        if !value.is_object() {
-            return Err(Error::config(path, "expected a JSON object"));
-        }
-        let raw = Raw::deserialize(&value).map_err(|e| Error::config(path, e.to_string()))?;
-        let refuse = |what: String| Err(Error::unsupported(path, what));
-
-        match raw.peft_type.as_deref() {
-            Some("LORA") => {}
-            Some(other) => {
-                return refuse(format!(
-                    "peft_type is {other}; lorafs merges LoRA adapters only (peft_type \"LORA\")"
-                ))
-            }
-            None => {
-                return Err(Error::config(
-                    path,
-                    "no `peft_type`; is this a PEFT adapter_config.json?",
-                ))
-            }
-        }
-        if is_set(raw.alora_invocation_tokens.as_ref()) {
-            return refuse(
-                "aLoRA (alora_invocation_tokens) activates only after the invocation tokens, \
-                 so it has no merged equivalent"
-                    .into(),
-            );
-        }
-        if is_set(raw.arrow_config.as_ref()) {
-            return refuse(
-                "Arrow routing picks adapters per token, so it has no merged equivalent".into(),
-            );
-        }
-        if raw.use_qalora {
-            return refuse("QALoRA adapters need a quantized base; merge them with PEFT".into());
-        }
-        if value.get("use_kasa").and_then(Value::as_bool) == Some(true)
-            || is_set(value.get("kasa_config"))
-        {
-            return refuse(
-                "KaSA modifies the base weights' singular values; lorafs does not merge it".into(),
-            );
-        }
-        if is_set(raw.layer_replication.as_ref()) {
-            return refuse(
-                "layer_replication changes the number of layers, not their values".into(),
-            );
-        }
-        if let Some(Value::String(init)) = &raw.init_lora_weights {
-            let lower = init.to_ascii_lowercase();
-            if ["pissa", "olora", "corda", "lora_ga", "loftq"]
-                .iter()
-                .any(|p| lower.starts_with(p))
-            {
-                return refuse(format!(
-                    "init_lora_weights is \"{init}\": this adapter expects a modified base model; \
-                     convert it to a plain LoRA first (PEFT's `path_initial_model_for_weight_conversion`)"
-                ));
-            }
-        }
-        for (field, name) in [
-            ("use_bdlora", "BD-LoRA (use_bdlora)"),
-            ("velora_config", "VeLoRA (velora_config)"),
-            ("monteclora_config", "MonteCLoRA (monteclora_config)"),
-        ] {
-            if is_set(value.get(field)) {
-                return refuse(format!(
-                    "{name} is a LoRA variant lorafs does not merge; merge it with PEFT"
-                ));
-            }
-        }
-        if let Some(indices) = &raw.trainable_token_indices {
-            if is_set(Some(indices)) && token_lists(indices).is_none() {
-                return Err(Error::config(
-                    path,
-                    "trainable_token_indices must be a list of token ids or an object {module: [ids]}",
-                ));
-            }
-        }
+        let raw = parse(path, &read_capped(path)?)?;
+        refusals(path, &raw)?;
         if let Some(other) = raw.bias.as_deref() {
             if !matches!(other, "none" | "all" | "lora_only") {
                 return Err(Error::config(
@@ -196,15 +145,14 @@ impl AdapterConfig {
         if raw.r == 0 {
             return Err(Error::config(path, "r is 0"));
         }
-        let lora_alpha = raw.lora_alpha.unwrap_or(8.0);
         let alpha_pattern =
-            Patterns::parse(path, "alpha_pattern", raw.alpha_pattern, |v| v.as_f64())?;
-        let rank_pattern = Patterns::parse(path, "rank_pattern", raw.rank_pattern, |v| {
+            Patterns::parse(path, "alpha_pattern", raw.alpha_pattern.0, Number::as_f64)?;
+        let rank_pattern = Patterns::parse(path, "rank_pattern", raw.rank_pattern.0, |v| {
             v.as_u64().and_then(|r| usize::try_from(r).ok())
         })?;
         Ok(AdapterConfig {
             r: raw.r,
-            lora_alpha,
+            lora_alpha: raw.lora_alpha.unwrap_or(8.0),
             use_rslora: raw.use_rslora,
             fan_in_fan_out: raw.fan_in_fan_out,
             alpha_pattern,
@@ -212,7 +160,7 @@ impl AdapterConfig {
             target_modules: raw.target_modules,
             base_model_name_or_path: raw.base_model_name_or_path,
             use_dora: raw.use_dora,
-            trainable_token_indices: raw.trainable_token_indices.filter(|v| is_set(Some(v))),
+            trainable_token_indices: raw.trainable_token_indices,
         })
     }
 
@@ -244,65 +192,154 @@ impl AdapterConfig {
     /// module-name patterns (matched like target modules: the key equals the name or a dotted
     /// suffix of it) to lists.
     pub fn token_indices_for(&self, module: &str) -> Option<Vec<usize>> {
-        let value = self.trainable_token_indices.as_ref()?;
-        match value {
-            Value::Array(_) => token_list(value),
-            Value::Object(map) => map.iter().find_map(|(k, v)| {
-                let matches = module == k || module.ends_with(&format!(".{k}"));
-                if matches {
-                    token_list(v)
-                } else {
-                    None
-                }
+        match &self.trainable_token_indices {
+            TokenIndices::Unset => None,
+            TokenIndices::List(ids) => Some(ids.clone()),
+            TokenIndices::Modules(map) => map.iter().find_map(|(k, ids)| {
+                let matches = module == k
+                    || module
+                        .strip_suffix(k.as_str())
+                        .is_some_and(|rest| rest.ends_with('.'));
+                matches.then(|| ids.clone())
             }),
-            _ => None,
         }
     }
 
     /// `target_modules` for display.
     pub fn target_modules_display(&self) -> String {
         match &self.target_modules {
-            None | Some(Value::Null) => "(not set)".into(),
-            Some(Value::String(s)) => format!("regex {s:?}"),
-            Some(Value::Array(items)) => {
-                let mut names: Vec<String> = items
-                    .iter()
-                    .map(|v| {
-                        v.as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| v.to_string())
-                    })
-                    .collect();
+            TargetModules::Unset => "(not set)".into(),
+            TargetModules::Regex(s) => format!("regex {s:?}"),
+            TargetModules::Names(names) => {
+                let mut names = names.clone();
                 names.sort();
                 names.join(", ")
             }
-            Some(other) => other.to_string(),
+            TargetModules::Other(text) => text.clone(),
         }
     }
 }
 
-fn token_list(value: &Value) -> Option<Vec<usize>> {
-    value
-        .as_array()?
-        .iter()
-        .map(|v| v.as_u64().and_then(|i| usize::try_from(i).ok()))
-        .collect()
-}
-
-/// Whether `trainable_token_indices` has one of its two valid forms.
-fn token_lists(value: &Value) -> Option<()> {
-    match value {
-        Value::Array(_) => token_list(value).map(|_| ()),
-        Value::Object(map) => map.values().try_for_each(|v| token_list(v).map(|_| ())),
-        _ => None,
+/// Adapters whose merge is not a plain LoRA delta on a dense base.
+fn refusals(path: &Path, raw: &Raw) -> Result<()> {
+    let refuse = |what: &str| Err(Error::unsupported(path, what));
+    match raw.peft_type.as_deref() {
+        Some("LORA") => {}
+        Some(other) => {
+            return refuse(&format!(
+                "peft_type is {other}; lorafs merges LoRA adapters only (peft_type \"LORA\")"
+            ))
+        }
+        None => {
+            return Err(Error::config(
+                path,
+                "no `peft_type`; is this a PEFT adapter_config.json?",
+            ))
+        }
     }
+    if raw.alora_invocation_tokens.0 {
+        return refuse(
+            "aLoRA (alora_invocation_tokens) activates only after the invocation tokens, \
+             so it has no merged equivalent",
+        );
+    }
+    if raw.arrow_config.0 {
+        return refuse("Arrow routing picks adapters per token, so it has no merged equivalent");
+    }
+    if raw.use_qalora {
+        return refuse("QALoRA adapters need a quantized base; merge them with PEFT");
+    }
+    if raw.use_kasa.0 || raw.kasa_config.0 {
+        return refuse("KaSA modifies the base weights' singular values; lorafs does not merge it");
+    }
+    if raw.layer_replication.0 {
+        return refuse("layer_replication changes the number of layers, not their values");
+    }
+    if let Some(init) = &raw.init_lora_weights.0 {
+        let lower = init.to_ascii_lowercase();
+        if ["pissa", "olora", "corda", "lora_ga", "loftq"]
+            .iter()
+            .any(|p| lower.starts_with(p))
+        {
+            return refuse(&format!(
+                "init_lora_weights is \"{init}\": this adapter expects a modified base model; \
+                 convert it to a plain LoRA first (PEFT's `path_initial_model_for_weight_conversion`)"
+            ));
+        }
+    }
+    for (set, name) in [
+        (raw.use_bdlora, "BD-LoRA (use_bdlora)"),
+        (raw.velora_config, "VeLoRA (velora_config)"),
+        (raw.monteclora_config, "MonteCLoRA (monteclora_config)"),
+    ] {
+        if set.0 {
+            return refuse(&format!(
+                "{name} is a LoRA variant lorafs does not merge; merge it with PEFT"
+            ));
+        }
+    }
+    Ok(())
 }
 
-fn is_set(value: Option<&Value>) -> bool {
-    match value {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Array(a)) => !a.is_empty(),
-        Some(Value::Object(o)) => !o.is_empty(),
-        Some(_) => true,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<AdapterConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter_config.json");
+        std::fs::write(&path, text).unwrap();
+        AdapterConfig::load(&path)
+    }
+
+    #[test]
+    fn an_infinite_alpha_cannot_be_written_in_json() {
+        let err = load(r#"{"peft_type": "LORA", "lora_alpha": 1e999}"#).unwrap_err();
+        assert!(err.to_string().contains("invalid JSON"), "{err}");
+    }
+
+    #[test]
+    fn fields_keep_their_meaning_in_the_compact_form() {
+        let c = load(
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 16, "unknown": [[1, {"x": 2}]],
+                "target_modules": ["v_proj", "q_proj"], "layer_replication": null,
+                "init_lora_weights": true, "use_kasa": false,
+                "alpha_pattern": {"q_proj": 32}, "rank_pattern": {},
+                "trainable_token_indices": {"embed_tokens": [5, 7]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.target_modules_display(), "q_proj, v_proj");
+        assert_eq!(c.alpha_for("model.layers.0.self_attn.q_proj"), 32.0);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj"), 4);
+        assert_eq!(c.token_indices_for("model.embed_tokens"), Some(vec![5, 7]));
+        assert_eq!(c.token_indices_for("model.my_embed_tokens"), None);
+        let refused = load(r#"{"peft_type": "LORA", "layer_replication": [[0, 1]]}"#);
+        assert!(refused
+            .unwrap_err()
+            .to_string()
+            .contains("layer_replication"));
+        let bad = load(r#"{"peft_type": "LORA", "trainable_token_indices": [1, -2]}"#);
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("trainable_token_indices"));
+        let not_object = load("[1]").unwrap_err().to_string();
+        assert!(
+            not_object.contains("expected a JSON object"),
+            "{not_object}"
+        );
+    }
+
+    #[test]
+    fn pattern_keys_are_bounded() {
+        let keys: Vec<String> = (0..=crate::adapter::json::MAX_PATTERN_KEYS)
+            .map(|i| format!("\"k{i}\": 1"))
+            .collect();
+        let text = format!(
+            r#"{{"peft_type": "LORA", "alpha_pattern": {{{}}}}}"#,
+            keys.join(",")
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("more than 4096 keys"), "{err}");
     }
 }

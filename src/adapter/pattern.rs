@@ -6,10 +6,16 @@
 
 use std::path::Path;
 
-use regex::Regex;
-use serde_json::{Map, Value};
+use regex::{Regex, RegexBuilder};
+use serde_json::Number;
 
+use super::json::PatternValue;
 use crate::error::{Error, Result};
+
+/// Bytes a pattern's compiled regex and its lazy DFA may take: a module-name pattern needs a
+/// few KiB; a hostile one is refused (compile) or falls back to a slower search (DFA).
+const REGEX_BYTES: usize = 1 << 20;
+const DFA_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone)]
 pub struct Patterns<T> {
@@ -17,21 +23,26 @@ pub struct Patterns<T> {
 }
 
 impl<T> Patterns<T> {
+    /// Compile `field`'s entries (in file order); `value` reads an entry's number.
     pub fn parse(
         path: &Path,
         field: &str,
-        map: Option<Map<String, Value>>,
-        value: impl Fn(&Value) -> Option<T>,
+        raw: Vec<(String, PatternValue)>,
+        value: impl Fn(&Number) -> Option<T>,
     ) -> Result<Patterns<T>> {
         let mut entries = Vec::new();
-        for (key, v) in map.unwrap_or_default() {
-            let regex = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-                Error::config(
-                    path,
-                    format!("{field}: key {key:?} is not a valid regex: {e}"),
-                )
-            })?;
-            let v = value(&v).ok_or_else(|| {
+        for (key, v) in raw {
+            let regex = RegexBuilder::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                .size_limit(REGEX_BYTES)
+                .dfa_size_limit(DFA_BYTES)
+                .build()
+                .map_err(|e| {
+                    Error::config(
+                        path,
+                        format!("{field}: key {key:?} is not a valid regex: {e}"),
+                    )
+                })?;
+            let v = v.0.as_ref().and_then(&value).ok_or_else(|| {
                 Error::config(path, format!("{field}: value for {key:?} is not a number"))
             })?;
             entries.push((key, regex, v));
@@ -56,8 +67,8 @@ mod tests {
     use super::*;
 
     fn patterns(json: &str) -> Patterns<f64> {
-        let map: Map<String, Value> = serde_json::from_str(json).unwrap();
-        Patterns::parse(Path::new("x"), "alpha_pattern", Some(map), |v| v.as_f64()).unwrap()
+        let raw: super::super::json::PatternEntries = serde_json::from_str(json).unwrap();
+        Patterns::parse(Path::new("x"), "alpha_pattern", raw.0, Number::as_f64).unwrap()
     }
 
     #[test]

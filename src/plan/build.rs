@@ -97,21 +97,24 @@ fn orientation(
         "lora_A is {}×{} and lora_B is {}×{}, so the delta is {out}×{inp}",
         a.rows, a.cols, b.rows, b.cols
     );
-    let what =
-        if fits(cols, rows) {
-            format!(
-            "{factors} and base tensor `{}.weight` is {shape:?}: it fits only {}; PEFT refuses \
-             this adapter for {}",
+    let what = if fits(cols, rows) {
+        format!(
+            "shape does not fit: {factors} and base tensor `{}.weight` is {shape:?}: it fits \
+             only {}; PEFT refuses this adapter for {}",
             f.module,
-            if transposed { "untransposed" } else { "transposed" },
+            if transposed {
+                "untransposed"
+            } else {
+                "transposed"
+            },
             layer.describe()
         )
-        } else {
-            format!(
-                "shape does not fit: {factors}, but base tensor `{}.weight` is {shape:?}",
-                f.module
-            )
-        };
+    } else {
+        format!(
+            "shape does not fit: {factors}, but base tensor `{}.weight` is {shape:?}",
+            f.module
+        )
+    };
     Err(Error::tensor(&adapter.file, &a.key, what))
 }
 
