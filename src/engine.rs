@@ -183,7 +183,12 @@ impl Engine {
                     .iter()
                     .any(|s| matches!(s.source, Source::Merged { .. } | Source::Input { .. }));
                 (vf.segments, vf.size) = (segments, size);
-                data_delta += delta;
+                data_delta = data_delta.checked_add(delta).ok_or_else(|| {
+                    Error::config(
+                        &file.path,
+                        "the model's size change overflows a 64-bit count",
+                    )
+                })?;
             }
             files.push(vf);
         }
