@@ -136,7 +136,7 @@ impl Planner<'_> {
     }
 }
 
-/// One tensor's merge: its ops' data read in order.
+/// One tensor's merge: its ops' data read in order, then concatenated along the rank.
 fn realize(
     name: String,
     (layout, tensor): (usize, usize),
@@ -144,9 +144,51 @@ fn realize(
     adapters: &[Adapter],
 ) -> Result<TensorMerge> {
     let (rows, cols) = view(&p.shape);
+    let (mut parts, token_rows) = read_ops(p.ops, adapters, cols, p.dtype)?;
+    let rank: usize = parts.iter().map(|part| part.term.rank).sum();
+    let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
+    let (u, v) = concat_ranks(rows, rank, cols, &mut parts);
+    let mut offset = 0;
+    let mut terms = Vec::new();
+    let mut groups = Vec::new();
+    for part in parts {
+        groups.push(DoraGroup {
+            offset,
+            rank: part.term.rank,
+            magnitude: part.magnitude,
+        });
+        offset += part.term.rank;
+        terms.push(part.term);
+    }
+    Ok(TensorMerge {
+        name,
+        layout,
+        tensor,
+        dtype: p.dtype,
+        shape: p.shape,
+        w: p.w,
+        factors: Factors::new(rows, rank, cols, u, v),
+        terms,
+        dora: any_dora.then_some(groups),
+        rows: token_rows.into_iter().collect(),
+        replaced: p.replaced,
+    })
+}
+
+/// Rows replaced by trainable tokens, by index, rounded to the output dtype.
+type TokenRowMap = BTreeMap<usize, Vec<f32>>;
+
+/// Read each op's data, in order: the terms with their U and V, and the token rows (which
+/// drop the deltas of the terms before them on their rows).
+fn read_ops(
+    ops: Vec<Op>,
+    adapters: &[Adapter],
+    cols: usize,
+    dtype: DType,
+) -> Result<(Vec<Part>, TokenRowMap)> {
     let mut parts: Vec<Part> = Vec::new();
     let mut token_rows = BTreeMap::new();
-    for op in p.ops {
+    for op in ops {
         match op {
             Op::Lora {
                 term,
@@ -186,47 +228,21 @@ fn realize(
                 values,
             } => {
                 let data = adapters[adapter].read(&values)?;
-                for (&index, row) in indices.iter().zip(data.chunks_exact(cols)) {
-                    // Earlier deltas on this row are overwritten.
-                    // (The plan checked `index < rows`; every part has `rows` rows of U.)
+                for (k, &index) in indices.iter().enumerate() {
+                    // The plan checked `index < rows` and one row of `cols` values per index;
+                    // every part has `rows` rows of U.
                     for part in &mut parts {
                         let r = part.term.rank;
                         if let Some(row) = part.u.get_mut(index * r..(index + 1) * r) {
                             row.fill(0.0);
                         }
                     }
-                    let row: Vec<f32> = row.iter().map(|&x| round_to(p.dtype, x)).collect();
+                    let row = data.get(k * cols..(k + 1) * cols).unwrap_or_default();
+                    let row = row.iter().map(|&x| round_to(dtype, x)).collect();
                     token_rows.insert(index, row);
                 }
             }
         }
     }
-    let rank: usize = parts.iter().map(|part| part.term.rank).sum();
-    let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
-    let (u, v) = concat_ranks(rows, rank, cols, &mut parts);
-    let mut offset = 0;
-    let mut terms = Vec::new();
-    let mut groups = Vec::new();
-    for part in parts {
-        groups.push(DoraGroup {
-            offset,
-            rank: part.term.rank,
-            magnitude: part.magnitude,
-        });
-        offset += part.term.rank;
-        terms.push(part.term);
-    }
-    Ok(TensorMerge {
-        name,
-        layout,
-        tensor,
-        dtype: p.dtype,
-        shape: p.shape,
-        w: p.w,
-        factors: Factors::new(rows, rank, cols, u, v),
-        terms,
-        dora: any_dora.then_some(groups),
-        rows: token_rows.into_iter().collect(),
-        replaced: p.replaced,
-    })
+    Ok((parts, token_rows))
 }
