@@ -48,11 +48,11 @@ pub fn numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
-/// Bytes of a tensor of `shape` and `dtype`, `None` on overflow.
+/// Bytes of a tensor of `shape` and `dtype`, `None` on overflow or when the bits do not
+/// fill whole bytes (sub-byte dtypes).
 fn byte_size(shape: &[usize], dtype: Dtype) -> Option<usize> {
-    numel(shape)?
-        .checked_mul(dtype.bitsize())
-        .map(|bits| bits / 8)
+    let bits = numel(shape)?.checked_mul(dtype.bitsize())?;
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// A parsed safetensors file.
@@ -204,9 +204,14 @@ fn bad(path: &Path, what: impl Into<String>) -> Error {
 fn parse_header(path: &Path, json: &[u8]) -> Result<Metadata> {
     let header = Header::parse(json).map_err(|e| bad(path, format!("header JSON: {e}")))?;
     if let Some(name) = header.duplicate {
+        let what = if name == "__metadata__" {
+            "key"
+        } else {
+            "tensor"
+        };
         return Err(bad(
             path,
-            format!("tensor `{name}` appears twice in the header"),
+            format!("{what} `{name}` appears twice in the header"),
         ));
     }
     let mut tensors = header.tensors;

@@ -57,7 +57,10 @@ fn modules(
             }
             (None, None) => continue,
         };
-        if a.rows != b.cols || a.rows == 0 {
+        if a.rows == 0 {
+            return Err(Error::tensor(file, &a.key, "has rank 0 (no rows)"));
+        }
+        if a.rows != b.cols {
             return Err(Error::tensor(
                 file,
                 &a.key,
