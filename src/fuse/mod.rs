@@ -1,6 +1,7 @@
 //! The FUSE adapter: the only module that knows `fuser`. Each callback asks the core and
 //! replies, or logs why and replies with an errno; none of them can panic on bad input.
 
+mod access;
 mod inodes;
 mod panics;
 mod session;
