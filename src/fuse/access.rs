@@ -13,9 +13,6 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The search (`x`) bit, in a class's three bits.
-const SEARCH: u32 = 0o1;
-
 /// What the kernel's permission check of a file or directory looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Perms {
@@ -78,20 +75,42 @@ fn possible_classes(file: &Perms, class: Class, dir: &Perms) -> Vec<Class> {
     classes
 }
 
+/// What a reader needs on a file or directory of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Right {
+    Read,
+    Search,
+}
+
+impl Right {
+    /// The right's bit, in a class's three bits.
+    fn bit(self) -> u32 {
+        match self {
+            Right::Read => 0o4,
+            Right::Search => 0o1,
+        }
+    }
+}
+
 /// The bits of `file`'s mode (0o700, 0o070, 0o007, or'ed) of the classes all of whose users
-/// may search every directory of `dirs`.
-pub(super) fn reachable_classes(file: &Perms, dirs: &[Perms]) -> u32 {
+/// have `right` on `other`.
+pub(super) fn granted_classes(file: &Perms, other: &Perms, right: Right) -> u32 {
     CLASSES
         .iter()
         .filter(|&&class| {
-            dirs.iter().all(|dir| {
-                possible_classes(file, class, dir)
-                    .iter()
-                    .all(|dir_class| dir_class.bits(dir.mode) & SEARCH != 0)
-            })
+            possible_classes(file, class, other)
+                .iter()
+                .all(|other_class| other_class.bits(other.mode) & right.bit() != 0)
         })
-        .map(|class| 0o7 << class.shift())
-        .fold(0, |mask, bits| mask | bits)
+        .fold(0, |mask, class| mask | 0o7 << class.shift())
+}
+
+/// The bits of `file`'s mode of the classes all of whose users may search every directory
+/// of `dirs`.
+pub(super) fn reachable_classes(file: &Perms, dirs: &[Perms]) -> u32 {
+    dirs.iter().fold(0o777, |mask, dir| {
+        mask & granted_classes(file, dir, Right::Search)
+    })
 }
 
 /// The permissions of the directories around sources, each read once (a model's files share
@@ -116,6 +135,20 @@ impl Ancestors {
             dirs.push(self.perms(dir)?);
         }
         Ok(reachable_classes(file, &dirs))
+    }
+
+    /// The mask of a served node of owner `file` whose bytes come from `input` too, at
+    /// canonical path `canon` (a merged file's adapter): the classes all of whose users may
+    /// reach and read `input`, over the directories not `covered` (as for [`Self::mask`]).
+    pub fn readable(
+        &mut self,
+        file: &Perms,
+        input: &Perms,
+        canon: &Path,
+        covered: Option<&Path>,
+    ) -> io::Result<u32> {
+        let reach = self.mask(file, canon, covered)?;
+        Ok(reach & granted_classes(file, input, Right::Read))
     }
 
     fn perms(&mut self, dir: &Path) -> io::Result<Perms> {
@@ -239,6 +272,38 @@ mod tests {
             p(ALICE, ALICE, 0o700),
         ];
         assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), OWNER);
+    }
+
+    #[test]
+    fn reading_another_file_takes_its_read_bit_for_every_possible_class() {
+        let file = p(ALICE, STAFF, 0o644);
+        assert_eq!(
+            granted_classes(&file, &p(ALICE, STAFF, 0o644), Right::Read),
+            ALL
+        );
+        assert_eq!(
+            granted_classes(&file, &p(ALICE, STAFF, 0o600), Right::Read),
+            OWNER
+        );
+        assert_eq!(
+            granted_classes(&file, &p(ALICE, STAFF, 0o640), Right::Read),
+            OWNER | GROUP
+        );
+        // x is not r: a 0711 file is read by its owner only.
+        assert_eq!(
+            granted_classes(&file, &p(ALICE, STAFF, 0o711), Right::Read),
+            OWNER
+        );
+        // Bob's 0644 file: alice may be in bob's group or not, others may be bob: all read.
+        assert_eq!(
+            granted_classes(&file, &p(BOB, USERS, 0o644), Right::Read),
+            ALL
+        );
+        // Bob's 0600 file: no one but bob, who is in none of alice's file's classes for sure.
+        assert_eq!(
+            granted_classes(&file, &p(BOB, USERS, 0o600), Right::Read),
+            0
+        );
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
         nodes.push(Node {
             parent,
             kind: NodeKind::File { file: index },
-            attr: attrs.file(ino, parent, file)?,
+            attr: attrs.file(ino, parent, file, engine)?,
         });
         link(
             &mut nodes,
@@ -102,14 +102,36 @@ impl Attrs {
         Ok(attr)
     }
 
-    /// The attributes of file node `ino` in `parent` serving `file`: its source's identity
-    /// is the one the engine recorded before reading it, so bytes and permissions belong to
-    /// one version.
-    fn file(&mut self, ino: u64, parent: u64, file: &VirtualFile) -> io::Result<FileAttr> {
+    /// The attributes of file node `ino` in `parent` serving `file` of `engine`: its
+    /// source's identity is the one the engine recorded before reading it, so bytes and
+    /// permissions belong to one version. A file with bytes from the adapters (merged or
+    /// replaced tensors) keeps only the classes that may read every adapter file: through
+    /// it, and the base file, they would otherwise learn the adapter's weights.
+    fn file(
+        &mut self,
+        ino: u64,
+        parent: u64,
+        file: &VirtualFile,
+        engine: &Engine,
+    ) -> io::Result<FileAttr> {
         let identity = file.source();
         let canon = canonical(&file.base_path, &identity)?;
         let kind = FileType::RegularFile;
-        self.masked(ino, kind, file.size, &identity, &canon, Some(parent))
+        let mut attr = self.masked(ino, kind, file.size, &identity, &canon, Some(parent))?;
+        let owner = perms(&identity);
+        let covered = self.dirs.get(&parent);
+        for input in engine.adapter_sources(file) {
+            let source = input.identity();
+            let canon = canonical(&input.path, &source)?;
+            let mask = self.ancestors.readable(
+                &owner,
+                &perms(&source),
+                &canon,
+                covered.map(PathBuf::as_path),
+            )?;
+            attr.perm &= mask as u16;
+        }
+        Ok(attr)
     }
 
     /// The attributes of a node whose source had `identity` and is at `canon`, its mode
@@ -127,17 +149,21 @@ impl Attrs {
         parent: Option<u64>,
     ) -> io::Result<FileAttr> {
         let covered = parent.and_then(|parent| self.dirs.get(&parent));
-        let owner = Perms {
-            uid: identity.uid,
-            gid: identity.gid,
-            mode: identity.mode,
-        };
         let mask = self
             .ancestors
-            .mask(&owner, canon, covered.map(PathBuf::as_path))?;
+            .mask(&perms(identity), canon, covered.map(PathBuf::as_path))?;
         let mut attr = attr(ino, kind, size, identity);
         attr.perm &= mask as u16;
         Ok(attr)
+    }
+}
+
+/// What the permission check of the source stat'ed as `identity` looks at.
+fn perms(identity: &Identity) -> Perms {
+    Perms {
+        uid: identity.uid,
+        gid: identity.gid,
+        mode: identity.mode,
     }
 }
 

@@ -304,6 +304,57 @@ fn links_into_closed_directories_are_closed_through_the_mount() {
 }
 
 #[test]
+fn a_merged_file_is_open_only_to_those_who_may_read_the_adapter() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    chmod(&base, 0o755);
+    chmod(&base.join("config.json"), 0o644);
+    chmod(&base.join("model.safetensors"), 0o644);
+    // (what, the adapter's parent directory's mode, its weights file's mode, nobody reads
+    // the merged file)
+    let cases = [
+        ("an adapter in a 0700 directory", 0o700, 0o644, false),
+        ("an adapter whose weights are 0600", 0o755, 0o600, false),
+        ("an adapter open to all", 0o755, 0o644, true),
+    ];
+    for (i, (what, dir_mode, weights_mode, readable)) in cases.into_iter().enumerate() {
+        let parent = tmp.path().join(format!("adapter-{i}"));
+        let adapter = parent.join("adapter");
+        write_adapter(&adapter, &AdapterSpec::new(&spec, 4, ""));
+        chmod(&adapter, 0o755);
+        chmod(&adapter.join("adapter_config.json"), 0o644);
+        chmod(&adapter.join("adapter_model.safetensors"), weights_mode);
+        chmod(&parent, dir_mode);
+        let args: Vec<OsString> = vec!["--adapter".into(), adapter.into(), "--allow-other".into()];
+        let guard = MountGuard::new(&base, &tmp.path().join(format!("mnt-{i}")), &args);
+        let m = &guard.mountpoint;
+        assert_eq!(
+            read_as_nobody(&m.join("config.json")).as_deref(),
+            Ok(&std::fs::read(base.join("config.json")).unwrap()[..]),
+            "{what}: a file the adapter does not change stays readable"
+        );
+        let merged = m.join("model.safetensors");
+        if readable {
+            assert_eq!(
+                read_as_nobody(&merged).as_deref(),
+                Ok(&std::fs::read(&merged).unwrap()[..]),
+                "{what}"
+            );
+            assert_eq!(owner_and_mode(&merged), (0o444, 0, 0), "{what}");
+        } else {
+            assert_denied(&merged, what);
+            assert_eq!(owner_and_mode(&merged), (0o400, 0, 0), "{what}");
+        }
+    }
+}
+
+#[test]
 fn a_base_file_named_like_the_stats_file_is_served_as_is() {
     if !can_mount() {
         return;
