@@ -13,6 +13,13 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// Whose a served node is: which users fall in each of its classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// What the kernel's permission check of a file or directory looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Perms {
@@ -51,7 +58,7 @@ impl Class {
 /// The classes of `dir` that a user of class `class` of `file` may be in. A user is in
 /// `file`'s owner class iff their uid is `file.uid`, in its group class iff not and they are
 /// in group `file.gid`; any other membership is unknown.
-fn possible_classes(file: &Perms, class: Class, dir: &Perms) -> Vec<Class> {
+fn possible_classes(file: &Owner, class: Class, dir: &Perms) -> Vec<Class> {
     let same_owner = dir.uid == file.uid;
     let same_group = dir.gid == file.gid;
     let mut classes = Vec::with_capacity(3);
@@ -94,7 +101,7 @@ impl Right {
 
 /// The bits of `file`'s mode (0o700, 0o070, 0o007, or'ed) of the classes all of whose users
 /// have `right` on `other`.
-pub(super) fn granted_classes(file: &Perms, other: &Perms, right: Right) -> u32 {
+pub(super) fn granted_classes(file: &Owner, other: &Perms, right: Right) -> u32 {
     CLASSES
         .iter()
         .filter(|&&class| {
@@ -107,7 +114,7 @@ pub(super) fn granted_classes(file: &Perms, other: &Perms, right: Right) -> u32 
 
 /// The bits of `file`'s mode of the classes all of whose users may search every directory
 /// of `dirs`.
-pub(super) fn reachable_classes(file: &Perms, dirs: &[Perms]) -> u32 {
+pub(super) fn reachable_classes(file: &Owner, dirs: &[Perms]) -> u32 {
     dirs.iter().fold(0o777, |mask, dir| {
         mask & granted_classes(file, dir, Right::Search)
     })
@@ -126,7 +133,7 @@ impl Ancestors {
     /// it: the canonical path of the served directory holding the node, whose own served
     /// mode the kernel checks, and whose mask covers the directories above it (None for the
     /// mount root).
-    pub fn mask(&mut self, file: &Perms, canon: &Path, covered: Option<&Path>) -> io::Result<u32> {
+    pub fn mask(&mut self, file: &Owner, canon: &Path, covered: Option<&Path>) -> io::Result<u32> {
         let mut dirs = Vec::new();
         for dir in canon.ancestors().skip(1) {
             if covered.is_some_and(|covered| covered.starts_with(dir)) {
@@ -142,7 +149,7 @@ impl Ancestors {
     /// reach and read `input`, over the directories not `covered` (as for [`Self::mask`]).
     pub fn readable(
         &mut self,
-        file: &Perms,
+        file: &Owner,
         input: &Perms,
         canon: &Path,
         covered: Option<&Path>,
@@ -165,7 +172,7 @@ impl Ancestors {
         let perms = Perms {
             uid: meta.uid(),
             gid: meta.gid(),
-            mode: meta.mode() & 0o777,
+            mode: super::acl::effective_mode(dir, meta.mode())?,
         };
         self.dirs.insert(dir.to_path_buf(), perms);
         Ok(perms)
@@ -185,6 +192,12 @@ mod tests {
         Perms { uid, gid, mode }
     }
 
+    /// The served file of most tests.
+    const FILE: Owner = Owner {
+        uid: ALICE,
+        gid: STAFF,
+    };
+
     const ALL: u32 = 0o777;
     const OWNER: u32 = 0o700;
     const GROUP: u32 = 0o070;
@@ -192,62 +205,59 @@ mod tests {
 
     #[test]
     fn no_directory_to_pass_keeps_every_class() {
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &[]), ALL);
+        assert_eq!(reachable_classes(&FILE, &[]), ALL);
     }
 
     #[test]
     fn open_directories_keep_every_class() {
         let dirs = [p(0, 0, 0o755), p(BOB, USERS, 0o711)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), ALL);
+        assert_eq!(reachable_classes(&FILE, &dirs), ALL);
     }
 
     #[test]
     fn a_0700_home_of_the_files_owner_lets_only_the_owner_through() {
         let dirs = [p(0, 0, 0o755), p(ALICE, ALICE, 0o700)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), OWNER);
+        assert_eq!(reachable_classes(&FILE, &dirs), OWNER);
     }
 
     #[test]
     fn a_0700_directory_of_another_owner_closes_every_class() {
         // /root holding alice's file: alice is not root, and 0700 gives no one else x.
         let dirs = [p(0, 0, 0o755), p(0, 0, 0o700)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), 0);
+        assert_eq!(reachable_classes(&FILE, &dirs), 0);
     }
 
     #[test]
     fn a_0750_home_with_the_files_group_lets_the_group_through() {
         let dirs = [p(ALICE, STAFF, 0o750)];
-        assert_eq!(
-            reachable_classes(&p(ALICE, STAFF, 0o644), &dirs),
-            OWNER | GROUP
-        );
+        assert_eq!(reachable_classes(&FILE, &dirs), OWNER | GROUP);
     }
 
     #[test]
     fn a_0750_directory_of_another_group_closes_the_group_class() {
         // A member of the file's group (staff) need not be in the directory's (users).
         let dirs = [p(ALICE, USERS, 0o750)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), OWNER);
+        assert_eq!(reachable_classes(&FILE, &dirs), OWNER);
     }
 
     #[test]
     fn a_0711_home_lets_everyone_through() {
         let dirs = [p(ALICE, ALICE, 0o711)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), ALL);
+        assert_eq!(reachable_classes(&FILE, &dirs), ALL);
     }
 
     #[test]
     fn a_directory_of_another_owner_must_let_its_group_and_others_through_for_the_owner() {
         // Bob's 0705 directory: alice, the file's owner, may be in bob's group (no x).
         let dirs = [p(BOB, USERS, 0o705)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), 0);
+        assert_eq!(reachable_classes(&FILE, &dirs), 0);
         // 0750: alice may be outside bob's group; members of staff may be bob himself.
         let dirs = [p(BOB, STAFF, 0o750)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), GROUP);
+        assert_eq!(reachable_classes(&FILE, &dirs), GROUP);
         // 0705 with the file's group: others are not in staff and o+x lets them through (or
         // they are bob); alice and the members of staff may be in staff, which has no x.
         let dirs = [p(BOB, STAFF, 0o705)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), OTHER);
+        assert_eq!(reachable_classes(&FILE, &dirs), OTHER);
     }
 
     #[test]
@@ -255,13 +265,10 @@ mod tests {
         // Alice's 0701 directory of group staff: no one but alice is its owner; members of
         // staff get the group's bits (none), the rest the others' (x).
         let dirs = [p(ALICE, STAFF, 0o701)];
-        assert_eq!(
-            reachable_classes(&p(ALICE, STAFF, 0o644), &dirs),
-            OWNER | OTHER
-        );
+        assert_eq!(reachable_classes(&FILE, &dirs), OWNER | OTHER);
         // 0770 of group users: others may or may not be in users: both must give x.
         let dirs = [p(ALICE, USERS, 0o770)];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), OWNER);
+        assert_eq!(reachable_classes(&FILE, &dirs), OWNER);
     }
 
     #[test]
@@ -271,12 +278,12 @@ mod tests {
             p(ALICE, STAFF, 0o750),
             p(ALICE, ALICE, 0o700),
         ];
-        assert_eq!(reachable_classes(&p(ALICE, STAFF, 0o644), &dirs), OWNER);
+        assert_eq!(reachable_classes(&FILE, &dirs), OWNER);
     }
 
     #[test]
     fn reading_another_file_takes_its_read_bit_for_every_possible_class() {
-        let file = p(ALICE, STAFF, 0o644);
+        let file = FILE;
         assert_eq!(
             granted_classes(&file, &p(ALICE, STAFF, 0o644), Right::Read),
             ALL
@@ -315,7 +322,10 @@ mod tests {
         let closed = std::fs::Permissions::from_mode(0o700);
         std::fs::set_permissions(tmp.path(), closed).unwrap();
         let owner = std::fs::metadata(tmp.path()).unwrap();
-        let file = p(owner.uid(), owner.gid(), 0o644);
+        let file = Owner {
+            uid: owner.uid(),
+            gid: owner.gid(),
+        };
         let mut ancestors = Ancestors::default();
         // Of a file of the 0700 tempdir's owner, only the owner class passes.
         let target = inner.join("f");
@@ -332,7 +342,7 @@ mod tests {
     fn a_directory_that_cannot_be_read_fails_naming_it() {
         let missing = Path::new("/nonexistent-lorafs-dir/f");
         let err = Ancestors::default()
-            .mask(&p(0, 0, 0o644), missing, None)
+            .mask(&Owner { uid: 0, gid: 0 }, missing, None)
             .unwrap_err();
         assert!(
             err.to_string().starts_with("/nonexistent-lorafs-dir: "),

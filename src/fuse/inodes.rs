@@ -12,7 +12,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 
-use super::access::{Ancestors, Perms};
+use super::access::{Ancestors, Owner, Perms};
+use super::acl;
 use crate::baseio::Identity;
 use crate::engine::{Engine, VirtualFile};
 
@@ -118,17 +119,15 @@ impl Attrs {
         let canon = canonical(&file.base_path, &identity)?;
         let kind = FileType::RegularFile;
         let mut attr = self.masked(ino, kind, file.size, &identity, &canon, Some(parent))?;
-        let owner = perms(&identity);
+        let owner = owner(&identity);
         let covered = self.dirs.get(&parent);
         for input in engine.adapter_sources(file) {
-            let source = input.identity();
-            let canon = canonical(&input.path, &source)?;
-            let mask = self.ancestors.readable(
-                &owner,
-                &perms(&source),
-                &canon,
-                covered.map(PathBuf::as_path),
-            )?;
+            let identity = input.identity();
+            let canon = canonical(&input.path, &identity)?;
+            let source = perms(&identity, &canon)?;
+            let mask =
+                self.ancestors
+                    .readable(&owner, &source, &canon, covered.map(PathBuf::as_path))?;
             attr.perm &= mask as u16;
         }
         Ok(attr)
@@ -151,20 +150,29 @@ impl Attrs {
         let covered = parent.and_then(|parent| self.dirs.get(&parent));
         let mask = self
             .ancestors
-            .mask(&perms(identity), canon, covered.map(PathBuf::as_path))?;
+            .mask(&owner(identity), canon, covered.map(PathBuf::as_path))?;
+        let mode = acl::effective_mode(canon, identity.mode)?;
         let mut attr = attr(ino, kind, size, identity);
-        attr.perm &= mask as u16;
+        attr.perm &= (mode & mask) as u16;
         Ok(attr)
     }
 }
 
-/// What the permission check of the source stat'ed as `identity` looks at.
-fn perms(identity: &Identity) -> Perms {
-    Perms {
+fn owner(identity: &Identity) -> Owner {
+    Owner {
         uid: identity.uid,
         gid: identity.gid,
-        mode: identity.mode,
     }
+}
+
+/// What the permission check of the source stat'ed as `identity`, at canonical path
+/// `canon`, looks at: its owner, and its mode reduced by its ACL (see [`acl`]).
+fn perms(identity: &Identity, canon: &Path) -> io::Result<Perms> {
+    Ok(Perms {
+        uid: identity.uid,
+        gid: identity.gid,
+        mode: acl::effective_mode(canon, identity.mode)?,
+    })
 }
 
 /// `path` with every symlink resolved: where the directories that decide who reaches it

@@ -354,6 +354,82 @@ fn a_merged_file_is_open_only_to_those_who_may_read_the_adapter() {
     }
 }
 
+/// Give `path` an ACL that refuses user `uid` everything and leaves its mode as it is
+/// (`setfacl -m u:UID:- PATH`), in the kernel's `system.posix_acl_access` format.
+fn refuse_by_acl(path: &Path, uid: u32) {
+    let mode = std::fs::metadata(path).unwrap().mode();
+    const ANY: u32 = u32::MAX;
+    // (tag, permission bits, id): owner, the named user, group, mask, other.
+    let entries = [
+        (0x01u16, (mode >> 6) & 7, ANY),
+        (0x02, 0, uid),
+        (0x04, (mode >> 3) & 7, ANY),
+        (0x10, (mode >> 3) & 7, ANY),
+        (0x20, mode & 7, ANY),
+    ];
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        acl.extend(tag.to_le_bytes());
+        acl.extend((perm as u16).to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    rustix::fs::setxattr(
+        path,
+        "system.posix_acl_access",
+        &acl,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(std::fs::metadata(path).unwrap().mode(), mode);
+}
+
+#[test]
+fn an_acl_that_refuses_a_user_refuses_them_through_the_mount() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let base = tmp.path().join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    let plain = write_file(&base, "plain.txt", 0o644);
+    let refused = write_file(&base, "refused.txt", 0o644);
+    refuse_by_acl(&refused, 65534);
+    // A link to a 0644 file in a 0755 directory whose ACL refuses nobody.
+    let dir = tmp.path().join("acl-dir");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    let target = write_file(&dir, "target.txt", 0o644);
+    refuse_by_acl(&dir, 65534);
+    std::os::unix::fs::symlink(&target, base.join("linked.txt")).unwrap();
+    assert_denied(&refused, "the source file itself");
+    assert_denied(&target, "the link's target itself");
+
+    let guard = MountGuard::new(
+        &base,
+        &tmp.path().join("mnt"),
+        &shared_adapter_args(tmp.path()),
+    );
+    let m = &guard.mountpoint;
+    assert_eq!(
+        read_as_nobody(&m.join("plain.txt")).as_deref(),
+        Ok(&std::fs::read(&plain).unwrap()[..]),
+        "a 0644 file without an ACL"
+    );
+    assert_denied(
+        &m.join("refused.txt"),
+        "a 0644 file whose ACL refuses nobody",
+    );
+    assert_denied(
+        &m.join("linked.txt"),
+        "a link into a directory whose ACL refuses nobody",
+    );
+    assert_eq!(owner_and_mode(&m.join("plain.txt")), (0o444, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("refused.txt")), (0o400, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("linked.txt")), (0o400, 0, 0));
+}
+
 #[test]
 fn a_base_file_named_like_the_stats_file_is_served_as_is() {
     if !can_mount() {
