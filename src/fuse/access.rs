@@ -6,7 +6,9 @@
 //! mode keeps a class's bits only if every user of that class could search every such
 //! directory the served tree does not already check. The owner and group of those
 //! directories differ from the node's, so which of their classes a user falls in is not
-//! known; the check is conservative: a class passes only if it passes in every case.
+//! known; the check is conservative: a class passes only if it passes in every case. The
+//! same rules tell who may read another file (an adapter, whose weights a merged file
+//! reveals).
 
 use std::collections::HashMap;
 use std::io;
@@ -25,7 +27,8 @@ pub(super) struct Owner {
 pub(super) struct Perms {
     pub uid: u32,
     pub gid: u32,
-    /// Permission bits (0o777); others are ignored.
+    /// Permission bits (0o777; others are ignored): each class's as every user of the class
+    /// has them, so those an ACL refuses to some of its users are cleared (see `acl`).
     pub mode: u32,
 }
 
