@@ -42,9 +42,11 @@ pub(super) struct Node {
 /// symlinks (a Hugging Face snapshot is links into `blobs/`: the blob's mode counts): the
 /// base directory, a base subdirectory, or the file behind it (a base file, the adapter's
 /// file that replaces it, or the base file lorafs rewrites); its mode keeps a class's bits
-/// only if that class may reach the source through the directories around it (see
-/// [`access`](super::access)). Fails, naming the path, when a source or a directory above
-/// it cannot be stat'ed: serving it with guessed permissions could widen access.
+/// only if every user of that class has them under the source's ACL (see [`acl`]), may
+/// reach the source through the directories around it (see [`access`](super::access)) and,
+/// for a merged file, may read every adapter file. Fails, naming the path, when a source or
+/// a directory above it cannot be stat'ed: serving it with guessed permissions could widen
+/// access.
 pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
     let mut attrs = Attrs::default();
     let dir_node = |parent: u64, attr: FileAttr| Node {
