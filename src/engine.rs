@@ -300,12 +300,20 @@ impl Engine {
     /// Fails if a file `vf` is made from was seen changed (no system call).
     fn sources_unchanged(&self, vf: &VirtualFile) -> Result<()> {
         vf.base.unchanged()?;
-        if vf.adapted {
-            for input in self.adapter_files() {
-                input.unchanged()?;
-            }
+        for input in self.adapter_sources(vf) {
+            input.unchanged()?;
         }
         Ok(())
+    }
+
+    /// The adapter files `vf`'s bytes are made from: all of them if some bytes come from
+    /// the adapters (merged or replaced tensors), else none. A change of one fails reads of
+    /// `vf`, and the mount serves `vf` only to those who may read every one.
+    pub fn adapter_sources<'a>(
+        &'a self,
+        vf: &'a VirtualFile,
+    ) -> impl Iterator<Item = &'a InputFile> + 'a {
+        self.adapter_files().filter(|_| vf.adapted)
     }
 
     /// Every adapter file the plan was read from.

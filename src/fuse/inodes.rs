@@ -1,18 +1,21 @@
 //! The inode table: the merged tree's directories and files, numbered once at mount time,
-//! each served with the permissions and owner of its source, so that the mount (with
-//! `default_permissions`, the kernel enforcing them) never lets anyone read more than the
-//! source lets them.
+//! each served with the permissions and owner of its source, less the classes of users the
+//! directories around the source keep out, so that the mount (with `default_permissions`,
+//! the kernel enforcing them) never lets anyone read more than the source lets them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 
+use super::access::{Ancestors, Owner, Perms};
+use super::acl;
 use crate::baseio::Identity;
-use crate::engine::Engine;
+use crate::engine::{Engine, VirtualFile};
 
 /// Reported as `st_blksize`: programs such as `cat` size their reads by it, and larger reads
 /// mean fewer round trips through the kernel (FUSE caps one read at 1 MiB anyway).
@@ -38,24 +41,28 @@ pub(super) struct Node {
 /// first. Each takes the mode, owner and modification time of its source, following
 /// symlinks (a Hugging Face snapshot is links into `blobs/`: the blob's mode counts): the
 /// base directory, a base subdirectory, or the file behind it (a base file, the adapter's
-/// file that replaces it, or the base file lorafs rewrites). Fails, naming the path, when a
-/// source cannot be stat'ed: serving it with guessed permissions could widen access.
+/// file that replaces it, or the base file lorafs rewrites); its mode keeps a class's bits
+/// only if every user of that class has them under the source's ACL (see [`acl`]), may
+/// reach the source through the directories around it (see [`access`](super::access)) and,
+/// for a merged file, may read every adapter file. Fails, naming the path, when a source or
+/// a directory above it cannot be stat'ed: serving it with guessed permissions could widen
+/// access.
 pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
-    let dir_node = |ino: u64, parent: u64, path: &Path| -> io::Result<Node> {
-        Ok(Node {
-            parent,
-            kind: NodeKind::Dir {
-                children: BTreeMap::new(),
-            },
-            attr: source_attr(path, ino, FileType::Directory, 0)?,
-        })
+    let mut attrs = Attrs::default();
+    let dir_node = |parent: u64, attr: FileAttr| Node {
+        parent,
+        kind: NodeKind::Dir {
+            children: BTreeMap::new(),
+        },
+        attr,
     };
-    let mut nodes = vec![dir_node(1, 1, &engine.base_dir)?];
+    let mut nodes = vec![dir_node(1, attrs.dir(1, None, &engine.base_dir)?)];
     let mut dir_ino: HashMap<&Path, u64> = HashMap::from([(Path::new(""), 1)]);
     for dir in &engine.dirs {
         let ino = nodes.len() as u64 + 1;
         let parent = parent_ino(&dir_ino, dir)?;
-        nodes.push(dir_node(ino, parent, &engine.base_dir.join(dir))?);
+        let attr = attrs.dir(ino, Some(parent), &engine.base_dir.join(dir))?;
+        nodes.push(dir_node(parent, attr));
         link(&mut nodes, parent, dir.file_name().unwrap_or_default(), ino);
         dir_ino.insert(dir, ino);
     }
@@ -65,7 +72,7 @@ pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
         nodes.push(Node {
             parent,
             kind: NodeKind::File { file: index },
-            attr: attr(ino, FileType::RegularFile, file.size, &file.source()),
+            attr: attrs.file(ino, parent, file, engine)?,
         });
         link(
             &mut nodes,
@@ -75,6 +82,120 @@ pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
         );
     }
     Ok(nodes)
+}
+
+/// Builds the nodes' attributes, remembering where each directory node's source really is.
+#[derive(Default)]
+struct Attrs {
+    ancestors: Ancestors,
+    /// The canonical path of each directory node's source, by inode.
+    dirs: HashMap<u64, PathBuf>,
+}
+
+impl Attrs {
+    /// The attributes of directory node `ino` (in `parent`, None for the root) whose source
+    /// is `path`.
+    fn dir(&mut self, ino: u64, parent: Option<u64>, path: &Path) -> io::Result<FileAttr> {
+        let identity = Identity::of_path(path).map_err(|e| {
+            io::Error::other(format!("cannot read its permissions to serve them: {e}"))
+        })?;
+        let canon = canonical(path, &identity)?;
+        let attr = self.masked(ino, FileType::Directory, 0, &identity, &canon, parent)?;
+        self.dirs.insert(ino, canon);
+        Ok(attr)
+    }
+
+    /// The attributes of file node `ino` in `parent` serving `file` of `engine`: its
+    /// source's identity is the one the engine recorded before reading it, so bytes and
+    /// permissions belong to one version. A file with bytes from the adapters (merged or
+    /// replaced tensors) keeps only the classes that may read every adapter file: through
+    /// it, and the base file, they would otherwise learn the adapter's weights.
+    fn file(
+        &mut self,
+        ino: u64,
+        parent: u64,
+        file: &VirtualFile,
+        engine: &Engine,
+    ) -> io::Result<FileAttr> {
+        let identity = file.source();
+        let canon = canonical(&file.base_path, &identity)?;
+        let kind = FileType::RegularFile;
+        let mut attr = self.masked(ino, kind, file.size, &identity, &canon, Some(parent))?;
+        let owner = owner(&identity);
+        let covered = self.dirs.get(&parent);
+        for input in engine.adapter_sources(file) {
+            let identity = input.identity();
+            let canon = canonical(&input.path, &identity)?;
+            let source = perms(&identity, &canon)?;
+            let mask =
+                self.ancestors
+                    .readable(&owner, &source, &canon, covered.map(PathBuf::as_path))?;
+            attr.perm &= mask as u16;
+        }
+        Ok(attr)
+    }
+
+    /// The attributes of a node whose source had `identity` and is at `canon`, its mode
+    /// masked by the directories above `canon` that the served directory `parent` does not
+    /// cover. The kernel checks `parent`'s own mode on the way to the node, and `parent`'s
+    /// mask covers the directories above its source, so only the rest count: those of a
+    /// symlink's target elsewhere, or all of them for the root.
+    fn masked(
+        &mut self,
+        ino: u64,
+        kind: FileType,
+        size: u64,
+        identity: &Identity,
+        canon: &Path,
+        parent: Option<u64>,
+    ) -> io::Result<FileAttr> {
+        let covered = parent.and_then(|parent| self.dirs.get(&parent));
+        let mask = self
+            .ancestors
+            .mask(&owner(identity), canon, covered.map(PathBuf::as_path))?;
+        let mode = acl::effective_mode(canon, identity.mode)?;
+        let mut attr = attr(ino, kind, size, identity);
+        attr.perm &= (mode & mask) as u16;
+        Ok(attr)
+    }
+}
+
+fn owner(identity: &Identity) -> Owner {
+    Owner {
+        uid: identity.uid,
+        gid: identity.gid,
+    }
+}
+
+/// What the permission check of the source stat'ed as `identity`, at canonical path
+/// `canon`, looks at: its owner, and its mode reduced by its ACL (see [`acl`]).
+fn perms(identity: &Identity, canon: &Path) -> io::Result<Perms> {
+    Ok(Perms {
+        uid: identity.uid,
+        gid: identity.gid,
+        mode: acl::effective_mode(canon, identity.mode)?,
+    })
+}
+
+/// `path` with every symlink resolved: where the directories that decide who reaches it
+/// are. Fails if it is no longer the source stat'ed as `identity` (replaced meanwhile).
+fn canonical(path: &Path, identity: &Identity) -> io::Result<PathBuf> {
+    let failed = |e: io::Error| {
+        io::Error::other(format!(
+            "{}: cannot resolve its path to check the directories above it: {e}",
+            path.display()
+        ))
+    };
+    let canon = std::fs::canonicalize(path).map_err(failed)?;
+    let meta = std::fs::metadata(&canon).map_err(failed)?;
+    if (meta.dev(), meta.ino()) != (identity.dev, identity.ino) {
+        return Err(io::Error::other(format!(
+            "{}: replaced while mounting (now {}); mount again",
+            path.display(),
+            canon.display()
+        )));
+    }
+    Ok(canon)
 }
 
 /// The inode of the directory holding `rel`; the engine lists parents before children.
@@ -92,13 +213,6 @@ fn link(nodes: &mut [Node], parent: u64, name: &OsStr, ino: u64) {
     if let NodeKind::Dir { children } = &mut nodes[parent as usize - 1].kind {
         children.insert(name.to_os_string(), ino);
     }
-}
-
-/// The attributes of a directory node whose source is `path` (followed if a symlink).
-fn source_attr(path: &Path, ino: u64, kind: FileType, size: u64) -> io::Result<FileAttr> {
-    let identity = Identity::of_path(path)
-        .map_err(|e| io::Error::other(format!("cannot read its permissions to serve them: {e}")))?;
-    Ok(attr(ino, kind, size, &identity))
 }
 
 /// The attributes of a node whose source had `identity` (a file's is the one the engine

@@ -1,6 +1,8 @@
 //! The FUSE adapter: the only module that knows `fuser`. Each callback asks the core and
 //! replies, or logs why and replies with an errno; none of them can panic on bad input.
 
+mod access;
+mod acl;
 mod inodes;
 mod panics;
 mod session;
@@ -382,8 +384,8 @@ impl Filesystem for LorafsFs {
 
     // The calls below come from ordinary tools (`ls -l` asks for ACL xattrs, `isatty` sends
     // an ioctl); they have plain answers, so fuser's "not implemented" warning would be noise.
-    // No ACLs: the kernel checks the mode bits alone, so an ACL of a source that grants more
-    // than its mode is not carried over (narrower, never wider).
+    // No ACLs: the kernel checks the mode bits alone. A source ACL's refusals are folded into
+    // the served mode (see `acl`); what it grants beyond the mode is not carried over.
 
     fn getxattr(
         &self,

@@ -4,7 +4,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,15 +19,26 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// `cat PATH` as user and group nobody, without supplementary groups: its bytes, or the
-/// error `cat` printed.
-fn read_as_nobody(path: &Path) -> Result<Vec<u8>, String> {
+/// `PROGRAM PATH` as user and group nobody, whose only supplementary groups are `groups`:
+/// its output, or the error it printed.
+fn as_nobody(groups: &[u32], program: &str, path: &Path) -> Result<Vec<u8>, String> {
+    let groups = match groups {
+        [] => "--clear-groups".to_string(),
+        _ => format!(
+            "--groups={}",
+            groups
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
     let out = Command::new("setpriv")
         .args([
             &format!("--reuid={NOBODY}"),
             &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "cat",
+            &groups,
+            program,
         ])
         .arg(path)
         .output()
@@ -39,11 +50,25 @@ fn read_as_nobody(path: &Path) -> Result<Vec<u8>, String> {
     }
 }
 
-fn assert_denied(path: &Path, what: &str) {
-    match read_as_nobody(path) {
+/// `cat PATH` as user and group nobody, without supplementary groups.
+fn read_as_nobody(path: &Path) -> Result<Vec<u8>, String> {
+    as_nobody(&[], "cat", path)
+}
+
+fn assert_refused(result: Result<Vec<u8>, String>, path: &Path, what: &str) {
+    match result {
         Ok(_) => panic!("{what}: nobody read {}", path.display()),
         Err(err) => assert!(err.contains("Permission denied"), "{what}: {err}"),
     }
+}
+
+fn assert_denied(path: &Path, what: &str) {
+    assert_refused(read_as_nobody(path), path, what);
+}
+
+/// Nobody cannot list the directory `path`.
+fn assert_unlisted(path: &Path, what: &str) {
+    assert_refused(as_nobody(&[], "ls", path), path, what);
 }
 
 /// (mode bits, uid, gid) as `stat` shows them.
@@ -136,6 +161,273 @@ fn the_mount_serves_its_sources_modes_and_owners_and_the_kernel_enforces_them() 
             .contains("panics_caught 0\n"),
         "the mounting user reads the stats"
     );
+}
+
+/// `dir/name` holding its name and a newline, with `mode`.
+fn write_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{name}\n")).unwrap();
+    chmod(&path, mode);
+    path
+}
+
+/// `--adapter DIR --allow-other` with a fresh adapter for the default base in `dir`.
+fn shared_adapter_args(dir: &Path) -> Vec<OsString> {
+    let adapter = dir.join("adapter");
+    write_adapter(&adapter, &AdapterSpec::new(&BaseSpec::default(), 4, ""));
+    vec!["--adapter".into(), adapter.into(), "--allow-other".into()]
+}
+
+#[test]
+fn a_base_inside_a_closed_directory_is_closed_through_the_mount() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    // A base that is open itself (0755, 0644 files), in root's 0700 home.
+    let home = tmp.path().join("home");
+    let base = home.join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    chmod(&base.join("config.json"), 0o644);
+    chmod(&home, 0o700);
+    assert_denied(&base.join("config.json"), "the source itself");
+
+    let guard = MountGuard::new(
+        &base,
+        &tmp.path().join("mnt"),
+        &shared_adapter_args(tmp.path()),
+    );
+    let m = &guard.mountpoint;
+    assert_unlisted(m, "the root of a base in a 0700 directory");
+    assert_denied(
+        &m.join("config.json"),
+        "a 0644 file of a base in a 0700 directory",
+    );
+    assert_eq!(
+        owner_and_mode(m),
+        (0o500, 0, 0),
+        "the root: the base's 0755, less what its 0700 parent keeps out"
+    );
+    assert_eq!(
+        owner_and_mode(&m.join("config.json")),
+        (0o444, 0, 0),
+        "a file: its own mode (the root keeps others out)"
+    );
+    assert!(
+        std::fs::read(m.join("config.json")).is_ok(),
+        "root reads it, as it reads the source"
+    );
+}
+
+#[test]
+fn links_into_closed_directories_are_closed_through_the_mount() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let base = tmp.path().join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    let dir = |path: PathBuf, mode: u32, group: Option<u32>| {
+        std::fs::create_dir_all(&path).unwrap();
+        std::os::unix::fs::chown(&path, None, group).unwrap();
+        chmod(&path, mode);
+        path
+    };
+    // Targets outside the base: 0644 files in an open directory, in a closed one, in a
+    // directory of a closed one, and a 0640 file of group 5678 in a 0750 directory of it.
+    let open = dir(tmp.path().join("open"), 0o755, None);
+    let closed = dir(tmp.path().join("closed"), 0o700, None);
+    let closed_sub = dir(closed.join("sub"), 0o755, None);
+    let team = dir(tmp.path().join("team"), 0o750, Some(5678));
+    let link = |target: &Path, name: &str| {
+        std::os::unix::fs::symlink(target, base.join(name)).unwrap();
+    };
+    link(&write_file(&open, "open.txt", 0o644), "linked-open.txt");
+    link(
+        &write_file(&closed, "closed.txt", 0o644),
+        "linked-closed.txt",
+    );
+    write_file(&closed_sub, "deep.txt", 0o644);
+    link(&closed_sub, "linked-dir");
+    let shared = write_file(&team, "team.txt", 0o640);
+    std::os::unix::fs::chown(&shared, None, Some(5678)).unwrap();
+    link(&shared, "linked-team.txt");
+    // A link inside the base into the base's own 0700 directory.
+    let private = dir(base.join("private"), 0o700, None);
+    write_file(&private, "inside.txt", 0o644);
+    link(Path::new("private/inside.txt"), "linked-private.txt");
+
+    let guard = MountGuard::new(
+        &base,
+        &tmp.path().join("mnt"),
+        &shared_adapter_args(tmp.path()),
+    );
+    let m = &guard.mountpoint;
+    assert_eq!(
+        read_as_nobody(&m.join("linked-open.txt")).as_deref(),
+        Ok(&b"open.txt\n"[..]),
+        "a link to a 0644 file in an open directory is followed"
+    );
+    assert_denied(&m.join("linked-closed.txt"), "a link into a 0700 directory");
+    assert_denied(
+        &m.join("linked-private.txt"),
+        "a link into the base's 0700 directory",
+    );
+    assert_unlisted(&m.join("linked-dir"), "a link to a directory in a 0700 one");
+    assert_denied(
+        &m.join("linked-dir/deep.txt"),
+        "a file below a link into a 0700 directory",
+    );
+    assert_denied(
+        &m.join("linked-team.txt"),
+        "a link to a group's file, not in the group",
+    );
+    assert_eq!(
+        as_nobody(&[5678], "cat", &m.join("linked-team.txt")).as_deref(),
+        Ok(&b"team.txt\n"[..]),
+        "a member of the group reads its file in its 0750 directory"
+    );
+
+    assert_eq!(owner_and_mode(&m.join("linked-open.txt")), (0o444, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("linked-closed.txt")), (0o400, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("linked-private.txt")), (0o400, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("linked-dir")), (0o500, 0, 0));
+    assert_eq!(
+        owner_and_mode(&m.join("linked-dir/deep.txt")),
+        (0o444, 0, 0)
+    );
+    assert_eq!(owner_and_mode(&m.join("linked-team.txt")), (0o440, 0, 5678));
+}
+
+#[test]
+fn a_merged_file_is_open_only_to_those_who_may_read_the_adapter() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    chmod(&base, 0o755);
+    chmod(&base.join("config.json"), 0o644);
+    chmod(&base.join("model.safetensors"), 0o644);
+    // (what, the adapter's parent directory's mode, its weights file's mode, nobody reads
+    // the merged file)
+    let cases = [
+        ("an adapter in a 0700 directory", 0o700, 0o644, false),
+        ("an adapter whose weights are 0600", 0o755, 0o600, false),
+        ("an adapter open to all", 0o755, 0o644, true),
+    ];
+    for (i, (what, dir_mode, weights_mode, readable)) in cases.into_iter().enumerate() {
+        let parent = tmp.path().join(format!("adapter-{i}"));
+        let adapter = parent.join("adapter");
+        write_adapter(&adapter, &AdapterSpec::new(&spec, 4, ""));
+        chmod(&adapter, 0o755);
+        chmod(&adapter.join("adapter_config.json"), 0o644);
+        chmod(&adapter.join("adapter_model.safetensors"), weights_mode);
+        chmod(&parent, dir_mode);
+        let args: Vec<OsString> = vec!["--adapter".into(), adapter.into(), "--allow-other".into()];
+        let guard = MountGuard::new(&base, &tmp.path().join(format!("mnt-{i}")), &args);
+        let m = &guard.mountpoint;
+        assert_eq!(
+            read_as_nobody(&m.join("config.json")).as_deref(),
+            Ok(&std::fs::read(base.join("config.json")).unwrap()[..]),
+            "{what}: a file the adapter does not change stays readable"
+        );
+        let merged = m.join("model.safetensors");
+        if readable {
+            assert_eq!(
+                read_as_nobody(&merged).as_deref(),
+                Ok(&std::fs::read(&merged).unwrap()[..]),
+                "{what}"
+            );
+            assert_eq!(owner_and_mode(&merged), (0o444, 0, 0), "{what}");
+        } else {
+            assert_denied(&merged, what);
+            assert_eq!(owner_and_mode(&merged), (0o400, 0, 0), "{what}");
+        }
+    }
+}
+
+/// Give `path` an ACL that refuses user `uid` everything and leaves its mode as it is
+/// (`setfacl -m u:UID:- PATH`), in the kernel's `system.posix_acl_access` format.
+fn refuse_by_acl(path: &Path, uid: u32) {
+    let mode = std::fs::metadata(path).unwrap().mode();
+    const ANY: u32 = u32::MAX;
+    // (tag, permission bits, id): owner, the named user, group, mask, other.
+    let entries = [
+        (0x01u16, (mode >> 6) & 7, ANY),
+        (0x02, 0, uid),
+        (0x04, (mode >> 3) & 7, ANY),
+        (0x10, (mode >> 3) & 7, ANY),
+        (0x20, mode & 7, ANY),
+    ];
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        acl.extend(tag.to_le_bytes());
+        acl.extend((perm as u16).to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    rustix::fs::setxattr(
+        path,
+        "system.posix_acl_access",
+        &acl,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(std::fs::metadata(path).unwrap().mode(), mode);
+}
+
+#[test]
+fn an_acl_that_refuses_a_user_refuses_them_through_the_mount() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let base = tmp.path().join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    let plain = write_file(&base, "plain.txt", 0o644);
+    let refused = write_file(&base, "refused.txt", 0o644);
+    refuse_by_acl(&refused, 65534);
+    // A link to a 0644 file in a 0755 directory whose ACL refuses nobody.
+    let dir = tmp.path().join("acl-dir");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    let target = write_file(&dir, "target.txt", 0o644);
+    refuse_by_acl(&dir, 65534);
+    std::os::unix::fs::symlink(&target, base.join("linked.txt")).unwrap();
+    assert_denied(&refused, "the source file itself");
+    assert_denied(&target, "the link's target itself");
+
+    let guard = MountGuard::new(
+        &base,
+        &tmp.path().join("mnt"),
+        &shared_adapter_args(tmp.path()),
+    );
+    let m = &guard.mountpoint;
+    assert_eq!(
+        read_as_nobody(&m.join("plain.txt")).as_deref(),
+        Ok(&std::fs::read(&plain).unwrap()[..]),
+        "a 0644 file without an ACL"
+    );
+    assert_denied(
+        &m.join("refused.txt"),
+        "a 0644 file whose ACL refuses nobody",
+    );
+    assert_denied(
+        &m.join("linked.txt"),
+        "a link into a directory whose ACL refuses nobody",
+    );
+    assert_eq!(owner_and_mode(&m.join("plain.txt")), (0o444, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("refused.txt")), (0o400, 0, 0));
+    assert_eq!(owner_and_mode(&m.join("linked.txt")), (0o400, 0, 0));
 }
 
 #[test]
