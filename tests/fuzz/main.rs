@@ -73,7 +73,6 @@ fn safetensors_headers() {
 }
 
 #[test]
-#[ignore = "fails until names in messages are escaped (regressions::names_with_newlines_give_one_line_messages)"]
 fn safetensors_mutations() {
     fuzz("safetensors_mutations", st::mutated_file(), |dir, file| {
         let path = dir.join("model.safetensors");
