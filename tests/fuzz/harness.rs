@@ -151,8 +151,23 @@ fn kind(message: &str) -> String {
             None => out.push(c),
         }
     }
-    let tmp = std::env::temp_dir().display().to_string();
-    out.replace(&tmp, "").chars().take(110).collect()
+    without_temp_dirs(&out).chars().take(110).collect()
+}
+
+/// `text` without the temporary directories of the cases (`/tmp/.tmpAbC123`).
+fn without_temp_dirs(text: &str) -> String {
+    let tmp = std::env::temp_dir().join(".tmp").display().to_string();
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(&tmp) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + tmp.len()..];
+        let name = after.find(|c: char| !c.is_ascii_alphanumeric() && c != '#');
+        rest = &after[name.unwrap_or(after.len())..];
+        out.push_str("TMP");
+    }
+    out.push_str(rest);
+    out
 }
 
 fn tally(outcome: String) {
@@ -181,7 +196,7 @@ pub fn check<T>(dir: &Path, call: impl FnOnce() -> lorafs::Result<T>) -> Result<
         }
         Ok(Err(err)) => {
             let message = err.to_string();
-            tally(kind(&message.replace(&dir.display().to_string(), "")));
+            tally(kind(&message));
             if message.trim().is_empty() || message.contains('\n') {
                 return Err(TestCaseError::fail(format!(
                     "error message is not one line ({}): {message:?}",

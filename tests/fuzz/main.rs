@@ -29,16 +29,35 @@ use harness::{check, fuzz, setup};
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
 
-/// `Engine::open` as the commands call it, with a small cache (it is not used here).
+/// `Engine::open` as the commands call it, with a small cache.
 fn open(base: &Path, adapters: &[PathBuf]) -> lorafs::Result<Engine> {
     let adapters: Vec<(PathBuf, f64)> = adapters.iter().map(|a| (a.clone(), 1.0)).collect();
-    Engine::open(
-        base,
-        &adapters,
-        EngineOptions {
-            cache_bytes: 1 << 20,
-        },
-    )
+    let options = EngineOptions {
+        cache_bytes: 1 << 20,
+    };
+    Engine::open(base, &adapters, options)
+}
+
+/// What the commands do with inputs they accept: open, print the plan (`inspect
+/// --tensors`), and read every byte of the merged directory (`mount`, `materialize`), so
+/// that an input the checks let through is also merged.
+fn open_and_read(base: &Path, adapters: &[PathBuf]) -> lorafs::Result<()> {
+    let engine = open(base, adapters)?;
+    std::hint::black_box(lorafs::inspect::report(&engine, true));
+    // An odd size, so that reads start and end inside blocks and tensors.
+    let mut buf = vec![0u8; (1 << 20) + 13];
+    for (id, file) in engine.files.iter().enumerate() {
+        let mut offset = 0;
+        while offset < file.size {
+            let n = engine.read_at(id, offset, &mut buf)?;
+            if n == 0 {
+                let what = format!("read_at returned 0 at {offset} of {} bytes", file.size);
+                return Err(lorafs::Error::io(&file.rel, std::io::Error::other(what)));
+            }
+            offset += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// A base directory for the adapter targets, written once per target.
@@ -86,7 +105,7 @@ fn safetensors_mutations() {
 fn shard_index() {
     fuzz("shard_index", index::case(), |dir, case| {
         let (base, adapters) = case.write(dir).map_err(setup)?;
-        check(dir, || open(&base, &adapters))
+        check(dir, || open_and_read(&base, &adapters))
     });
 }
 
@@ -99,7 +118,7 @@ fn adapter_config() {
         let adapter =
             write_adapter(dir, &config, &adapter::valid_table(table), 1).map_err(setup)?;
         let adapters = vec![adapter; 1 + twice as usize];
-        check(dir, || open(base.path(), &adapters))
+        check(dir, || open_and_read(base.path(), &adapters))
     });
 }
 
@@ -122,7 +141,7 @@ fn adapter_tensors() {
             let config = json::J::Raw(config.to_string());
             let adapter = write_adapter(dir, &config, &keys, seed).map_err(setup)?;
             let adapters = vec![adapter; 1 + twice as usize];
-            check(dir, || open(base.path(), &adapters))
+            check(dir, || open_and_read(base.path(), &adapters))
         },
     );
 }
