@@ -213,8 +213,8 @@ pub fn check<T>(dir: &Path, call: impl FnOnce() -> lorafs::Result<T>) -> Result<
     }
     if cost.peak > HEAP_BOUND {
         return Err(TestCaseError::fail(format!(
-            "used {} MiB of heap (bound {} MiB)",
-            cost.peak >> 20,
+            "used {:.1} MiB of heap (bound {} MiB)",
+            cost.peak as f64 / (1 << 20) as f64,
             HEAP_BOUND >> 20
         )));
     }
