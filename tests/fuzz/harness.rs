@@ -180,9 +180,12 @@ pub fn setup(err: std::io::Error) -> TestCaseError {
 }
 
 /// Call lorafs on a prepared case and check what must hold for any input: it returns (no
-/// panic), an error is one non-empty line, and the call stays within [`HEAP_BOUND`] and
-/// [`time_bound`].
-pub fn check<T>(dir: &Path, call: impl FnOnce() -> lorafs::Result<T>) -> Result<(), TestCaseError> {
+/// panic), an error is one non-empty line of text (no control characters: no newline, no
+/// terminal escape), and the call stays within [`HEAP_BOUND`] and [`time_bound`].
+pub fn check<T, E: std::fmt::Display>(
+    dir: &Path,
+    call: impl FnOnce() -> Result<T, E>,
+) -> Result<(), TestCaseError> {
     let label = format!("its files are in {}", dir.display());
     let (outcome, cost) = alloc::measure(&label, || catch_unwind(AssertUnwindSafe(call)));
     match outcome {
@@ -197,9 +200,9 @@ pub fn check<T>(dir: &Path, call: impl FnOnce() -> lorafs::Result<T>) -> Result<
         Ok(Err(err)) => {
             let message = err.to_string();
             tally(kind(&message));
-            if message.trim().is_empty() || message.contains('\n') {
+            if message.trim().is_empty() || message.chars().any(char::is_control) {
                 return Err(TestCaseError::fail(format!(
-                    "error message is not one line ({}): {message:?}",
+                    "error message is not one line of text ({}): {message:?}",
                     kind(&message)
                 )));
             }
@@ -248,13 +251,19 @@ mod selftest {
     }
 
     #[test]
-    fn check_reports_a_multi_line_or_empty_error() {
+    fn check_reports_an_error_that_is_not_one_line_of_text() {
         let _alone = alloc::alone();
         let dir = Path::new("/nonexistent");
-        let multi = || -> lorafs::Result<()> { Err(lorafs::Error::config(dir, "a\nb")) };
-        assert!(failure(check(dir, multi)).contains("not one line"));
-        let empty = || -> lorafs::Result<()> { Err(lorafs::Error::NoSuchFile(0)) };
-        assert!(check(dir, empty).is_ok(), "a one-line error is fine");
+        let error = |what: &'static str| {
+            move || -> Result<(), std::io::Error> { Err(std::io::Error::other(what)) }
+        };
+        for bad in ["a\nb", "red \u{1b}[31m", "", " "] {
+            assert!(
+                failure(check(dir, error(bad))).contains("not one line"),
+                "{bad:?}"
+            );
+        }
+        assert!(check(dir, error("a: b `c`")).is_ok());
     }
 
     #[test]

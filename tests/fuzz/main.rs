@@ -82,7 +82,7 @@ fn write_adapter(
 }
 
 #[test]
-#[ignore = "fails until names in messages are escaped (regressions::names_with_newlines_give_one_line_messages) and src/layout.rs checks its products (regressions::naming_the_inconsistent_tensor_survives_huge_dimensions)"]
+#[ignore = "over-allocates until src/layout.rs reads a header no further than its JSON (regressions::a_claimed_header_length_is_not_read_whole)"]
 fn safetensors_headers() {
     fuzz("safetensors_headers", st::structured_file(), |dir, file| {
         let path = dir.join("model.safetensors");
@@ -101,7 +101,6 @@ fn safetensors_mutations() {
 }
 
 #[test]
-#[ignore = "fails until names in messages are escaped (regressions::names_with_newlines_give_one_line_messages) and src/engine.rs checks total_size (regressions::index_total_size_near_i64_max)"]
 fn shard_index() {
     fuzz("shard_index", index::case(), |dir, case| {
         let (base, adapters) = case.write(dir).map_err(setup)?;
@@ -110,7 +109,6 @@ fn shard_index() {
 }
 
 #[test]
-#[ignore = "fails until src/adapter/pattern.rs is fixed (regressions::pattern_error_is_one_line, regressions::pattern_keys_cost_bounded_memory)"]
 fn adapter_config() {
     let base = shared_base();
     let strategy = (json::mostly(adapter::config()), 0usize..6, any::<bool>());
@@ -123,7 +121,10 @@ fn adapter_config() {
 }
 
 #[test]
-#[ignore = "fails until src/adapter/ checks shapes before reading (regressions::wrong_shape_factor_is_refused_before_it_is_read), src/plan/ checks products (regressions::replacing_a_tensor_whose_dimensions_overflow) and names in messages are escaped"]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "panics with overflow checks until src/plan/ checks view() (regressions::replacing_a_tensor_whose_dimensions_overflow)"
+)]
 fn adapter_tensors() {
     let base = shared_base();
     let config = prop_oneof![
