@@ -13,10 +13,9 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 
 use crate::alloc;
 
-/// Cases per target when `LORAFS_FUZZ_CASES` is not set: 1 to 15 s per target in a release
-/// build on a 2-core machine (the adapter config target compiles regexes), about 20 s for
-/// all five, so that CI can afford it on every run.
-const DEFAULT_CASES: u32 = 3000;
+/// Cases per target when `LORAFS_FUZZ_CASES` is not set: 2 to 10 s per target in a release
+/// build on a 2-core machine, about 30 s for all five, so that CI can afford it on every run.
+const DEFAULT_CASES: u32 = 10_000;
 
 /// Heap one call may use. Every input is under a few MiB of real bytes and the base is a
 /// few KiB, so what lorafs legitimately needs is well under a MiB; the bound leaves room for
