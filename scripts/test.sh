@@ -24,6 +24,11 @@ cargo test --release --locked
 echo "== cargo test with LORAFS_KERNEL=scalar"
 LORAFS_KERNEL=scalar cargo test --release --locked
 
+# Release builds wrap on integer overflow; only the test profile's overflow checks turn
+# unchecked arithmetic on hostile sizes into a failure the fuzz targets can see.
+echo "== fuzz targets with overflow checks (test profile)"
+cargo test --locked --test fuzz
+
 echo "== end-to-end tests (transformers, peft)"
 venv=$(bash scripts/venv.sh)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -1,47 +1,48 @@
 //! The core's error type. Every message names the file (and the tensor, where there is one)
 //! and says what is wrong, so a user can act on it without a debugger.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong in the core (layout, adapters, merge plan, reads).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or directory could not be opened, read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", OneLine(path.display()), OneLine(source))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// A JSON file (config, index, adapter config) could not be parsed.
-    #[error("{}: invalid JSON: {source}", path.display())]
+    #[error("{}: invalid JSON: {}", OneLine(path.display()), OneLine(source))]
     Json {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
     /// A JSON file parsed but does not have the expected content.
-    #[error("{}: {what}", path.display())]
+    #[error("{}: {}", OneLine(path.display()), OneLine(what))]
     BadConfig { path: PathBuf, what: String },
     /// A safetensors file whose header is corrupt, truncated or inconsistent with its size.
-    #[error("{}: corrupt safetensors file: {what}", path.display())]
+    #[error("{}: corrupt safetensors file: {}", OneLine(path.display()), OneLine(what))]
     BadSafetensors { path: PathBuf, what: String },
     /// A tensor-level problem: unmapped adapter key, shape mismatch, unsupported dtype...
-    #[error("{}: tensor `{tensor}`: {what}", path.display())]
+    #[error("{}: tensor `{}`: {}", OneLine(path.display()), OneLine(tensor), OneLine(what))]
     Tensor {
         path: PathBuf,
         tensor: String,
         what: String,
     },
     /// An adapter that lorafs deliberately refuses, with the reason and what to do instead.
-    #[error("{}: unsupported adapter: {what}", path.display())]
+    #[error("{}: unsupported adapter: {}", OneLine(path.display()), OneLine(what))]
     Unsupported { path: PathBuf, what: String },
     /// The output path of `materialize` cannot be used.
-    #[error("{}: {what}", path.display())]
+    #[error("{}: {}", OneLine(path.display()), OneLine(what))]
     Output { path: PathBuf, what: String },
     /// An input file changed (rewritten in place, truncated, or replaced) since lorafs opened
     /// it: serving it further could mix two versions.
-    #[error("{}: changed since lorafs opened it ({what}); remount (or rerun) to use the new version", path.display())]
+    #[error("{}: changed since lorafs opened it ({}); remount (or rerun) to use the new version", OneLine(path.display()), OneLine(what))]
     Changed { path: PathBuf, what: String },
     /// A read asked for a file id that does not exist.
     #[error("no file with id {0}")]
@@ -52,6 +53,30 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Text shown in a message with its control characters escaped (`\n`, `\u{1b}`): file and
+/// tensor names, and the parsers' messages that quote them, come from input files, and a
+/// newline or a terminal escape in one must not split the message or reach the terminal.
+struct OneLine<T>(T);
+
+impl<T: fmt::Display> fmt::Display for OneLine<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                for c in s.chars() {
+                    if c.is_control() {
+                        write!(self.0, "{}", c.escape_default())?;
+                    } else {
+                        fmt::Write::write_char(self.0, c)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+        fmt::write(&mut Escaping(f), format_args!("{}", self.0))
+    }
+}
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
