@@ -1,0 +1,154 @@
+//! Cases found by an independent hostile review after the "Trust" work: each test is one
+//! input that broke a guarantee of docs/SAFETY.md, checked to hold now.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde_json::json;
+
+use crate::common::*;
+
+const Q: &str = "model.layers.0.self_attn.q_proj";
+
+/// Run `lorafs materialize BASE OUT --adapter ...` in `dir`: it must fail with one line
+/// holding every `expect`, and leave nothing named like OUT.
+fn refused(dir: &Path, adapters: &[OsString], expect: &[&str]) {
+    let out = dir.join("out");
+    let mut args: Vec<OsString> = vec!["materialize".into(), dir.join("base").into(), out.into()];
+    for a in adapters {
+        args.extend(["--adapter".into(), a.clone()]);
+    }
+    let (ok, _, err) = run_lorafs(&args);
+    assert!(!ok, "accepted: {expect:?}");
+    for e in expect {
+        assert!(err.contains(e), "{e:?} not in {err}");
+    }
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("out"))
+        .collect();
+    assert!(left.is_empty(), "nothing written: {left:?}");
+}
+
+/// Rewrite one tensor of an adapter's weights file with `values`.
+fn set_values(adapter: &Path, key: &str, values: impl Fn(usize) -> f64) {
+    let path = adapter.join("adapter_model.safetensors");
+    let tensors = read_safetensors(&path)
+        .into_iter()
+        .map(|(name, (dtype, shape, old))| Tensor {
+            values: if name == key {
+                (0..old.len()).map(&values).collect()
+            } else {
+                old
+            },
+            name,
+            dtype,
+            shape,
+        })
+        .collect::<Vec<_>>();
+    write_safetensors(&path, &tensors);
+}
+
+#[test]
+fn finite_scales_and_factors_whose_delta_overflows_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let spec = BaseSpec {
+            dtype,
+            ..BaseSpec::default()
+        };
+        write_base(&tmp.path().join("base"), &spec);
+        let adapter = tmp.path().join("a");
+        let arg = |suffix: &str| OsString::from(format!("{}{suffix}", adapter.display()));
+        let fresh = || write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+        let expect = ["adapter_model.safetensors", Q, "can reach", "Inf or NaN"];
+        // Weights whose scale is a finite f32 but whose delta is beyond F16 (the refusal of
+        // a scale that is not finite, `A:1e39`, left every weight below it to merge as Inf).
+        if dtype == Dtype::F16 {
+            for weight in [":1e30", ":1e6"] {
+                fresh();
+                refused(tmp.path(), &[arg(weight)], &expect);
+            }
+        }
+        // Finite factors near the f32 limit with alternating signs: Inf - Inf = NaN in f32.
+        fresh();
+        let big = |i: usize| if i.is_multiple_of(2) { 3e38 } else { -3e38 };
+        set_values(
+            &adapter,
+            &format!("base_model.model.{Q}.lora_A.weight"),
+            big,
+        );
+        set_values(
+            &adapter,
+            &format!("base_model.model.{Q}.lora_B.weight"),
+            big,
+        );
+        refused(tmp.path(), &[arg("")], &expect);
+        // Two adapters each within bounds, whose summed delta is not.
+        if dtype == Dtype::F16 {
+            fresh();
+            let other = tmp.path().join("b");
+            write_adapter(&other, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+            let both = format!("{}:3e4", other.display());
+            refused(tmp.path(), &[arg(":3e4"), both.into()], &expect);
+        }
+    }
+}
+
+#[test]
+fn factors_holding_nan_or_inf_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    write_base(&tmp.path().join("base"), &spec);
+    let adapter = tmp.path().join("a");
+    for (value, shown) in [
+        (f64::NAN, "NaN"),
+        (f64::INFINITY, "inf"),
+        (-f64::INFINITY, "-inf"),
+    ] {
+        write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+        let key = format!("base_model.model.{Q}.lora_B.weight");
+        set_values(&adapter, &key, |i| if i == 5 { value } else { 0.01 });
+        refused(
+            tmp.path(),
+            &[adapter.clone().into()],
+            &[&key, &format!("value 5 is {shown}"), "not finite"],
+        );
+    }
+}
+
+#[test]
+fn trainable_token_rows_beyond_the_dtype_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec {
+        dtype: Dtype::F16,
+        ..BaseSpec::default()
+    };
+    write_base(&tmp.path().join("base"), &spec);
+    let adapter = tmp.path().join("a");
+    write_config(
+        &adapter,
+        &json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                "trainable_token_indices": {"embed_tokens": [3]}}),
+    );
+    let key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+    let h = spec.hidden;
+    write_safetensors(
+        &adapter.join("adapter_model.safetensors"),
+        &[Tensor {
+            name: key.into(),
+            dtype: Dtype::F32,
+            shape: vec![1, h],
+            // Finite in f32, Inf in F16.
+            values: (0..h).map(|j| if j == 2 { 1e6 } else { 0.5 }).collect(),
+        }],
+    );
+    refused(
+        tmp.path(),
+        &[adapter.into()],
+        &[key, "token row 3, value 2", "Inf"],
+    );
+}
