@@ -152,3 +152,61 @@ fn trainable_token_rows_beyond_the_dtype_are_refused() {
         &[key, "token row 3, value 2", "Inf"],
     );
 }
+
+/// `lorafs inspect BASE --adapter A`: (success, stderr, time taken).
+fn inspect(base: &Path, adapter: &Path) -> (bool, String, std::time::Duration) {
+    let start = std::time::Instant::now();
+    let (ok, _, err) = run_lorafs([
+        "inspect".as_ref(),
+        base.as_os_str(),
+        "--adapter".as_ref(),
+        adapter.as_os_str(),
+    ]);
+    (ok, err, start.elapsed())
+}
+
+#[test]
+fn a_base_whose_links_reach_a_directory_twice_is_refused_at_once() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    let adapter = tmp.path().join("a");
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    // Two links per level to the next level: 2^24 paths to one file, no loop, each path
+    // within the kernel's 40 links. The walk followed every path: minutes and gigabytes.
+    let levels = 24;
+    for i in 0..levels {
+        let dir = base.join(format!("d/{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["x", "y"] {
+            symlink(format!("../{}", i + 1), dir.join(name)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(base.join(format!("d/{levels}"))).unwrap();
+    std::fs::write(base.join(format!("d/{levels}/f")), b"x").unwrap();
+    let (ok, err, took) = inspect(&base, &adapter);
+    assert!(
+        !ok && err.contains("again (through a symbolic link)"),
+        "{err}"
+    );
+    assert!(took.as_secs() < 10, "{took:?}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(base.join("d")).unwrap();
+    // A link to the base itself, deep down: refused naming the base, not after 32 levels.
+    std::fs::create_dir_all(base.join("sub/deeper")).unwrap();
+    symlink("../..", base.join("sub/deeper/up")).unwrap();
+    let (ok, err, _) = inspect(&base, &adapter);
+    assert!(
+        !ok && err.contains("sub/deeper/up: is the directory"),
+        "{err}"
+    );
+    // A link to a directory outside the base, reached once, is still followed.
+    std::fs::remove_file(base.join("sub/deeper/up")).unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    symlink(&outside, base.join("sub/deeper/up")).unwrap();
+    let (ok, err, _) = inspect(&base, &adapter);
+    assert!(ok, "{err}");
+}
