@@ -210,3 +210,54 @@ fn a_base_whose_links_reach_a_directory_twice_is_refused_at_once() {
     let (ok, err, _) = inspect(&base, &adapter);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_full_or_closed_stdout_is_an_error_or_nothing_never_a_panic() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    let adapter = tmp.path().join("a");
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    let inspect = || {
+        let mut command = Command::new(lorafs_bin());
+        command.args(["inspect".as_ref(), base.as_os_str(), "--adapter".as_ref()]);
+        command.arg(&adapter).stderr(Stdio::piped());
+        command
+    };
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = inspect().stdout(full).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write to stdout: No space left"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // A reader that closed its end before lorafs writes (`| head -c0`): quiet success.
+    let mut child = inspect().stdout(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "{:?} {err}",
+        out.status
+    );
+    // And an error with stderr full: exit code 1, no abort.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let status = Command::new(lorafs_bin())
+        .args(["inspect".as_ref(), tmp.path().join("missing").as_os_str()])
+        .args(["--adapter".as_ref(), adapter.as_os_str()])
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+}
