@@ -261,3 +261,32 @@ fn a_full_or_closed_stdout_is_an_error_or_nothing_never_a_panic() {
         .unwrap();
     assert_eq!(status.code(), Some(1));
 }
+
+#[test]
+fn an_output_name_up_to_the_filesystem_limit_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    let adapter = tmp.path().join("a");
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    // Names of 231 to 255 bytes failed: the run's `.NAME.lorafs-ID.owner` was too long.
+    for n in [231, 255] {
+        let out = tmp.path().join("o".repeat(n));
+        let (ok, _, err) = run_lorafs([
+            "materialize".as_ref(),
+            base.as_os_str(),
+            out.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+        ]);
+        assert!(ok, "{n}: {err}");
+        assert!(out.join("model.safetensors").is_file());
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "nothing beside OUT: {names:?}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
