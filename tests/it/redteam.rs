@@ -290,3 +290,69 @@ fn an_output_name_up_to_the_filesystem_limit_is_written() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+#[test]
+fn a_dora_row_whose_merged_norm_is_zero_is_refused_not_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    let (h, i) = (spec.hidden, spec.inter);
+    let m = "model.layers.0.mlp.down_proj"; // (h, i)
+                                            // Row 3 of W is zero (a pruned row), and so is row 3 of B: W + ΔW is zero there.
+    let path = base.join("model.safetensors");
+    let tensors: Vec<Tensor> = read_safetensors(&path)
+        .into_iter()
+        .map(|(name, (dtype, shape, mut values))| {
+            if name == format!("{m}.weight") {
+                values[3 * i..4 * i].fill(0.0);
+            }
+            Tensor {
+                name,
+                dtype,
+                shape,
+                values,
+            }
+        })
+        .collect();
+    write_safetensors(&path, &tensors);
+    let adapter = tmp.path().join("a");
+    write_config(
+        &adapter,
+        &json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true,
+                "target_modules": ["down_proj"]}),
+    );
+    let p = format!("base_model.model.{m}");
+    let tensor = |name: String, shape: Vec<usize>, values: Vec<f64>| Tensor {
+        name,
+        dtype: Dtype::F32,
+        shape,
+        values,
+    };
+    let b = (0..h * 4)
+        .map(|k| if k / 4 == 3 { 0.0 } else { 0.1 })
+        .collect();
+    write_safetensors(
+        &adapter.join("adapter_model.safetensors"),
+        &[
+            tensor(format!("{p}.lora_A.weight"), vec![4, i], vec![0.2; 4 * i]),
+            tensor(format!("{p}.lora_B.weight"), vec![h, 4], b),
+            tensor(format!("{p}.lora_magnitude_vector"), vec![h], vec![1.0; h]),
+        ],
+    );
+    // PEFT merges row 3 into NaN (m / 0 · 0); lorafs wrote the same with exit code 0.
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run_lorafs([
+        "materialize".as_ref(),
+        base.as_os_str(),
+        out.as_os_str(),
+        "--adapter".as_ref(),
+        adapter.as_os_str(),
+    ]);
+    assert!(!ok, "accepted");
+    assert!(
+        err.contains(&format!("`{m}.weight`: row 3: W + ΔW is all zeros")),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
