@@ -375,6 +375,12 @@ fn signals_stop_the_run_and_leave_nothing_behind() {
         (libc::SIGINT, "SIGINT"),
         (libc::SIGTERM, "SIGTERM"),
         (libc::SIGHUP, "SIGHUP"),
+        // Any signal whose default action ends the process, not only those three.
+        (libc::SIGUSR1, "SIGUSR1"),
+        (
+            libc::SIGRTMIN() + 3,
+            &format!("signal {}", libc::SIGRTMIN() + 3),
+        ),
     ] {
         let out = tmp.path().join("out");
         let before = run_files(tmp.path());
