@@ -148,7 +148,7 @@ impl Adapter {
         let config = AdapterConfig::load(&config_path)?;
         let file = weights_file(dir)?;
         let layout = Layout::open(&file)?;
-        let handle = File::open(&file).map_err(|e| Error::io(&file, e))?;
+        let handle = crate::baseio::open_regular(&file)?;
         let table = table::Table::classify(&file, &layout)?;
         let parts = pair::Parts::pair(&file, &config, table)?;
         let tokenizer_files = TOKENIZER_FILES

@@ -356,3 +356,85 @@ fn a_dora_row_whose_merged_norm_is_zero_is_refused_not_nan() {
     );
     assert!(!out.exists());
 }
+
+/// Run `lorafs inspect BASE --adapter A` for at most 20 s: (success, stderr); a run still
+/// going then is killed and reported as a hang.
+fn inspect_within(base: &Path, adapter: &Path) -> (bool, String) {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(lorafs_bin())
+        .args(["inspect".as_ref(), base.as_os_str(), "--adapter".as_ref()])
+        .arg(adapter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() > 20 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return (false, "hung (killed after 20 s)".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (child.wait().unwrap().success(), err)
+}
+
+#[test]
+fn inputs_that_are_fifos_devices_or_huge_are_refused_not_read_without_end() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("a"));
+    let fifo = |path: &Path| {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    let not_regular = "is not a regular file";
+    // Each file in turn: a FIFO (the open blocked for ever), a link to /dev/zero (read
+    // without end: 3 GB in 3 s for config.json), or, for the base's JSON, a sparse 100 GB.
+    for (in_base, name) in [
+        (true, "config.json"),
+        (false, "adapter_config.json"),
+        (false, "adapter_model.safetensors"),
+    ] {
+        for kind in ["fifo", "device", "huge"] {
+            write_base(&base, &spec);
+            write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+            let path = if in_base { &base } else { &adapter }.join(name);
+            std::fs::remove_file(&path).unwrap();
+            let expect = match kind {
+                "fifo" => {
+                    fifo(&path);
+                    not_regular
+                }
+                "device" => {
+                    symlink("/dev/zero", &path).unwrap();
+                    not_regular
+                }
+                _ if in_base => {
+                    let file = std::fs::File::create(&path).unwrap();
+                    file.set_len(100 << 30).unwrap();
+                    "larger than 64 MiB"
+                }
+                _ => continue,
+            };
+            let (ok, err) = inspect_within(&base, &adapter);
+            assert!(!ok, "{name} {kind}: accepted");
+            assert!(
+                err.contains(name) && err.contains(expect),
+                "{name} {kind}: {err}"
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
