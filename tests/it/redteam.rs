@@ -438,3 +438,43 @@ fn inputs_that_are_fifos_devices_or_huge_are_refused_not_read_without_end() {
         }
     }
 }
+
+#[test]
+fn a_materialized_merged_file_is_no_more_open_than_its_adapter() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("a"));
+    write_base(&base, &spec);
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    chmod(&base.join("model.safetensors"), 0o644);
+    chmod(&base.join("config.json"), 0o644);
+    // The merged weights hold the adapter's delta: they were written 0644 from a 0600 adapter.
+    for (weights, config, want) in [
+        (0o600, 0o644, 0o600),
+        (0o640, 0o644, 0o640),
+        (0o644, 0o640, 0o640),
+        (0o644, 0o644, 0o644),
+    ] {
+        chmod(&adapter.join("adapter_model.safetensors"), weights);
+        chmod(&adapter.join("adapter_config.json"), config);
+        let out = tmp.path().join("out");
+        let (ok, _, err) = run_lorafs([
+            "materialize".as_ref(),
+            base.as_os_str(),
+            out.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "--force".as_ref(),
+        ]);
+        assert!(ok, "{err}");
+        let got = mode(&out.join("model.safetensors"));
+        assert_eq!(got, want, "{weights:o} {config:o}: {got:o}");
+        // A file the adapters do not touch keeps the base file's bits.
+        assert_eq!(mode(&out.join("config.json")), 0o644);
+    }
+}
