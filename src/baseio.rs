@@ -252,14 +252,56 @@ impl InputFile {
 
 /// Open an input read-only; running out of descriptors says what to do about it.
 fn open_file(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EMFILE) {
-            let what = "too many open files: raise `ulimit -n`";
-            Error::io(path, io::Error::new(e.kind(), what))
-        } else {
-            Error::io(path, e)
-        }
-    })
+    open_regular(path)
+}
+
+/// Open `path` (through symbolic links) for reading, only if it is a regular file. With
+/// `O_NONBLOCK`, so that a FIFO under an input's name fails here instead of blocking the
+/// open until a writer comes, which may be never; on a regular file the flag changes
+/// nothing. A device (`config.json -> /dev/zero`) would be read without end.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EMFILE) {
+                let what = "too many open files: raise `ulimit -n`";
+                Error::io(path, io::Error::new(e.kind(), what))
+            } else {
+                Error::io(path, e)
+            }
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = "is not a regular file (a device, FIFO or socket); lorafs reads only files";
+        return Err(Error::io(path, io::Error::other(what)));
+    }
+    Ok(file)
+}
+
+/// The whole of a small regular file (a JSON config or index, a ref), refused without
+/// reading it when it holds more than `cap` bytes: such a file is read whole into memory.
+pub fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let too_large = || {
+        let what = format!("larger than {} MiB; refusing to read it whole", cap >> 20);
+        Err(Error::io(path, io::Error::other(what)))
+    };
+    if size > cap {
+        return too_large();
+    }
+    // `take` as well: a file of /proc says 0 bytes whatever it holds.
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > cap {
+        return too_large();
+    }
+    Ok(bytes)
 }
 
 fn fstat(path: &Path, file: &File) -> Result<Identity> {

@@ -17,7 +17,15 @@ use crate::kernel::Factors;
 use crate::plan::DoraGroup;
 
 /// Merge rows `row0 ..` of a tensor in place: `data` holds those rows of `W` in `dtype`.
-pub fn merge(dtype: DType, f: &Factors, groups: &[DoraGroup], row0: usize, data: &mut [u8]) {
+/// Err(row) for a row whose `W + Δ` is all zeros when a DoRA term rescales it: `m / 0` is
+/// undefined, and PEFT's merge writes NaN there (`0 · inf`), where lorafs refuses to.
+pub fn merge(
+    dtype: DType,
+    f: &Factors,
+    groups: &[DoraGroup],
+    row0: usize,
+    data: &mut [u8],
+) -> Result<(), usize> {
     let cols = f.cols;
     let n = data.len() / (cols * dtype.size()).max(1);
     let mut acc = vec![0f32; cols];
@@ -48,6 +56,9 @@ pub fn merge(dtype: DType, f: &Factors, groups: &[DoraGroup], row0: usize, data:
                         sum += (*a as f64) * (*a as f64);
                     }
                     let norm = sum.sqrt() as f32;
+                    if norm == 0.0 {
+                        return Err(i);
+                    }
                     let factor = m[i] / norm;
                     for a in acc.iter_mut() {
                         *a *= factor;
@@ -59,6 +70,7 @@ pub fn merge(dtype: DType, f: &Factors, groups: &[DoraGroup], row0: usize, data:
             dtype.store(data, r * cols + j, a);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -78,8 +90,24 @@ mod tests {
         for x in [3f32, 0.0, 0.0, 1.0] {
             data.extend_from_slice(&x.to_le_bytes());
         }
-        merge(DType::F32, &f, &groups, 0, &mut data);
+        merge(DType::F32, &f, &groups, 0, &mut data).unwrap();
         let out: Vec<f32> = (0..4).map(|i| DType::F32.load(&data, i)).collect();
         assert_eq!(out, vec![2.0, 0.0, 0.0, 5.0]);
+    }
+
+    #[test]
+    fn a_row_whose_norm_is_zero_is_refused_not_merged_into_nan() {
+        // W row 1 = [0, 0] and Δ = 0: m / ‖0‖ is undefined (PEFT: NaN).
+        let f = Factors::new(2, 1, 2, vec![0.0, 0.0], vec![1.0, 1.0]);
+        let groups = [DoraGroup {
+            offset: 0,
+            rank: 1,
+            magnitude: Some(vec![2.0, 5.0]),
+        }];
+        let mut data = Vec::new();
+        for x in [3f32, 0.0, 0.0, 0.0] {
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        assert_eq!(merge(DType::F32, &f, &groups, 0, &mut data), Err(1));
     }
 }

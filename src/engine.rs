@@ -21,7 +21,7 @@ use crate::cache::{Block, BlockCache};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::model::{BaseModel, INDEX_FILE};
-use crate::plan::{Input, MergePlan, TensorMerge, WSource};
+use crate::plan::{Input, MergePlan, TensorMerge, TermKind, WSource};
 
 /// The files of an adapter directory the plan is read from: config first, then weights
 /// (the names `Adapter::load` reads).
@@ -386,7 +386,21 @@ impl Engine {
                 }
             }
             if let Some(groups) = &m.dora {
-                crate::dora::merge(m.dtype, &m.factors, groups, row0, &mut data);
+                crate::dora::merge(m.dtype, &m.factors, groups, row0, &mut data).map_err(
+                    |row| {
+                        let dora = m.terms.iter().find(|t| t.kind == TermKind::Dora);
+                        let adapter = dora.map_or(0, |t| t.adapter);
+                        Error::tensor(
+                            &self.inputs[adapter].path,
+                            &m.name,
+                            format!(
+                                "row {row}: W + ΔW is all zeros, so DoRA's magnitude / norm is \
+                                 undefined (PEFT would merge NaN); this adapter does not fit \
+                                 this base"
+                            ),
+                        )
+                    },
+                )?;
             } else if m.factors.rank > 0 {
                 self.kernel.merge(m.dtype, &m.factors, row0, &mut data);
             }

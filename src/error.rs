@@ -129,9 +129,14 @@ impl Error {
     }
 }
 
-/// Read a whole JSON file into a typed value, with the file named in any error.
+/// The largest JSON file of a base read (`config.json`, the shard index): the index of a
+/// model with thousands of shards is a few MiB; the cap bounds a hostile one.
+const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Read a whole JSON file into a typed value, with the file named in any error. Only a
+/// regular file of at most 64 MiB is read.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::baseio::read_small(path, MAX_JSON_BYTES)?;
     serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,

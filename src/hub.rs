@@ -95,8 +95,9 @@ pub fn resolve_in(
     }
     let snapshots = folder.join("snapshots");
     let ref_file = folder.join("refs").join(revision);
-    let commit = match std::fs::read_to_string(&ref_file) {
-        Ok(hash) => hash.trim().to_string(),
+    // A ref holds a 40-character hash: 4 KiB is plenty, and a FIFO or device there fails.
+    let commit = match crate::baseio::read_small(&ref_file, 4096) {
+        Ok(hash) => String::from_utf8_lossy(&hash).trim().to_string(),
         // A commit hash (or its prefix) names a snapshot directly.
         Err(_) => revision.to_string(),
     };

@@ -9,7 +9,6 @@
 //! absolute byte range. Every size computed from a header is overflow-checked.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -69,7 +68,7 @@ pub struct Layout {
 impl Layout {
     /// Parse the header of `path`, reading nothing else.
     pub fn open(path: &Path) -> Result<Layout> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::baseio::open_regular(path)?;
         let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if file_size < 8 {
             return Err(bad(

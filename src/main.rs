@@ -1,6 +1,6 @@
 //! The `lorafs` command line.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -241,7 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = materialize(&engine, &out, &inputs_of(&engine), &options)
                 .with_context(|| format!("materialize into {} failed", out.display()));
             match (summary, interrupt.signal()) {
-                (Ok(summary), _) => println!("{}: {summary}", out.display()),
+                (Ok(summary), _) => to_stdout(&format!("{}: {summary}\n", out.display()))?,
                 (Err(err), Some(signal)) => {
                     report(&err);
                     std::process::exit(128 + signal);
@@ -289,7 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
         Command::Inspect { inputs, tensors } => {
             let engine = inputs.open(0)?;
-            print!("{}", lorafs::inspect::report(&engine, tensors));
+            to_stdout(&lorafs::inspect::report(&engine, tensors))?;
         }
     }
     Ok(())
@@ -470,9 +470,23 @@ fn error_chain(err: &anyhow::Error) -> String {
     text
 }
 
-/// Print an error, with its causes, as the last line of a failed run.
+/// Print an error, with its causes, as the last line of a failed run. A stderr that cannot
+/// take it (closed, a full disk) leaves only the exit code: `eprintln!` would panic.
 fn report(err: &anyhow::Error) {
-    eprintln!("lorafs: error: {}", error_chain(err));
+    let _ = writeln!(std::io::stderr(), "lorafs: error: {}", error_chain(err));
+}
+
+/// Write `text` to stdout. A reader that went away (`lorafs inspect | head -1`) is not an
+/// error, as for other command-line tools; any other failure (`> /dev/full`) is, where
+/// `print!` would panic.
+fn to_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        Ok(()) | Err(_) => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,6 +1,7 @@
 //! The base model directory: every file in it, and every tensor of its safetensors files.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
@@ -65,9 +66,18 @@ impl BaseModel {
                 std::io::Error::other("base model path is not a directory"),
             ));
         }
-        let mut files = Vec::new();
-        let mut dirs = Vec::new();
-        walk(dir, Path::new(""), 0, &mut files, &mut dirs)?;
+        let mut walk = Walk {
+            root: dir,
+            files: Vec::new(),
+            dirs: Vec::new(),
+            seen: HashMap::from([((meta.dev(), meta.ino()), PathBuf::new())]),
+        };
+        walk.dir(Path::new(""), 0)?;
+        let Walk {
+            mut files,
+            mut dirs,
+            ..
+        } = walk;
         files.sort_by(|a, b| a.rel.cmp(&b.rel));
         dirs.sort();
 
@@ -210,49 +220,65 @@ fn shard_name(index: &Path, tensor: &str, file: &str) -> Result<String> {
     Ok(rel.to_string_lossy().into_owned())
 }
 
-fn walk(
-    root: &Path,
-    rel: &Path,
-    depth: usize,
-    files: &mut Vec<BaseFile>,
-    dirs: &mut Vec<PathBuf>,
-) -> Result<()> {
-    let dir = root.join(rel);
-    if depth > MAX_DEPTH {
-        return Err(Error::io(
-            &dir,
-            std::io::Error::other("directory nesting too deep (symlink loop?)"),
-        ));
-    }
-    let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(&dir, e))?;
-        let path = entry.path();
-        let rel = rel.join(entry.file_name());
-        if let Some(why) = skipped(&rel) {
-            log::debug!("skipping {} ({why}): not part of the model", path.display());
-            continue;
+/// The walk of the base directory: what it found so far, and every directory it entered.
+struct Walk<'a> {
+    root: &'a Path,
+    files: Vec<BaseFile>,
+    dirs: Vec<PathBuf>,
+    /// (device, inode) of each directory entered → its relative path. Symbolic links are
+    /// followed, so without this a link to `.` or to an ancestor, or a few links to the same
+    /// directory at each level, would make the walk exponential in time and memory.
+    seen: HashMap<(u64, u64), PathBuf>,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, rel: &Path, depth: usize) -> Result<()> {
+        let dir = self.root.join(rel);
+        if depth > MAX_DEPTH {
+            return Err(Error::io(
+                &dir,
+                std::io::Error::other("directory nesting too deep (symlink loop?)"),
+            ));
         }
-        // Follow symlinks: a Hugging Face cache snapshot is a directory of links to blobs.
-        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-        if meta.is_dir() {
-            let (before_files, before_dirs) = (files.len(), dirs.len());
-            dirs.push(rel.clone());
-            walk(root, &rel, depth + 1, files, dirs)?;
-            // A `.cache` that held only huggingface_hub's metadata is not listed either.
-            let empty = files.len() == before_files && dirs.len() == before_dirs + 1;
-            if empty && rel == Path::new(".cache") {
-                dirs.pop();
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let path = entry.path();
+            let rel = rel.join(entry.file_name());
+            if let Some(why) = skipped(&rel) {
+                log::debug!("skipping {} ({why}): not part of the model", path.display());
+                continue;
             }
-        } else if meta.is_file() {
-            files.push(BaseFile {
-                rel,
-                path,
-                size: meta.len(),
-                identity: Identity::of(&meta),
-                layout: None,
-            });
+            // Follow symlinks: a Hugging Face cache snapshot is a directory of links to blobs.
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            if meta.is_dir() {
+                if let Some(first) = self.seen.insert((meta.dev(), meta.ino()), rel.clone()) {
+                    let what = format!(
+                        "is the directory {}/{} again (through a symbolic link); \
+                         a model directory must be a tree, each directory reached once",
+                        self.root.display(),
+                        first.display()
+                    );
+                    return Err(Error::io(&path, std::io::Error::other(what)));
+                }
+                let (before_files, before_dirs) = (self.files.len(), self.dirs.len());
+                self.dirs.push(rel.clone());
+                self.dir(&rel, depth + 1)?;
+                // A `.cache` that held only huggingface_hub's metadata is not listed either.
+                let empty = self.files.len() == before_files && self.dirs.len() == before_dirs + 1;
+                if empty && rel == Path::new(".cache") {
+                    self.dirs.pop();
+                }
+            } else if meta.is_file() {
+                self.files.push(BaseFile {
+                    rel,
+                    path,
+                    size: meta.len(),
+                    identity: Identity::of(&meta),
+                    layout: None,
+                });
+            }
         }
+        Ok(())
     }
-    Ok(())
 }

@@ -95,7 +95,7 @@ const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// The config's bytes, refused past [`MAX_CONFIG_BYTES`] before they are read whole.
 fn read_capped(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::baseio::open_regular(path)?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)

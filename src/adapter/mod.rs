@@ -148,7 +148,7 @@ impl Adapter {
         let config = AdapterConfig::load(&config_path)?;
         let file = weights_file(dir)?;
         let layout = Layout::open(&file)?;
-        let handle = File::open(&file).map_err(|e| Error::io(&file, e))?;
+        let handle = crate::baseio::open_regular(&file)?;
         let table = table::Table::classify(&file, &layout)?;
         let parts = pair::Parts::pair(&file, &config, table)?;
         let tokenizer_files = TOKENIZER_FILES
@@ -203,7 +203,9 @@ impl Adapter {
     }
 
     /// The values of `t`, converted to f32. Call it only for a tensor whose shape the merge
-    /// plan checked against the base: the result is as large as the header says.
+    /// plan checked against the base: the result is as large as the header says. A value that
+    /// is NaN or infinite is refused: every value read here is merged (factors, magnitudes,
+    /// biases, token rows), and it would turn the weights it touches into NaN or Inf.
     pub fn read(&self, t: &Stored) -> Result<Vec<f32>> {
         let size = t.dtype.size();
         let mut out = Vec::with_capacity(t.numel());
@@ -223,7 +225,20 @@ impl Adapter {
                     Error::io(&self.file, e)
                 }
             })?;
+            let first = out.len();
             out.extend((0..n).map(|i| t.dtype.load(bytes, i)));
+            if let Some(k) = out[first..].iter().position(|x| !x.is_finite()) {
+                return Err(Error::tensor(
+                    &self.file,
+                    &t.key,
+                    format!(
+                        "value {} is {}: a factor that is not finite would merge into NaN \
+                         or Inf weights; the adapter is broken (re-export or retrain it)",
+                        first + k,
+                        out[first + k]
+                    ),
+                ));
+            }
             pos += bytes.len() as u64;
             left -= n;
         }

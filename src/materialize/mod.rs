@@ -139,7 +139,7 @@ impl Modes {
             // A file's source is the base file (config.json and the shard index too, when
             // lorafs rewrites them) or, for an adapter's tokenizer file, that file.
             files: (engine.files.iter())
-                .map(|f| f.source().mode & 0o777)
+                .map(|f| f.source().mode & 0o777 & adapters_readable(engine, f))
                 .collect(),
             dirs: (engine.dirs.iter())
                 .map(|d| source_mode(&engine.base_dir.join(d)))
@@ -162,6 +162,25 @@ impl Modes {
         }
         Ok(())
     }
+}
+
+/// The classes (group, others) whose bits a file keeps given its adapters: a file with merged
+/// or replaced tensors holds the adapters' weights (with the base file, the delta can be read
+/// back), so, as the mount serves it, it stays open to a class only if every adapter file
+/// (`adapter_model.safetensors`, `adapter_config.json`) grants that class read. The owner
+/// class stays: the output belongs to whoever ran lorafs, who read the adapters. (The
+/// directories above the adapters are not looked at: where OUT is decides who reaches it.)
+fn adapters_readable(engine: &Engine, file: &crate::engine::VirtualFile) -> u32 {
+    let mut mask = 0o777;
+    for input in engine.adapter_sources(file) {
+        let mode = input.identity().mode;
+        for class in [0o070, 0o007] {
+            if mode & class & 0o444 == 0 {
+                mask &= !class;
+            }
+        }
+    }
+    mask
 }
 
 /// A source's permission bits, through symbolic links (a Hugging Face cache snapshot links

@@ -13,7 +13,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -236,12 +236,32 @@ fn remove_plain(parent: &Path, path: &Path) -> Result<()> {
     remove_tree(parent, path.file_name().expect("a run's names are names"))
 }
 
-/// `.OUT.lorafs-`: how every name of a run for OUT begins.
+/// The longest file name Linux filesystems take (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// Bytes of OUT's name kept in a run's names: the longest, `.NAME.lorafs-ID.owner`, must fit
+/// in [`NAME_MAX`].
+const NAME_KEPT: usize = NAME_MAX - ".".len() - ".lorafs-".len() - ID_LEN - ".owner".len();
+
+/// `.OUT.lorafs-`: how every name of a run for OUT begins. A name too long for that (OUT
+/// names of 231 to 255 bytes) is cut and ends in a hash of the whole name, so the prefix stays
+/// one per OUT and the next run to OUT finds what this one left.
 fn run_prefix(name: &OsStr) -> OsString {
-    let mut prefix = OsString::from(".");
-    prefix.push(name);
-    prefix.push(".lorafs-");
-    prefix
+    let bytes = name.as_bytes();
+    let mut prefix = b".".to_vec();
+    if bytes.len() <= NAME_KEPT {
+        prefix.extend_from_slice(bytes);
+    } else {
+        // FNV-1a, 64 bits: stable across builds and machines, unlike std's hasher.
+        let hash = (bytes.iter()).fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let tail = format!("~{hash:016x}");
+        prefix.extend_from_slice(&bytes[..NAME_KEPT - tail.len()]);
+        prefix.extend_from_slice(tail.as_bytes());
+    }
+    prefix.extend_from_slice(b".lorafs-");
+    OsString::from_vec(prefix)
 }
 
 /// Remove what earlier runs to the same OUT left behind (SIGKILL, power loss): the names
@@ -301,4 +321,26 @@ fn read_marker(path: &Path) -> Option<Marker> {
     let mut text = String::new();
     file.read_to_string(&mut text).ok()?;
     Marker::parse(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_names_fit_name_max_and_stay_one_per_output() {
+        let name = |n: usize, last: u8| {
+            let mut bytes = vec![b'a'; n];
+            bytes[n - 1] = last;
+            OsString::from_vec(bytes)
+        };
+        let longest = |out: &OsStr| run_prefix(out).len() + ID_LEN + ".owner".len();
+        assert_eq!(run_prefix(OsStr::new("out")), OsStr::new(".out.lorafs-"));
+        assert_eq!(longest(&name(NAME_KEPT, b'a')), NAME_MAX);
+        for n in [NAME_KEPT + 1, 240, NAME_MAX] {
+            assert_eq!(longest(&name(n, b'a')), NAME_MAX, "{n}");
+            assert_eq!(run_prefix(&name(n, b'a')), run_prefix(&name(n, b'a')));
+            assert_ne!(run_prefix(&name(n, b'a')), run_prefix(&name(n, b'b')));
+        }
+    }
 }

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernel::Factors;
 use crate::model::BaseModel;
 
+mod bound;
 mod build;
 mod realize;
 mod vocab;

@@ -5,6 +5,7 @@
 use super::build::{Op, Pending, Planner};
 use super::*;
 use crate::adapter::Stored;
+use crate::plan::bound;
 
 /// `x` rounded to `dtype` (nearest even) and widened back.
 fn round_to(dtype: DType, x: f32) -> f32 {
@@ -145,6 +146,7 @@ fn realize(
 ) -> Result<TensorMerge> {
     let (rows, cols) = view(&p.shape);
     let (mut parts, token_rows) = read_ops(p.ops, adapters, cols, p.dtype)?;
+    check_delta(&name, p.dtype, &parts, adapters)?;
     let rank: usize = parts.iter().map(|part| part.term.rank).sum();
     let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
     let (u, v) = concat_ranks(rows, rank, cols, &mut parts);
@@ -173,6 +175,39 @@ fn realize(
         rows: token_rows.into_iter().collect(),
         replaced: p.replaced,
     })
+}
+
+/// Refuse terms whose summed delta could overflow: finite factors and scales (each checked
+/// on its own) can still multiply beyond the output dtype, or beyond f32, and merge into Inf
+/// or NaN weights with nothing to show for it. The adapter named is the one whose term
+/// weighs most.
+fn check_delta(tensor: &str, dtype: DType, parts: &[Part], adapters: &[Adapter]) -> Result<()> {
+    let bounds: Vec<f64> = (parts.iter())
+        .map(|p| bound::delta_bound(&p.u, &p.v, p.term.rank))
+        .collect();
+    let total: f64 = bounds.iter().sum();
+    let limit = bound::max_finite(dtype) / 2.0;
+    let worst = (0..parts.len()).max_by(|&a, &b| bounds[a].total_cmp(&bounds[b]));
+    let (Some(worst), false) = (worst, total <= limit) else {
+        return Ok(());
+    };
+    let term = &parts[worst].term;
+    Err(Error::tensor(
+        &adapters[term.adapter].file,
+        tensor,
+        format!(
+            "the delta of module `{}` (scale {:.3e} with its factors{}) can reach {total:.3e}, \
+             beyond half the largest {dtype:?} value ({limit:.3e}): the merged weights could be \
+             Inf or NaN; lower the --adapter weight or lora_alpha, or check the factors",
+            term.module,
+            term.scale,
+            if parts.len() > 1 {
+                ", with the other adapters'"
+            } else {
+                ""
+            }
+        ),
+    ))
 }
 
 /// Rows replaced by trainable tokens, by index, rounded to the output dtype.
@@ -238,7 +273,18 @@ fn read_ops(
                         }
                     }
                     let row = data.get(k * cols..(k + 1) * cols).unwrap_or_default();
-                    let row = row.iter().map(|&x| round_to(dtype, x)).collect();
+                    let row: Vec<f32> = row.iter().map(|&x| round_to(dtype, x)).collect();
+                    if let Some(j) = row.iter().position(|x| !x.is_finite()) {
+                        return Err(Error::tensor(
+                            &adapters[adapter].file,
+                            &values.key,
+                            format!(
+                                "token row {index}, value {j} is {} after rounding to {dtype:?}: \
+                                 beyond the largest {dtype:?} value, the row would be Inf",
+                                data[k * cols + j]
+                            ),
+                        ));
+                    }
                     token_rows.insert(index, row);
                 }
             }

@@ -10,3 +10,4 @@ mod mount;
 mod mount_trust;
 mod output;
 mod read_at;
+mod redteam;

@@ -375,6 +375,12 @@ fn signals_stop_the_run_and_leave_nothing_behind() {
         (libc::SIGINT, "SIGINT"),
         (libc::SIGTERM, "SIGTERM"),
         (libc::SIGHUP, "SIGHUP"),
+        // Any signal whose default action ends the process, not only those three.
+        (libc::SIGUSR1, "SIGUSR1"),
+        (
+            libc::SIGRTMIN() + 3,
+            &format!("signal {}", libc::SIGRTMIN() + 3),
+        ),
     ] {
         let out = tmp.path().join("out");
         let before = run_files(tmp.path());
@@ -476,6 +482,9 @@ fn the_output_keeps_the_source_modes() {
     std::fs::write(a.join("tokenizer.json"), b"{}").unwrap();
     chmod(&a.join("tokenizer.json"), 0o660);
     chmod(&base.join("model.safetensors"), 0o444);
+    // The merged file is also no more open than the adapter's files (see
+    // `redteam::a_materialized_merged_file_is_no_more_open_than_its_adapter`).
+    chmod(&a.join("adapter_model.safetensors"), 0o644);
     // A linked file (as in a Hugging Face snapshot): the target's bits count, not the link's.
     let blob = tmp.path().join("blob");
     std::fs::write(&blob, b"linked\n").unwrap();
