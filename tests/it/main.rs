@@ -3,6 +3,7 @@
 mod common;
 mod errors;
 mod features;
+mod guarantees;
 mod hostile;
 mod inputs;
 mod merge;
@@ -10,4 +11,3 @@ mod mount;
 mod mount_trust;
 mod output;
 mod read_at;
-mod redteam;

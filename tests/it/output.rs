@@ -483,7 +483,7 @@ fn the_output_keeps_the_source_modes() {
     chmod(&a.join("tokenizer.json"), 0o660);
     chmod(&base.join("model.safetensors"), 0o444);
     // The merged file is also no more open than the adapter's files (see
-    // `redteam::a_materialized_merged_file_is_no_more_open_than_its_adapter`).
+    // `guarantees::a_materialized_merged_file_is_no_more_open_than_its_adapter`).
     chmod(&a.join("adapter_model.safetensors"), 0o644);
     // A linked file (as in a Hugging Face snapshot): the target's bits count, not the link's.
     let blob = tmp.path().join("blob");
