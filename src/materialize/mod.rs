@@ -14,7 +14,7 @@ mod target;
 mod write;
 
 use std::fs::Permissions;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -79,11 +79,11 @@ pub fn materialize(
     if target.existing(&inputs)? != Existing::Nothing && !options.force {
         return Err(refusal(out, "already exists; pass --force to replace it"));
     }
-    let modes = Modes::of(engine)?;
     options.interrupt.check(out)?;
 
     let run = RunDir::create(&target)?;
     let tree = run.tree();
+    let modes = Modes::of(engine, &tree)?;
     for dir in &engine.dirs {
         let path = tree.join(dir);
         std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -134,17 +134,29 @@ struct Modes {
 }
 
 impl Modes {
-    fn of(engine: &Engine) -> Result<Modes> {
+    /// The modes of `engine`'s files and directories written under `tree` (the run's
+    /// directory, whose group its files and directories get).
+    fn of(engine: &Engine, tree: &Path) -> Result<Modes> {
+        let group = std::fs::metadata(tree)
+            .map_err(|e| Error::io(tree, e))?
+            .gid();
+        let dir_mode = |path: &Path| -> Result<u32> {
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+            Ok(kept_bits(meta.mode(), meta.gid(), group))
+        };
         Ok(Modes {
             // A file's source is the base file (config.json and the shard index too, when
             // lorafs rewrites them) or, for an adapter's tokenizer file, that file.
             files: (engine.files.iter())
-                .map(|f| f.source().mode & 0o777 & adapters_readable(engine, f))
+                .map(|f| {
+                    let source = f.source();
+                    kept_bits(source.mode, source.gid, group) & adapters_readable(engine, f)
+                })
                 .collect(),
             dirs: (engine.dirs.iter())
-                .map(|d| source_mode(&engine.base_dir.join(d)))
+                .map(|d| dir_mode(&engine.base_dir.join(d)))
                 .collect::<Result<_>>()?,
-            root: source_mode(&engine.base_dir)?,
+            root: dir_mode(&engine.base_dir)?,
         })
     }
 
@@ -183,10 +195,31 @@ fn adapters_readable(engine: &Engine, file: &crate::engine::VirtualFile) -> u32 
     mask
 }
 
-/// A source's permission bits, through symbolic links (a Hugging Face cache snapshot links
-/// into `blobs/`: the blob's bits count). Only read, write and execute bits: setuid, setgid
-/// and sticky do not carry over to a copy that belongs to whoever runs lorafs.
-fn source_mode(path: &Path) -> Result<u32> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    Ok(meta.permissions().mode() & 0o777)
+/// The bits a copy keeps of its source's `mode` (through symbolic links: a Hugging Face
+/// snapshot's blob counts): read, write and execute only (setuid, setgid and sticky do not
+/// carry over to a copy that belongs to whoever runs lorafs). A copy in another group than
+/// its source's (`group`, the group the run's files get) gives that group no more than the
+/// source gave everyone else: its members were "others" to the source.
+fn kept_bits(mode: u32, source_group: u32, group: u32) -> u32 {
+    let mode = mode & 0o777;
+    if source_group == group {
+        return mode;
+    }
+    let others_as_group = (mode & 0o007) << 3;
+    (mode & !0o070) | (mode & others_as_group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kept_bits;
+
+    #[test]
+    fn a_copy_in_another_group_gives_it_only_what_others_had() {
+        assert_eq!(kept_bits(0o4755, 10, 10), 0o755);
+        assert_eq!(kept_bits(0o640, 10, 10), 0o640);
+        assert_eq!(kept_bits(0o640, 10, 20), 0o600);
+        assert_eq!(kept_bits(0o754, 10, 20), 0o744);
+        assert_eq!(kept_bits(0o705, 10, 20), 0o705);
+        assert_eq!(kept_bits(0o775, 10, 20), 0o755);
+    }
 }

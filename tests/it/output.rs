@@ -491,6 +491,9 @@ fn the_output_keeps_the_source_modes() {
     chmod(&blob, 0o604);
     symlink(&blob, base.join("extra/linked.txt")).unwrap();
     chmod(&base.join("extra/nested/notes.txt"), 0o620);
+    // A source in another group than the copy's: that group's members were others to it.
+    std::os::unix::fs::chown(base.join("extra/nested/notes.txt"), None, Some(5678)).unwrap();
+    chmod(&base.join("extra/nested/notes.txt"), 0o654);
     chmod(&base.join("extra/nested"), 0o555);
     chmod(&base.join("extra"), 0o750);
     chmod(&base, 0o751);
@@ -504,7 +507,7 @@ fn the_output_keeps_the_source_modes() {
         ("model.safetensors", 0o444),
         ("extra/linked.txt", 0o604),
         ("extra/nested", 0o555),
-        ("extra/nested/notes.txt", 0o620),
+        ("extra/nested/notes.txt", 0o644),
         ("extra", 0o750),
         ("", 0o751),
     ] {
