@@ -193,13 +193,7 @@ pub fn check_mountpoint(path: &Path) -> io::Result<()> {
 
 /// Unmount a lorafs mount; its serving process then exits.
 pub fn unmount(mountpoint: &Path) -> io::Result<()> {
-    // Do not stat the mount point: with a dead server that hangs or fails.
-    let absolute = std::path::absolute(mountpoint)?;
-    let canonical = absolute
-        .parent()
-        .and_then(|p| p.canonicalize().ok())
-        .map(|p| p.join(absolute.file_name().unwrap_or_default()));
-    let target = canonical.unwrap_or(absolute);
+    let target = mount_target(mountpoint)?;
     match find_mount(&target)? {
         Some(info) if info.is_lorafs() => {}
         Some(info) => {
@@ -231,6 +225,35 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
             format!("unmounting {} failed: {e}", target.display()),
         )),
     }
+}
+
+/// The path mountinfo lists for `path`: its parent resolved, then its last name, following
+/// the last name too where it is a symbolic link. A mount point is never stat'ed (with a
+/// dead or stuck server that fails or hangs): mountinfo is asked first.
+fn mount_target(path: &Path) -> io::Result<PathBuf> {
+    let mut path = std::path::absolute(path)?;
+    // Symbolic links are followed at most as often as the kernel would (ELOOP beyond).
+    for _ in 0..40 {
+        let Some(name) = path.file_name().map(|n| n.to_os_string()) else {
+            // Ends in `..` (or is `/`): it names a directory above any mount point in it.
+            return path.canonicalize();
+        };
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let parent = parent
+            .canonicalize()
+            .unwrap_or_else(|_| parent.to_path_buf());
+        let joined = parent.join(&name);
+        if find_mount(&joined)?.is_some() {
+            return Ok(joined);
+        }
+        match std::fs::symlink_metadata(&joined) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                path = parent.join(std::fs::read_link(&joined)?);
+            }
+            _ => return Ok(joined),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
 }
 
 fn umount(path: &Path, flags: i32) -> io::Result<()> {
@@ -277,7 +300,8 @@ struct MountInfo {
 impl MountInfo {
     fn is_lorafs(&self) -> bool {
         self.fstype == format!("fuse.{FS_NAME}")
-            || (self.fstype.starts_with("fuse") && self.source.starts_with(FS_NAME.as_bytes()))
+            || (self.fstype.starts_with("fuse")
+                && self.source.starts_with(format!("{FS_NAME}:").as_bytes()))
     }
 }
 
@@ -352,6 +376,20 @@ fn set_read_ahead(mountpoint: &Path, kb: u32) {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn only_lorafs_mounts_are_lorafs() {
+        let info = |fstype: &str, source: &str| MountInfo {
+            device: "0:1".into(),
+            fstype: fstype.into(),
+            source: source.as_bytes().to_vec(),
+        };
+        assert!(info("fuse.lorafs", "anything").is_lorafs());
+        assert!(info("fuse", "lorafs:/models/base").is_lorafs());
+        assert!(!info("fuse", "lorafsx").is_lorafs());
+        assert!(!info("fuse.sshfs", "lorafs-host:/x").is_lorafs());
+        assert!(!info("ext4", "lorafs:/x").is_lorafs());
+    }
 
     #[test]
     fn mountinfo_escapes() {

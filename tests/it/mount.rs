@@ -359,6 +359,19 @@ fn bad_mount_points_and_inputs_mount_nothing() {
     let guard = MountGuard::new(&s.base, &mnt, &s.adapter_args);
     let (ok, _, err) = mount(&s.base, &mnt, s.adapter_args.clone());
     assert!(!ok && err.contains("already a mount point"), "{err}");
+    // `unmount` names the directory a path ends in: `mnt/..` is the directory above.
+    let (ok, _, err) = run_lorafs(["unmount".as_ref(), mnt.join("..").as_os_str()]);
+    let above = s.tmp.path().canonicalize().unwrap();
+    assert!(
+        !ok && err.contains(&format!("{} is not mounted", above.display())),
+        "{err}"
+    );
+    // A link to the mount point unmounts it.
+    let link = s.tmp.path().join("link");
+    std::os::unix::fs::symlink("mnt", &link).unwrap();
+    let (ok, _, err) = run_lorafs(["unmount".as_ref(), link.as_os_str()]);
+    assert!(ok, "{err}");
+    assert!(!is_mounted(&mnt.canonicalize().unwrap()));
     drop(guard);
     let (ok, _, err) = run_lorafs(["unmount".as_ref(), mnt.as_os_str()]);
     assert!(!ok && err.contains("not mounted"), "{err}");
