@@ -270,6 +270,7 @@ impl Walk<'_> {
                     self.dirs.pop();
                 }
             } else if meta.is_file() {
+                refuse_kernel_files(&path)?;
                 self.files.push(BaseFile {
                     rel,
                     path,
@@ -281,4 +282,28 @@ impl Walk<'_> {
         }
         Ok(())
     }
+}
+
+/// Files of the kernel's pseudo filesystems (`/proc`, `/sys`, ...) look like regular files
+/// but are not data: `/proc/kcore` claims the size of the address space, others change at
+/// each read or read kernel state. A model links to none of them; a base that does is refused.
+fn refuse_kernel_files(path: &Path) -> Result<()> {
+    const KERNEL_FILESYSTEMS: [libc::c_long; 5] = [
+        libc::PROC_SUPER_MAGIC,
+        libc::SYSFS_MAGIC,
+        libc::DEBUGFS_MAGIC,
+        libc::SECURITYFS_MAGIC,
+        libc::TRACEFS_MAGIC,
+    ];
+    let stat = rustix::fs::statfs(path).map_err(|e| Error::io(path, e.into()))?;
+    if KERNEL_FILESYSTEMS.contains(&(stat.f_type as libc::c_long)) {
+        return Err(Error::io(
+            path,
+            std::io::Error::other(
+                "is a file of a kernel pseudo filesystem (/proc, /sys), not model data; \
+                 remove that link from the base directory",
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -440,6 +440,35 @@ fn inputs_that_are_fifos_devices_or_huge_are_refused_not_read_without_end() {
 }
 
 #[test]
+fn a_base_linking_into_proc_or_sys_is_refused() {
+    // `/proc/kcore` claims terabytes; other such files hold kernel state, not model data.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("a"));
+    write_base(&base, &spec);
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    for target in [
+        "/proc/self/status",
+        "/sys/kernel/mm/transparent_hugepage/enabled",
+    ] {
+        if !Path::new(target).is_file() {
+            eprintln!("{target} is not on this machine: that case is not checked");
+            continue;
+        }
+        let link = base.join("notes.txt");
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        let (ok, err) = inspect_within(&base, &adapter);
+        assert!(
+            !ok && err.contains("notes.txt") && err.contains("kernel pseudo filesystem"),
+            "{target}: {err}"
+        );
+        std::fs::remove_file(&link).unwrap();
+    }
+    let (ok, err) = inspect_within(&base, &adapter);
+    assert!(ok, "{err}");
+}
+
+#[test]
 fn a_materialized_merged_file_is_no_more_open_than_its_adapter() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
