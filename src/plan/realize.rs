@@ -130,20 +130,34 @@ impl Planner<'_> {
             .into_iter()
             .map(|((li, ti), p)| {
                 let name = base.layouts[li].tensors[ti].name.clone();
-                realize(name, (li, ti), p, adapters)
+                let Some(dims) = view(&p.shape) else {
+                    // The shape is the replacement's when there is one.
+                    let (path, tensor) = match (&p.replaced, p.w.input) {
+                        (Some(r), Input::Adapter(i)) => (&adapters[i].file, r.key.clone()),
+                        _ => (&base.layouts[li].path, name),
+                    };
+                    let what = format!(
+                        "shape {:?}: a row has more values than fit in memory",
+                        p.shape
+                    );
+                    return Err(Error::tensor(path, tensor, what));
+                };
+                realize(name, (li, ti), dims, p, adapters)
             })
             .collect()
     }
 }
 
-/// One tensor's merge: its ops' data read in order, then concatenated along the rank.
+/// One tensor's merge, of `dims` = (rows, cols): its ops' data read in order, then
+/// concatenated along the rank.
 fn realize(
     name: String,
     (layout, tensor): (usize, usize),
+    dims: (usize, usize),
     p: Pending,
     adapters: &[Adapter],
 ) -> Result<TensorMerge> {
-    let (rows, cols) = view(&p.shape);
+    let (rows, cols) = dims;
     let (mut parts, token_rows) = read_ops(p.ops, adapters, cols, p.dtype)?;
     let rank: usize = parts.iter().map(|part| part.term.rank).sum();
     let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);

@@ -120,10 +120,6 @@ fn adapter_config() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "panics with overflow checks until src/plan/ checks view() (regressions::replacing_a_tensor_whose_dimensions_overflow)"
-)]
 fn adapter_tensors() {
     let base = shared_base();
     let config = prop_oneof![
