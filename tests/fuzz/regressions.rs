@@ -136,7 +136,6 @@ fn factor_memory_is_proportional_to_the_file() {
 /// multi-line message (the pattern, a caret line, the error). Escaped, it is one line, but
 /// an unreadable one: the message should say what is wrong, without the caret diagram.
 #[test]
-#[ignore = "fails until src/adapter/pattern.rs is fixed: the regex crate's three-line error message is shown whole"]
 fn pattern_error_is_one_readable_line() {
     let _alone = crate::alloc::alone();
     let config = r#"{"peft_type": "LORA", "r": 2, "alpha_pattern": {"(": 4}}"#;
