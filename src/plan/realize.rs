@@ -25,6 +25,14 @@ fn op_values(op: &Op) -> u128 {
     }
 }
 
+/// The rank an op adds to its tensor's factors (one packed `V` row each).
+fn op_rank(op: &Op) -> usize {
+    match op {
+        Op::Lora { term, .. } | Op::Bias { term, .. } => term.rank,
+        Op::Tokens { .. } => 0,
+    }
+}
+
 fn op_adapter(op: &Op) -> usize {
     match op {
         Op::Lora { term, .. } | Op::Bias { term, .. } => term.adapter,
@@ -65,6 +73,8 @@ fn orient(
             u[i * r + k] = scale * a[k * rows + i];
         }
     }
+    // Not held while `v` is built: the peak is two factors' copies, not all four.
+    drop(a);
     let mut v = vec![0f32; r * cols];
     for j in 0..cols {
         for k in 0..r {
@@ -100,8 +110,13 @@ impl Planner<'_> {
     /// reading them would only end in the OOM killer.
     pub(super) fn check_memory(&self, adapters: &[Adapter], available: u64) -> Result<()> {
         let mut per_adapter = vec![0u128; adapters.len()];
-        for op in self.pending.values().flat_map(|p| &p.ops) {
-            per_adapter[op_adapter(op)] += op_values(op) * 4;
+        for p in self.pending.values() {
+            // `V` is kept packed in whole panels: count its padding too.
+            let cols = view(&p.shape).map_or(0, |(_, cols)| cols);
+            let padding = (crate::kernel::packed_cols(cols) - cols) as u128;
+            for op in &p.ops {
+                per_adapter[op_adapter(op)] += (op_values(op) + op_rank(op) as u128 * padding) * 4;
+            }
         }
         let total: u128 = per_adapter.iter().sum();
         let Some((largest, &bytes)) = per_adapter.iter().enumerate().max_by_key(|(_, b)| **b)
