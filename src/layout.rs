@@ -1,7 +1,8 @@
 //! The layout of a safetensors file: header bytes and where each tensor's bytes are.
 //!
-//! Only the header is read (`pread`, never a map of the whole file), so a file of any
-//! declared or sparse size costs its header's bytes. Validation is the `safetensors` crate's
+//! Only the header is read (`pread`, never a map of the whole file), and parsed as it is
+//! read, so a file of any declared or sparse size costs its header's bytes, and a length
+//! prefix that claims more than the JSON costs what the parser took before it failed. Validation is the `safetensors` crate's
 //! (`Metadata::new`: increasing offsets, no holes, sizes that match shapes, overflow-checked),
 //! plus what its map-based reader cannot see: a tensor named twice in the header (the map
 //! silently keeps one). This module adds file names to the errors and keeps what lorafs
@@ -94,11 +95,7 @@ impl Layout {
                 ),
             ));
         }
-        // At most 8 + 100 MB, and no more than the file holds.
-        let mut header = vec![0u8; 8 + n as usize];
-        file.read_exact_at(&mut header, 0)
-            .map_err(|e| Error::io(path, e))?;
-        let metadata = parse_header(path, &header[8..])?;
+        let (header, metadata) = read_header(path, &file, len, n)?;
         let data_start = 8 + n;
         if data_start.checked_add(metadata.data_len() as u64) != Some(file_size) {
             return Err(bad(
@@ -199,9 +196,63 @@ fn bad(path: &Path, what: impl Into<String>) -> Error {
     }
 }
 
-/// The header's JSON as the crate's validated `Metadata`; a key named twice is refused.
-fn parse_header(path: &Path, json: &[u8]) -> Result<Metadata> {
-    let header = Header::parse(json).map_err(|e| bad(path, format!("header JSON: {e}")))?;
+/// The header's `n` bytes of JSON after the length prefix `len`, parsed as they are read:
+/// a length prefix may claim up to 100 MB, and bytes that are not JSON are refused after
+/// at most one buffer more than the parser took, not after reading the whole claim. On
+/// success all `n` bytes have been read (only whitespace may follow the JSON object, as in
+/// the crate's own reader), and are returned with the prefix, exactly as on disk.
+fn read_header(path: &Path, file: &File, len: [u8; 8], n: u64) -> Result<(Vec<u8>, Metadata)> {
+    /// What a buffer beyond the parser's position may read ahead.
+    const CHUNK: usize = 64 << 10;
+    let mut source = Recorder {
+        file,
+        pos: 8,
+        end: 8 + n,
+        bytes: len.to_vec(),
+    };
+    let reader = std::io::BufReader::with_capacity(CHUNK, &mut source);
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let parsed = Header::parse(&mut de).and_then(|header| de.end().map(|()| header));
+    drop(de);
+    let header = match parsed {
+        Ok(header) => header,
+        Err(e) if e.is_io() => return Err(Error::io(path, e.into())),
+        Err(e) => return Err(bad(path, format!("header JSON: {e}"))),
+    };
+    // `end()` read to the end of the `n` bytes, so `bytes` holds the whole header.
+    let bytes = source.bytes;
+    let metadata = validate(path, header, &bytes[8..])?;
+    Ok((bytes, metadata))
+}
+
+/// Reads the file from `pos` to `end` and keeps every byte it has handed out.
+struct Recorder<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+    bytes: Vec<u8>,
+}
+
+impl std::io::Read for Recorder<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = usize::try_from(self.end - self.pos).unwrap_or(usize::MAX);
+        let want = buf.len().min(left);
+        if want == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..want], self.pos)?;
+        if got == 0 {
+            // The file was longer when its size was checked: it changed while being read.
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.bytes.extend_from_slice(&buf[..got]);
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// The parsed header as the crate's validated `Metadata`; a key named twice is refused.
+fn validate(path: &Path, header: Header, json: &[u8]) -> Result<Metadata> {
     if let Some(name) = header.duplicate {
         let what = if name == "__metadata__" {
             "key"
@@ -227,7 +278,9 @@ struct Header {
 }
 
 impl Header {
-    fn parse(json: &[u8]) -> serde_json::Result<Header> {
+    fn parse<'de, R: serde_json::de::Read<'de>>(
+        de: &mut serde_json::Deserializer<R>,
+    ) -> serde_json::Result<Header> {
         use serde::de::{Deserializer, MapAccess, Visitor};
 
         struct Entries;
@@ -256,7 +309,7 @@ impl Header {
                 Ok(header)
             }
         }
-        serde_json::Deserializer::from_slice(json).deserialize_map(Entries)
+        de.deserialize_map(Entries)
     }
 }
 
@@ -282,7 +335,7 @@ fn describe(path: &Path, json: &[u8], err: safetensors::SafeTensorError) -> Erro
 
 /// The crate does not say which tensor fails its size check; find it for the message.
 fn find_inconsistent_tensor(json: &[u8]) -> Option<String> {
-    let header = Header::parse(json).ok()?;
+    let header = Header::parse(&mut serde_json::Deserializer::from_slice(json)).ok()?;
     header.tensors.into_iter().find_map(|(name, info)| {
         let want = byte_size(&info.shape, info.dtype);
         (want.is_none() || info.data_offsets.1.checked_sub(info.data_offsets.0) != want)

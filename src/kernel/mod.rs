@@ -28,6 +28,11 @@
 //! of a tile fall into the same L1 set). The columns are walked in blocks of panels whose
 //! packed `V` fits in L2 ([`panels_per_block`]), so large ranks do not stream `V` from L3 for
 //! every group of rows.
+//!
+//! A tensor narrower than a panel (`cols < PANEL`) keeps `V` unpadded instead (its one
+//! "panel" is `cols` wide): padded, a rank far above the tensor's size (valid PEFT) would
+//! cost up to 64 times `V`'s memory. Only the scalar kernel reads that layout, so such
+//! tensors are merged by it whatever kernel is selected: the same bits, by the contract.
 
 /// The dtype as a const generic parameter of the SIMD kernels, so each dtype gets its own
 /// monomorphised tile.
@@ -205,30 +210,47 @@ struct Line([f32; 16]);
 
 const _: () = assert!(std::mem::size_of::<Line>() == 64 && PANEL.is_multiple_of(16));
 
-/// `V` packed in column panels: element `(k, p·PANEL + c)` is at `(p·rank + k)·PANEL + c`.
+/// Columns of one panel of a tensor's packed `V`: [`PANEL`], or `cols` when that is fewer
+/// (at least 1, so that it divides).
+fn panel_width(cols: usize) -> usize {
+    cols.clamp(1, PANEL)
+}
+
+/// Floats per rank of a tensor's packed `V` (`cols` rounded up to whole panels): less than
+/// twice `cols`, and `cols` itself below [`PANEL`]. For memory accounting.
+pub fn packed_cols(cols: usize) -> usize {
+    let width = panel_width(cols);
+    cols.div_ceil(width) * width
+}
+
+/// `V` packed in column panels of `width` columns: element `(k, p·width + c)` is at
+/// `(p·rank + k)·width + c`. `width` is [`PANEL`] (what the SIMD kernels read), or `cols`
+/// when that is narrower (one unpadded panel, which the scalar kernel reads).
 #[derive(Clone)]
 struct PackedV {
     lines: Vec<Line>,
+    width: usize,
 }
 
 impl PackedV {
     fn new(rank: usize, cols: usize, v: &[f32]) -> PackedV {
-        let panels = cols.div_ceil(PANEL);
-        let mut lines = vec![Line([0.0; 16]); panels * rank * PANEL / 16];
+        let width = panel_width(cols);
+        let panels = cols.div_ceil(width);
+        let mut lines = vec![Line([0.0; 16]); (panels * rank * width).div_ceil(16)];
         // SAFETY: `Line` is `repr(C)` around `[f32; 16]` with size 64 (checked above), so
         // the `lines.len() * 16` floats are contiguous, initialised and exclusively borrowed.
         let flat = unsafe {
             std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16)
         };
         for p in 0..panels {
-            let c0 = p * PANEL;
-            let width = PANEL.min(cols - c0);
+            let c0 = p * width;
+            let n = width.min(cols - c0);
             for k in 0..rank {
-                let dst = (p * rank + k) * PANEL;
-                flat[dst..dst + width].copy_from_slice(&v[k * cols + c0..k * cols + c0 + width]);
+                let dst = (p * rank + k) * width;
+                flat[dst..dst + n].copy_from_slice(&v[k * cols + c0..k * cols + c0 + n]);
             }
         }
-        PackedV { lines }
+        PackedV { lines, width }
     }
 
     fn as_slice(&self) -> &[f32] {
@@ -277,17 +299,19 @@ impl Factors {
     /// `V[k, j]`.
     #[inline]
     pub fn v(&self, k: usize, j: usize) -> f32 {
-        self.packed.as_slice()[((j / PANEL) * self.rank + k) * PANEL + j % PANEL]
+        let width = self.packed.width;
+        self.packed.as_slice()[((j / width) * self.rank + k) * width + j % width]
     }
 
     /// Column `j` of `V`: `V[k, j]` for `k` in `0 .. rank`, in order.
     #[inline]
     pub fn v_column(&self, j: usize) -> impl Iterator<Item = f32> + '_ {
-        let start = ((j / PANEL) * self.rank) * PANEL + j % PANEL;
+        let width = self.packed.width;
+        let start = ((j / width) * self.rank) * width + j % width;
         let packed = self.packed.as_slice();
         packed[start.min(packed.len())..]
             .iter()
-            .step_by(PANEL)
+            .step_by(width)
             .take(self.rank)
             .copied()
     }
@@ -297,9 +321,16 @@ impl Factors {
         self.u.len() * 4 + self.packed.lines.len() * 64
     }
 
-    /// The packed `V`: `ceil(cols / PANEL)` panels of `rank × PANEL` floats, 64-byte aligned.
+    /// The packed `V`: `ceil(cols / PANEL)` panels of `rank × PANEL` floats, 64-byte aligned,
+    /// when [`Factors::is_panelled`].
     pub(crate) fn panels(&self) -> &[f32] {
         self.packed.as_slice()
+    }
+
+    /// Whether `V` is packed in [`PANEL`]-wide panels, which the SIMD kernels need; a tensor
+    /// narrower than a panel keeps it unpadded, for the scalar kernel.
+    pub fn is_panelled(&self) -> bool {
+        self.packed.width == PANEL
     }
 }
 
@@ -440,7 +471,14 @@ impl Kernel {
             self.name(),
             self.requires()
         );
-        match self {
+        // Factors narrower than a panel are stored unpadded, a layout only the reference
+        // reads (see the module's documentation).
+        let kernel = if f.is_panelled() {
+            self
+        } else {
+            Kernel::Scalar
+        };
+        match kernel {
             Kernel::Scalar => scalar::merge(dtype, f, row0, data),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `is_supported` checked avx2, fma and f16c just above.
@@ -504,6 +542,38 @@ impl<'a> Job<'a> {
 #[cfg(test)]
 mod tests {
     use super::Kernel::{self, Avx2, Scalar};
+    use super::{packed_cols, Factors, PANEL};
+
+    #[test]
+    fn packed_v_is_padded_to_less_than_twice_and_narrow_tensors_not_at_all() {
+        for (cols, packed) in [
+            (0, 0),
+            (1, 1),
+            (8, 8),
+            (63, 63),
+            (64, 64),
+            (65, 128),
+            (300, 320),
+        ] {
+            assert_eq!(packed_cols(cols), packed, "cols {cols}");
+        }
+        // Rank 1000 on an 8-column tensor: V is 8000 floats, not 1000 rows of a 64-wide panel.
+        let (rows, rank, cols) = (3, 1000, 8);
+        let v: Vec<f32> = (0..rank * cols).map(|x| x as f32).collect();
+        let f = Factors::new(rows, rank, cols, vec![1.0; rows * rank], v);
+        assert!(!f.is_panelled());
+        assert_eq!(f.bytes(), (rows * rank + rank * cols) * 4);
+        assert_eq!(f.v(999, 7), (999 * cols + 7) as f32);
+        let column: Vec<f32> = f.v_column(5).collect();
+        assert_eq!(column.len(), rank);
+        assert!(column
+            .iter()
+            .enumerate()
+            .all(|(k, &x)| x == (k * cols + 5) as f32));
+        let wide = Factors::new(1, 2, PANEL + 1, vec![0.0; 2], vec![0.0; 2 * (PANEL + 1)]);
+        assert!(wide.is_panelled());
+        assert_eq!(wide.bytes(), (2 + 2 * 2 * PANEL) * 4);
+    }
 
     #[test]
     fn choose_takes_the_requested_kernel_if_available_else_the_best() {

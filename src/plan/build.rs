@@ -333,17 +333,20 @@ impl<'a> Planner<'a> {
             tally.note_tied(tied, &t.values.key);
             let dtype = self.base_dtype(loc, &target)?;
             let p = self.slot(loc, dtype);
-            let (rows, cols) = view(&p.shape);
-            if p.shape.len() != 2 || t.values.cols != cols {
-                return Err(Error::tensor(
-                    &adapter.file,
-                    &t.values.key,
-                    format!(
-                        "rows of {} values do not fit base tensor `{target}` of shape {:?}",
-                        t.values.cols, p.shape
-                    ),
-                ));
-            }
+            // Only a 2-D tensor has rows of tokens (so no product of dimensions is taken).
+            let rows = match *p.shape.as_slice() {
+                [rows, cols] if cols == t.values.cols => rows,
+                _ => {
+                    return Err(Error::tensor(
+                        &adapter.file,
+                        &t.values.key,
+                        format!(
+                            "rows of {} values do not fit base tensor `{target}` of shape {:?}",
+                            t.values.cols, p.shape
+                        ),
+                    ))
+                }
+            };
             let dora = |op: &Op| matches!(op, Op::Lora { term, .. } if term.kind == TermKind::Dora);
             if p.ops.iter().any(dora) {
                 return Err(Error::unsupported(
@@ -451,7 +454,7 @@ impl<'a> Planner<'a> {
             let dtype = self.base_dtype(loc, &target)?;
             let scale = adapter.scale(factors)?;
             let p = self.slot(loc, dtype);
-            if view(&p.shape) != (1, bias.cols) {
+            if view(&p.shape) != Some((1, bias.cols)) {
                 return Err(Error::tensor(
                     &adapter.file,
                     &bias.key,

@@ -190,12 +190,22 @@ pub struct MergePlan {
 /// (base, merged) `vocab_size` when a replacement resizes the embedding.
 pub type VocabResize = (usize, usize);
 
-/// (rows, cols) of the 2-D view a tensor is merged in: a 1-D tensor is one row.
-fn view(shape: &[usize]) -> (usize, usize) {
+/// (rows, cols) of the 2-D view a tensor is merged in: a 1-D tensor is one row. `None` when
+/// a row has more values than a `usize` counts, which a tensor of a checked layout has only
+/// if it holds no values: `[0, 2^32, 2^32]` is valid safetensors, and is merged (served
+/// unchanged) as `(0, 0)`, since no row of it is ever read.
+fn view(shape: &[usize]) -> Option<(usize, usize)> {
     match shape {
-        [] => (1, 1),
-        [n] => (1, *n),
-        [r, rest @ ..] => (*r, rest.iter().product()),
+        [] => Some((1, 1)),
+        [n] => Some((1, *n)),
+        [r, rest @ ..] => match crate::layout::numel(rest) {
+            Some(cols) => Some((*r, cols)),
+            // A zero among the trailing dimensions: rows of no values (the product
+            // overflowed before it reached the zero).
+            None if rest.contains(&0) => Some((*r, 0)),
+            None if *r == 0 => Some((0, 0)),
+            None => None,
+        },
     }
 }
 
@@ -253,5 +263,23 @@ fn physical_memory() -> u64 {
     match (u64::try_from(pages), u64::try_from(size)) {
         (Ok(pages), Ok(size)) if pages > 0 && size > 0 => pages.saturating_mul(size),
         _ => u64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::view;
+
+    #[test]
+    fn the_view_of_a_tensor_without_values_does_not_overflow() {
+        let big = 1usize << 40;
+        assert_eq!(view(&[]), Some((1, 1)));
+        assert_eq!(view(&[7]), Some((1, 7)));
+        assert_eq!(view(&[3, 4, 5]), Some((3, 20)));
+        // Valid safetensors, holding no values: no row is read.
+        assert_eq!(view(&[0, big, big]), Some((0, 0)));
+        assert_eq!(view(&[2, big, big, 0]), Some((2, 0)));
+        // Not a tensor a checked layout holds (2^81 values).
+        assert_eq!(view(&[2, big, big]), None);
     }
 }

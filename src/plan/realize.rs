@@ -26,6 +26,14 @@ fn op_values(op: &Op) -> u128 {
     }
 }
 
+/// The rank an op adds to its tensor's factors (one packed `V` row each).
+fn op_rank(op: &Op) -> usize {
+    match op {
+        Op::Lora { term, .. } | Op::Bias { term, .. } => term.rank,
+        Op::Tokens { .. } => 0,
+    }
+}
+
 fn op_adapter(op: &Op) -> usize {
     match op {
         Op::Lora { term, .. } | Op::Bias { term, .. } => term.adapter,
@@ -66,6 +74,8 @@ fn orient(
             u[i * r + k] = scale * a[k * rows + i];
         }
     }
+    // Not held while `v` is built: the peak is two factors' copies, not all four.
+    drop(a);
     let mut v = vec![0f32; r * cols];
     for j in 0..cols {
         for k in 0..r {
@@ -101,8 +111,13 @@ impl Planner<'_> {
     /// reading them would only end in the OOM killer.
     pub(super) fn check_memory(&self, adapters: &[Adapter], available: u64) -> Result<()> {
         let mut per_adapter = vec![0u128; adapters.len()];
-        for op in self.pending.values().flat_map(|p| &p.ops) {
-            per_adapter[op_adapter(op)] += op_values(op) * 4;
+        for p in self.pending.values() {
+            // `V` is kept packed in whole panels: count its padding too.
+            let cols = view(&p.shape).map_or(0, |(_, cols)| cols);
+            let padding = (crate::kernel::packed_cols(cols) - cols) as u128;
+            for op in &p.ops {
+                per_adapter[op_adapter(op)] += (op_values(op) + op_rank(op) as u128 * padding) * 4;
+            }
         }
         let total: u128 = per_adapter.iter().sum();
         let Some((largest, &bytes)) = per_adapter.iter().enumerate().max_by_key(|(_, b)| **b)
@@ -131,20 +146,34 @@ impl Planner<'_> {
             .into_iter()
             .map(|((li, ti), p)| {
                 let name = base.layouts[li].tensors[ti].name.clone();
-                realize(name, (li, ti), p, adapters)
+                let Some(dims) = view(&p.shape) else {
+                    // The shape is the replacement's when there is one.
+                    let (path, tensor) = match (&p.replaced, p.w.input) {
+                        (Some(r), Input::Adapter(i)) => (&adapters[i].file, r.key.clone()),
+                        _ => (&base.layouts[li].path, name),
+                    };
+                    let what = format!(
+                        "shape {:?}: a row has more values than fit in memory",
+                        p.shape
+                    );
+                    return Err(Error::tensor(path, tensor, what));
+                };
+                realize(name, (li, ti), dims, p, adapters)
             })
             .collect()
     }
 }
 
-/// One tensor's merge: its ops' data read in order, then concatenated along the rank.
+/// One tensor's merge, of `dims` = (rows, cols): its ops' data read in order, then
+/// concatenated along the rank.
 fn realize(
     name: String,
     (layout, tensor): (usize, usize),
+    dims: (usize, usize),
     p: Pending,
     adapters: &[Adapter],
 ) -> Result<TensorMerge> {
-    let (rows, cols) = view(&p.shape);
+    let (rows, cols) = dims;
     let (mut parts, token_rows) = read_ops(p.ops, adapters, cols, p.dtype)?;
     check_delta(&name, p.dtype, &parts, adapters)?;
     let rank: usize = parts.iter().map(|part| part.term.rank).sum();

@@ -108,8 +108,9 @@ fn wrong_shape_factor_is_refused_before_it_is_read() {
 /// A rank far above the weight's dimensions is valid PEFT, but the factors' memory must stay
 /// proportional to the file: rank 2^20 on an 8×8 weight is 32 MiB of BF16 factors, and
 /// lorafs used 320 MiB (f32, then `V` packed in 64-column panels for an 8-column weight).
+/// Now 96 MiB: `U` and `V` in f32, and `V`'s packed copy, unpadded for a tensor narrower
+/// than a panel (src/kernel/mod.rs).
 #[test]
-#[ignore = "over-allocates until src/plan/ or src/kernel/ is fixed: packed V pads every row of rank to 64 columns, 8x an 8-column factor"]
 fn factor_memory_is_proportional_to_the_file() {
     let _alone = crate::alloc::alone();
     let rank = 1 << 20;
@@ -136,7 +137,6 @@ fn factor_memory_is_proportional_to_the_file() {
 /// multi-line message (the pattern, a caret line, the error). Escaped, it is one line, but
 /// an unreadable one: the message should say what is wrong, without the caret diagram.
 #[test]
-#[ignore = "fails until src/adapter/pattern.rs is fixed: the regex crate's three-line error message is shown whole"]
 fn pattern_error_is_one_readable_line() {
     let _alone = crate::alloc::alone();
     let config = r#"{"peft_type": "LORA", "r": 2, "alpha_pattern": {"(": 4}}"#;
@@ -245,17 +245,27 @@ fn naming_the_inconsistent_tensor_survives_huge_dimensions() {
 /// (rows, cols) view multiplied the trailing dimensions unchecked when an adapter replaced
 /// it (a panic with overflow checks on).
 #[test]
-#[ignore = "panics (overflow checks on) until src/plan/ is fixed: view() multiplies dimensions unchecked"]
 fn replacing_a_tensor_whose_dimensions_overflow() {
     let _alone = crate::alloc::alone();
     let keys = [key(9, ".base_layer.weight", 2, Fit::Exact, "BF16")];
-    assert_ok(check_adapter(CONFIG, &keys));
+    // Replacing a tensor that holds no values is valid: it is merged and served (no bytes).
+    let base = shared_base();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let adapter = write_adapter(dir.path(), &J::Raw(CONFIG.into()), &keys, 1).unwrap();
+    let mut outcome = String::new();
+    assert_ok(check(dir.path(), || {
+        let result = crate::open_and_read(base.path(), &[adapter]);
+        if let Err(err) = &result {
+            outcome = err.to_string();
+        }
+        result
+    }));
+    assert!(outcome.is_empty(), "{outcome}");
 }
 
 /// The same unchecked view, reached through trainable tokens on that tensor (the view is
 /// taken before the tensor is found not to be 2-D).
 #[test]
-#[ignore = "panics (overflow checks on) until src/plan/ is fixed: view() multiplies dimensions unchecked"]
 fn trainable_tokens_on_a_tensor_whose_dimensions_overflow() {
     let _alone = crate::alloc::alone();
     let config = r#"{"peft_type": "LORA", "r": 2, "trainable_token_indices": [1, 3]}"#;
@@ -321,7 +331,6 @@ fn index_bytes(engine: &lorafs::Engine) -> Vec<u8> {
 /// sparse (a few KiB on disk) made lorafs allocate and read all 100 MB before the JSON parser
 /// failed on its second byte: memory must follow the header's content, not its claim.
 #[test]
-#[ignore = "over-allocates until src/layout.rs is fixed: the whole declared header is read into memory before any of it is parsed"]
 fn a_claimed_header_length_is_not_read_whole() {
     let _alone = crate::alloc::alone();
     let dir = tempfile::tempdir().unwrap();

@@ -174,6 +174,30 @@ fn tensor_named_twice_in_a_header() {
     );
 }
 
+/// Only spaces may follow the header's JSON (the writer's padding), as the safetensors
+/// crate's own reader requires: the header is parsed as it is read, and the parser stops
+/// at the first byte that is not JSON.
+#[test]
+fn bytes_after_the_header_json() {
+    fails(
+        |base, _| {
+            let file = base.join("model.safetensors");
+            let bytes = std::fs::read(&file).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let text = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+            let mut json = format!("{}\0", text.trim_end()).into_bytes();
+            while !json.len().is_multiple_of(8) {
+                json.push(b' ');
+            }
+            let mut out = (json.len() as u64).to_le_bytes().to_vec();
+            out.extend(json);
+            out.extend(&bytes[8 + n..]);
+            std::fs::write(&file, out).unwrap();
+        },
+        &["model.safetensors", "header JSON: trailing characters"],
+    );
+}
+
 #[test]
 fn adapter_key_without_base_tensor() {
     fails(

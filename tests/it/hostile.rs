@@ -136,6 +136,43 @@ fn factors_that_fit_but_exceed_memory_are_refused_before_reading() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
+/// The memory check counts `V` as the kernels keep it, in 64-column panels: for the 77
+/// columns of down_proj, 128 floats per rank. Factors whose f32 copies fit the machine but
+/// whose packed `V` does not are refused before reading, instead of read until the memory
+/// runs out.
+#[test]
+fn the_memory_check_counts_the_packed_factors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("a"));
+    let spec = BaseSpec::default();
+    write_base(&base, &spec);
+    let (h, inter) = (spec.hidden, spec.inter);
+    assert!(inter > 64 && inter < 128, "one full panel and a padded one");
+    // f32 A and B: r·(inter + h)·4 bytes, below the memory; packed: r·(128 + h)·4, above.
+    let r = (physical_memory() / ((inter + h + 25) as u64 * 4)) as usize;
+    assert!((r * (inter + h) * 4) as u64 <= physical_memory());
+    assert!((r * (128 + h) * 4) as u64 > physical_memory());
+    let m = "model.layers.0.mlp.down_proj";
+    sparse_adapter(
+        &adapter,
+        &[
+            (format!("{P}{m}.lora_A.weight"), [r, inter]),
+            (format!("{P}{m}.lora_B.weight"), [h, r]),
+        ],
+    );
+    let (ok, err, took) = run_limited(&[
+        "inspect".as_ref(),
+        base.as_os_str(),
+        "--adapter".as_ref(),
+        adapter.as_os_str(),
+    ]);
+    assert!(!ok);
+    for want in ["adapter_model.safetensors", "more than this machine's"] {
+        assert!(err.contains(want), "{want:?} not in {err}");
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
 /// `materialize BASE OUT --adapter ARG...` fails with one line containing every `expect`,
 /// and leaves nothing beside the inputs.
 fn refused(dir: &Path, adapters: &[OsString], expect: &[&str]) {
