@@ -10,6 +10,7 @@
 //! absolute byte range. Every size computed from a header is overflow-checked.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
