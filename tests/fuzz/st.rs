@@ -223,7 +223,11 @@ impl StFile {
         // cleared, which keeps each F16, BF16 and F32 exponent below its all-ones value
         // (values finite, |x| < 2) and lets the merge itself be reached; one seed in eight
         // keeps the raw bits.
-        let mask = if self.seed % 8 == 0 { 0xff } else { 0xbf };
+        let mask = if self.seed.is_multiple_of(8) {
+            0xff
+        } else {
+            0xbf
+        };
         bytes.extend((0..real).map(|_| {
             // xorshift: cheap.
             x ^= x << 13;
