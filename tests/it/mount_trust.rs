@@ -531,3 +531,83 @@ fn mount_returns_when_the_server_logs_more_than_a_pipe_holds_before_it_is_ready(
         std::fs::read(base.join("config.json")).unwrap()
     );
 }
+
+/// Kill the background servers whose command line names `mnt` (a server that never got
+/// ready has no stats file to give its pid).
+fn kill_servers_of(mnt: &Path) {
+    let needle = mnt.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.split(|&b| b == 0).any(|arg| arg == needle) {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_log_file_that_cannot_be_opened_fails_the_mount_at_once() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let (base, adapter, mnt) = (
+        tmp.path().join("base"),
+        tmp.path().join("adapter"),
+        tmp.path().join("mnt"),
+    );
+    write_base(&base, &spec);
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, ""));
+    std::fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::symlink(&mnt, tmp.path().join("link")).unwrap();
+    let fifo = tmp.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let cases = [
+        (mnt.join("log.txt"), "is inside the mount point"),
+        (tmp.path().join("link/log.txt"), "is inside the mount point"),
+        // Opening a FIFO nobody reads used to block for ever after mounting.
+        (fifo, "cannot open log file"),
+        (tmp.path().join("missing/log.txt"), "cannot open log file"),
+    ];
+    for (log, why) in cases {
+        let mut mount = Command::new(lorafs_bin())
+            .arg("mount")
+            .arg(&base)
+            .arg(&mnt)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--log-file")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while mount.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(30) {
+                // The server waits on a lookup in its own mount that it will never serve.
+                kill_servers_of(&mnt);
+                mount.kill().unwrap();
+                let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+                panic!("{}: `lorafs mount` hangs", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = mount.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: mounted", log.display());
+        assert!(
+            err.contains(why) && err.contains(&*log.to_string_lossy()),
+            "{}: {err}",
+            log.display()
+        );
+        assert!(!crate::mount::is_mounted(&mnt.canonicalize().unwrap()));
+        assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0, "{err}");
+    }
+}
