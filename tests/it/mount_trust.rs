@@ -611,3 +611,53 @@ fn a_log_file_that_cannot_be_opened_fails_the_mount_at_once() {
         assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0, "{err}");
     }
 }
+
+#[test]
+fn a_source_closed_by_chmod_after_mounting_is_not_served_from_the_page_cache() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let base = tmp.path().join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    let notes = write_file(&base, "notes.txt", 0o644);
+    let args = shared_adapter_args(tmp.path());
+    let weights = tmp.path().join("adapter/adapter_model.safetensors");
+    for (path, mode) in [
+        (base.join("config.json"), 0o644),
+        (base.join("model.safetensors"), 0o644),
+        (tmp.path().join("adapter"), 0o755),
+        (tmp.path().join("adapter/adapter_config.json"), 0o644),
+        (weights.clone(), 0o644),
+    ] {
+        chmod(&path, mode);
+    }
+    let guard = MountGuard::new(&base, &tmp.path().join("mnt"), &args);
+    let (m_notes, m_model) = (
+        guard.mountpoint.join("notes.txt"),
+        guard.mountpoint.join("model.safetensors"),
+    );
+    // Read whole, so that the kernel's page cache holds both files.
+    let merged = std::fs::read(&m_model).unwrap();
+    assert_eq!(read_as_nobody(&m_notes).unwrap(), b"notes.txt\n");
+    assert_eq!(read_as_nobody(&m_model).unwrap(), merged);
+
+    // Their owners close them; the served modes are those stat'ed at mount time.
+    chmod(&notes, 0o600);
+    chmod(&weights, 0o600);
+    for path in [&m_notes, &m_model] {
+        match read_as_nobody(path) {
+            Ok(_) => panic!("nobody read {} once its source was 0600", path.display()),
+            Err(err) => assert!(err.contains("Input/output error"), "{err}"),
+        }
+        let err = std::fs::read(path).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{}", path.display());
+    }
+    assert_eq!(
+        std::fs::read(guard.mountpoint.join("config.json")).unwrap(),
+        std::fs::read(base.join("config.json")).unwrap(),
+        "files whose sources did not change are still served"
+    );
+}
