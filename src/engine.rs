@@ -297,6 +297,19 @@ impl Engine {
         Ok(len)
     }
 
+    /// Fails if a file that file `file` is made from changed since lorafs opened it, looking
+    /// now (one `fstat` each): the mount asks at every open, since reads served from the
+    /// kernel's page cache never reach [`Engine::read_at`], and a `chmod` of the source
+    /// must close the file to those it no longer lets in.
+    pub fn check_sources(&self, file: usize) -> Result<()> {
+        let vf = self.files.get(file).ok_or(Error::NoSuchFile(file))?;
+        vf.base.check()?;
+        for input in self.adapter_sources(vf) {
+            input.check()?;
+        }
+        Ok(())
+    }
+
     /// Fails if a file `vf` is made from was seen changed (no system call).
     fn sources_unchanged(&self, vf: &VirtualFile) -> Result<()> {
         vf.base.unchanged()?;

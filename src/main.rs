@@ -267,6 +267,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lorafs::fuse::init_server_process();
             // Validate everything before mounting, so a bad input mounts nothing.
             lorafs::fuse::check_mountpoint(&mountpoint)?;
+            // Opened now, before the mount exists: a path that leads into the mount would
+            // otherwise be looked up through it before it serves, and never answered.
+            let log = match (daemon_child, &log_file) {
+                (true, Some(path)) => Some(open_log_file(path, &mountpoint)?),
+                _ => None,
+            };
             one_malloc_arena();
             let engine = std::sync::Arc::new(inputs.open(MOUNT_CACHE)?);
             let warm = match warm {
@@ -282,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             lorafs::fuse::mount(engine, &mountpoint, &options, || {
                 if daemon_child {
-                    detach_from_parent(log_file.as_deref());
+                    detach_from_parent(log.as_ref());
                 }
             })?;
         }
@@ -427,22 +433,63 @@ impl StderrTail {
     }
 }
 
+/// The background server's `--log-file`, opened for appending before anything is mounted.
+/// A path inside the mount point is refused (once mounted, it would be a file of the
+/// read-only mount, or hidden under it), and a FIFO without a reader fails instead of
+/// blocking the open for ever.
+fn open_log_file(path: &Path, mountpoint: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let inside = |dir: &Path| {
+        let dir = dir.canonicalize().ok();
+        dir.zip(mountpoint.canonicalize().ok())
+            .is_some_and(|(dir, mnt)| dir.starts_with(mnt))
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if inside(parent) || inside(path) {
+        anyhow::bail!(
+            "log file {} is inside the mount point {}: name one outside it",
+            path.display(),
+            mountpoint.display()
+        );
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot open log file {}", path.display()))?;
+    // Writes block as usual once open (a FIFO's reader that is slow holds back the log).
+    // SAFETY: F_GETFL/F_SETFL on a descriptor owned by `file`, which outlives the calls.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
 /// In the background server, once mounted: point stderr at the log file (or /dev/null), tell
 /// the parent, then point stdout there too, so the server never writes to a pipe whose
 /// reader has gone (or stopped reading).
-fn detach_from_parent(log_file: Option<&Path>) {
+fn detach_from_parent(log: Option<&std::fs::File>) {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
-    let target = match log_file {
-        Some(path) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path),
-        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    let null = match log {
+        Some(_) => None,
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .ok(),
     };
     let redirect = |fd: i32| {
-        if let Ok(file) = &target {
+        if let Some(file) = log.or(null.as_ref()) {
             // SAFETY: dup2 onto a standard descriptor with a descriptor we own; `file` stays
             // open for the duration of the call.
             unsafe { libc::dup2(file.as_raw_fd(), fd) };

@@ -295,9 +295,18 @@ impl Filesystem for LorafsFs {
             }
             match self.node(ino).map(|n| &n.kind) {
                 // The content never changes while mounted: keep the page cache across opens.
-                Some(NodeKind::File { .. }) => {
-                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-                }
+                // Pages cached from a source since changed (a write, or a `chmod` closing it
+                // to this reader) are not served: the open fails, as a read would.
+                Some(NodeKind::File { file }) => match self.engine.check_sources(*file) {
+                    Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Err(err) => {
+                        log::debug!(
+                            "open of {} refused: {err}",
+                            self.engine.files[*file].rel.display()
+                        );
+                        reply.error(Errno::from_i32(err.errno()))
+                    }
+                },
                 Some(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
                 None => reply.error(Errno::ENOENT),
             }

@@ -531,3 +531,133 @@ fn mount_returns_when_the_server_logs_more_than_a_pipe_holds_before_it_is_ready(
         std::fs::read(base.join("config.json")).unwrap()
     );
 }
+
+/// Kill the background servers whose command line names `mnt` (a server that never got
+/// ready has no stats file to give its pid).
+fn kill_servers_of(mnt: &Path) {
+    let needle = mnt.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.split(|&b| b == 0).any(|arg| arg == needle) {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_log_file_that_cannot_be_opened_fails_the_mount_at_once() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let (base, adapter, mnt) = (
+        tmp.path().join("base"),
+        tmp.path().join("adapter"),
+        tmp.path().join("mnt"),
+    );
+    write_base(&base, &spec);
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, ""));
+    std::fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::symlink(&mnt, tmp.path().join("link")).unwrap();
+    let fifo = tmp.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let cases = [
+        (mnt.join("log.txt"), "is inside the mount point"),
+        (tmp.path().join("link/log.txt"), "is inside the mount point"),
+        // Opening a FIFO nobody reads used to block for ever after mounting.
+        (fifo, "cannot open log file"),
+        (tmp.path().join("missing/log.txt"), "cannot open log file"),
+    ];
+    for (log, why) in cases {
+        let mut mount = Command::new(lorafs_bin())
+            .arg("mount")
+            .arg(&base)
+            .arg(&mnt)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--log-file")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while mount.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(30) {
+                // The server waits on a lookup in its own mount that it will never serve.
+                kill_servers_of(&mnt);
+                mount.kill().unwrap();
+                let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+                panic!("{}: `lorafs mount` hangs", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = mount.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: mounted", log.display());
+        assert!(
+            err.contains(why) && err.contains(&*log.to_string_lossy()),
+            "{}: {err}",
+            log.display()
+        );
+        assert!(!crate::mount::is_mounted(&mnt.canonicalize().unwrap()));
+        assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0, "{err}");
+    }
+}
+
+#[test]
+fn a_source_closed_by_chmod_after_mounting_is_not_served_from_the_page_cache() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let base = tmp.path().join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    let notes = write_file(&base, "notes.txt", 0o644);
+    let args = shared_adapter_args(tmp.path());
+    let weights = tmp.path().join("adapter/adapter_model.safetensors");
+    for (path, mode) in [
+        (base.join("config.json"), 0o644),
+        (base.join("model.safetensors"), 0o644),
+        (tmp.path().join("adapter"), 0o755),
+        (tmp.path().join("adapter/adapter_config.json"), 0o644),
+        (weights.clone(), 0o644),
+    ] {
+        chmod(&path, mode);
+    }
+    let guard = MountGuard::new(&base, &tmp.path().join("mnt"), &args);
+    let (m_notes, m_model) = (
+        guard.mountpoint.join("notes.txt"),
+        guard.mountpoint.join("model.safetensors"),
+    );
+    // Read whole, so that the kernel's page cache holds both files.
+    let merged = std::fs::read(&m_model).unwrap();
+    assert_eq!(read_as_nobody(&m_notes).unwrap(), b"notes.txt\n");
+    assert_eq!(read_as_nobody(&m_model).unwrap(), merged);
+
+    // Their owners close them; the served modes are those stat'ed at mount time.
+    chmod(&notes, 0o600);
+    chmod(&weights, 0o600);
+    for path in [&m_notes, &m_model] {
+        match read_as_nobody(path) {
+            Ok(_) => panic!("nobody read {} once its source was 0600", path.display()),
+            Err(err) => assert!(err.contains("Input/output error"), "{err}"),
+        }
+        let err = std::fs::read(path).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{}", path.display());
+    }
+    assert_eq!(
+        std::fs::read(guard.mountpoint.join("config.json")).unwrap(),
+        std::fs::read(base.join("config.json")).unwrap(),
+        "files whose sources did not change are still served"
+    );
+}
