@@ -113,6 +113,9 @@ impl Identity {
 #[derive(Debug)]
 pub struct InputFile {
     pub path: PathBuf,
+    /// For a file opened at each read: `path` with every symbolic link resolved when lorafs
+    /// opened it, opened without following any link since (see [`InputFile::lazy`]).
+    resolved: PathBuf,
     identity: Identity,
     /// The descriptor held from open, or `None` for a file opened at each read.
     held: Option<File>,
@@ -138,6 +141,7 @@ impl InputFile {
         }
         Ok(InputFile {
             path: path.to_path_buf(),
+            resolved: path.to_path_buf(),
             identity: recorded.unwrap_or(now),
             held: Some(file),
             direct: OnceLock::new(),
@@ -146,10 +150,13 @@ impl InputFile {
     }
 
     /// A file opened at each read, whose identity was taken before anything was read from
-    /// its path.
+    /// its path. Its links are resolved now, and later opens follow none: a link put in
+    /// its place afterwards (say, into the mount itself, where the server would wait on
+    /// its own request for ever) is a change, not a path to take.
     pub fn lazy(path: &Path, identity: Identity) -> InputFile {
         InputFile {
             path: path.to_path_buf(),
+            resolved: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
             identity,
             held: None,
             direct: OnceLock::new(),
@@ -174,7 +181,7 @@ impl InputFile {
         let file = match &self.held {
             Some(file) => file,
             None => {
-                opened = open_file(&self.path)?;
+                opened = self.open_again()?;
                 &opened
             }
         };
@@ -200,7 +207,36 @@ impl InputFile {
         self.unchanged()?;
         match &self.held {
             Some(file) => self.verify(file),
-            None => self.verify(&open_file(&self.path)?),
+            None => self.verify(&self.open_again()?),
+        }
+    }
+
+    /// Open a file that is opened at each read: its resolved path, following no symbolic
+    /// link (`openat2` with `RESOLVE_NO_SYMLINKS`). Where the kernel has no `openat2`
+    /// (before Linux 5.6, or a sandbox that forbids it), the path is opened as given.
+    fn open_again(&self) -> Result<File> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        match openat2(
+            CWD,
+            &self.resolved,
+            flags,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        ) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => open_file(&self.path),
+            Err(rustix::io::Errno::LOOP) => {
+                let what = format!(
+                    "a symbolic link now stands on {} (or a directory above it)",
+                    self.resolved.display()
+                );
+                if self.changed.set(what.clone()).is_ok() {
+                    log::error!("{}", self.changed_error(what.clone()));
+                }
+                Err(self.changed_error(what))
+            }
+            Err(e) => Err(open_error(&self.resolved, e.into())),
         }
     }
 
@@ -264,20 +300,23 @@ pub fn open_regular(path: &Path) -> Result<File> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EMFILE) {
-                let what = "too many open files: raise `ulimit -n`";
-                Error::io(path, io::Error::new(e.kind(), what))
-            } else {
-                Error::io(path, e)
-            }
-        })?;
+        .map_err(|e| open_error(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         let what = "is not a regular file (a device, FIFO or socket); lorafs reads only files";
         return Err(Error::io(path, io::Error::other(what)));
     }
     Ok(file)
+}
+
+/// An open that failed; running out of descriptors says what to do about it.
+fn open_error(path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::EMFILE) {
+        let what = "too many open files: raise `ulimit -n`";
+        Error::io(path, io::Error::new(e.kind(), what))
+    } else {
+        Error::io(path, e)
+    }
 }
 
 /// The whole of a small regular file (a JSON config or index, a ref), refused without
@@ -481,6 +520,35 @@ mod tests {
             err.to_string().contains("replaced by another file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_link_put_in_place_of_a_lazy_file_is_not_followed() {
+        // The link could lead anywhere, the mount itself included (where the server would
+        // wait on its own request): it is a change, whatever it points to.
+        let dir = tempdir();
+        let linked = dir.path().join("linked");
+        std::fs::write(&linked, vec![1u8; 1000]).unwrap();
+        // A link in place when lorafs opens the file is resolved then (a Hugging Face
+        // snapshot links into blobs/), and read through afterwards.
+        let snapshot = dir.path().join("snapshot");
+        std::os::unix::fs::symlink(&linked, &snapshot).unwrap();
+        let lazy = InputFile::lazy(&snapshot, Identity::of_path(&snapshot).unwrap());
+        let mut buf = vec![0u8; 1000];
+        lazy.read_exact_at(&mut buf, 0, false).unwrap();
+        assert_eq!(buf, vec![1u8; 1000]);
+        // The same file, reached through a link put in its place: refused, for good.
+        let path = dir.path().join("data");
+        std::fs::rename(&linked, &path).unwrap();
+        std::os::unix::fs::symlink(&path, &linked).unwrap();
+        let err = lazy.read_exact_at(&mut buf, 0, false).unwrap_err();
+        assert!(
+            err.to_string().contains("symbolic link now stands"),
+            "{err}"
+        );
+        std::fs::remove_file(&linked).unwrap();
+        std::fs::rename(&path, &linked).unwrap();
+        assert!(lazy.check().is_err(), "a change is for good");
     }
 
     #[test]
