@@ -14,7 +14,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::fsops::{exchange, remove_tree, rename_noreplace};
@@ -306,7 +306,9 @@ pub(super) fn sweep(target: &Target) {
     }
 }
 
-/// The marker in an owner file, if it is a regular file (not a link) holding a valid one.
+/// The marker in an owner file, if it is a regular file (not a link) of this user holding a
+/// valid one. Another user's marker is never acted on: anyone who may write beside OUT could
+/// plant one, with a dead pid, to have this run remove or move what its names hold.
 fn read_marker(path: &Path) -> Option<Marker> {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -315,7 +317,10 @@ fn read_marker(path: &Path) -> Option<Marker> {
         .open(path)
         .ok()?;
     let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() > MARKER_MAX {
+    if !meta.is_file()
+        || meta.len() > MARKER_MAX
+        || meta.uid() != rustix::process::geteuid().as_raw()
+    {
         return None;
     }
     let mut text = String::new();

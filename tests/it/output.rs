@@ -435,6 +435,12 @@ fn a_killed_run_is_removed_by_the_next_one_and_nothing_else_is() {
     kill(&killed.0, libc::SIGKILL);
     killed.0.wait().unwrap();
     assert!(killed_dir.exists() && owner(&killed_dir).exists());
+    // A killed run's names whose marker another user owns (as one planted beside OUT by
+    // someone who may write there would be): never acted on.
+    let (mut foreign, foreign_dir) = start();
+    kill(&foreign.0, libc::SIGKILL);
+    foreign.0.wait().unwrap();
+    std::os::unix::fs::lchown(owner(&foreign_dir), Some(65534), Some(65534)).unwrap();
     let unmarked = tmp.path().join(".out.lorafs-ABCDEFGHIJ");
     std::fs::create_dir(&unmarked).unwrap();
     std::fs::write(unmarked.join("someone's.txt"), b"x").unwrap();
@@ -454,6 +460,12 @@ fn a_killed_run_is_removed_by_the_next_one_and_nothing_else_is() {
         "a running run's files are kept"
     );
     assert!(unmarked.join("someone's.txt").exists() && bad_marker.exists());
+    assert!(
+        foreign_dir.exists() && owner(&foreign_dir).exists(),
+        "another user's marker is not acted on"
+    );
+    std::fs::remove_dir_all(&foreign_dir).unwrap();
+    std::fs::remove_file(owner(&foreign_dir)).unwrap();
 
     drop(stopped);
     let (ok, _, err) = materialize_from(tmp.path(), &small_base, &out, &small_a, true);
