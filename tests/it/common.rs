@@ -491,3 +491,26 @@ pub fn materialize_lib(base: &Path, adapters: &[(&Path, f64)], out: &Path) -> lo
     .unwrap();
     engine
 }
+
+/// Run `lorafs materialize BASE OUT --adapter ...` in `dir`: it must fail with one line
+/// holding every `expect`, and leave nothing named like OUT.
+pub fn refused(dir: &Path, adapters: &[std::ffi::OsString], expect: &[&str]) {
+    let out = dir.join("out");
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["materialize".into(), dir.join("base").into(), out.into()];
+    for a in adapters {
+        args.extend(["--adapter".into(), a.clone()]);
+    }
+    let (ok, _, err) = run_lorafs(&args);
+    assert!(!ok, "accepted: {expect:?}");
+    for e in expect {
+        assert!(err.contains(e), "{e:?} not in {err}");
+    }
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("out"))
+        .collect();
+    assert!(left.is_empty(), "nothing written: {left:?}");
+}

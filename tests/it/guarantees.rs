@@ -11,28 +11,6 @@ use crate::common::*;
 
 const Q: &str = "model.layers.0.self_attn.q_proj";
 
-/// Run `lorafs materialize BASE OUT --adapter ...` in `dir`: it must fail with one line
-/// holding every `expect`, and leave nothing named like OUT.
-fn refused(dir: &Path, adapters: &[OsString], expect: &[&str]) {
-    let out = dir.join("out");
-    let mut args: Vec<OsString> = vec!["materialize".into(), dir.join("base").into(), out.into()];
-    for a in adapters {
-        args.extend(["--adapter".into(), a.clone()]);
-    }
-    let (ok, _, err) = run_lorafs(&args);
-    assert!(!ok, "accepted: {expect:?}");
-    for e in expect {
-        assert!(err.contains(e), "{e:?} not in {err}");
-    }
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    let left: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("out"))
-        .collect();
-    assert!(left.is_empty(), "nothing written: {left:?}");
-}
-
 /// Rewrite one tensor of an adapter's weights file with `values`.
 fn set_values(adapter: &Path, key: &str, values: impl Fn(usize) -> f64) {
     let path = adapter.join("adapter_model.safetensors");

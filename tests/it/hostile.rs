@@ -173,28 +173,6 @@ fn the_memory_check_counts_the_packed_factors() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
-/// `materialize BASE OUT --adapter ARG...` fails with one line containing every `expect`,
-/// and leaves nothing beside the inputs.
-fn refused(dir: &Path, adapters: &[OsString], expect: &[&str]) {
-    let out = dir.join("out");
-    let mut args: Vec<OsString> = vec!["materialize".into(), dir.join("base").into(), out.into()];
-    for a in adapters {
-        args.extend(["--adapter".into(), a.clone()]);
-    }
-    let (ok, _, err) = run_lorafs(&args);
-    assert!(!ok, "accepted: {expect:?}");
-    for e in expect {
-        assert!(err.contains(e), "{e:?} not in {err}");
-    }
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    let left: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("out"))
-        .collect();
-    assert!(left.is_empty(), "nothing written: {left:?}");
-}
-
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let path = dir.join("adapter_config.json");
     let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
