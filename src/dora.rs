@@ -77,37 +77,30 @@ pub fn merge(
 mod tests {
     use super::*;
 
-    #[test]
-    fn one_dora_term_rescales_rows_to_the_magnitude() {
-        // W = [[3, 0], [0, 1]], Δ = 0 (U = 0): rows scaled to norms m = [2, 5].
+    /// `Δ = 0` on a 2×2 F32 `W` (given row-major) with one DoRA term of magnitudes [2, 5].
+    fn merge_zero_delta(w: [f32; 4]) -> (Result<(), usize>, Vec<f32>) {
         let f = Factors::new(2, 1, 2, vec![0.0, 0.0], vec![1.0, 1.0]);
         let groups = [DoraGroup {
             offset: 0,
             rank: 1,
             magnitude: Some(vec![2.0, 5.0]),
         }];
-        let mut data = Vec::new();
-        for x in [3f32, 0.0, 0.0, 1.0] {
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        merge(DType::F32, &f, &groups, 0, &mut data).unwrap();
-        let out: Vec<f32> = (0..4).map(|i| DType::F32.load(&data, i)).collect();
+        let mut data: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let result = merge(DType::F32, &f, &groups, 0, &mut data);
+        (result, (0..4).map(|i| DType::F32.load(&data, i)).collect())
+    }
+
+    #[test]
+    fn one_dora_term_rescales_rows_to_the_magnitude() {
+        // W = [[3, 0], [0, 1]]: rows scaled to norms m = [2, 5].
+        let (result, out) = merge_zero_delta([3.0, 0.0, 0.0, 1.0]);
+        assert_eq!(result, Ok(()));
         assert_eq!(out, vec![2.0, 0.0, 0.0, 5.0]);
     }
 
     #[test]
     fn a_row_whose_norm_is_zero_is_refused_not_merged_into_nan() {
-        // W row 1 = [0, 0] and Δ = 0: m / ‖0‖ is undefined (PEFT: NaN).
-        let f = Factors::new(2, 1, 2, vec![0.0, 0.0], vec![1.0, 1.0]);
-        let groups = [DoraGroup {
-            offset: 0,
-            rank: 1,
-            magnitude: Some(vec![2.0, 5.0]),
-        }];
-        let mut data = Vec::new();
-        for x in [3f32, 0.0, 0.0, 0.0] {
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        assert_eq!(merge(DType::F32, &f, &groups, 0, &mut data), Err(1));
+        // W row 1 = [0, 0]: m / ‖0‖ is undefined (PEFT: NaN).
+        assert_eq!(merge_zero_delta([3.0, 0.0, 0.0, 0.0]).0, Err(1));
     }
 }
