@@ -23,9 +23,8 @@ use crate::kernel::Kernel;
 use crate::model::{BaseModel, INDEX_FILE};
 use crate::plan::{Input, MergePlan, TensorMerge, TermKind, WSource};
 
-/// The files of an adapter directory the plan is read from: config first, then weights
-/// (the names `Adapter::load` reads).
-const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+/// The files of an adapter directory the plan is read from.
+const ADAPTER_FILES: [&str; 2] = [Adapter::CONFIG_FILE, Adapter::WEIGHTS_FILE];
 
 /// Merged blocks hold whole rows, about this many bytes: big enough that per-block overhead
 /// (a cache lookup, one `pread`) is small next to the merge, small enough that a 128 KiB
@@ -163,7 +162,7 @@ impl Engine {
         let adapter_configs = plan
             .adapters
             .iter()
-            .map(|a| open_recorded(&a.dir.join(ADAPTER_FILES[0])))
+            .map(|a| open_recorded(&a.dir.join(Adapter::CONFIG_FILE)))
             .collect::<Result<Vec<_>>>()?;
         let mut files = Vec::with_capacity(base.files.len());
         // Change of the safetensors files' data (tensor bytes): a resized tensor changes it.

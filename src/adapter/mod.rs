@@ -137,6 +137,11 @@ const READ_CHUNK: usize = 1 << 20;
 
 impl Adapter {
     /// Read the config and the table of tensors of an adapter directory; no tensor data.
+    /// The config's file name in an adapter directory.
+    pub const CONFIG_FILE: &'static str = "adapter_config.json";
+    /// The weights' file name in an adapter directory.
+    pub const WEIGHTS_FILE: &'static str = "adapter_model.safetensors";
+
     pub fn load(dir: &Path, weight: f64) -> Result<Adapter> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -144,7 +149,7 @@ impl Adapter {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
             ));
         }
-        let config_path = dir.join("adapter_config.json");
+        let config_path = dir.join(Adapter::CONFIG_FILE);
         let config = AdapterConfig::load(&config_path)?;
         let file = weights_file(dir)?;
         let layout = Layout::open(&file)?;
@@ -257,7 +262,7 @@ fn short(x: f64) -> String {
 
 /// `adapter_model.safetensors` of an adapter directory; a pickle is refused.
 fn weights_file(dir: &Path) -> Result<PathBuf> {
-    let file = dir.join("adapter_model.safetensors");
+    let file = dir.join(Adapter::WEIGHTS_FILE);
     if file.exists() {
         return Ok(file);
     }
