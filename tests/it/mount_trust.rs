@@ -164,6 +164,20 @@ fn the_mount_serves_its_sources_modes_and_owners_and_the_kernel_enforces_them() 
 }
 
 /// `dir/name` holding its name and a newline, with `mode`.
+/// A temporary directory holding a default base at `base/`, both open to everyone (0755),
+/// or `None` where mounting is impossible.
+fn open_base() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !can_mount() {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let base = tmp.path().join("base");
+    write_base(&base, &BaseSpec::default());
+    chmod(&base, 0o755);
+    Some((tmp, base))
+}
+
 fn write_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, format!("{name}\n")).unwrap();
@@ -223,14 +237,9 @@ fn a_base_inside_a_closed_directory_is_closed_through_the_mount() {
 
 #[test]
 fn links_into_closed_directories_are_closed_through_the_mount() {
-    if !can_mount() {
+    let Some((tmp, base)) = open_base() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    chmod(tmp.path(), 0o755);
-    let base = tmp.path().join("base");
-    write_base(&base, &BaseSpec::default());
-    chmod(&base, 0o755);
+    };
     let dir = |path: PathBuf, mode: u32, group: Option<u32>| {
         std::fs::create_dir_all(&path).unwrap();
         std::os::unix::fs::chown(&path, None, group).unwrap();
@@ -385,14 +394,9 @@ fn refuse_by_acl(path: &Path, uid: u32) {
 
 #[test]
 fn an_acl_that_refuses_a_user_refuses_them_through_the_mount() {
-    if !can_mount() {
+    let Some((tmp, base)) = open_base() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    chmod(tmp.path(), 0o755);
-    let base = tmp.path().join("base");
-    write_base(&base, &BaseSpec::default());
-    chmod(&base, 0o755);
+    };
     let plain = write_file(&base, "plain.txt", 0o644);
     let refused = write_file(&base, "refused.txt", 0o644);
     refuse_by_acl(&refused, 65534);
@@ -614,14 +618,9 @@ fn a_log_file_that_cannot_be_opened_fails_the_mount_at_once() {
 
 #[test]
 fn a_source_closed_by_chmod_after_mounting_is_not_served_from_the_page_cache() {
-    if !can_mount() {
+    let Some((tmp, base)) = open_base() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    chmod(tmp.path(), 0o755);
-    let base = tmp.path().join("base");
-    write_base(&base, &BaseSpec::default());
-    chmod(&base, 0o755);
+    };
     let notes = write_file(&base, "notes.txt", 0o644);
     let args = shared_adapter_args(tmp.path());
     let weights = tmp.path().join("adapter/adapter_model.safetensors");
