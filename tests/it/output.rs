@@ -70,6 +70,12 @@ fn run_files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Nothing of a run (temporary tree, owner file) is left in `dir`.
+fn assert_no_run_files(dir: &Path) {
+    let left = run_files(dir);
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Wait until the temporary directory of `child`, a run writing `dir/out`, appears (one
 /// not in `before`, the [`run_files`] of `dir` before it started); returns it.
 fn wait_for_run_dir(dir: &Path, before: &[String], child: &mut Child) -> PathBuf {
@@ -289,11 +295,7 @@ fn an_output_created_during_the_run_is_left_alone() {
         std::fs::read(out.join("theirs.txt")).unwrap(),
         b"someone else's"
     );
-    assert!(
-        run_files(tmp.path()).is_empty(),
-        "{:?}",
-        run_files(tmp.path())
-    );
+    assert_no_run_files(tmp.path());
 }
 
 #[test]
@@ -314,21 +316,13 @@ fn force_replaces_a_directory_or_file_and_leaves_nothing_beside() {
     assert!(out.join("model.safetensors").exists());
     assert_eq!(std::fs::read(&outside).unwrap(), b"linked to, not removed");
     assert!(base.join("model.safetensors").exists() && a.exists());
-    assert!(
-        run_files(tmp.path()).is_empty(),
-        "{:?}",
-        run_files(tmp.path())
-    );
+    assert_no_run_files(tmp.path());
 
     let file_out = tmp.path().join("file-out");
     std::fs::write(&file_out, b"a file").unwrap();
     let (ok, _, err) = materialize_from(tmp.path(), &base, &file_out, &a, true);
     assert!(ok && file_out.join("config.json").exists(), "{err}");
-    assert!(
-        run_files(tmp.path()).is_empty(),
-        "{:?}",
-        run_files(tmp.path())
-    );
+    assert_no_run_files(tmp.path());
 }
 
 #[test]
@@ -565,9 +559,5 @@ fn a_crash_between_the_two_renames_of_force_puts_the_old_output_back() {
         std::fs::read(out.join("old.txt")).unwrap(),
         b"the old output"
     );
-    assert!(
-        run_files(tmp.path()).is_empty(),
-        "{:?}",
-        run_files(tmp.path())
-    );
+    assert_no_run_files(tmp.path());
 }
