@@ -514,3 +514,15 @@ pub fn refused(dir: &Path, adapters: &[std::ffi::OsString], expect: &[&str]) {
         .collect();
     assert!(left.is_empty(), "nothing written: {left:?}");
 }
+
+/// A temporary directory with a default base at `base/` and a rank-4 adapter on the
+/// `q_proj` layers at `a/`: (the directory, the base's spec, base, adapter).
+pub fn small_model() -> (tempfile::TempDir, BaseSpec, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let base = tmp.path().join("base");
+    write_base(&base, &spec);
+    let adapter = tmp.path().join("a");
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    (tmp, spec, base, adapter)
+}

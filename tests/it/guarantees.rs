@@ -146,12 +146,7 @@ fn inspect(base: &Path, adapter: &Path) -> (bool, String, std::time::Duration) {
 #[test]
 fn a_base_whose_links_reach_a_directory_twice_is_refused_at_once() {
     use std::os::unix::fs::symlink;
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = BaseSpec::default();
-    let base = tmp.path().join("base");
-    write_base(&base, &spec);
-    let adapter = tmp.path().join("a");
-    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    let (tmp, _, base, adapter) = small_model();
     // Two links per level to the next level: 2^24 paths to one file, no loop, each path
     // within the kernel's 40 links. The walk followed every path: minutes and gigabytes.
     let levels = 24;
@@ -192,12 +187,7 @@ fn a_base_whose_links_reach_a_directory_twice_is_refused_at_once() {
 #[test]
 fn a_full_or_closed_stdout_is_an_error_or_nothing_never_a_panic() {
     use std::process::{Command, Stdio};
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = BaseSpec::default();
-    let base = tmp.path().join("base");
-    write_base(&base, &spec);
-    let adapter = tmp.path().join("a");
-    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    let (tmp, _, base, adapter) = small_model();
     let inspect = || {
         let mut command = Command::new(lorafs_bin());
         command.args(["inspect".as_ref(), base.as_os_str(), "--adapter".as_ref()]);
@@ -242,12 +232,7 @@ fn a_full_or_closed_stdout_is_an_error_or_nothing_never_a_panic() {
 
 #[test]
 fn an_output_name_up_to_the_filesystem_limit_is_written() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = BaseSpec::default();
-    let base = tmp.path().join("base");
-    write_base(&base, &spec);
-    let adapter = tmp.path().join("a");
-    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    let (tmp, _, base, adapter) = small_model();
     // Names of 231 to 255 bytes failed: the run's `.NAME.lorafs-ID.owner` was too long.
     for n in [231, 255] {
         let out = tmp.path().join("o".repeat(n));

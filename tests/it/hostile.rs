@@ -224,12 +224,7 @@ fn scales_that_are_not_finite_in_f32_are_refused() {
 
 #[test]
 fn a_weight_that_rounds_to_zero_in_f32_is_a_zero_delta() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = BaseSpec::default();
-    let base = tmp.path().join("base");
-    write_base(&base, &spec);
-    let adapter = tmp.path().join("a");
-    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
+    let (tmp, _, base, adapter) = small_model();
     let out = tmp.path().join("out");
     let (ok, _, err) = run_lorafs([
         "materialize".as_ref(),
