@@ -210,7 +210,7 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
             ))
         }
     }
-    match umount(&target, 0) {
+    match umount_retrying_busy(&target) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(io::Error::new(
@@ -254,6 +254,23 @@ fn mount_target(path: &Path) -> io::Result<PathBuf> {
         }
     }
     Err(io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// `umount(2)`, tried again for a short while when busy: a path walk that is under way
+/// (the server's own warm-up looks each file up once; a shell completing a name) holds the
+/// mount for an instant, and an unmount right after mounting should not fail for it. A file
+/// that stays open keeps it busy to the end, and that is reported.
+fn umount_retrying_busy(path: &Path) -> io::Result<()> {
+    const ATTEMPTS: u32 = 20;
+    for _ in 1..ATTEMPTS {
+        match umount(path, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            other => return other,
+        }
+    }
+    umount(path, 0)
 }
 
 fn umount(path: &Path, flags: i32) -> io::Result<()> {
