@@ -54,6 +54,16 @@ pub struct Identity {
     pub gid: u32,
 }
 
+/// The part of an [`Identity`] that names one version of a file's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
 impl Identity {
     pub fn of(meta: &Metadata) -> Identity {
         Identity {
@@ -66,6 +76,18 @@ impl Identity {
             mode: meta.mode(),
             uid: meta.uid(),
             gid: meta.gid(),
+        }
+    }
+
+    /// What tells this version of the file from any other: two files with equal versions
+    /// hold the same bytes (as far as `stat` can tell, the same test as [`InputFile`]'s).
+    pub fn version(&self) -> Version {
+        Version {
+            dev: self.dev,
+            ino: self.ino,
+            size: self.size,
+            mtime: self.mtime,
+            ctime: self.ctime,
         }
     }
 

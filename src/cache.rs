@@ -1,6 +1,6 @@
-//! A byte-bounded LRU cache of merged blocks.
+//! Byte-bounded LRU caches: of merged blocks, and of the factors they are merged with.
 //!
-//! Readers of a block that is being computed wait for that one computation instead of
+//! Readers of an entry that is being computed wait for that one computation instead of
 //! starting their own; the lock is held only to look up and insert, never while computing.
 
 use std::collections::HashMap;
@@ -11,23 +11,55 @@ use lru::LruCache;
 
 use crate::error::{Error, Result};
 
-/// (merge index in the plan, block index in the tensor). A cache belongs to one engine, whose
-/// inputs are fixed, so these ids never refer to two different contents.
+/// (recipe id, block index in the tensor; 0 for a recipe's factors). A recipe id stands for
+/// everything a tensor's bytes are computed from, file versions included (see
+/// [`crate::engine::Recipe`]), so a key never refers to two different contents.
 pub type BlockKey = (u32, u32);
 
 pub type Block = Arc<Vec<u8>>;
+
+/// What a cache holds: something that knows its size, and may give back a buffer to reuse
+/// when evicted.
+pub trait Weigh {
+    fn bytes(&self) -> usize;
+    /// The buffer to recycle for the next entry, if any.
+    fn into_spare(self) -> Option<Vec<u8>>
+    where
+        Self: Sized,
+    {
+        None
+    }
+}
+
+impl Weigh for Vec<u8> {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+    fn into_spare(self) -> Option<Vec<u8>> {
+        Some(self)
+    }
+}
+
+impl Weigh for crate::plan::Realized {
+    fn bytes(&self) -> usize {
+        crate::plan::Realized::bytes(self)
+    }
+}
+
+/// The cache of merged blocks.
+pub type BlockCache = Cache<Vec<u8>>;
 
 /// Buffers of evicted blocks kept for the next blocks, at most this many bytes (and an eighth
 /// of the budget, which covers them): a reader streaming through a model then allocates
 /// (and page-faults) nothing in steady state.
 const SPARE_BYTES: usize = 16 << 20;
 
-type Pending = Arc<OnceLock<Result<Block, Arc<Error>>>>;
+type Pending<V> = Arc<OnceLock<Result<Arc<V>, Arc<Error>>>>;
 
-struct Inner {
-    lru: LruCache<BlockKey, Block>,
+struct Inner<V> {
+    lru: LruCache<BlockKey, Arc<V>>,
     bytes: usize,
-    pending: HashMap<BlockKey, Pending>,
+    pending: HashMap<BlockKey, Pending<V>>,
     spare: Vec<Vec<u8>>,
     spare_bytes: usize,
 }
@@ -43,16 +75,16 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
 }
 
-pub struct BlockCache {
+pub struct Cache<V> {
     budget: usize,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<V>>,
     pub stats: CacheStats,
 }
 
-impl BlockCache {
-    /// A cache holding at most `budget` bytes of blocks (0 disables caching, not sharing).
-    pub fn new(budget: usize) -> BlockCache {
-        BlockCache {
+impl<V: Weigh> Cache<V> {
+    /// A cache holding at most `budget` bytes (0 disables caching, not sharing).
+    pub fn new(budget: usize) -> Cache<V> {
+        Cache {
             budget,
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
@@ -80,7 +112,7 @@ impl BlockCache {
         inner.lru.contains(&key) || inner.pending.contains_key(&key)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<V>> {
         // A panic while holding the lock cannot leave `Inner` inconsistent in a way that
         // matters (at worst a stale byte count), so recover from poisoning.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -104,12 +136,12 @@ impl BlockCache {
         buffer
     }
 
-    /// The block for `key`, computing it with `compute` if no one has it or is making it.
+    /// The entry for `key`, computing it with `compute` if no one has it or is making it.
     pub fn get_or_compute(
         &self,
         key: BlockKey,
-        compute: impl FnOnce() -> Result<Vec<u8>>,
-    ) -> Result<Block> {
+        compute: impl FnOnce() -> Result<V>,
+    ) -> Result<Arc<V>> {
         let pending = {
             let mut inner = self.lock();
             if let Some(block) = inner.lru.get(&key) {
@@ -122,7 +154,7 @@ impl BlockCache {
                     p.clone()
                 }
                 None => {
-                    let p: Pending = Arc::default();
+                    let p: Pending<V> = Arc::default();
                     inner.pending.insert(key, p.clone());
                     p
                 }
@@ -132,27 +164,29 @@ impl BlockCache {
         let result = pending.get_or_init(|| {
             computed = true;
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            compute().map(Block::new).map_err(Arc::new)
+            compute().map(Arc::new).map_err(Arc::new)
         });
         if computed {
             let mut inner = self.lock();
             inner.pending.remove(&key);
-            if let Ok(block) = result {
+            if let Ok(entry) = result {
+                let bytes = entry.bytes();
                 self.stats
                     .bytes_computed
-                    .fetch_add(block.len() as u64, Ordering::Relaxed);
-                if block.len() <= self.budget {
-                    inner.bytes += block.len();
-                    if let Some(old) = inner.lru.put(key, block.clone()) {
-                        inner.bytes -= old.len();
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                if bytes <= self.budget {
+                    inner.bytes += bytes;
+                    if let Some(old) = inner.lru.put(key, entry.clone()) {
+                        inner.bytes -= old.bytes();
                     }
                     // The budget covers cached blocks and the spare buffers together.
                     while inner.bytes + inner.spare_bytes > self.budget && inner.bytes > 0 {
                         let (_, evicted) = inner.lru.pop_lru().expect("bytes > 0 implies an entry");
-                        inner.bytes -= evicted.len();
+                        inner.bytes -= evicted.bytes();
                         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                        // Recycle the buffer unless a reader still holds the block.
-                        if let Ok(buffer) = Arc::try_unwrap(evicted) {
+                        // Recycle the buffer unless a reader still holds the entry.
+                        let spare = Arc::try_unwrap(evicted).ok().and_then(V::into_spare);
+                        if let Some(buffer) = spare {
                             let spare_max = SPARE_BYTES.min(self.budget / 8);
                             if inner.spare_bytes + buffer.capacity() <= spare_max {
                                 inner.spare_bytes += buffer.capacity();
@@ -202,7 +236,7 @@ mod tests {
 
     #[test]
     fn concurrent_readers_share_one_computation() {
-        let cache = Arc::new(BlockCache::new(1 << 20));
+        let cache: Arc<BlockCache> = Arc::new(BlockCache::new(1 << 20));
         let calls = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {

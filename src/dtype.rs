@@ -21,6 +21,23 @@ impl DType {
         }
     }
 
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F32 => safetensors::Dtype::F32,
+        }
+    }
+
+    /// The name `torch_dtype` / `dtype` has in a transformers `config.json`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,

@@ -3,26 +3,26 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::engine::Engine;
 use crate::plan::TermKind;
+use crate::view::View;
 
 /// The human-readable plan. With `tensors`, one line per merged tensor.
-pub fn report(engine: &Engine, tensors: bool) -> String {
-    let plan = &engine.plan;
+pub fn report(view: &View, tensors: bool) -> String {
+    let plan = &view.plan;
     let mut s = String::new();
-    let safetensors = engine
+    let safetensors = view
         .files
         .iter()
         .filter(|f| f.rel.extension().is_some_and(|e| e == "safetensors"));
     let _ = writeln!(
         s,
         "base      {}  ({} files, {} safetensors, {} tensors)",
-        engine.base_dir.display(),
-        engine.files.len(),
+        view.base_dir().display(),
+        view.files.len(),
         safetensors.count(),
-        engine.base_tensors
+        view.engine.base.tensors.len()
     );
-    let _ = writeln!(s, "kernel    {}", engine.kernel.name());
+    let _ = writeln!(s, "kernel    {}", view.engine.kernel.name());
     for (i, a) in plan.adapters.iter().enumerate() {
         let _ = writeln!(
             s,
@@ -100,10 +100,11 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
         for (target, n) in &f.trainable_tokens {
             let _ = writeln!(s, "  trainable tokens   {n} rows of {target}");
         }
-        for (key, target, shape, dtype) in &f.replacements {
+        for r in &f.replacements {
             let _ = writeln!(
                 s,
-                "  replaces           {target} <- {key} {dtype} {shape:?}"
+                "  replaces           {} <- {} {} {:?}",
+                r.target, r.key, r.dtype, r.shape
             );
         }
         for key in &f.tied {
@@ -120,19 +121,23 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
             );
         }
     }
-    if let Some((old, new)) = plan.vocab {
-        let files = resized_files(engine, new);
-        let _ = writeln!(s, "resized vocab {old} -> {new} ({files})");
+    if let Some(resize) = plan.vocab {
+        let files = resized_files(view, resize.merged);
+        let _ = writeln!(
+            s,
+            "resized vocab {} -> {} ({files})",
+            resize.base, resize.merged
+        );
     }
     let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
     for m in &plan.merges {
-        *per_file.entry(m.layout).or_default() += 1;
+        *per_file.entry(m.tensor.layout).or_default() += 1;
     }
     let _ = writeln!(
         s,
         "merge     {} of {} tensors in {} files; factors {:.1} MiB in memory",
         plan.merges.len(),
-        engine.base_tensors,
+        view.engine.base.tensors.len(),
         per_file.len(),
         plan.factor_bytes() as f64 / (1 << 20) as f64
     );
@@ -160,8 +165,8 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
             if let Some(r) = &m.replaced {
                 sources.push(format!("replaced by #{} {}", r.adapter + 1, r.key));
             }
-            if !m.rows.is_empty() {
-                sources.push(format!("{} token rows", m.rows.len()));
+            if m.token_rows > 0 {
+                sources.push(format!("{} token rows", m.token_rows));
             }
             sources.extend(terms);
             let _ = writeln!(
@@ -176,7 +181,7 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
     }
     // The figure PEFT's print_trainable_parameters shows (and the seed prints).
     let trainable: usize = plan.adapters.iter().map(|a| a.num_params).sum();
-    let all = engine.base_params + trainable;
+    let all = view.engine.base.num_params() + trainable;
     let _ = writeln!(
         s,
         "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
@@ -185,20 +190,20 @@ pub fn report(engine: &Engine, tensors: bool) -> String {
     s
 }
 
-/// What a resized vocabulary rewrites, read back from what the engine serves (so the report
+/// What a resized vocabulary rewrites, read back from what the view serves (so the report
 /// never claims a change that is not served): the regenerated safetensors headers, the shard
 /// index when its bytes change, and `config.json` when its served `vocab_size` is the new one.
-fn resized_files(engine: &Engine, new: usize) -> String {
+fn resized_files(view: &View, new: usize) -> String {
     let served = |name: &str| {
-        let (i, vf) = engine
+        let (i, vf) = view
             .files
             .iter()
             .enumerate()
             .find(|(_, f)| f.rel == std::path::Path::new(name))?;
         let mut bytes = vec![0u8; usize::try_from(vf.size).ok()?];
-        let n = engine.read_at(i, 0, &mut bytes).ok()?;
+        let n = view.read_at(i, 0, &mut bytes).ok()?;
         bytes.truncate(n);
-        Some((bytes, &vf.base_path))
+        Some((bytes, vf.source_path()))
     };
     let mut rewritten = vec!["safetensors headers".to_string()];
     let mut kept = String::new();

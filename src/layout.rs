@@ -135,10 +135,15 @@ impl Layout {
         })
     }
 
-    /// The header of this file with tensor `i` given shape `shapes[i]` (same dtypes, same
-    /// tensor order, same `__metadata__`), and every tensor's new absolute (offset, len).
-    /// Like the safetensors writer, the JSON is padded with spaces to a multiple of 8 bytes.
-    pub fn header_with(&self, shapes: &[Vec<usize>]) -> Result<(Vec<u8>, Vec<TensorRange>)> {
+    /// The header of this file with tensor `i` given shape `shapes[i]` and dtype
+    /// `dtypes[i]` (same tensor order, same `__metadata__`), and every tensor's new absolute
+    /// (offset, len). Like the safetensors writer, the JSON is padded with spaces to a
+    /// multiple of 8 bytes.
+    pub fn header_with(
+        &self,
+        shapes: &[Vec<usize>],
+        dtypes: &[safetensors::Dtype],
+    ) -> Result<(Vec<u8>, Vec<TensorRange>)> {
         use serde_json::{json, Map, Value};
         let old: Map<String, Value> = serde_json::from_slice(&self.header[8..])
             .map_err(|e| bad(&self.path, format!("header JSON: {e}")))?;
@@ -148,9 +153,9 @@ impl Layout {
         }
         let mut lens = Vec::with_capacity(self.tensors.len());
         let mut pos = 0usize;
-        for (t, shape) in self.tensors.iter().zip(shapes) {
+        for ((t, shape), &dtype) in self.tensors.iter().zip(shapes).zip(dtypes) {
             // Sizes stay below i64::MAX, so the change of a file's size is an i64 too.
-            let len = byte_size(shape, t.dtype)
+            let len = byte_size(shape, dtype)
                 .filter(|&len| {
                     pos.checked_add(len)
                         .is_some_and(|end| end <= i64::MAX as usize)
@@ -163,7 +168,7 @@ impl Layout {
                     )
                 })?;
             let mut entry = old.get(&t.name).cloned().unwrap_or_else(|| json!({}));
-            entry["dtype"] = serde_json::to_value(t.dtype).expect("a dtype serializes");
+            entry["dtype"] = serde_json::to_value(dtype).expect("a dtype serializes");
             entry["shape"] = json!(shape);
             entry["data_offsets"] = json!([pos, pos + len]);
             map.insert(t.name.clone(), entry);

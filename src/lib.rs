@@ -2,8 +2,9 @@
 //!
 //! The core (this crate minus [`fuse`]) knows nothing of FUSE: [`model`] and [`layout`] read
 //! the base, [`adapter`] the adapters, [`plan`] decides what changes, [`kernel`] computes it,
-//! [`cache`] keeps merged blocks, and [`engine`] serves any byte range of the merged
-//! directory. [`materialize`] writes that directory out; [`fuse`] mounts it.
+//! [`cache`] keeps merged blocks and factors, [`engine`] holds what every view of one base
+//! shares, and [`view`] serves any byte range of one merged directory. [`materialize`]
+//! writes a view out; [`fuse`] mounts views.
 
 pub mod adapter;
 pub mod cache;
@@ -17,9 +18,11 @@ pub mod layout;
 pub mod materialize;
 pub mod model;
 pub mod plan;
+pub mod view;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
+pub use view::View;
 pub mod baseio;
 pub mod fuse;
 pub mod hub;

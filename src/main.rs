@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use lorafs::materialize::{materialize, Interrupt, MaterializeOptions};
-use lorafs::{Engine, EngineOptions};
+use lorafs::{Engine, EngineOptions, View};
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +26,7 @@ enum Command {
     /// Write the merged model directory to OUT.
     Materialize {
         #[command(flatten)]
-        inputs: Inputs,
+        inputs: MergeArgs,
         /// Output directory (must not exist, unless --force). Never a symbolic link, a
         /// mount point, the current directory or one of its ancestors.
         out: PathBuf,
@@ -39,7 +39,7 @@ enum Command {
     /// ready and keeps serving in the background, unless --foreground.
     Mount {
         #[command(flatten)]
-        inputs: Inputs,
+        inputs: MergeArgs,
         /// An existing, empty directory.
         mountpoint: PathBuf,
         /// Threads serving FUSE requests.
@@ -71,7 +71,7 @@ enum Command {
     /// Show the merge plan: adapters, scales, the tensors they change.
     Inspect {
         #[command(flatten)]
-        inputs: Inputs,
+        inputs: MergeArgs,
         /// List every merged tensor.
         #[arg(long)]
         tensors: bool,
@@ -79,7 +79,7 @@ enum Command {
 }
 
 #[derive(Args)]
-struct Inputs {
+struct MergeArgs {
     /// Base model directory (config.json, tokenizer, *.safetensors), or a repo id
     /// `org/name[@revision]` already in the local Hugging Face cache.
     base: PathBuf,
@@ -98,6 +98,21 @@ struct Inputs {
     /// or never.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     direct_io: DirectIo,
+    /// Store floating tensors in this dtype: f16, bf16 or f32 (default: as in the base).
+    /// Merged tensors are still rounded once: W widened to f32, the delta added, rounded
+    /// into DTYPE. config.json says the new dtype.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
+    dtype: Option<lorafs::dtype::DType>,
+}
+
+fn parse_dtype(arg: &str) -> Result<lorafs::dtype::DType, String> {
+    use lorafs::dtype::DType;
+    match arg.to_ascii_lowercase().as_str() {
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        _ => Err(format!("unknown dtype {arg:?} (use f16, bf16 or f32)")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -130,35 +145,49 @@ fn total_ram() -> u64 {
     }
 }
 
-impl Inputs {
+impl MergeArgs {
     /// Open the engine; `default_cache` is the cache budget unless --cache-size says.
-    fn open(&self, default_cache: usize) -> anyhow::Result<Engine> {
+    /// The engine over the base (O_DIRECT chosen by the base's size).
+    fn engine(&self, default_cache: usize) -> anyhow::Result<Engine> {
         let options = EngineOptions {
             cache_bytes: self.cache_size.unwrap_or(default_cache),
+            ..EngineOptions::default()
         };
         let base = lorafs::hub::resolve(&self.base)?;
-        let adapters = self
-            .adapters
-            .iter()
-            .map(|(arg, weight)| Ok((lorafs::hub::resolve(arg)?, *weight)))
-            .collect::<lorafs::Result<Vec<_>>>()?;
-        let mut engine = Engine::open(&base, &adapters, options)?;
+        let mut engine = Engine::open(&base, options)?;
         engine.direct_base_reads = match self.direct_io {
             DirectIo::Always => true,
             DirectIo::Never => false,
-            DirectIo::Auto => engine.total_bytes() > total_ram() / 2,
+            DirectIo::Auto => engine.base_bytes() > total_ram() / 2,
         };
         if engine.direct_base_reads {
             log::info!("reading base files with O_DIRECT, around the page cache");
         }
         Ok(engine)
     }
+
+    /// The one merged model of `--adapter`, every factor read and checked.
+    fn open(&self, default_cache: usize) -> anyhow::Result<View> {
+        let engine = std::sync::Arc::new(self.engine(default_cache)?);
+        let adapters = resolve_adapters(&self.adapters)?;
+        let view = View::open(engine, &adapters, self.dtype)?;
+        view.realize_all()?;
+        Ok(view)
+    }
 }
 
-/// The input directories of an engine (resolved), which an output must not touch.
-fn inputs_of(engine: &Engine) -> Vec<&Path> {
-    std::iter::once(engine.base_dir.as_path())
-        .chain(engine.plan.adapters.iter().map(|a| a.dir.as_path()))
+/// Adapter arguments with repo ids resolved to directories.
+fn resolve_adapters(adapters: &[(PathBuf, f64)]) -> lorafs::Result<Vec<(PathBuf, f64)>> {
+    adapters
+        .iter()
+        .map(|(arg, weight)| Ok((lorafs::hub::resolve(arg)?, *weight)))
+        .collect()
+}
+
+/// The input directories of a view (resolved), which an output must not touch.
+fn inputs_of(view: &View) -> Vec<&Path> {
+    std::iter::once(view.base_dir())
+        .chain(view.plan.adapters.iter().map(|a| a.dir.as_path()))
         .collect()
 }
 
@@ -227,8 +256,8 @@ const READY: &str = "lorafs-ready";
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Materialize { inputs, out, force } => {
-            let engine = inputs.open(MATERIALIZE_CACHE)?;
-            log::info!("kernel: {}", engine.kernel.name());
+            let view = inputs.open(MATERIALIZE_CACHE)?;
+            log::info!("kernel: {}", view.engine.kernel.name());
             // From here on SIGINT, SIGTERM and SIGHUP stop the run, which removes what it
             // wrote; then the process exits as if killed by the signal (128 + its number).
             let interrupt =
@@ -238,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: std::io::stderr().is_terminal(),
                 interrupt: interrupt.clone(),
             };
-            let summary = materialize(&engine, &out, &inputs_of(&engine), &options)
+            let summary = materialize(&view, &out, &inputs_of(&view), &options)
                 .with_context(|| format!("materialize into {} failed", out.display()));
             match (summary, interrupt.signal()) {
                 (Ok(summary), _) => to_stdout(&format!("{}: {summary}\n", out.display()))?,
@@ -274,11 +303,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             one_malloc_arena();
-            let engine = std::sync::Arc::new(inputs.open(MOUNT_CACHE)?);
+            let view = std::sync::Arc::new(inputs.open(MOUNT_CACHE)?);
             let warm = match warm {
                 Warm::Always => true,
                 Warm::Never => false,
-                Warm::Auto => !engine.direct_base_reads && engine.total_bytes() <= total_ram() / 4,
+                Warm::Auto => {
+                    !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4
+                }
             };
             let options = lorafs::fuse::MountOptions {
                 threads,
@@ -286,7 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
                 warm,
             };
-            lorafs::fuse::mount(engine, &mountpoint, &options, || {
+            lorafs::fuse::mount(view, &mountpoint, &options, || {
                 if daemon_child {
                     detach_from_parent(log.as_ref());
                 }
@@ -294,8 +325,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
         Command::Inspect { inputs, tensors } => {
-            let engine = inputs.open(0)?;
-            to_stdout(&lorafs::inspect::report(&engine, tensors))?;
+            let view = inputs.open(0)?;
+            to_stdout(&lorafs::inspect::report(&view, tensors))?;
         }
     }
     Ok(())

@@ -15,7 +15,7 @@ use fuser::{FileAttr, FileType, INodeNo};
 use super::access::{Ancestors, Owner, Perms};
 use super::acl;
 use crate::baseio::Identity;
-use crate::engine::{Engine, VirtualFile};
+use crate::view::{View, VirtualFile};
 
 /// Reported as `st_blksize`: programs such as `cat` size their reads by it, and larger reads
 /// mean fewer round trips through the kernel (FUSE caps one read at 1 MiB anyway).
@@ -37,7 +37,7 @@ pub(super) struct Node {
     pub attr: FileAttr,
 }
 
-/// Every node of `engine`'s tree; index = inode number - 1, the root (the base directory)
+/// Every node of `view`'s tree; index = inode number - 1, the root (the base directory)
 /// first. Each takes the mode, owner and modification time of its source, following
 /// symlinks (a Hugging Face snapshot is links into `blobs/`: the blob's mode counts): the
 /// base directory, a base subdirectory, or the file behind it (a base file, the adapter's
@@ -47,7 +47,7 @@ pub(super) struct Node {
 /// for a merged file, may read every adapter file. Fails, naming the path, when a source or
 /// a directory above it cannot be stat'ed: serving it with guessed permissions could widen
 /// access.
-pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
+pub(super) fn build(view: &View) -> io::Result<Vec<Node>> {
     let mut attrs = Attrs::default();
     let dir_node = |parent: u64, attr: FileAttr| Node {
         parent,
@@ -56,23 +56,23 @@ pub(super) fn build(engine: &Engine) -> io::Result<Vec<Node>> {
         },
         attr,
     };
-    let mut nodes = vec![dir_node(1, attrs.dir(1, None, &engine.base_dir)?)];
+    let mut nodes = vec![dir_node(1, attrs.dir(1, None, view.base_dir())?)];
     let mut dir_ino: HashMap<&Path, u64> = HashMap::from([(Path::new(""), 1)]);
-    for dir in &engine.dirs {
+    for dir in view.dirs() {
         let ino = nodes.len() as u64 + 1;
         let parent = parent_ino(&dir_ino, dir)?;
-        let attr = attrs.dir(ino, Some(parent), &engine.base_dir.join(dir))?;
+        let attr = attrs.dir(ino, Some(parent), &view.base_dir().join(dir))?;
         nodes.push(dir_node(parent, attr));
         link(&mut nodes, parent, dir.file_name().unwrap_or_default(), ino);
         dir_ino.insert(dir, ino);
     }
-    for (index, file) in engine.files.iter().enumerate() {
+    for (index, file) in view.files.iter().enumerate() {
         let ino = nodes.len() as u64 + 1;
         let parent = parent_ino(&dir_ino, &file.rel)?;
         nodes.push(Node {
             parent,
             kind: NodeKind::File { file: index },
-            attr: attrs.file(ino, parent, file, engine)?,
+            attr: attrs.file(ino, parent, file, view)?,
         });
         link(
             &mut nodes,
@@ -105,8 +105,8 @@ impl Attrs {
         Ok(attr)
     }
 
-    /// The attributes of file node `ino` in `parent` serving `file` of `engine`: its
-    /// source's identity is the one the engine recorded before reading it, so bytes and
+    /// The attributes of file node `ino` in `parent` serving `file` of `view`: its
+    /// source's identity is the one the view recorded before reading it, so bytes and
     /// permissions belong to one version. A file with bytes from the adapters (merged or
     /// replaced tensors) keeps only the classes that may read every adapter file: through
     /// it, and the base file, they would otherwise learn the adapter's weights.
@@ -115,15 +115,15 @@ impl Attrs {
         ino: u64,
         parent: u64,
         file: &VirtualFile,
-        engine: &Engine,
+        view: &View,
     ) -> io::Result<FileAttr> {
         let identity = file.source();
-        let canon = canonical(&file.base_path, &identity)?;
+        let canon = canonical(file.source_path(), &identity)?;
         let kind = FileType::RegularFile;
         let mut attr = self.masked(ino, kind, file.size, &identity, &canon, Some(parent))?;
         let owner = owner(&identity);
         let covered = self.dirs.get(&parent);
-        for input in engine.adapter_sources(file) {
+        for input in view.adapter_sources(file) {
             let identity = input.identity();
             let canon = canonical(&input.path, &identity)?;
             let source = perms(&identity, &canon)?;
@@ -198,12 +198,12 @@ fn canonical(path: &Path, identity: &Identity) -> io::Result<PathBuf> {
     Ok(canon)
 }
 
-/// The inode of the directory holding `rel`; the engine lists parents before children.
+/// The inode of the directory holding `rel`; the view lists parents before children.
 fn parent_ino(dir_ino: &HashMap<&Path, u64>, rel: &Path) -> io::Result<u64> {
     let parent = rel.parent().unwrap_or(Path::new(""));
     dir_ino.get(parent).copied().ok_or_else(|| {
         io::Error::other(format!(
-            "{}: its directory is not in the tree (an engine bug)",
+            "{}: its directory is not in the tree (an view bug)",
             rel.display()
         ))
     })
@@ -215,7 +215,7 @@ fn link(nodes: &mut [Node], parent: u64, name: &OsStr, ino: u64) {
     }
 }
 
-/// The attributes of a node whose source had `identity` (a file's is the one the engine
+/// The attributes of a node whose source had `identity` (a file's is the one the view
 /// recorded before reading it, so bytes and permissions belong to one version).
 fn attr(ino: u64, kind: FileType, size: u64, source: &Identity) -> FileAttr {
     let (secs, nanos) = source.mtime;

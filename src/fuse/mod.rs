@@ -23,7 +23,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, Request,
 };
 
-use crate::engine::Engine;
+use crate::view::View;
 use inodes::{Node, NodeKind};
 use panics::caught;
 
@@ -43,7 +43,7 @@ thread_local! {
 }
 
 pub struct LorafsFs {
-    engine: Arc<Engine>,
+    view: Arc<View>,
     /// Index = inode number - 1.
     nodes: Vec<Node>,
     /// The stats file's inode, unless the base has a file of that name.
@@ -54,10 +54,10 @@ pub struct LorafsFs {
 }
 
 impl LorafsFs {
-    /// The tree of `engine`, each node with its source's permissions and owner; fails when a
+    /// The tree of `view`, each node with its source's permissions and owner; fails when a
     /// source cannot be stat'ed.
-    pub fn new(engine: Arc<Engine>) -> io::Result<LorafsFs> {
-        let nodes = inodes::build(&engine)?;
+    pub fn new(view: Arc<View>) -> io::Result<LorafsFs> {
+        let nodes = inodes::build(&view)?;
         let shadowed = match &nodes[0].kind {
             NodeKind::Dir { children } => children.contains_key(OsStr::new(STATS_FILE)),
             NodeKind::File { .. } => false,
@@ -66,12 +66,12 @@ impl LorafsFs {
             log::warn!(
                 "{}: the base has a file named {STATS_FILE}: it is served, and the mount's \
                  counters only through `kill -USR1 PID` (logged)",
-                engine.base_dir.display()
+                view.base_dir().display()
             );
         }
         Ok(LorafsFs {
             stats_ino: (!shadowed).then_some(nodes.len() as u64 + 1),
-            engine,
+            view,
             nodes,
             next_fh: AtomicU64::new(1),
             last_end: Mutex::new(HashMap::new()),
@@ -80,7 +80,7 @@ impl LorafsFs {
 
     /// The inode number of every file, by file index.
     pub fn file_inodes(&self) -> Vec<u64> {
-        let mut inodes = vec![0; self.engine.files.len()];
+        let mut inodes = vec![0; self.view.files.len()];
         for (i, node) in self.nodes.iter().enumerate() {
             if let NodeKind::File { file } = node.kind {
                 inodes[file] = i as u64 + 1;
@@ -113,7 +113,7 @@ impl LorafsFs {
     }
 
     fn stats_text(&self) -> String {
-        stats_text(&self.engine)
+        stats_text(&self.view)
     }
 
     /// Prefetch ahead of a reader whose read starts where its previous one ended.
@@ -124,7 +124,7 @@ impl LorafsFs {
             previous == Some(offset)
         };
         if sequential {
-            self.engine.prefetch(file, offset + len, PREFETCH_BYTES);
+            self.view.prefetch(file, offset + len, PREFETCH_BYTES);
         }
     }
 
@@ -135,10 +135,10 @@ impl LorafsFs {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            let rel = &self.engine.files[file].rel;
+            let rel = &self.view.files[file].rel;
             // A bug must cost one read (EIO), not a serving thread and with it the mount.
             let result =
-                panics::catch(|| self.engine.read_at(file, offset, &mut buf[..size as usize]));
+                panics::catch(|| self.view.read_at(file, offset, &mut buf[..size as usize]));
             match result {
                 None => {
                     log::error!(
@@ -195,9 +195,9 @@ impl LorafsFs {
 }
 
 /// The live counters, as served by the stats file and logged on SIGUSR1.
-pub fn stats_text(engine: &Engine) -> String {
-    let c = &engine.cache.stats;
-    let s = &engine.stats;
+pub fn stats_text(view: &View) -> String {
+    let c = &view.engine.blocks.stats;
+    let s = &view.engine.stats;
     format!(
         "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
          bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nfactor_bytes {}\nkernel {}\npid {}\n\
@@ -206,15 +206,15 @@ pub fn stats_text(engine: &Engine) -> String {
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
         c.evictions.load(Ordering::Relaxed),
-        engine.cache.bytes(),
-        engine.cache.budget(),
+        view.engine.blocks.bytes(),
+        view.engine.blocks.budget(),
         c.bytes_computed.load(Ordering::Relaxed),
         s.bytes_read.load(Ordering::Relaxed),
         s.bytes_merged.load(Ordering::Relaxed),
         s.bytes_passthrough.load(Ordering::Relaxed),
         s.bytes_replaced.load(Ordering::Relaxed),
-        engine.plan.factor_bytes(),
-        engine.kernel.name(),
+        view.plan.factor_bytes(),
+        view.engine.kernel.name(),
         std::process::id(),
         panics::caught_count(),
     )
@@ -297,12 +297,12 @@ impl Filesystem for LorafsFs {
                 // The content never changes while mounted: keep the page cache across opens.
                 // Pages cached from a source since changed (a write, or a `chmod` closing it
                 // to this reader) are not served: the open fails, as a read would.
-                Some(NodeKind::File { file }) => match self.engine.check_sources(*file) {
+                Some(NodeKind::File { file }) => match self.view.check_sources(*file) {
                     Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
                     Err(err) => {
                         log::debug!(
                             "open of {} refused: {err}",
-                            self.engine.files[*file].rel.display()
+                            self.view.files[*file].rel.display()
                         );
                         reply.error(Errno::from_i32(err.errno()))
                     }
@@ -432,7 +432,7 @@ impl Filesystem for LorafsFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         caught("statfs", || {
-            let bytes = self.engine.total_bytes();
+            let bytes = self.view.total_bytes();
             reply.statfs(
                 bytes.div_ceil(4096),
                 0,

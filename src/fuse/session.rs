@@ -11,7 +11,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use super::LorafsFs;
-use crate::engine::Engine;
+use crate::view::View;
 
 /// Our mounts show as source `lorafs:BASE` (and type `fuse.lorafs` where a mount helper
 /// applies the subtype; a direct mount by root shows type `fuse`).
@@ -33,17 +33,17 @@ pub struct MountOptions {
 /// Bytes per page-cache store while warming: one FUSE request's worth.
 const WARM_CHUNK: usize = 1 << 20;
 
-/// Mount `engine` at `mountpoint` and serve it until unmounted (by `umount`, `lorafs
+/// Mount `view` at `mountpoint` and serve it until unmounted (by `umount`, `lorafs
 /// unmount`, SIGINT or SIGTERM). `ready` runs once the mount is usable.
 pub fn mount(
-    engine: Arc<Engine>,
+    view: Arc<View>,
     mountpoint: &Path,
     options: &MountOptions,
     ready: impl FnOnce(),
 ) -> io::Result<()> {
     check_mountpoint(mountpoint)?;
     let mountpoint = mountpoint.canonicalize()?;
-    let fs = LorafsFs::new(engine.clone())?;
+    let fs = LorafsFs::new(view.clone())?;
     let inodes = fs.file_inodes();
     let mut config = Config::default();
     config.mount_options = vec![
@@ -55,10 +55,9 @@ pub fn mount(
         MountOption::NoSuid,
         MountOption::FSName(format!(
             "{FS_NAME}:{}",
-            engine
-                .base_dir
+            view.base_dir()
                 .canonicalize()
-                .unwrap_or_else(|_| engine.base_dir.clone())
+                .unwrap_or_else(|_| view.base_dir().to_path_buf())
                 .display()
         )),
         MountOption::Subtype(FS_NAME.into()),
@@ -76,12 +75,12 @@ pub fn mount(
     })?;
 
     if options.warm {
-        let (engine, notifier, root) = (engine.clone(), session.notifier(), mountpoint.clone());
+        let (view, notifier, root) = (view.clone(), session.notifier(), mountpoint.clone());
         std::thread::Builder::new()
             .name("lorafs-warm".into())
             .spawn(move || {
                 super::panics::caught_background("warm-up", || {
-                    warm(&engine, &notifier, &root, &inodes)
+                    warm(&view, &notifier, &root, &inodes)
                 });
             })?;
     }
@@ -91,7 +90,7 @@ pub fn mount(
     let mut unmounter = session.unmount_callable();
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
-    let watched_engine = engine.clone();
+    let watched_engine = view.clone();
     std::thread::Builder::new()
         .name("lorafs-signals".into())
         .spawn(move || {
@@ -119,11 +118,11 @@ pub fn mount(
         })?;
     log::info!(
         "mounted {} at {} ({} files, {} merged tensors, kernel {})",
-        engine.base_dir.display(),
+        view.base_dir().display(),
         mountpoint.display(),
-        engine.files.len(),
-        engine.plan.merges.len(),
-        engine.kernel.name()
+        view.files.len(),
+        view.plan.merges.len(),
+        view.engine.kernel.name()
     );
     ready();
     session.run()?;
@@ -135,18 +134,18 @@ pub fn mount(
 /// started after the mount (Python takes a second or two to import torch) finds the model
 /// there. Reads arriving meanwhile are served as usual; both go through the block cache, so
 /// nothing is merged twice. Stops quietly at the first refusal (e.g. the mount is gone).
-fn warm(engine: &Engine, notifier: &fuser::Notifier, root: &Path, inodes: &[u64]) {
+fn warm(view: &View, notifier: &fuser::Notifier, root: &Path, inodes: &[u64]) {
     let start = std::time::Instant::now();
     let mut buf = vec![0u8; WARM_CHUNK];
     let mut stored = 0u64;
-    for (index, file) in engine.files.iter().enumerate() {
+    for (index, file) in view.files.iter().enumerate() {
         // The kernel keeps pages only for inodes it knows: look the file up first.
         if let Err(e) = std::fs::metadata(root.join(&file.rel)) {
             return log::info!("warm-up stopped at {}: {e}", file.rel.display());
         }
         let mut offset = 0;
         while offset < file.size {
-            let n = match engine.read_at(index, offset, &mut buf) {
+            let n = match view.read_at(index, offset, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => return log::warn!("warm-up stopped at {}: {e}", file.rel.display()),

@@ -22,8 +22,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use interrupt::Interrupt;
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::view::View;
 use run::RunDir;
 use target::{refusal, Existing, Target};
 
@@ -64,7 +64,7 @@ impl std::fmt::Display for Summary {
 /// and renamed into place only when complete, so a failure leaves nothing at `out`.
 /// `inputs` are the base and adapter directories, which the output must not touch.
 pub fn materialize(
-    engine: &Engine,
+    view: &View,
     out: &Path,
     inputs: &[&Path],
     options: &MaterializeOptions,
@@ -83,12 +83,12 @@ pub fn materialize(
 
     let run = RunDir::create(&target)?;
     let tree = run.tree();
-    let modes = Modes::of(engine, &tree)?;
-    for dir in &engine.dirs {
+    let modes = Modes::of(view, &tree)?;
+    for dir in view.dirs() {
         let path = tree.join(dir);
         std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
     }
-    let total = engine.total_bytes();
+    let total = view.total_bytes();
     let bar = if options.progress {
         ProgressBar::new(total)
     } else {
@@ -107,16 +107,16 @@ pub fn materialize(
         interrupt: &options.interrupt,
         out,
     };
-    let written = write::write_files(engine, &sink);
+    let written = write::write_files(view, &sink);
     bar.finish_and_clear();
     written?;
-    modes.apply_to_dirs(engine, &tree)?;
+    modes.apply_to_dirs(view, &tree)?;
     options.interrupt.check(out)?;
     run.place(&target, &inputs, options.force)?;
     drop(run); // removes the replaced OUT (--force) and the run's owner file
     Ok(Summary {
-        files: engine.files.len(),
-        tensors_merged: engine.plan.merges.len(),
+        files: view.files.len(),
+        tensors_merged: view.plan.merges.len(),
         bytes: total,
         elapsed: start.elapsed(),
     })
@@ -125,18 +125,18 @@ pub fn materialize(
 /// The permission bits the output keeps: each file's and directory's source's, read before
 /// any work so that an unreadable source fails the run early.
 struct Modes {
-    /// By index in `engine.files`.
+    /// By index in `view.files`.
     files: Vec<u32>,
-    /// By index in `engine.dirs`.
+    /// By index in `view.dirs()`.
     dirs: Vec<u32>,
     /// OUT itself: the base directory's.
     root: u32,
 }
 
 impl Modes {
-    /// The modes of `engine`'s files and directories written under `tree` (the run's
+    /// The modes of `view`'s files and directories written under `tree` (the run's
     /// directory, whose group its files and directories get).
-    fn of(engine: &Engine, tree: &Path) -> Result<Modes> {
+    fn of(view: &View, tree: &Path) -> Result<Modes> {
         let group = std::fs::metadata(tree)
             .map_err(|e| Error::io(tree, e))?
             .gid();
@@ -147,24 +147,24 @@ impl Modes {
         Ok(Modes {
             // A file's source is the base file (config.json and the shard index too, when
             // lorafs rewrites them) or, for an adapter's tokenizer file, that file.
-            files: (engine.files.iter())
+            files: (view.files.iter())
                 .map(|f| {
                     let source = f.source();
-                    kept_bits(source.mode, source.gid, group) & adapters_readable(engine, f)
+                    kept_bits(source.mode, source.gid, group) & adapters_readable(view, f)
                 })
                 .collect(),
-            dirs: (engine.dirs.iter())
-                .map(|d| dir_mode(&engine.base_dir.join(d)))
+            dirs: (view.dirs().iter())
+                .map(|d| dir_mode(&view.base_dir().join(d)))
                 .collect::<Result<_>>()?,
-            root: dir_mode(&engine.base_dir)?,
+            root: dir_mode(view.base_dir())?,
         })
     }
 
     /// Set the directories' bits, last and deepest first: a read-only source directory
     /// (0555) must not stop lorafs writing into its copy, and the root stays 0700 (closed to
     /// others) until everything below is final.
-    fn apply_to_dirs(&self, engine: &Engine, tree: &Path) -> Result<()> {
-        let dirs = engine.dirs.iter().zip(&self.dirs).rev();
+    fn apply_to_dirs(&self, view: &View, tree: &Path) -> Result<()> {
+        let dirs = view.dirs().iter().zip(&self.dirs).rev();
         for (path, mode) in dirs
             .map(|(rel, &mode)| (tree.join(rel), mode))
             .chain(std::iter::once((PathBuf::from(tree), self.root)))
@@ -182,9 +182,9 @@ impl Modes {
 /// (`adapter_model.safetensors`, `adapter_config.json`) grants that class read. The owner
 /// class stays: the output belongs to whoever ran lorafs, who read the adapters. (The
 /// directories above the adapters are not looked at: where OUT is decides who reaches it.)
-fn adapters_readable(engine: &Engine, file: &crate::engine::VirtualFile) -> u32 {
+fn adapters_readable(view: &View, file: &crate::view::VirtualFile) -> u32 {
     let mut mask = 0o777;
-    for input in engine.adapter_sources(file) {
+    for input in view.adapter_sources(file) {
         let mode = input.identity().mode;
         for class in [0o070, 0o007] {
             if mode & class & 0o444 == 0 {

@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use indicatif::ProgressBar;
 
 use super::interrupt::Interrupt;
-use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::view::View;
 
 /// Bytes per `read_at` call: several blocks, so that merging uses every core, and small
 /// enough that memory stays bounded (one chunk plus the cache, whatever the model size).
@@ -25,7 +25,7 @@ const WRITE_BYTES: usize = 256 << 10;
 pub(super) struct Sink<'a> {
     /// The run's directory (its subdirectories exist).
     pub dir: &'a Path,
-    /// Permission bits of each file, by index in `engine.files`.
+    /// Permission bits of each file, by index in `view.files`.
     pub modes: &'a [u32],
     pub bar: &'a ProgressBar,
     /// Checked per chunk: a signal stops the run with an error naming `out`.
@@ -35,7 +35,7 @@ pub(super) struct Sink<'a> {
 
 /// Write every file under `sink.dir`: this thread merges a chunk (`read_at`) while a writer
 /// thread writes the previous one, so merging and writing overlap.
-pub(super) fn write_files(engine: &Engine, sink: &Sink) -> Result<()> {
+pub(super) fn write_files(view: &View, sink: &Sink) -> Result<()> {
     // (file index, buffer, bytes used); a file of size 0 is sent once with 0 bytes.
     let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>, usize)>(1);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
@@ -47,7 +47,7 @@ pub(super) fn write_files(engine: &Engine, sink: &Sink) -> Result<()> {
             let mut current: Option<(usize, File, PathBuf)> = None;
             for (index, buf, n) in full_rx {
                 if current.as_ref().map(|c| c.0) != Some(index) {
-                    let path = sink.dir.join(&engine.files[index].rel);
+                    let path = sink.dir.join(&view.files[index].rel);
                     current = Some((index, create(&path, sink.modes[index])?, path));
                 }
                 let (_, file, path) = current.as_mut().expect("set above");
@@ -61,7 +61,7 @@ pub(super) fn write_files(engine: &Engine, sink: &Sink) -> Result<()> {
             Ok(())
         });
         let produced = (|| -> Result<()> {
-            for (index, file) in engine.files.iter().enumerate() {
+            for (index, file) in view.files.iter().enumerate() {
                 sink.interrupt.check(sink.out)?;
                 if file.size == 0 && full_tx.send((index, Vec::new(), 0)).is_err() {
                     return Ok(()); // the writer stopped: its error is reported below
@@ -72,7 +72,7 @@ pub(super) fn write_files(engine: &Engine, sink: &Sink) -> Result<()> {
                     let Ok(mut buf) = empty_rx.recv() else {
                         return Ok(());
                     };
-                    let n = engine.read_at(index, offset, &mut buf)?;
+                    let n = view.read_at(index, offset, &mut buf)?;
                     if n == 0 {
                         break;
                     }

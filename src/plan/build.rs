@@ -39,6 +39,7 @@ impl Layer {
 
 /// One adapter's change to a tensor, checked against the tensor's shape; its data is read
 /// when the plan is realized.
+#[derive(Debug)]
 pub(super) enum Op {
     /// `s·B@A` (or its transpose); a DoRA term when there is a magnitude.
     Lora {
@@ -164,12 +165,15 @@ pub(super) struct Planner<'a> {
     /// merges an lm_head change into that shared tensor (in place), and transformers saves
     /// it once. So `lm_head.*` goes to the input embedding when the base has no lm_head.
     pub(super) tied_embedding: Option<(String, String)>,
+    /// The output dtype of every floating tensor (`--dtype`), or `None` to keep the base's.
+    dtype: Option<DType>,
 }
 
 impl<'a> Planner<'a> {
-    pub(super) fn new(base: &'a BaseModel) -> Planner<'a> {
+    pub(super) fn new(base: &'a BaseModel, dtype: Option<DType>) -> Planner<'a> {
         Planner {
             base,
+            dtype,
             pending: BTreeMap::new(),
             conv1d_arch: base
                 .model_type()
@@ -230,17 +234,17 @@ impl<'a> Planner<'a> {
 
     /// The pending merge of a base tensor, created as "W unchanged" on first use.
     fn slot(&mut self, loc: (usize, usize), dtype: DType) -> &mut Pending {
-        let base = self.base;
+        let (base, out) = (self.base, self.dtype);
         self.pending.entry(loc).or_insert_with(|| {
             let entry = &base.layouts[loc.0].tensors[loc.1];
             Pending {
                 w: WSource {
-                    input: Input::Base,
+                    file: WFile::Base,
                     offset: entry.offset,
                     dtype,
                 },
                 shape: entry.shape.clone(),
-                dtype,
+                dtype: out.unwrap_or(dtype),
                 replaced: None,
                 ops: Vec::new(),
             }
@@ -300,7 +304,7 @@ impl<'a> Planner<'a> {
             p.ops.clear();
             p.shape = r.shape.clone();
             p.w = WSource {
-                input: Input::Adapter(ai),
+                file: WFile::Adapter(ai),
                 offset: r.offset,
                 dtype: src,
             };
@@ -308,12 +312,12 @@ impl<'a> Planner<'a> {
                 adapter: ai,
                 key: r.key.clone(),
             });
-            tally.features.replacements.push((
-                r.key.clone(),
-                r.target.clone(),
-                r.shape.clone(),
-                format!("{:?}", r.dtype),
-            ));
+            tally.features.replacements.push(ReplacementInfo {
+                key: r.key.clone(),
+                target: r.target.clone(),
+                shape: r.shape.clone(),
+                dtype: format!("{:?}", r.dtype),
+            });
             tally.changed.insert(loc);
         }
         Ok(())

@@ -65,8 +65,8 @@ pub struct Term {
 }
 
 /// The file a merged tensor's `W` is read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Input {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WFile {
     /// The base file holding the tensor.
     Base,
     /// Adapter `i`'s `adapter_model.safetensors` (a replaced tensor).
@@ -74,12 +74,27 @@ pub enum Input {
 }
 
 /// Where the rows of `W` come from: a file, the absolute offset of row 0, and the dtype they
-/// are stored in (converted to the output dtype, rounding to nearest even, when it differs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// are stored in (widened exactly to f32 before the delta is added).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WSource {
-    pub input: Input,
+    pub file: WFile,
     pub offset: u64,
     pub dtype: DType,
+}
+
+/// A tensor of the base: its file's index in [`BaseModel::layouts`] and its index in that
+/// layout's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TensorId {
+    pub layout: usize,
+    pub tensor: usize,
+}
+
+/// The 2-D view a tensor is merged in: a 1-D tensor is one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dims {
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// A tensor served from an adapter instead of the base.
@@ -98,45 +113,95 @@ pub struct DoraGroup {
     pub magnitude: Option<Vec<f32>>,
 }
 
-/// A base tensor that the adapters change.
+/// A base tensor that the adapters change: what it is made from, checked against the base
+/// from the headers. The factors are read by [`TensorMerge::realize`] when first needed.
 #[derive(Debug)]
 pub struct TensorMerge {
     pub name: String,
-    /// Index into [`BaseModel::layouts`] and into that layout's tensors.
-    pub layout: usize,
-    pub tensor: usize,
-    /// The output dtype: always the base tensor's.
+    pub tensor: TensorId,
+    /// The output dtype.
     pub dtype: DType,
     /// The output shape (the base's, or a replacement's).
     pub shape: Vec<usize>,
     pub w: WSource,
-    /// `Δ = U @ V` over a (rows, cols) view of the tensor; rank 0 when nothing is added.
-    pub factors: Factors,
+    pub dims: Dims,
+    /// Sum of the terms' ranks: 0 when nothing is added.
+    pub rank: usize,
     pub terms: Vec<Term>,
+    /// Rows of `W` replaced by trainable tokens.
+    pub token_rows: usize,
+    pub replaced: Option<ReplacedBy>,
+    /// What `realize` reads, in the order PEFT applies it.
+    ops: Vec<build::Op>,
+}
+
+/// A row of `W` replaced before merging (trainable tokens), rounded to the output dtype.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub index: usize,
+    pub values: Vec<f32>,
+}
+
+/// A merge's data, read from the adapter files: what the kernels merge with.
+#[derive(Debug)]
+pub struct Realized {
+    /// `Δ = U @ V` over the tensor's [`Dims`].
+    pub factors: Factors,
     /// Set when a term is DoRA: every term in order, applied one after another.
     pub dora: Option<Vec<DoraGroup>>,
-    /// Rows of `W` replaced before merging (trainable tokens), sorted, already rounded to
-    /// the output dtype.
-    pub rows: Vec<(usize, Vec<f32>)>,
-    pub replaced: Option<ReplacedBy>,
+    /// Sorted by row.
+    pub rows: Vec<TokenRow>,
+}
+
+impl Realized {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let dora = self.dora.iter().flatten();
+        self.factors.bytes()
+            + dora
+                .map(|g| g.magnitude.as_ref().map_or(0, |m| m.len() * 4))
+                .sum::<usize>()
+            + self.rows.iter().map(|r| r.values.len() * 4).sum::<usize>()
+    }
 }
 
 impl TensorMerge {
+    /// Bytes of one row in the output dtype.
     pub fn row_bytes(&self) -> usize {
-        self.factors.cols * self.dtype.size()
+        self.dims.cols * self.dtype.size()
     }
 
     pub fn bytes(&self) -> u64 {
-        (self.factors.rows * self.row_bytes()) as u64
+        (self.dims.rows * self.row_bytes()) as u64
     }
 
     /// A replacement served as the adapter's bytes, unchanged.
     pub fn is_plain_copy(&self) -> bool {
-        self.factors.rank == 0
-            && self.rows.is_empty()
-            && self.dora.is_none()
-            && self.w.input != Input::Base
-            && self.w.dtype == self.dtype
+        self.ops.is_empty() && self.w.file != WFile::Base && self.w.dtype == self.dtype
+    }
+
+    /// The adapters this tensor's bytes are read from (its `W`, its terms, its token rows),
+    /// by index, each once, in the order of the view's list.
+    pub fn adapters(&self) -> Vec<usize> {
+        let mut used: Vec<usize> = (self.ops.iter())
+            .map(|op| match op {
+                build::Op::Lora { term, .. } | build::Op::Bias { term, .. } => term.adapter,
+                build::Op::Tokens { adapter, .. } => *adapter,
+            })
+            .chain(match self.w.file {
+                WFile::Adapter(i) => Some(i),
+                WFile::Base => None,
+            })
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        used
+    }
+
+    /// Bytes of f32 factors `realize` holds: U, and V packed in panels.
+    pub fn factor_bytes(&self) -> usize {
+        let Dims { rows, cols } = self.dims;
+        4 * self.rank * (rows + crate::kernel::packed_cols(cols))
     }
 }
 
@@ -148,11 +213,20 @@ pub struct Features {
     pub conv1d: usize,
     pub lora_bias: usize,
     pub trainable_tokens: Vec<(String, usize)>,
-    /// (adapter key, base tensor, shape, dtype)
-    pub replacements: Vec<(String, String, Vec<usize>, String)>,
+    pub replacements: Vec<ReplacementInfo>,
     /// Tensors applied to the input embedding because the base ties lm_head to it.
     pub tied: Vec<String>,
     pub tokenizer_files: Vec<String>,
+}
+
+/// A whole tensor an adapter serves in place of a base tensor, for `inspect`.
+#[derive(Debug, Clone)]
+pub struct ReplacementInfo {
+    /// The key in the adapter file.
+    pub key: String,
+    pub target: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
 }
 
 /// Per-adapter facts for `inspect` and the logs, kept after the factors are packed.
@@ -177,9 +251,14 @@ pub struct AdapterSummary {
 
 #[derive(Debug)]
 pub struct MergePlan {
-    /// Sorted by (layout, tensor) so that file order is plan order.
+    /// Sorted by tensor so that file order is plan order.
     pub merges: Vec<TensorMerge>,
     pub adapters: Vec<AdapterSummary>,
+    /// The output dtype of floating tensors (`--dtype`), `None` to keep the base's.
+    pub dtype: Option<DType>,
+    /// The adapters' tables and open weights files, which the merges' factors are read
+    /// from.
+    pub loaded: Vec<Adapter>,
     /// `vocab_size` (base, merged) when a replaced embedding changes it.
     pub vocab: Option<VocabResize>,
     /// Files served from an adapter directory instead of the base (tokenizer), by relative
@@ -187,8 +266,13 @@ pub struct MergePlan {
     pub extra_files: BTreeMap<PathBuf, PathBuf>,
 }
 
-/// (base, merged) `vocab_size` when a replacement resizes the embedding.
-pub type VocabResize = (usize, usize);
+/// `vocab_size` of the base and of the merged model when a replacement resizes the
+/// embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VocabResize {
+    pub base: usize,
+    pub merged: usize,
+}
 
 /// (rows, cols) of the 2-D view a tensor is merged in: a 1-D tensor is one row. `None` when
 /// a row has more values than a `usize` counts, which a tensor of a checked layout has only
@@ -211,11 +295,15 @@ fn view(shape: &[usize]) -> Option<(usize, usize)> {
 
 impl MergePlan {
     /// Plan the merge. Every adapter is checked against the base from the headers alone
-    /// (shapes, ranks, scales, vocabulary, the memory the factors will take); only then are
-    /// the factors read, one at a time, into the plan. The adapters keep no data.
-    pub fn build(base: &BaseModel, adapters: &mut [Adapter]) -> Result<MergePlan> {
-        let adapters = &*adapters;
-        let mut planner = Planner::new(base);
+    /// (shapes, ranks, scales, vocabulary, the memory the factors will take); no factor is
+    /// read: [`TensorMerge::realize`] reads a tensor's when it is first needed.
+    pub fn build(
+        base: &BaseModel,
+        loaded: Vec<Adapter>,
+        dtype: Option<DType>,
+    ) -> Result<MergePlan> {
+        let adapters = &loaded[..];
+        let mut planner = Planner::new(base, dtype);
         let mut summaries = Vec::new();
         for (ai, adapter) in adapters.iter().enumerate() {
             let mut tally = Tally::default();
@@ -240,14 +328,16 @@ impl MergePlan {
         Ok(MergePlan {
             merges,
             adapters: summaries,
+            dtype,
+            loaded,
             vocab,
             extra_files,
         })
     }
 
-    /// Bytes of f32 factors held in memory.
+    /// Bytes of f32 factors all merges hold once realized.
     pub fn factor_bytes(&self) -> usize {
-        self.merges.iter().map(|m| m.factors.bytes()).sum()
+        self.merges.iter().map(|m| m.factor_bytes()).sum()
     }
 }
 

@@ -2,7 +2,7 @@
 //! machine's before anything is read; then each tensor's factors are read from the adapter
 //! files one at a time, oriented, scaled and concatenated along the rank.
 
-use super::build::{Op, Pending, Planner};
+use super::build::{Op, Planner};
 use super::*;
 use crate::adapter::Stored;
 use crate::plan::bound;
@@ -139,17 +139,17 @@ impl Planner<'_> {
         ))
     }
 
-    /// Read every tensor's factors and build the merges, in file order.
+    /// The merges, in file order: what each tensor is made from, checked, nothing read yet.
     pub(super) fn finish(self, adapters: &[Adapter]) -> Result<Vec<TensorMerge>> {
         let base = self.base;
         self.pending
             .into_iter()
             .map(|((li, ti), p)| {
                 let name = base.layouts[li].tensors[ti].name.clone();
-                let Some(dims) = view(&p.shape) else {
+                let Some((rows, cols)) = view(&p.shape) else {
                     // The shape is the replacement's when there is one.
-                    let (path, tensor) = match (&p.replaced, p.w.input) {
-                        (Some(r), Input::Adapter(i)) => (&adapters[i].file, r.key.clone()),
+                    let (path, tensor) = match (&p.replaced, p.w.file) {
+                        (Some(r), WFile::Adapter(i)) => (&adapters[i].file, r.key.clone()),
                         _ => (&base.layouts[li].path, name),
                     };
                     let what = format!(
@@ -158,52 +158,67 @@ impl Planner<'_> {
                     );
                     return Err(Error::tensor(path, tensor, what));
                 };
-                realize(name, (li, ti), dims, p, adapters)
+                let terms: Vec<Term> = (p.ops.iter())
+                    .filter_map(|op| match op {
+                        Op::Lora { term, .. } | Op::Bias { term, .. } => Some(term.clone()),
+                        Op::Tokens { .. } => None,
+                    })
+                    .collect();
+                let token_rows = (p.ops.iter())
+                    .map(|op| match op {
+                        Op::Tokens { indices, .. } => indices.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                Ok(TensorMerge {
+                    name,
+                    tensor: TensorId {
+                        layout: li,
+                        tensor: ti,
+                    },
+                    dtype: p.dtype,
+                    shape: p.shape,
+                    w: p.w,
+                    dims: Dims { rows, cols },
+                    rank: terms.iter().map(|t| t.rank).sum(),
+                    terms,
+                    token_rows,
+                    replaced: p.replaced,
+                    ops: p.ops,
+                })
             })
             .collect()
     }
 }
 
-/// One tensor's merge, of `dims` = (rows, cols): its ops' data read in order, then
-/// concatenated along the rank.
-fn realize(
-    name: String,
-    (layout, tensor): (usize, usize),
-    dims: (usize, usize),
-    p: Pending,
-    adapters: &[Adapter],
-) -> Result<TensorMerge> {
-    let (rows, cols) = dims;
-    let (mut parts, token_rows) = read_ops(p.ops, adapters, cols, p.dtype)?;
-    check_delta(&name, p.dtype, &parts, adapters)?;
-    let rank: usize = parts.iter().map(|part| part.term.rank).sum();
-    let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
-    let (u, v) = concat_ranks(rows, rank, cols, &mut parts);
-    let mut offset = 0;
-    let mut terms = Vec::new();
-    let mut groups = Vec::new();
-    for part in parts {
-        groups.push(DoraGroup {
-            offset,
-            rank: part.term.rank,
-            magnitude: part.magnitude,
-        });
-        offset += part.term.rank;
-        terms.push(part.term);
+impl TensorMerge {
+    /// Read this tensor's factors from the adapter files and build what the kernels merge
+    /// with: the terms' U and V concatenated along the rank, DoRA magnitudes, token rows.
+    /// Refuses values that are not finite and deltas that could overflow.
+    pub fn realize(&self, adapters: &[Adapter]) -> Result<Realized> {
+        let Dims { rows, cols } = self.dims;
+        let (mut parts, token_rows) = read_ops(&self.ops, adapters, cols, self.dtype)?;
+        check_delta(&self.name, self.dtype, &parts, adapters)?;
+        let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
+        let (u, v) = concat_ranks(rows, self.rank, cols, &mut parts);
+        let mut offset = 0;
+        let mut groups = Vec::new();
+        for part in parts {
+            groups.push(DoraGroup {
+                offset,
+                rank: part.term.rank,
+                magnitude: part.magnitude,
+            });
+            offset += part.term.rank;
+        }
+        Ok(Realized {
+            factors: Factors::new(rows, self.rank, cols, u, v),
+            dora: any_dora.then_some(groups),
+            rows: (token_rows.into_iter())
+                .map(|(index, values)| TokenRow { index, values })
+                .collect(),
+        })
     }
-    Ok(TensorMerge {
-        name,
-        layout,
-        tensor,
-        dtype: p.dtype,
-        shape: p.shape,
-        w: p.w,
-        factors: Factors::new(rows, rank, cols, u, v),
-        terms,
-        dora: any_dora.then_some(groups),
-        rows: token_rows.into_iter().collect(),
-        replaced: p.replaced,
-    })
 }
 
 /// Refuse terms whose summed delta could overflow: finite factors and scales (each checked
@@ -245,7 +260,7 @@ type TokenRowMap = BTreeMap<usize, Vec<f32>>;
 /// Read each op's data, in order: the terms with their U and V, and the token rows (which
 /// drop the deltas of the terms before them on their rows).
 fn read_ops(
-    ops: Vec<Op>,
+    ops: &[Op],
     adapters: &[Adapter],
     cols: usize,
     dtype: DType,
@@ -262,25 +277,25 @@ fn read_ops(
             } => {
                 let adapter = &adapters[term.adapter];
                 let (u, v) = orient(
-                    (adapter.read(&a)?, a.cols),
-                    (adapter.read(&b)?, b.rows),
+                    (adapter.read(a)?, a.cols),
+                    (adapter.read(b)?, b.rows),
                     term.rank,
                     term.transposed,
                     term.scale as f32,
                 );
-                let magnitude = magnitude.map(|m| adapter.read(&m)).transpose()?;
+                let magnitude = magnitude.as_ref().map(|m| adapter.read(m)).transpose()?;
                 parts.push(Part {
-                    term,
+                    term: term.clone(),
                     u,
                     v,
                     magnitude,
                 });
             }
             Op::Bias { term, bias } => {
-                let v = adapters[term.adapter].read(&bias)?;
+                let v = adapters[term.adapter].read(bias)?;
                 let u = vec![term.scale as f32];
                 parts.push(Part {
-                    term,
+                    term: term.clone(),
                     u,
                     v,
                     magnitude: None,
@@ -291,7 +306,7 @@ fn read_ops(
                 indices,
                 values,
             } => {
-                let data = adapters[adapter].read(&values)?;
+                let data = adapters[*adapter].read(values)?;
                 for (k, &index) in indices.iter().enumerate() {
                     // The plan checked `index < rows` and one row of `cols` values per index;
                     // every part has `rows` rows of U.
@@ -305,7 +320,7 @@ fn read_ops(
                     let row: Vec<f32> = row.iter().map(|&x| round_to(dtype, x)).collect();
                     if let Some(j) = row.iter().position(|x| !x.is_finite()) {
                         return Err(Error::tensor(
-                            &adapters[adapter].file,
+                            &adapters[*adapter].file,
                             &values.key,
                             format!(
                                 "token row {index}, value {j} is {} after rounding to {dtype:?}: \

@@ -114,7 +114,10 @@ impl Planner<'_> {
                 ));
             }
         }
-        Ok(Some((old, new)))
+        Ok(Some(VocabResize {
+            base: old,
+            merged: new,
+        }))
     }
 
     /// The adapter file that replaced a pending tensor, for messages.

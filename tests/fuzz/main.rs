@@ -21,7 +21,7 @@ mod st;
 use std::path::{Path, PathBuf};
 
 use lorafs::layout::Layout;
-use lorafs::{Engine, EngineOptions};
+use lorafs::{EngineOptions, View};
 use proptest::prelude::*;
 
 use harness::{check, fuzz, setup};
@@ -29,13 +29,14 @@ use harness::{check, fuzz, setup};
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
 
-/// `Engine::open` as the commands call it, with a small cache.
-fn open(base: &Path, adapters: &[PathBuf]) -> lorafs::Result<Engine> {
+/// `View::open` as the commands call it, with a small cache.
+fn open(base: &Path, adapters: &[PathBuf]) -> lorafs::Result<View> {
     let adapters: Vec<(PathBuf, f64)> = adapters.iter().map(|a| (a.clone(), 1.0)).collect();
     let options = EngineOptions {
         cache_bytes: 1 << 20,
+        ..Default::default()
     };
-    Engine::open(base, &adapters, options)
+    View::open_single(base, &adapters, None, options)
 }
 
 /// What the commands do with inputs they accept: open, print the plan (`inspect

@@ -315,7 +315,7 @@ fn index_total_size_near_i64_max() {
 }
 
 /// The bytes of the merged directory's shard index.
-fn index_bytes(engine: &lorafs::Engine) -> Vec<u8> {
+fn index_bytes(engine: &lorafs::View) -> Vec<u8> {
     let id = engine
         .files
         .iter()

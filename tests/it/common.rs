@@ -462,22 +462,24 @@ pub fn read_tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// An engine over `base` and `(adapter directory, weight)`s through the library, with a
 /// 1 MiB cache.
-pub fn open_engine(base: &Path, adapters: &[(&Path, f64)]) -> lorafs::Result<lorafs::Engine> {
+pub fn open_engine(base: &Path, adapters: &[(&Path, f64)]) -> lorafs::Result<lorafs::View> {
     let list: Vec<_> = adapters
         .iter()
         .map(|(p, w)| (p.to_path_buf(), *w))
         .collect();
-    lorafs::Engine::open(
+    lorafs::View::open_single(
         base,
         &list,
+        None,
         lorafs::EngineOptions {
             cache_bytes: 1 << 20,
+            ..Default::default()
         },
     )
 }
 
 /// Materialize `base` + adapters into `out` through the library; returns the engine.
-pub fn materialize_lib(base: &Path, adapters: &[(&Path, f64)], out: &Path) -> lorafs::Engine {
+pub fn materialize_lib(base: &Path, adapters: &[(&Path, f64)], out: &Path) -> lorafs::View {
     let engine = open_engine(base, adapters).unwrap();
     let inputs: Vec<&Path> = std::iter::once(base)
         .chain(adapters.iter().map(|(p, _)| *p))

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use lorafs::Engine;
+use lorafs::View;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use safetensors::Dtype;
@@ -20,11 +20,11 @@ fn weighted<'a>(adapters: &[&'a Path]) -> Vec<(&'a Path, f64)> {
     adapters.iter().map(|&p| (p, 1.0)).collect()
 }
 
-fn open(base: &Path, adapters: &[&Path]) -> lorafs::Result<Engine> {
+fn open(base: &Path, adapters: &[&Path]) -> lorafs::Result<View> {
     open_engine(base, &weighted(adapters))
 }
 
-fn run(base: &Path, adapters: &[&Path], out: &Path) -> Engine {
+fn run(base: &Path, adapters: &[&Path], out: &Path) -> View {
     materialize_lib(base, &weighted(adapters), out)
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use lorafs::layout::Layout;
-use lorafs::{Engine, Error};
+use lorafs::{Error, View};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use safetensors::Dtype;
@@ -49,7 +49,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (tmp, base, adapter)
 }
 
-fn index_of(engine: &Engine, rel: &str) -> usize {
+fn index_of(engine: &View, rel: &str) -> usize {
     engine
         .files
         .iter()
@@ -58,14 +58,14 @@ fn index_of(engine: &Engine, rel: &str) -> usize {
 }
 
 /// Bytes `range` of file `rel` through `read_at`.
-fn read(engine: &Engine, rel: &str, (offset, len): (u64, u64)) -> lorafs::Result<Vec<u8>> {
+fn read(engine: &View, rel: &str, (offset, len): (u64, u64)) -> lorafs::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     let n = engine.read_at(index_of(engine, rel), offset, &mut buf)?;
     assert_eq!(n, buf.len());
     Ok(buf)
 }
 
-fn whole(engine: &Engine, rel: &str) -> lorafs::Result<Vec<u8>> {
+fn whole(engine: &View, rel: &str) -> lorafs::Result<Vec<u8>> {
     let size = engine.files[index_of(engine, rel)].size;
     read(engine, rel, (0, size))
 }
@@ -254,11 +254,11 @@ fn git_and_huggingface_metadata_are_not_part_of_the_model() {
     assert!(!out.join(".git").exists() && !out.join(".cache").exists());
     assert!(
         engine
-            .dirs
+            .dirs()
             .iter()
             .all(|d| !d.starts_with(".git") && !d.starts_with(".cache")),
         "{:?}",
-        engine.dirs
+        engine.dirs()
     );
 }
 

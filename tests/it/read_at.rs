@@ -1,9 +1,9 @@
-//! `Engine::read_at` over arbitrary ranges equals the materialized bytes.
+//! `View::read_at` over arbitrary ranges equals the materialized bytes.
 
 use std::sync::Arc;
 
 use lorafs::materialize::{materialize, MaterializeOptions};
-use lorafs::{Engine, EngineOptions};
+use lorafs::{EngineOptions, View};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::Dtype;
@@ -31,7 +31,7 @@ fn fixture(dtype: Dtype) -> Fixture {
     write_adapter(&tmp.path().join("a"), &AdapterSpec::new(&spec, 8, ""));
     let base = tmp.path().join("base");
     let adapters = vec![(tmp.path().join("a"), 1.0)];
-    let engine = Engine::open(&base, &adapters, EngineOptions::default()).unwrap();
+    let engine = View::open_single(&base, &adapters, None, EngineOptions::default()).unwrap();
     let out = tmp.path().join("out");
     materialize(
         &engine,
@@ -49,19 +49,31 @@ fn fixture(dtype: Dtype) -> Fixture {
     }
 }
 
-fn engine(f: &Fixture, cache_bytes: usize) -> Engine {
-    Engine::open(&f.base, &f.adapters, EngineOptions { cache_bytes }).unwrap()
+fn engine(f: &Fixture, cache_bytes: usize) -> View {
+    engine_with(f, cache_bytes, false)
+}
+
+fn engine_with(f: &Fixture, cache_bytes: usize, direct_base_reads: bool) -> View {
+    let options = EngineOptions {
+        cache_bytes,
+        ..Default::default()
+    };
+    let mut engine = lorafs::Engine::open(&f.base, options).unwrap();
+    engine.direct_base_reads = direct_base_reads;
+    let view = View::open(std::sync::Arc::new(engine), &f.adapters, None).unwrap();
+    view.realize_all().unwrap();
+    view
 }
 
 /// Ranges that start and end on every interesting boundary: headers, tensors, blocks, EOF.
-fn interesting_offsets(engine: &Engine, file: usize) -> Vec<u64> {
+fn interesting_offsets(engine: &View, file: usize) -> Vec<u64> {
     let size = engine.files[file].size;
     let header = engine.files[file]
         .rel
         .extension()
         .is_some_and(|e| e == "safetensors")
         .then(|| {
-            let bytes = std::fs::read(&engine.files[file].base_path).unwrap();
+            let bytes = std::fs::read(engine.files[file].source_path()).unwrap();
             8 + u64::from_le_bytes(bytes[..8].try_into().unwrap())
         });
     let mut v = vec![0, 1, 7, 8, 9, size.saturating_sub(1), size, size + 10];
@@ -81,9 +93,8 @@ fn random_ranges_equal_materialized_bytes() {
             (64 << 20, false),
             (64 << 20, true),
         ] {
-            let mut engine = engine(&f, cache);
             // O_DIRECT base reads (models over half of RAM) serve the same bytes.
-            engine.direct_base_reads = direct;
+            let engine = engine_with(&f, cache, direct);
             let mut rng = StdRng::seed_from_u64(cache as u64);
             for (index, file) in engine.files.iter().enumerate() {
                 let want = &f.expected[&file.rel];
@@ -138,7 +149,7 @@ fn concurrent_readers_get_the_same_bytes() {
     for t in threads {
         t.join().unwrap();
     }
-    let stats = &engine.cache.stats;
+    let stats = &engine.engine.blocks.stats;
     assert!(stats.hits.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
 

@@ -1,0 +1,315 @@
+//! One merged model directory over an engine's base, byte by byte.
+//!
+//! [`View::read_at`] is the one function through which every byte of a merged directory is
+//! produced: FUSE reads and `materialize` both call it, so they cannot disagree.
+//!
+//! A file is a list of segments. A pass-through file is one segment of its source's bytes.
+//! A safetensors file is its header (kept in memory), runs of untouched tensors (base bytes,
+//! or converted to `--dtype`), and merged tensors, computed in blocks of whole rows from
+//! their recipe (see [`crate::engine`]). A change of header or of a tensor's size is a
+//! change to this list only (`files.rs`).
+
+mod files;
+mod merged;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::adapter::Adapter;
+use crate::baseio::{Identity, InputFile};
+use crate::dtype::DType;
+use crate::engine::{AdapterVersion, Engine, EngineOptions, Recipe};
+use crate::error::{Error, Result};
+use crate::plan::MergePlan;
+
+pub use merged::BLOCK_BYTES;
+
+/// The files of an adapter directory the plan is read from.
+const ADAPTER_FILES: [&str; 2] = [Adapter::CONFIG_FILE, Adapter::WEIGHTS_FILE];
+
+/// Where a run of output bytes comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Bytes held in memory (a safetensors header, a rewritten JSON file).
+    Bytes(Arc<[u8]>),
+    /// The file's source bytes starting at this offset.
+    Base { offset: u64 },
+    /// The source's elements from this offset, stored in `from`, served in `to` (a tensor
+    /// no adapter touches, under `--dtype`).
+    Converted { offset: u64, from: DType, to: DType },
+    /// Bytes of adapter `adapter`'s weights file from this offset: a replaced tensor served
+    /// as stored.
+    Adapter { adapter: usize, offset: u64 },
+    /// Merged tensor `merge` of the plan (its `W` source says where its rows come from).
+    Merged { merge: usize },
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    start: u64,
+    len: u64,
+    source: Source,
+}
+
+/// One file of a merged directory.
+#[derive(Debug)]
+pub struct VirtualFile {
+    /// Path relative to the directory root.
+    pub rel: PathBuf,
+    pub size: u64,
+    /// The file behind it: a base file, or an adapter's tokenizer file.
+    source: Arc<InputFile>,
+    segments: Vec<Segment>,
+    /// Whether some bytes come from the adapters (merged or replaced tensors): then a
+    /// change of an adapter's files fails reads of this file.
+    adapted: bool,
+}
+
+impl VirtualFile {
+    /// The `stat` of the file behind it, taken before anything was read from it: its
+    /// permissions and owner are what the mount serves and `materialize` keeps.
+    pub fn source(&self) -> Identity {
+        self.source.identity()
+    }
+
+    /// The path of the file behind it (for messages).
+    pub fn source_path(&self) -> &Path {
+        &self.source.path
+    }
+}
+
+/// One merged model: a plan over the engine's base, laid out as files.
+pub struct View {
+    pub engine: Arc<Engine>,
+    pub files: Vec<VirtualFile>,
+    pub plan: MergePlan,
+    /// Adapter weights files, by adapter index: the source of replaced tensors.
+    adapter_weights: Vec<InputFile>,
+    /// Adapter config files, by adapter index: read at open only, held to see a change.
+    adapter_configs: Vec<InputFile>,
+    /// The recipe id of each merge, by index in `plan.merges`.
+    recipes: Vec<u32>,
+}
+
+impl View {
+    /// Plan the merge of `adapters` (`(dir, weight)`, in order) into the engine's base,
+    /// stored in `dtype` (`None`: the base's). Everything is checked from the headers; no
+    /// factor is read until a merged block needs it (see [`View::realize_all`]).
+    pub fn open(
+        engine: Arc<Engine>,
+        adapters: &[(PathBuf, f64)],
+        dtype: Option<DType>,
+    ) -> Result<View> {
+        // Before the adapters are read: what they are read from must be what is served.
+        let recorded: HashMap<PathBuf, Identity> = adapters
+            .iter()
+            .flat_map(|(dir, _)| ADAPTER_FILES.map(|name| dir.join(name)))
+            .filter_map(|path| Some((path.clone(), Identity::of_path(&path).ok()?)))
+            .collect();
+        let loaded = adapters
+            .iter()
+            .map(|(dir, weight)| Adapter::load(dir, *weight))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = MergePlan::build(&engine.base, loaded, dtype)?;
+        let open_recorded = |path: &Path| InputFile::open(path, recorded.get(path).copied());
+        let adapter_weights = (plan.loaded.iter())
+            .map(|a| open_recorded(&a.file))
+            .collect::<Result<Vec<_>>>()?;
+        let adapter_configs = (plan.loaded.iter())
+            .map(|a| open_recorded(&a.config_path))
+            .collect::<Result<Vec<_>>>()?;
+        let files = files::lay_out(&engine, &plan)?;
+        let mut view = View {
+            engine,
+            files,
+            plan,
+            adapter_weights,
+            adapter_configs,
+            recipes: Vec::new(),
+        };
+        view.recipes = (0..view.plan.merges.len())
+            .map(|i| view.engine.recipe_id(view.recipe(i)))
+            .collect();
+        Ok(view)
+    }
+
+    /// Open a base and plan one view of it, with every factor read and checked now: what
+    /// `materialize`, `inspect` and a mount of one merged model use.
+    pub fn open_single(
+        base_dir: &Path,
+        adapters: &[(PathBuf, f64)],
+        dtype: Option<DType>,
+        options: EngineOptions,
+    ) -> Result<View> {
+        let engine = Arc::new(Engine::open(base_dir, options)?);
+        let view = View::open(engine, adapters, dtype)?;
+        view.realize_all()?;
+        Ok(view)
+    }
+
+    /// Everything merge `i`'s bytes are computed from.
+    fn recipe(&self, i: usize) -> Recipe {
+        let m = &self.plan.merges[i];
+        Recipe {
+            tensor: m.tensor,
+            w: m.w,
+            dtype: m.dtype,
+            adapters: (m.adapters().into_iter())
+                .map(|a| AdapterVersion {
+                    weights: self.adapter_weights[a].identity().version(),
+                    config: self.adapter_configs[a].identity().version(),
+                    weight: self.plan.loaded[a].weight.to_bits(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Read and check every merge's factors now (non-finite values, deltas that could
+    /// overflow), so that a bad adapter fails here rather than at a read. They stay in the
+    /// engine's factor cache as far as its budget allows.
+    pub fn realize_all(&self) -> Result<()> {
+        for merge in 0..self.plan.merges.len() {
+            self.realized(merge)?;
+        }
+        Ok(())
+    }
+
+    /// The base directory.
+    pub fn base_dir(&self) -> &Path {
+        &self.engine.base.dir
+    }
+
+    /// Subdirectories of the tree (relative), parents before children.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.engine.base.dirs
+    }
+
+    /// Fill `buf` with the bytes of file `file` from `offset`; returns the count (short only
+    /// at the end of the file). Safe to call from many threads; never writes to the inputs.
+    pub fn read_at(&self, file: usize, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let vf = self.files.get(file).ok_or(Error::NoSuchFile(file))?;
+        // Cached blocks were made from the inputs as opened: once one is seen changed, none
+        // of this file's bytes are served, so no read mixes versions.
+        self.sources_unchanged(vf)?;
+        if offset >= vf.size {
+            return Ok(0);
+        }
+        let len = buf.len().min((vf.size - offset) as usize);
+        let buf = &mut buf[..len];
+        let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
+        let mut pos = offset;
+        let mut done = 0;
+        let stats = &self.engine.stats;
+        for seg in &vf.segments[first..] {
+            if done == len {
+                break;
+            }
+            let within = pos - seg.start;
+            let n = ((seg.len - within) as usize).min(len - done);
+            let out = &mut buf[done..done + n];
+            let counter = match &seg.source {
+                Source::Bytes(bytes) => {
+                    out.copy_from_slice(&bytes[within as usize..within as usize + n]);
+                    None
+                }
+                Source::Base { offset } => {
+                    self.read_source(vf, out, offset + within)?;
+                    Some(&stats.bytes_passthrough)
+                }
+                &Source::Converted { offset, from, to } => {
+                    self.read_converted(vf, offset, from, to, within, out)?;
+                    Some(&stats.bytes_converted)
+                }
+                Source::Adapter { adapter, offset } => {
+                    self.adapter_weights[*adapter].read_exact_at(out, offset + within, false)?;
+                    Some(&stats.bytes_replaced)
+                }
+                Source::Merged { merge } => {
+                    self.read_merged(vf, *merge, within, out)?;
+                    Some(&stats.bytes_merged)
+                }
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            pos += n as u64;
+            done += n;
+        }
+        stats.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(len)
+    }
+
+    /// Bytes `within ..` of a converted tensor whose source elements start at `offset`:
+    /// the elements the range touches are read, converted, and the range copied out.
+    fn read_converted(
+        &self,
+        vf: &VirtualFile,
+        offset: u64,
+        from: DType,
+        to: DType,
+        within: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let (first, end) = (within / to.size() as u64, within + out.len() as u64);
+        let count = (end.div_ceil(to.size() as u64) - first) as usize;
+        let mut raw = vec![0u8; count * from.size()];
+        self.read_source(vf, &mut raw, offset + first * from.size() as u64)?;
+        let mut converted = vec![0u8; count * to.size()];
+        for e in 0..count {
+            to.store(&mut converted, e, from.load(&raw, e));
+        }
+        let skip = (within - first * to.size() as u64) as usize;
+        out.copy_from_slice(&converted[skip..skip + out.len()]);
+        Ok(())
+    }
+
+    /// Fails if a file that file `file` is made from changed since lorafs opened it, looking
+    /// now (one `fstat` each): the mount asks at every open, since reads served from the
+    /// kernel's page cache never reach [`View::read_at`], and a `chmod` of the source
+    /// must close the file to those it no longer lets in.
+    pub fn check_sources(&self, file: usize) -> Result<()> {
+        let vf = self.files.get(file).ok_or(Error::NoSuchFile(file))?;
+        vf.source.check()?;
+        for input in self.adapter_sources(vf) {
+            input.check()?;
+        }
+        Ok(())
+    }
+
+    /// Fails if a file `vf` is made from was seen changed (no system call).
+    fn sources_unchanged(&self, vf: &VirtualFile) -> Result<()> {
+        vf.source.unchanged()?;
+        for input in self.adapter_sources(vf) {
+            input.unchanged()?;
+        }
+        Ok(())
+    }
+
+    /// The adapter files `vf`'s bytes are made from: all of them if some bytes come from
+    /// the adapters (merged or replaced tensors), else none. A change of one fails reads of
+    /// `vf`, and the mount serves `vf` only to those who may read every one.
+    pub fn adapter_sources<'a>(
+        &'a self,
+        vf: &'a VirtualFile,
+    ) -> impl Iterator<Item = &'a InputFile> + 'a {
+        self.adapter_files().filter(|_| vf.adapted)
+    }
+
+    /// Every adapter file the plan was read from.
+    fn adapter_files(&self) -> impl Iterator<Item = &InputFile> {
+        self.adapter_weights.iter().chain(&self.adapter_configs)
+    }
+
+    /// Read bytes of the file behind `vf`, around the page cache if so configured.
+    fn read_source(&self, vf: &VirtualFile, buf: &mut [u8], offset: u64) -> Result<()> {
+        vf.source
+            .read_exact_at(buf, offset, self.engine.direct_base_reads)
+    }
+
+    /// Total bytes of the merged directory's files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
