@@ -18,6 +18,7 @@ pub mod layout;
 pub mod materialize;
 pub mod model;
 pub mod plan;
+pub mod tree;
 pub mod view;
 
 pub use engine::{Engine, EngineOptions};

@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     Mount {
         #[command(flatten)]
         inputs: MergeArgs,
+        #[command(flatten)]
+        views: ViewArgs,
         /// An existing, empty directory.
         mountpoint: PathBuf,
         /// Threads serving FUSE requests.
@@ -72,6 +75,8 @@ enum Command {
     Inspect {
         #[command(flatten)]
         inputs: MergeArgs,
+        #[command(flatten)]
+        views: ViewArgs,
         /// List every merged tensor.
         #[arg(long)]
         tensors: bool,
@@ -87,7 +92,7 @@ struct MergeArgs {
     /// DIR:WEIGHT. An argument that is an existing path is taken whole (a directory named
     /// `ad:2` is that directory at weight 1). Repeat to merge several; their deltas are
     /// summed in f32 and rounded once.
-    #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", required = true, value_parser = parse_adapter)]
+    #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", value_parser = parse_adapter)]
     adapters: Vec<(PathBuf, f64)>,
     /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB). Default: 256MiB for a mount,
     /// 32MiB for materialize, which streams and reads each block once.
@@ -103,6 +108,49 @@ struct MergeArgs {
     /// into DTYPE. config.json says the new dtype.
     #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
     dtype: Option<lorafs::dtype::DType>,
+}
+
+/// Many merged models in one mount, each a directory named after its view.
+#[derive(Args)]
+struct ViewArgs {
+    /// A view at MNT/NAME: SPEC is a comma-separated list of ADAPTER[:WEIGHT], merged as
+    /// --adapter merges them. Repeat for more views. NAME is a relative path (letters,
+    /// digits, `._+-`, up to 8 components).
+    #[arg(long = "view", value_name = "NAME=SPEC", value_parser = parse_view)]
+    views: Vec<(String, Vec<(PathBuf, f64)>)>,
+    /// Every PEFT adapter directory under DIR (up to 4 levels down) is a view at its path
+    /// relative to DIR; DIR is watched, and views appear, change and go with it.
+    #[arg(long, value_name = "DIR")]
+    catalog: Option<PathBuf>,
+    /// Bytes of factors to keep for the views (e.g. 2GiB): the least recently used views'
+    /// factors are dropped beyond it and read again when needed.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB")]
+    factor_cache: usize,
+}
+
+impl ViewArgs {
+    fn any(&self) -> bool {
+        !self.views.is_empty() || self.catalog.is_some()
+    }
+}
+
+/// `NAME=SPEC`, SPEC a comma-separated list of `ADAPTER[:WEIGHT]`.
+fn parse_view(arg: &str) -> Result<(String, Vec<(PathBuf, f64)>), String> {
+    let (name, spec) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("{arg:?}: expected NAME=SPEC"))?;
+    lorafs::tree::check_view_name(name)?;
+    Ok((name.to_string(), parse_spec(spec)?))
+}
+
+/// A comma-separated list of `ADAPTER[:WEIGHT]`.
+fn parse_spec(spec: &str) -> Result<Vec<(PathBuf, f64)>, String> {
+    if spec.trim().is_empty() {
+        return Err("empty view spec: name at least one adapter".into());
+    }
+    spec.split(',')
+        .map(|item| parse_adapter(item.trim()))
+        .collect()
 }
 
 fn parse_dtype(arg: &str) -> Result<lorafs::dtype::DType, String> {
@@ -168,12 +216,47 @@ impl MergeArgs {
 
     /// The one merged model of `--adapter`, every factor read and checked.
     fn open(&self, default_cache: usize) -> anyhow::Result<View> {
-        let engine = std::sync::Arc::new(self.engine(default_cache)?);
+        if self.adapters.is_empty() {
+            anyhow::bail!("name the adapters to merge with --adapter DIR[:WEIGHT]");
+        }
+        let engine = Arc::new(self.engine(default_cache)?);
         let adapters = resolve_adapters(&self.adapters)?;
         let view = View::open(engine, &adapters, self.dtype)?;
         view.realize_all()?;
         Ok(view)
     }
+}
+
+/// A mount of views: the engine, an empty tree, and the registry with the `--view` views
+/// in it (each checked in full: a bad one mounts nothing).
+fn open_views(
+    inputs: &MergeArgs,
+    args: &ViewArgs,
+) -> anyhow::Result<(lorafs::fuse::LorafsFs, lorafs::fuse::Live)> {
+    use lorafs::fuse::views::Views;
+    use lorafs::tree::Origin;
+    if !inputs.adapters.is_empty() {
+        anyhow::bail!(
+            "--adapter merges one model at the mount point, --view and --catalog serve views \
+             under it: use one or the other (--adapter A --adapter B is --view NAME=A,B)"
+        );
+    }
+    let mut engine = inputs.engine(MOUNT_CACHE)?;
+    engine.factors = lorafs::cache::Cache::new(args.factor_cache);
+    let engine = Arc::new(engine);
+    let fs = lorafs::fuse::LorafsFs::of_views(engine.clone())?;
+    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree()));
+    for (name, spec) in &args.views {
+        let adapters = resolve_adapters(spec)?;
+        let view =
+            (views.open(&adapters, &Origin::Named)).with_context(|| format!("view {name}"))?;
+        let name = Path::new(name);
+        views
+            .add(name, view, Origin::Named)
+            .map_err(|e| anyhow::anyhow!("view {}: {e}", name.display()))?;
+    }
+    let start = Box::new(|_: &Path| Ok(Vec::new()));
+    Ok((fs, lorafs::fuse::Live { views, start }))
 }
 
 /// Adapter arguments with repo ids resolved to directories.
@@ -280,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mount {
             inputs,
+            views,
             mountpoint,
             threads,
             allow_other,
@@ -303,28 +387,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             one_malloc_arena();
-            let view = std::sync::Arc::new(inputs.open(MOUNT_CACHE)?);
-            let warm = match warm {
-                Warm::Always => true,
-                Warm::Never => false,
-                Warm::Auto => {
-                    !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4
-                }
+            let (fs, live, warm_view) = if views.any() {
+                let (fs, live) = open_views(&inputs, &views)?;
+                (fs, Some(live), None)
+            } else {
+                let view = Arc::new(inputs.open(MOUNT_CACHE)?);
+                let warm = match warm {
+                    Warm::Always => true,
+                    Warm::Never => false,
+                    Warm::Auto => {
+                        !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4
+                    }
+                };
+                let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
+                (fs, None, warm.then_some(view))
             };
             let options = lorafs::fuse::MountOptions {
                 threads,
                 allow_other,
                 read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
-                warm,
+                warm: warm_view,
             };
-            lorafs::fuse::mount(view, &mountpoint, &options, || {
+            lorafs::fuse::mount(fs, live, &mountpoint, &options, || {
                 if daemon_child {
                     detach_from_parent(log.as_ref());
                 }
             })?;
         }
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
-        Command::Inspect { inputs, tensors } => {
+        Command::Inspect {
+            inputs,
+            views: _,
+            tensors,
+        } => {
             let view = inputs.open(0)?;
             to_stdout(&lorafs::inspect::report(&view, tensors))?;
         }

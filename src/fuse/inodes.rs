@@ -4,10 +4,11 @@
 //! the kernel enforcing them) never lets anyone read more than the source lets them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
@@ -15,6 +16,7 @@ use fuser::{FileAttr, FileType, INodeNo};
 use super::access::{Ancestors, Owner, Perms};
 use super::acl;
 use crate::baseio::Identity;
+use crate::tree::{Kind, Node};
 use crate::view::{View, VirtualFile};
 
 /// Reported as `st_blksize`: programs such as `cat` size their reads by it, and larger reads
@@ -26,62 +28,71 @@ const BLKSIZE: u32 = 1 << 20;
 /// bits (the mount is `nosuid`, and nothing can be created in it).
 const KEPT_BITS: u32 = 0o555;
 
-pub(super) enum NodeKind {
-    Dir { children: BTreeMap<OsString, u64> },
-    File { file: usize },
-}
-
-pub(super) struct Node {
-    pub parent: u64,
-    pub kind: NodeKind,
-    pub attr: FileAttr,
-}
-
-/// Every node of `view`'s tree; index = inode number - 1, the root (the base directory)
-/// first. Each takes the mode, owner and modification time of its source, following
-/// symlinks (a Hugging Face snapshot is links into `blobs/`: the blob's mode counts): the
-/// base directory, a base subdirectory, or the file behind it (a base file, the adapter's
-/// file that replaces it, or the base file lorafs rewrites); its mode keeps a class's bits
-/// only if every user of that class has them under the source's ACL (see [`acl`]), may
-/// reach the source through the directories around it (see [`access`](super::access)) and,
-/// for a merged file, may read every adapter file. Fails, naming the path, when a source or
-/// a directory above it cannot be stat'ed: serving it with guessed permissions could widen
-/// access.
-pub(super) fn build(view: &View) -> io::Result<Vec<Node>> {
+/// Every node of `view`'s tree, numbered from `first` (the root, the base directory) on:
+/// `view` takes [`count`] numbers. Each takes the mode, owner and modification time of its
+/// source, following symlinks (a Hugging Face snapshot is links into `blobs/`: the blob's
+/// mode counts): the base directory, a base subdirectory, or the file behind it (a base
+/// file, the adapter's file that replaces it, or the base file lorafs rewrites); its mode
+/// keeps a class's bits only if every user of that class has them under the source's ACL
+/// (see [`acl`]), may reach the source through the directories around it (see
+/// [`access`](super::access)) and, for a merged file, may read every adapter file. Fails,
+/// naming the path, when a source or a directory above it cannot be stat'ed: serving it
+/// with guessed permissions could widen access.
+pub(super) fn build(view: &Arc<View>, first: u64) -> io::Result<Vec<(u64, Node<FileAttr>)>> {
     let mut attrs = Attrs::default();
     let dir_node = |parent: u64, attr: FileAttr| Node {
         parent,
-        kind: NodeKind::Dir {
+        kind: Kind::Dir {
             children: BTreeMap::new(),
         },
         attr,
     };
-    let mut nodes = vec![dir_node(1, attrs.dir(1, None, view.base_dir())?)];
-    let mut dir_ino: HashMap<&Path, u64> = HashMap::from([(Path::new(""), 1)]);
+    let root = dir_node(first, attrs.dir(first, None, view.base_dir())?);
+    let mut nodes = vec![(first, root)];
+    let mut dir_ino: HashMap<&Path, u64> = HashMap::from([(Path::new(""), first)]);
     for dir in view.dirs() {
-        let ino = nodes.len() as u64 + 1;
+        let ino = first + nodes.len() as u64;
         let parent = parent_ino(&dir_ino, dir)?;
         let attr = attrs.dir(ino, Some(parent), &view.base_dir().join(dir))?;
-        nodes.push(dir_node(parent, attr));
-        link(&mut nodes, parent, dir.file_name().unwrap_or_default(), ino);
+        nodes.push((ino, dir_node(parent, attr)));
+        link(
+            &mut nodes,
+            first,
+            parent,
+            dir.file_name().unwrap_or_default(),
+            ino,
+        );
         dir_ino.insert(dir, ino);
     }
     for (index, file) in view.files.iter().enumerate() {
-        let ino = nodes.len() as u64 + 1;
+        let ino = first + nodes.len() as u64;
         let parent = parent_ino(&dir_ino, &file.rel)?;
-        nodes.push(Node {
-            parent,
-            kind: NodeKind::File { file: index },
-            attr: attrs.file(ino, parent, file, view)?,
-        });
+        let attr = attrs.file(ino, parent, file, view)?;
+        let kind = Kind::File {
+            view: view.clone(),
+            file: index,
+        };
+        nodes.push((ino, Node { parent, kind, attr }));
         link(
             &mut nodes,
+            first,
             parent,
             file.rel.file_name().unwrap_or_default(),
             ino,
         );
     }
     Ok(nodes)
+}
+
+/// The inode of file `index` of a mount of one view: [`build`] numbers the root, the
+/// directories, then the files in order.
+pub(super) fn single_file_ino(view: &View, index: usize) -> u64 {
+    crate::tree::ROOT + 1 + view.dirs().len() as u64 + index as u64
+}
+
+/// The number of nodes [`build`] makes for `view`.
+pub(super) fn count(view: &View) -> usize {
+    1 + view.dirs().len() + view.files.len()
 }
 
 /// Builds the nodes' attributes, remembering where each directory node's source really is.
@@ -209,8 +220,8 @@ fn parent_ino(dir_ino: &HashMap<&Path, u64>, rel: &Path) -> io::Result<u64> {
     })
 }
 
-fn link(nodes: &mut [Node], parent: u64, name: &OsStr, ino: u64) {
-    if let NodeKind::Dir { children } = &mut nodes[parent as usize - 1].kind {
+fn link(nodes: &mut [(u64, Node<FileAttr>)], first: u64, parent: u64, name: &OsStr, ino: u64) {
+    if let Kind::Dir { children } = &mut nodes[(parent - first) as usize].1.kind {
         children.insert(name.to_os_string(), ino);
     }
 }
@@ -241,4 +252,10 @@ fn attr(ino: u64, kind: FileType, size: u64, source: &Identity) -> FileAttr {
         blksize: BLKSIZE,
         flags: 0,
     }
+}
+
+/// The attributes of the root of a mount of views: those of the base directory, whose
+/// views it lists.
+pub(super) fn base_dir_attr(base_dir: &Path) -> io::Result<FileAttr> {
+    Attrs::default().dir(crate::tree::ROOT, None, base_dir)
 }

@@ -6,15 +6,16 @@ mod acl;
 mod inodes;
 mod panics;
 mod session;
+pub mod views;
 
 pub use panics::init_server_process;
-pub use session::{check_mountpoint, mount, unmount, MountOptions};
+pub use session::{check_mountpoint, mount, unmount, Live, MountOptions};
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fuser::{
@@ -23,8 +24,9 @@ use fuser::{
     ReplyOpen, ReplyStatfs, Request,
 };
 
+use crate::engine::Engine;
+use crate::tree::{self, Kind, Tree};
 use crate::view::View;
-use inodes::{Node, NodeKind};
 use panics::caught;
 
 /// The content never changes while mounted, so the kernel may cache names and attributes
@@ -42,26 +44,35 @@ thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-pub struct LorafsFs {
+/// An open file: the view it was opened in (kept to the end, whatever changes meanwhile)
+/// and where its last read ended, to spot sequential readers.
+struct Handle {
     view: Arc<View>,
-    /// Index = inode number - 1.
-    nodes: Vec<Node>,
-    /// The stats file's inode, unless the base has a file of that name.
+    file: usize,
+    last_end: Option<u64>,
+}
+
+pub type SharedTree = Arc<RwLock<Tree<FileAttr>>>;
+
+/// The filesystem a mount serves: a tree of views over one engine.
+pub struct LorafsFs {
+    engine: Arc<Engine>,
+    tree: SharedTree,
+    /// The stats file's inode, unless the base has a file of that name at the root.
     stats_ino: Option<u64>,
     next_fh: AtomicU64,
-    /// Per open file handle: where the last read ended, to spot sequential readers.
-    last_end: Mutex<HashMap<u64, u64>>,
+    handles: Mutex<HashMap<u64, Handle>>,
 }
 
 impl LorafsFs {
-    /// The tree of `view`, each node with its source's permissions and owner; fails when a
-    /// source cannot be stat'ed.
-    pub fn new(view: Arc<View>) -> io::Result<LorafsFs> {
-        let nodes = inodes::build(&view)?;
-        let shadowed = match &nodes[0].kind {
-            NodeKind::Dir { children } => children.contains_key(OsStr::new(STATS_FILE)),
-            NodeKind::File { .. } => false,
-        };
+    /// The tree of one merged model at the root, each node with its source's permissions
+    /// and owner; fails when a source cannot be stat'ed.
+    pub fn single(view: Arc<View>) -> io::Result<LorafsFs> {
+        let nodes = inodes::build(&view, tree::ROOT)?;
+        let tree = Tree::single(nodes.into_iter().map(|(_, node)| node).collect());
+        let shadowed = tree
+            .get(tree::ROOT)
+            .is_some_and(|n| matches!(&n.kind, Kind::Dir { children } if children.contains_key(OsStr::new(STATS_FILE))));
         if shadowed {
             log::warn!(
                 "{}: the base has a file named {STATS_FILE}: it is served, and the mount's \
@@ -69,28 +80,37 @@ impl LorafsFs {
                 view.base_dir().display()
             );
         }
-        Ok(LorafsFs {
-            stats_ino: (!shadowed).then_some(nodes.len() as u64 + 1),
-            view,
-            nodes,
+        Ok(LorafsFs::with_tree(view.engine.clone(), tree, shadowed))
+    }
+
+    /// An empty tree of views (added by [`views::Views`]), its root served with the base
+    /// directory's permissions and owner.
+    pub fn of_views(engine: Arc<Engine>) -> io::Result<LorafsFs> {
+        let tree = Tree::of_views(inodes::base_dir_attr(&engine.base.dir)?);
+        Ok(LorafsFs::with_tree(engine, tree, false))
+    }
+
+    fn with_tree(engine: Arc<Engine>, tree: Tree<FileAttr>, shadowed: bool) -> LorafsFs {
+        let stats_ino = (!shadowed).then(|| tree.numbers().take(1));
+        LorafsFs {
+            engine,
+            tree: Arc::new(RwLock::new(tree)),
+            stats_ino,
             next_fh: AtomicU64::new(1),
-            last_end: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The inode number of every file, by file index.
-    pub fn file_inodes(&self) -> Vec<u64> {
-        let mut inodes = vec![0; self.view.files.len()];
-        for (i, node) in self.nodes.iter().enumerate() {
-            if let NodeKind::File { file } = node.kind {
-                inodes[file] = i as u64 + 1;
-            }
+            handles: Mutex::new(HashMap::new()),
         }
-        inodes
     }
 
-    fn node(&self, ino: INodeNo) -> Option<&Node> {
-        self.nodes.get((ino.0 as usize).checked_sub(1)?)
+    pub fn tree(&self) -> SharedTree {
+        self.tree.clone()
+    }
+
+    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, Tree<FileAttr>> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn is_stats(&self, ino: INodeNo) -> bool {
@@ -100,7 +120,11 @@ impl LorafsFs {
     /// The stats file is the mounting user's (and root's) to read: it shows the server's pid
     /// and activity, not model bytes, and the base's owner may be someone else.
     fn stats_attr(&self, ino: u64) -> FileAttr {
-        let mut attr = self.nodes[0].attr;
+        let mut attr = self
+            .read_tree()
+            .get(tree::ROOT)
+            .map(|n| n.attr)
+            .expect("a root");
         attr.ino = INodeNo(ino);
         attr.kind = FileType::RegularFile;
         attr.perm = 0o400;
@@ -113,32 +137,43 @@ impl LorafsFs {
     }
 
     fn stats_text(&self) -> String {
-        stats_text(&self.view)
+        stats_text(&self.engine)
+    }
+
+    /// The view and file behind an open handle.
+    fn handle(&self, fh: u64) -> Option<(Arc<View>, usize)> {
+        let handles = self.lock_handles();
+        handles.get(&fh).map(|h| (h.view.clone(), h.file))
     }
 
     /// Prefetch ahead of a reader whose read starts where its previous one ended.
-    fn note_read(&self, fh: u64, file: usize, offset: u64, len: u64) {
+    fn note_read(&self, fh: u64, view: &Arc<View>, file: usize, offset: u64, len: u64) {
         let sequential = {
-            let mut last = self.last_end.lock().unwrap_or_else(|p| p.into_inner());
-            let previous = last.insert(fh, offset + len);
+            let mut handles = self.lock_handles();
+            let Some(h) = handles.get_mut(&fh) else {
+                return;
+            };
+            let previous = h.last_end.replace(offset + len);
             previous == Some(offset)
         };
         if sequential {
-            self.view.prefetch(file, offset + len, PREFETCH_BYTES);
+            view.prefetch(file, offset + len, PREFETCH_BYTES);
         }
     }
 
-    /// Serve a read of merged file `file`.
-    fn read_file(&self, file: usize, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+    /// Serve a read of open file `fh`.
+    fn read_file(&self, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+        let Some((view, file)) = self.handle(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
         READ_BUF.with_borrow_mut(|buf| {
             // One buffer per FUSE thread, reused: no allocation or zeroing per read.
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            let rel = &self.view.files[file].rel;
+            let rel = &view.files[file].rel;
             // A bug must cost one read (EIO), not a serving thread and with it the mount.
-            let result =
-                panics::catch(|| self.view.read_at(file, offset, &mut buf[..size as usize]));
+            let result = panics::catch(|| view.read_at(file, offset, &mut buf[..size as usize]));
             match result {
                 None => {
                     log::error!(
@@ -149,7 +184,7 @@ impl LorafsFs {
                 }
                 Some(Ok(n)) => {
                     reply.data(&buf[..n]);
-                    self.note_read(fh.0, file, offset, n as u64);
+                    self.note_read(fh.0, &view, file, offset, n as u64);
                 }
                 Some(Err(err)) => {
                     log::error!(
@@ -162,27 +197,48 @@ impl LorafsFs {
         });
     }
 
+    /// Open file `ino` of `view`: its sources are checked now, since pages cached from a
+    /// source since changed (a write, or a `chmod` closing it to this reader) must not be
+    /// served.
+    fn open_file(&self, view: Arc<View>, file: usize, reply: ReplyOpen) {
+        if let Err(err) = view.check_sources(file) {
+            log::debug!("open of {} refused: {err}", view.files[file].rel.display());
+            return reply.error(Errno::from_i32(err.errno()));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Handle {
+            view,
+            file,
+            last_end: None,
+        };
+        self.lock_handles().insert(fh, handle);
+        // A file's content never changes under its inode (a changed view gets new inodes):
+        // keep the page cache across opens.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
     /// List directory `ino` from entry `offset` on: `.`, `..`, then the children by name.
     fn list(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
-        let Some(node) = self.node(ino) else {
+        let tree = self.read_tree();
+        let Some(node) = tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let NodeKind::Dir { children } = &node.kind else {
+        let Kind::Dir { children } = &node.kind else {
             return reply.error(Errno::ENOTDIR);
         };
         let dots = [
             (ino.0, FileType::Directory, OsStr::new(".")),
             (node.parent, FileType::Directory, OsStr::new("..")),
         ];
-        let entries = dots
-            .into_iter()
-            .chain(children.iter().map(|(name, &child)| {
-                (
-                    child,
-                    self.nodes[child as usize - 1].attr.kind,
-                    name.as_os_str(),
-                )
-            }));
+        let kind = |child: u64| {
+            tree.get(child)
+                .map_or(FileType::RegularFile, |n| n.attr.kind)
+        };
+        let entries = dots.into_iter().chain(
+            children
+                .iter()
+                .map(|(name, &child)| (child, kind(child), name.as_os_str())),
+        );
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (child, kind, name)) in entries.enumerate().skip(skip) {
             // The offset passed back is that of the next entry.
@@ -195,29 +251,39 @@ impl LorafsFs {
 }
 
 /// The live counters, as served by the stats file and logged on SIGUSR1.
-pub fn stats_text(view: &View) -> String {
-    let c = &view.engine.blocks.stats;
-    let s = &view.engine.stats;
+pub fn stats_text(engine: &Engine) -> String {
+    let c = &engine.blocks.stats;
+    let s = &engine.stats;
     format!(
         "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
-         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nfactor_bytes {}\nkernel {}\npid {}\n\
-         panics_caught {}\n",
+         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nbytes_converted {}\n\
+         factor_bytes {}\nfactor_budget {}\nfactors_loaded {}\nkernel {}\npid {}\npanics_caught {}\n",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
         c.evictions.load(Ordering::Relaxed),
-        view.engine.blocks.bytes(),
-        view.engine.blocks.budget(),
+        engine.blocks.bytes(),
+        engine.blocks.budget(),
         c.bytes_computed.load(Ordering::Relaxed),
         s.bytes_read.load(Ordering::Relaxed),
         s.bytes_merged.load(Ordering::Relaxed),
         s.bytes_passthrough.load(Ordering::Relaxed),
         s.bytes_replaced.load(Ordering::Relaxed),
-        view.plan.factor_bytes(),
-        view.engine.kernel.name(),
+        s.bytes_converted.load(Ordering::Relaxed),
+        engine.factors.bytes(),
+        engine.factors.budget(),
+        s.factors_loaded.load(Ordering::Relaxed),
+        engine.kernel.name(),
         std::process::id(),
         panics::caught_count(),
     )
+}
+
+/// `attr` as served for inode `ino` (the directories made above nested view names share
+/// one set of attributes).
+fn with_ino(mut attr: FileAttr, ino: u64) -> FileAttr {
+    attr.ino = INodeNo(ino);
+    attr
 }
 
 fn euid() -> u32 {
@@ -253,21 +319,26 @@ impl Filesystem for LorafsFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         caught("lookup", || {
-            if let (1, Some(stats)) = (parent.0, self.stats_ino) {
+            if let (tree::ROOT, Some(stats)) = (parent.0, self.stats_ino) {
                 if name == STATS_FILE {
                     return reply.entry(&Duration::ZERO, &self.stats_attr(stats), Generation(0));
                 }
             }
-            match self.node(parent).map(|n| &n.kind) {
-                Some(NodeKind::Dir { children }) => match children.get(name) {
-                    Some(&ino) => {
-                        reply.entry(&TTL, &self.nodes[ino as usize - 1].attr, Generation(0))
-                    }
-                    None => reply.error(Errno::ENOENT),
+            let tree = self.read_tree();
+            match tree.lookup(parent.0, name) {
+                Some((ino, node)) => reply.entry(&TTL, &with_ino(node.attr, ino), Generation(0)),
+                None => match tree.get(parent.0).map(|n| &n.kind) {
+                    Some(Kind::File { .. }) => reply.error(Errno::ENOTDIR),
+                    _ => reply.error(Errno::ENOENT),
                 },
-                Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
-                None => reply.error(Errno::ENOENT),
             }
+        })
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        caught("forget", || {
+            let mut tree = self.tree.write().unwrap_or_else(|p| p.into_inner());
+            tree.forget(ino.0, nlookup);
         })
     }
 
@@ -276,8 +347,8 @@ impl Filesystem for LorafsFs {
             if self.is_stats(ino) {
                 return reply.attr(&Duration::ZERO, &self.stats_attr(ino.0));
             }
-            match self.node(ino) {
-                Some(node) => reply.attr(&TTL, &node.attr),
+            match self.read_tree().get(ino.0) {
+                Some(node) => reply.attr(&TTL, &with_ino(node.attr, ino.0)),
                 None => reply.error(Errno::ENOENT),
             }
         })
@@ -288,27 +359,19 @@ impl Filesystem for LorafsFs {
             if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
                 return reply.error(Errno::EROFS);
             }
-            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
             if self.is_stats(ino) {
                 // Its size changes with every read: bypass the page cache.
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
             }
-            match self.node(ino).map(|n| &n.kind) {
-                // The content never changes while mounted: keep the page cache across opens.
-                // Pages cached from a source since changed (a write, or a `chmod` closing it
-                // to this reader) are not served: the open fails, as a read would.
-                Some(NodeKind::File { file }) => match self.view.check_sources(*file) {
-                    Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                    Err(err) => {
-                        log::debug!(
-                            "open of {} refused: {err}",
-                            self.view.files[*file].rel.display()
-                        );
-                        reply.error(Errno::from_i32(err.errno()))
-                    }
-                },
-                Some(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
-                None => reply.error(Errno::ENOENT),
+            let file = match self.read_tree().get(ino.0).map(|n| &n.kind) {
+                Some(Kind::File { view, file }) => Ok((view.clone(), *file)),
+                Some(Kind::Dir { .. }) => Err(Errno::EISDIR),
+                None => Err(Errno::ENOENT),
+            };
+            match file {
+                Ok((view, file)) => self.open_file(view, file, reply),
+                Err(errno) => reply.error(errno),
             }
         })
     }
@@ -333,11 +396,7 @@ impl Filesystem for LorafsFs {
                 let end = start.saturating_add(size as usize).min(text.len());
                 return reply.data(&text.as_bytes()[start..end]);
             }
-            match self.node(ino).map(|n| &n.kind) {
-                Some(NodeKind::File { file }) => self.read_file(*file, fh, offset, size, reply),
-                Some(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
-                None => reply.error(Errno::ENOENT),
-            }
+            self.read_file(fh, offset, size, reply)
         })
     }
 
@@ -364,19 +423,19 @@ impl Filesystem for LorafsFs {
         reply: fuser::ReplyEmpty,
     ) {
         caught("release", || {
-            self.last_end
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&fh.0);
+            self.lock_handles().remove(&fh.0);
             reply.ok();
         })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        caught("opendir", || match self.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::Dir { .. }) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
+        // Directories of views change while mounted: their listings are not cached.
+        caught("opendir", || {
+            match self.read_tree().get(ino.0).map(|n| &n.kind) {
+                Some(Kind::Dir { .. }) => reply.opened(FileHandle(0), FopenFlags::empty()),
+                Some(Kind::File { .. }) => reply.error(Errno::ENOTDIR),
+                None => reply.error(Errno::ENOENT),
+            }
         })
     }
 
@@ -432,17 +491,9 @@ impl Filesystem for LorafsFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         caught("statfs", || {
-            let bytes = self.view.total_bytes();
-            reply.statfs(
-                bytes.div_ceil(4096),
-                0,
-                0,
-                self.nodes.len() as u64,
-                0,
-                4096,
-                255,
-                4096,
-            )
+            let bytes = self.engine.base_bytes();
+            let nodes = self.read_tree().len() as u64;
+            reply.statfs(bytes.div_ceil(4096), 0, 0, nodes, 0, 4096, 255, 4096)
         })
     }
 }

@@ -10,6 +10,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use super::views::Views;
 use super::LorafsFs;
 use crate::view::View;
 
@@ -17,7 +18,7 @@ use crate::view::View;
 /// applies the subtype; a direct mount by root shows type `fuse`).
 const FS_NAME: &str = "lorafs";
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MountOptions {
     /// Threads serving FUSE requests.
     pub threads: usize,
@@ -25,26 +26,37 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Read-ahead of the mount's backing device in KiB, set through sysfs after mounting.
     pub read_ahead_kb: Option<u32>,
-    /// Once mounted, merge every file in the background and hand it to the kernel's page
-    /// cache (FUSE_NOTIFY_STORE), so that readers find it there.
-    pub warm: bool,
+    /// Once mounted, merge every file of this view (a mount of one view) in the background
+    /// and hand it to the kernel's page cache (FUSE_NOTIFY_STORE), so that readers find it
+    /// there.
+    pub warm: Option<Arc<View>>,
+}
+
+/// What a mount of views needs once the mount exists: the registry, told the kernel's
+/// notifier, and the services that change it (the control socket, the catalog watcher),
+/// started by `start` and kept until unmounted.
+pub struct Live {
+    pub views: Arc<Views>,
+    #[allow(clippy::type_complexity)]
+    pub start: Box<dyn FnOnce(&Path) -> io::Result<Vec<Box<dyn std::any::Any>>>>,
 }
 
 /// Bytes per page-cache store while warming: one FUSE request's worth.
 const WARM_CHUNK: usize = 1 << 20;
 
-/// Mount `view` at `mountpoint` and serve it until unmounted (by `umount`, `lorafs
+/// Mount `fs` at `mountpoint` and serve it until unmounted (by `umount`, `lorafs
 /// unmount`, SIGINT or SIGTERM). `ready` runs once the mount is usable.
 pub fn mount(
-    view: Arc<View>,
+    fs: LorafsFs,
+    live: Option<Live>,
     mountpoint: &Path,
     options: &MountOptions,
     ready: impl FnOnce(),
 ) -> io::Result<()> {
     check_mountpoint(mountpoint)?;
     let mountpoint = mountpoint.canonicalize()?;
-    let fs = LorafsFs::new(view.clone())?;
-    let inodes = fs.file_inodes();
+    let engine = fs.engine.clone();
+    let tree = fs.tree();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -55,9 +67,8 @@ pub fn mount(
         MountOption::NoSuid,
         MountOption::FSName(format!(
             "{FS_NAME}:{}",
-            view.base_dir()
-                .canonicalize()
-                .unwrap_or_else(|_| view.base_dir().to_path_buf())
+            (engine.base.dir.canonicalize())
+                .unwrap_or_else(|_| engine.base.dir.clone())
                 .display()
         )),
         MountOption::Subtype(FS_NAME.into()),
@@ -74,23 +85,28 @@ pub fn mount(
         )
     })?;
 
-    if options.warm {
+    if let Some(view) = &options.warm {
         let (view, notifier, root) = (view.clone(), session.notifier(), mountpoint.clone());
         std::thread::Builder::new()
             .name("lorafs-warm".into())
             .spawn(move || {
-                super::panics::caught_background("warm-up", || {
-                    warm(&view, &notifier, &root, &inodes)
-                });
+                super::panics::caught_background("warm-up", || warm(&view, &notifier, &root));
             })?;
     }
+    let _services = match live {
+        Some(live) => {
+            live.views.set_notifier(session.notifier());
+            (live.start)(&mountpoint)?
+        }
+        None => Vec::new(),
+    };
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
     }
     let mut unmounter = session.unmount_callable();
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
-    let watched_engine = view.clone();
+    let watched_engine = engine.clone();
     std::thread::Builder::new()
         .name("lorafs-signals".into())
         .spawn(move || {
@@ -116,13 +132,12 @@ pub fn mount(
                 break;
             }
         })?;
+    let nodes = tree.read().map_or(0, |t| t.len());
     log::info!(
-        "mounted {} at {} ({} files, {} merged tensors, kernel {})",
-        view.base_dir().display(),
+        "mounted {} at {} ({nodes} nodes, kernel {})",
+        engine.base.dir.display(),
         mountpoint.display(),
-        view.files.len(),
-        view.plan.merges.len(),
-        view.engine.kernel.name()
+        engine.kernel.name()
     );
     ready();
     session.run()?;
@@ -130,11 +145,12 @@ pub fn mount(
     Ok(())
 }
 
-/// Merge every file, in order, and store it in the kernel's page cache, so that a loader
-/// started after the mount (Python takes a second or two to import torch) finds the model
-/// there. Reads arriving meanwhile are served as usual; both go through the block cache, so
-/// nothing is merged twice. Stops quietly at the first refusal (e.g. the mount is gone).
-fn warm(view: &View, notifier: &fuser::Notifier, root: &Path, inodes: &[u64]) {
+/// Merge every file of a mount of one view, in order, and store it in the kernel's page
+/// cache, so that a loader started after the mount (Python takes a second or two to import
+/// torch) finds the model there. Reads arriving meanwhile are served as usual; both go
+/// through the block cache, so nothing is merged twice. Stops quietly at the first refusal
+/// (e.g. the mount is gone).
+fn warm(view: &View, notifier: &fuser::Notifier, root: &Path) {
     let start = std::time::Instant::now();
     let mut buf = vec![0u8; WARM_CHUNK];
     let mut stored = 0u64;
@@ -143,6 +159,7 @@ fn warm(view: &View, notifier: &fuser::Notifier, root: &Path, inodes: &[u64]) {
         if let Err(e) = std::fs::metadata(root.join(&file.rel)) {
             return log::info!("warm-up stopped at {}: {e}", file.rel.display());
         }
+        let ino = super::inodes::single_file_ino(view, index);
         let mut offset = 0;
         while offset < file.size {
             let n = match view.read_at(index, offset, &mut buf) {
@@ -150,7 +167,7 @@ fn warm(view: &View, notifier: &fuser::Notifier, root: &Path, inodes: &[u64]) {
                 Ok(n) => n,
                 Err(e) => return log::warn!("warm-up stopped at {}: {e}", file.rel.display()),
             };
-            if let Err(e) = notifier.store(fuser::INodeNo(inodes[index]), offset, &buf[..n]) {
+            if let Err(e) = notifier.store(fuser::INodeNo(ino), offset, &buf[..n]) {
                 return log::info!("warm-up stopped at {}: {e}", file.rel.display());
             }
             offset += n as u64;

@@ -1,0 +1,186 @@
+//! Views changed while mounted: `lorafs view add|set|rm`, and the catalog's directories
+//! appearing, changing and going. Each change opens the new view first (a bad one changes
+//! nothing), then swaps it into the tree under new inode numbers, then tells the kernel
+//! which names it must forget.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use fuser::{FileAttr, INodeNo, Notifier};
+
+use super::{inodes, SharedTree};
+use crate::dtype::DType;
+use crate::engine::Engine;
+use crate::tree::{self, Change, Origin};
+use crate::view::View;
+
+/// A view as `view ls` shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub name: PathBuf,
+    pub origin: Origin,
+    pub adapters: Vec<(PathBuf, f64)>,
+}
+
+pub struct Views {
+    engine: Arc<Engine>,
+    dtype: Option<DType>,
+    tree: SharedTree,
+    notifier: OnceLock<Notifier>,
+    /// Changes are made one at a time (a name checked free stays free until it is used).
+    changing: Mutex<()>,
+}
+
+impl Views {
+    pub fn new(engine: Arc<Engine>, dtype: Option<DType>, tree: SharedTree) -> Views {
+        Views {
+            engine,
+            dtype,
+            tree,
+            notifier: OnceLock::new(),
+            changing: Mutex::new(()),
+        }
+    }
+
+    /// Once the mount exists: changes from now on are notified to the kernel.
+    pub fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Open the view of `adapters`. A named view reads and checks every factor now, so a
+    /// bad adapter is refused here; a catalog view reads its factors when first read (its
+    /// headers and configs are checked now), so a catalog of many checkpoints mounts fast.
+    pub fn open(&self, adapters: &[(PathBuf, f64)], origin: &Origin) -> crate::Result<Arc<View>> {
+        let view = View::open(self.engine.clone(), adapters, self.dtype)?;
+        if *origin == Origin::Named {
+            view.realize_all()?;
+        }
+        Ok(Arc::new(view))
+    }
+
+    /// Add a view at `name`; fails if the name is taken (or nests with a view).
+    pub fn add(&self, name: &Path, view: Arc<View>, origin: Origin) -> Result<(), String> {
+        self.put(name, view, origin, false)
+    }
+
+    /// Replace the view at `name`; fails if there is none.
+    pub fn set(&self, name: &Path, view: Arc<View>, origin: Origin) -> Result<(), String> {
+        self.put(name, view, origin, true)
+    }
+
+    /// Remove the view at `name`; open files of it keep reading it until closed.
+    pub fn remove(&self, name: &Path) -> Result<(), String> {
+        let _serial = self.lock_changes();
+        let removed = self.write_tree().remove_view(name);
+        match removed {
+            Some((_, change)) => {
+                self.notify(change);
+                log::info!("view {} removed", name.display());
+                Ok(())
+            }
+            None => Err(format!("no view named {}", name.display())),
+        }
+    }
+
+    /// The views, by name.
+    pub fn list(&self) -> Vec<Listed> {
+        let tree = self.tree.read().unwrap_or_else(|p| p.into_inner());
+        (tree.views().iter())
+            .map(|(name, mounted)| Listed {
+                name: name.clone(),
+                origin: mounted.origin.clone(),
+                adapters: (mounted.view.plan.adapters.iter())
+                    .map(|a| (a.dir.clone(), a.weight))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The origin of the view at `name`, if there is one.
+    pub fn origin(&self, name: &Path) -> Option<Origin> {
+        let tree = self.tree.read().unwrap_or_else(|p| p.into_inner());
+        tree.views().get(name).map(|m| m.origin.clone())
+    }
+
+    fn put(
+        &self,
+        name: &Path,
+        view: Arc<View>,
+        origin: Origin,
+        replace: bool,
+    ) -> Result<(), String> {
+        let _serial = self.lock_changes();
+        {
+            let tree = self.tree.read().unwrap_or_else(|p| p.into_inner());
+            let exists = tree.views().contains_key(name);
+            match (replace, exists) {
+                (true, false) => return Err(format!("no view named {}", name.display())),
+                (false, _) => tree.name_free(name)?,
+                (true, true) => {}
+            }
+        }
+        // The nodes' attributes need a stat of every source: made before taking the lock.
+        let numbers = self
+            .tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .numbers();
+        let first = numbers.take(inodes::count(&view));
+        let nodes = inodes::build(&view, first).map_err(|e| e.to_string())?;
+        let mut change = Change::default();
+        {
+            let mut tree = self.write_tree();
+            let dir_attr: FileAttr = tree.get(tree::ROOT).map(|n| n.attr).expect("a root");
+            if replace {
+                if let Some((_, removed)) = tree.remove_view(name) {
+                    change = removed;
+                }
+            }
+            let added = tree.add_view(name, view, origin, nodes, &dir_attr);
+            change.names.extend(added.names);
+            change.dirs.extend(added.dirs);
+        }
+        // Told after the lock is released: the kernel may need to call back while it
+        // handles a notification.
+        self.notify(change);
+        log::info!(
+            "view {} {}",
+            name.display(),
+            if replace { "changed" } else { "added" }
+        );
+        Ok(())
+    }
+
+    fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_tree(&self) -> std::sync::RwLockWriteGuard<'_, tree::Tree<FileAttr>> {
+        self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tell the kernel to forget the names and directory attributes a change made stale.
+    /// A name or inode the kernel never saw is not an error (ENOENT).
+    fn notify(&self, change: Change) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        for (parent, name) in &change.names {
+            if let Err(e) = notifier.inval_entry(INodeNo(*parent), name) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    log::warn!("kernel refused to forget the name {name:?}: {e}");
+                }
+            }
+        }
+        let mut dirs = change.dirs;
+        dirs.sort_unstable();
+        dirs.dedup();
+        for dir in dirs {
+            if let Err(e) = notifier.inval_inode(INodeNo(dir), 0, 0) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    log::warn!("kernel refused to forget directory {dir}'s attributes: {e}");
+                }
+            }
+        }
+    }
+}
