@@ -247,9 +247,9 @@ fn open_views(
     let fs = lorafs::fuse::LorafsFs::of_views(engine.clone())?;
     let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree()));
     for (name, spec) in &args.views {
-        let adapters = resolve_adapters(spec)?;
-        let view =
-            (views.open(&adapters, &Origin::Named)).with_context(|| format!("view {name}"))?;
+        let view = resolve_adapters(spec)
+            .and_then(|adapters| views.open(&adapters, &Origin::Named))
+            .with_context(|| format!("view {name}"))?;
         let name = Path::new(name);
         views
             .add(name, view, Origin::Named)

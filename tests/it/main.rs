@@ -11,3 +11,4 @@ mod mount;
 mod mount_trust;
 mod output;
 mod read_at;
+mod views;

@@ -1,0 +1,264 @@
+//! Mounts of views: each view of a mount is byte for byte `materialize` of the same spec,
+//! through `read`, `pread` from threads and `mmap`; `--dtype` on both.
+
+use std::ffi::OsString;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::common::*;
+use crate::mount::{can_mount, MountGuard};
+
+/// A base and three adapters on different modules and ranks.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    base: PathBuf,
+    adapters: Vec<PathBuf>,
+}
+
+fn fixture() -> Fixture {
+    let (tmp, spec, base, a) = small_model();
+    let mut adapters = vec![a];
+    for (name, r, filter, seed) in [("b", 8, "v_proj", 11), ("c", 3, "mlp", 12)] {
+        let dir = tmp.path().join(name);
+        let mut adapter = AdapterSpec::new(&spec, r, filter);
+        adapter.seed = seed;
+        write_adapter(&dir, &adapter);
+        adapters.push(dir);
+    }
+    Fixture {
+        tmp,
+        base,
+        adapters,
+    }
+}
+
+/// `lorafs materialize` of `adapters` (`DIR[:W]` arguments) with `extra` flags.
+fn materialized(f: &Fixture, name: &str, adapters: &[String], extra: &[&str]) -> PathBuf {
+    let out = f.tmp.path().join(format!("out-{}", name.replace('/', "-")));
+    let mut args: Vec<OsString> = vec![
+        "materialize".into(),
+        f.base.clone().into(),
+        out.clone().into(),
+    ];
+    for a in adapters {
+        args.extend(["--adapter".into(), a.into()]);
+    }
+    args.extend(extra.iter().map(OsString::from));
+    let (ok, _, err) = run_lorafs(args);
+    assert!(ok, "materialize {name}: {err}");
+    out
+}
+
+/// Compare every file of `dir` with `want` through whole reads, random preads from four
+/// threads, and mmap.
+fn assert_same_tree(dir: &Path, want: &Path) {
+    let (got, want) = (read_tree(dir), read_tree(want));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{}: file list",
+        dir.display()
+    );
+    for (rel, bytes) in &want {
+        assert!(
+            got[rel] == *bytes,
+            "{}: {} differs",
+            dir.display(),
+            rel.display()
+        );
+        let path = dir.join(rel);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (path, bytes) = (&path, bytes);
+                s.spawn(move || {
+                    let file = std::fs::File::open(path).unwrap();
+                    let mut rng = StdRng::seed_from_u64(t);
+                    for _ in 0..25 {
+                        let start = rng.random_range(0..=bytes.len());
+                        let len = rng.random_range(0..=(bytes.len() - start).min(300_000));
+                        let mut buf = vec![0u8; len];
+                        file.read_exact_at(&mut buf, start as u64).unwrap();
+                        assert!(buf == bytes[start..start + len], "{}", path.display());
+                    }
+                });
+            }
+        });
+        let file = std::fs::File::open(&path).unwrap();
+        if !bytes.is_empty() {
+            // SAFETY: the mount is read-only and its files never change under an inode.
+            let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+            assert!(map[..] == bytes[..], "{}: mmap", path.display());
+        }
+    }
+}
+
+fn mount(f: &Fixture, mnt: &Path, args: &[String]) -> MountGuard {
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    MountGuard::new(&f.base, mnt, &args)
+}
+
+fn arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn named_views_equal_materialize_through_read_pread_and_mmap() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let [a, b, c] = [0, 1, 2].map(|i| arg(&f.adapters[i]));
+    let views: Vec<(&str, Vec<String>)> = vec![
+        ("one", vec![a.clone()]),
+        (
+            "mix",
+            vec![format!("{a}:0.5"), b.clone(), format!("{c}:-1.25")],
+        ),
+        ("run/deep", vec![format!("{b}:2")]),
+    ];
+    let mut args = Vec::new();
+    for (name, spec) in &views {
+        args.extend(["--view".to_string(), format!("{name}={}", spec.join(","))]);
+    }
+    let mnt = f.tmp.path().join("mnt");
+    let guard = mount(&f, &mnt, &args);
+    let mut names: Vec<_> = std::fs::read_dir(&guard.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["mix", "one", "run"]);
+    for (name, spec) in &views {
+        let want = materialized(&f, name, spec, &[]);
+        assert_same_tree(&guard.mountpoint.join(name), &want);
+    }
+}
+
+#[test]
+fn views_of_the_same_adapters_share_merged_blocks() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let a = arg(&f.adapters[0]);
+    let args = [
+        "--view".to_string(),
+        format!("x={a}"),
+        "--view".to_string(),
+        format!("y={a}"),
+        "--view".to_string(),
+        format!("z={a}:0.5"),
+    ];
+    let mnt = f.tmp.path().join("mnt");
+    let guard = mount(&f, &mnt, &args);
+    let computed = || {
+        let stats = std::fs::read_to_string(guard.mountpoint.join(".lorafs-stats")).unwrap();
+        let line = stats
+            .lines()
+            .find(|l| l.starts_with("bytes_computed "))
+            .unwrap()
+            .to_string();
+        line["bytes_computed ".len()..].parse::<u64>().unwrap()
+    };
+    let x = read_tree(&guard.mountpoint.join("x"));
+    let after_x = computed();
+    assert!(after_x > 0, "x merged something");
+    let y = read_tree(&guard.mountpoint.join("y"));
+    assert_eq!(x, y);
+    assert_eq!(
+        computed(),
+        after_x,
+        "y is x's recipes: its blocks come from the cache"
+    );
+    let z = read_tree(&guard.mountpoint.join("z"));
+    assert_ne!(x, z, "another weight is another model");
+    assert!(computed() > after_x, "z's blocks are its own");
+}
+
+#[test]
+fn adapter_with_views_is_refused_and_a_bad_view_mounts_nothing() {
+    let f = fixture();
+    let mnt = f.tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let a = arg(&f.adapters[0]);
+    let (ok, _, err) = run_lorafs([
+        "mount",
+        &arg(&f.base),
+        &arg(&mnt),
+        "--adapter",
+        &a,
+        "--view",
+        &format!("v={a}"),
+    ]);
+    assert!(!ok && err.contains("use one or the other"), "{err}");
+    let missing = f.tmp.path().join("missing");
+    let (ok, _, err) = run_lorafs([
+        "mount",
+        &arg(&f.base),
+        &arg(&mnt),
+        "--view",
+        &format!("good={a}"),
+        "--view",
+        &format!("bad={}", arg(&missing)),
+    ]);
+    assert!(
+        !ok && err.contains("view bad") && err.contains("missing"),
+        "{err}"
+    );
+    for name in ["../up", ".hidden", "a b", ""] {
+        let (ok, _, err) = run_lorafs([
+            "mount",
+            &arg(&f.base),
+            &arg(&mnt),
+            "--view",
+            &format!("{name}={a}"),
+        ]);
+        assert!(!ok && err.contains("view name"), "{name}: {err}");
+    }
+    assert!(
+        std::fs::read_dir(&mnt).unwrap().next().is_none(),
+        "nothing mounted"
+    );
+}
+
+#[test]
+fn dtype_mount_equals_materialize_and_config_says_it() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let spec = vec![arg(&f.adapters[0]), format!("{}:0.5", arg(&f.adapters[2]))];
+    for (dtype, torch, st) in [
+        ("f32", "float32", "F32"),
+        ("f16", "float16", "F16"),
+        ("bf16", "bfloat16", "BF16"),
+    ] {
+        let want = materialized(&f, &format!("dtype-{dtype}"), &spec, &["--dtype", dtype]);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(want.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["dtype"], torch, "{dtype}: config.json");
+        for (name, (dt, _, _)) in read_safetensors(&want.join("model.safetensors")) {
+            assert_eq!(format!("{dt:?}"), st, "{dtype}: {name}");
+        }
+        let mnt = f.tmp.path().join(format!("mnt-{dtype}"));
+        let mut args = vec!["--dtype".to_string(), dtype.to_string()];
+        for a in &spec {
+            args.extend(["--adapter".to_string(), a.clone()]);
+        }
+        let guard = mount(&f, &mnt, &args);
+        assert_same_tree(&guard.mountpoint, &want);
+        // And as a view.
+        drop(guard);
+        let args = [
+            "--dtype".to_string(),
+            dtype.to_string(),
+            "--view".to_string(),
+            format!("v={}", spec.join(",")),
+        ];
+        let guard = mount(&f, &mnt, &args);
+        assert_same_tree(&guard.mountpoint.join("v"), &want);
+    }
+}
