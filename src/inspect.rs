@@ -3,123 +3,58 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::plan::TermKind;
+use crate::plan::{AdapterSummary, Features, TermKind};
 use crate::view::View;
 
-/// The human-readable plan. With `tensors`, one line per merged tensor.
+/// The human-readable plan of one merged model. With `tensors`, one line per merged tensor.
 pub fn report(view: &View, tensors: bool) -> String {
-    let plan = &view.plan;
     let mut s = String::new();
-    let safetensors = view
-        .files
-        .iter()
+    write_base(&mut s, view);
+    write_view(&mut s, view, tensors);
+    s
+}
+
+/// The plans of several views of one base, each under its name.
+pub fn report_views(views: &[(String, &View)], tensors: bool) -> String {
+    let mut s = String::new();
+    let Some((_, first)) = views.first() else {
+        return "no views\n".into();
+    };
+    write_base(&mut s, first);
+    for (name, view) in views {
+        let _ = writeln!(s, "\nview {name}");
+        write_view(&mut s, view, tensors);
+    }
+    s
+}
+
+/// The base and the kernel: what every view of a mount shares.
+fn write_base(s: &mut String, view: &View) {
+    let safetensors = (view.engine.base.files.iter())
         .filter(|f| f.rel.extension().is_some_and(|e| e == "safetensors"));
     let _ = writeln!(
         s,
         "base      {}  ({} files, {} safetensors, {} tensors)",
         view.base_dir().display(),
-        view.files.len(),
+        view.engine.base.files.len(),
         safetensors.count(),
         view.engine.base.tensors.len()
     );
     let _ = writeln!(s, "kernel    {}", view.engine.kernel.name());
+}
+
+/// One view's plan: its adapters, what it changes, its parameter counts.
+fn write_view(s: &mut String, view: &View, tensors: bool) {
+    let plan = &view.plan;
+    if let Some(dtype) = plan.dtype {
+        let _ = writeln!(
+            s,
+            "dtype     {} (floating tensors stored in it)",
+            dtype.name()
+        );
+    }
     for (i, a) in plan.adapters.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "adapter {} {}  (weight {})",
-            i + 1,
-            a.dir.display(),
-            a.weight
-        );
-        let rule = if a.use_rslora {
-            "alpha/sqrt(r)"
-        } else {
-            "alpha/r"
-        };
-        let _ = writeln!(
-            s,
-            "  r {}  alpha {}  rsLoRA {}  scale = weight·{rule}",
-            a.r,
-            a.lora_alpha,
-            yes(a.use_rslora)
-        );
-        let scales: Vec<String> = a
-            .scales
-            .iter()
-            .map(|(s, n)| format!("{s} ({n} modules)"))
-            .collect();
-        let _ = writeln!(s, "  scales applied     {}", scales.join(", "));
-        let _ = writeln!(s, "  target modules     {}", a.target_modules);
-        for (label, pairs) in [
-            ("alpha_pattern", pairs(&a.alpha_pattern)),
-            ("rank_pattern", pairs(&a.rank_pattern)),
-        ] {
-            if !pairs.is_empty() {
-                let _ = writeln!(s, "  {label:<18} {}", pairs.join(", "));
-            }
-        }
-        if let Some(b) = &a.base_model {
-            let _ = writeln!(s, "  trained on         {b}");
-        }
-        let _ = writeln!(s, "  base tensors changed {}", a.tensors_changed);
-        let f = &a.features;
-        let mut used = Vec::new();
-        if f.dora > 0 {
-            used.push(format!("DoRA ({} modules)", f.dora));
-        }
-        if a.use_rslora {
-            used.push("rsLoRA".to_string());
-        }
-        if f.embedding_lora > 0 {
-            used.push(format!("embedding LoRA ({} modules)", f.embedding_lora));
-        }
-        if f.conv1d > 0 {
-            used.push(format!("GPT-2 Conv1D ({} modules)", f.conv1d));
-        }
-        if f.lora_bias > 0 {
-            used.push(format!("lora_bias ({} biases)", f.lora_bias));
-        }
-        if !f.trainable_tokens.is_empty() {
-            used.push("trainable tokens".to_string());
-        }
-        if !f.replacements.is_empty() {
-            used.push(format!("replaced tensors ({})", f.replacements.len()));
-        }
-        if !f.tied.is_empty() {
-            used.push("tied embeddings".to_string());
-        }
-        let _ = writeln!(
-            s,
-            "  features           {}",
-            if used.is_empty() {
-                "plain LoRA".to_string()
-            } else {
-                used.join(", ")
-            }
-        );
-        for (target, n) in &f.trainable_tokens {
-            let _ = writeln!(s, "  trainable tokens   {n} rows of {target}");
-        }
-        for r in &f.replacements {
-            let _ = writeln!(
-                s,
-                "  replaces           {} <- {} {} {:?}",
-                r.target, r.key, r.dtype, r.shape
-            );
-        }
-        for key in &f.tied {
-            let _ = writeln!(
-                s,
-                "  tied               {key} applies to the input embedding (lm_head is tied to it)"
-            );
-        }
-        if !f.tokenizer_files.is_empty() {
-            let _ = writeln!(
-                s,
-                "  tokenizer          {} (from the adapter)",
-                f.tokenizer_files.join(", ")
-            );
-        }
+        write_adapter(s, i, a);
     }
     if let Some(resize) = plan.vocab {
         let files = resized_files(view, resize.merged);
@@ -129,13 +64,131 @@ pub fn report(view: &View, tensors: bool) -> String {
             resize.base, resize.merged
         );
     }
+    write_merges(s, view, tensors);
+    // The figure PEFT's print_trainable_parameters shows (and the seed prints).
+    let trainable: usize = plan.adapters.iter().map(|a| a.num_params).sum();
+    let all = view.engine.base.num_params() + trainable;
+    let _ = writeln!(
+        s,
+        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+        100.0 * trainable as f64 / all.max(1) as f64
+    );
+}
+
+/// Adapter `i`: its scales, patterns and the features it uses.
+fn write_adapter(s: &mut String, i: usize, a: &AdapterSummary) {
+    let _ = writeln!(
+        s,
+        "adapter {} {}  (weight {})",
+        i + 1,
+        a.dir.display(),
+        a.weight
+    );
+    let rule = if a.use_rslora {
+        "alpha/sqrt(r)"
+    } else {
+        "alpha/r"
+    };
+    let _ = writeln!(
+        s,
+        "  r {}  alpha {}  rsLoRA {}  scale = weight·{rule}",
+        a.r,
+        a.lora_alpha,
+        yes(a.use_rslora)
+    );
+    let scales: Vec<String> = a
+        .scales
+        .iter()
+        .map(|(s, n)| format!("{s} ({n} modules)"))
+        .collect();
+    let _ = writeln!(s, "  scales applied     {}", scales.join(", "));
+    let _ = writeln!(s, "  target modules     {}", a.target_modules);
+    for (label, pairs) in [
+        ("alpha_pattern", pairs(&a.alpha_pattern)),
+        ("rank_pattern", pairs(&a.rank_pattern)),
+    ] {
+        if !pairs.is_empty() {
+            let _ = writeln!(s, "  {label:<18} {}", pairs.join(", "));
+        }
+    }
+    if let Some(b) = &a.base_model {
+        let _ = writeln!(s, "  trained on         {b}");
+    }
+    let _ = writeln!(s, "  base tensors changed {}", a.tensors_changed);
+    write_features(s, &a.features, a.use_rslora);
+}
+
+/// The features an adapter uses, and their details.
+fn write_features(s: &mut String, f: &Features, use_rslora: bool) {
+    let mut used = Vec::new();
+    if f.dora > 0 {
+        used.push(format!("DoRA ({} modules)", f.dora));
+    }
+    if use_rslora {
+        used.push("rsLoRA".to_string());
+    }
+    if f.embedding_lora > 0 {
+        used.push(format!("embedding LoRA ({} modules)", f.embedding_lora));
+    }
+    if f.conv1d > 0 {
+        used.push(format!("GPT-2 Conv1D ({} modules)", f.conv1d));
+    }
+    if f.lora_bias > 0 {
+        used.push(format!("lora_bias ({} biases)", f.lora_bias));
+    }
+    if !f.trainable_tokens.is_empty() {
+        used.push("trainable tokens".to_string());
+    }
+    if !f.replacements.is_empty() {
+        used.push(format!("replaced tensors ({})", f.replacements.len()));
+    }
+    if !f.tied.is_empty() {
+        used.push("tied embeddings".to_string());
+    }
+    let _ = writeln!(
+        s,
+        "  features           {}",
+        if used.is_empty() {
+            "plain LoRA".to_string()
+        } else {
+            used.join(", ")
+        }
+    );
+    for (target, n) in &f.trainable_tokens {
+        let _ = writeln!(s, "  trainable tokens   {n} rows of {target}");
+    }
+    for r in &f.replacements {
+        let _ = writeln!(
+            s,
+            "  replaces           {} <- {} {} {:?}",
+            r.target, r.key, r.dtype, r.shape
+        );
+    }
+    for key in &f.tied {
+        let _ = writeln!(
+            s,
+            "  tied               {key} applies to the input embedding (lm_head is tied to it)"
+        );
+    }
+    if !f.tokenizer_files.is_empty() {
+        let _ = writeln!(
+            s,
+            "  tokenizer          {} (from the adapter)",
+            f.tokenizer_files.join(", ")
+        );
+    }
+}
+
+/// The merged tensors: a count, and with `tensors` one line each.
+fn write_merges(s: &mut String, view: &View, tensors: bool) {
+    let plan = &view.plan;
     let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
     for m in &plan.merges {
         *per_file.entry(m.tensor.layout).or_default() += 1;
     }
     let _ = writeln!(
         s,
-        "merge     {} of {} tensors in {} files; factors {:.1} MiB in memory",
+        "merge     {} of {} tensors in {} files; factors {:.1} MiB once read",
         plan.merges.len(),
         view.engine.base.tensors.len(),
         per_file.len(),
@@ -179,15 +232,6 @@ pub fn report(view: &View, tensors: bool) -> String {
             );
         }
     }
-    // The figure PEFT's print_trainable_parameters shows (and the seed prints).
-    let trainable: usize = plan.adapters.iter().map(|a| a.num_params).sum();
-    let all = view.engine.base.num_params() + trainable;
-    let _ = writeln!(
-        s,
-        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
-        100.0 * trainable as f64 / all.max(1) as f64
-    );
-    s
 }
 
 /// What a resized vocabulary rewrites, read back from what the view serves (so the report

@@ -259,6 +259,25 @@ fn open_views(
     Ok((fs, lorafs::fuse::Live { views, start }))
 }
 
+/// The views `inspect` shows: each named view checked in full, as a mount would.
+fn inspect_views(inputs: &MergeArgs, args: &ViewArgs) -> anyhow::Result<Vec<(String, View)>> {
+    if !inputs.adapters.is_empty() {
+        anyhow::bail!(
+            "--adapter plans one model, --view and --catalog plan views: use one or the other"
+        );
+    }
+    let engine = Arc::new(inputs.engine(0)?);
+    let mut views = Vec::new();
+    for (name, spec) in &args.views {
+        let view = resolve_adapters(spec)
+            .and_then(|adapters| View::open(engine.clone(), &adapters, inputs.dtype))
+            .and_then(|view| view.realize_all().map(|()| view))
+            .with_context(|| format!("view {name}"))?;
+        views.push((name.clone(), view));
+    }
+    Ok(views)
+}
+
 /// Adapter arguments with repo ids resolved to directories.
 fn resolve_adapters(adapters: &[(PathBuf, f64)]) -> lorafs::Result<Vec<(PathBuf, f64)>> {
     adapters
@@ -417,11 +436,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
         Command::Inspect {
             inputs,
-            views: _,
+            views,
             tensors,
         } => {
-            let view = inputs.open(0)?;
-            to_stdout(&lorafs::inspect::report(&view, tensors))?;
+            if views.any() {
+                let opened = inspect_views(&inputs, &views)?;
+                let refs: Vec<(String, &View)> =
+                    opened.iter().map(|(n, v)| (n.clone(), v)).collect();
+                to_stdout(&lorafs::inspect::report_views(&refs, tensors))?;
+            } else {
+                let view = inputs.open(0)?;
+                to_stdout(&lorafs::inspect::report(&view, tensors))?;
+            }
         }
     }
     Ok(())

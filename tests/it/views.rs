@@ -262,3 +262,32 @@ fn dtype_mount_equals_materialize_and_config_says_it() {
         assert_same_tree(&guard.mountpoint.join("v"), &want);
     }
 }
+
+#[test]
+fn inspect_shows_each_views_plan() {
+    let f = fixture();
+    let [a, b] = [0, 1].map(|i| arg(&f.adapters[i]));
+    let (ok, out, err) = run_lorafs([
+        "inspect",
+        &arg(&f.base),
+        "--view",
+        &format!("one={a}"),
+        "--view",
+        &format!("run/mix={a}:0.5,{b}"),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(ok, "{err}");
+    let one = out.find("\nview one\n").expect("view one listed");
+    let mix = out.find("\nview run/mix\n").expect("view run/mix listed");
+    assert!(out.starts_with("base ") && one < mix, "{out}");
+    assert_eq!(out.matches("dtype     F32").count(), 2, "{out}");
+    assert!(
+        out[mix..].contains("(weight 0.5)") && out[mix..].contains(&b),
+        "{out}"
+    );
+    assert!(
+        !out[one..mix].contains(&b),
+        "view one has adapter a only: {out}"
+    );
+}
