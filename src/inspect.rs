@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::plan::{AdapterSummary, Features, TermKind};
+use crate::plan::{AdapterSummary, Features, TensorMerge, TermKind};
 use crate::view::View;
 
 /// The human-readable plan of one merged model. With `tensors`, one line per merged tensor.
@@ -196,42 +196,41 @@ fn write_merges(s: &mut String, view: &View, tensors: bool) {
     );
     if tensors {
         for m in &plan.merges {
-            let terms: Vec<String> = m
-                .terms
-                .iter()
-                .map(|t| {
-                    format!(
-                        "#{} r={} s={}{}{}",
-                        t.adapter + 1,
-                        t.rank,
-                        t.scale,
-                        if t.transposed { " T" } else { "" },
-                        match t.kind {
-                            TermKind::Lora => "",
-                            TermKind::LoraBias => " lora_bias",
-                            TermKind::Dora => " DoRA",
-                        }
-                    )
-                })
-                .collect();
-            let mut sources = Vec::new();
-            if let Some(r) = &m.replaced {
-                sources.push(format!("replaced by #{} {}", r.adapter + 1, r.key));
-            }
-            if m.token_rows > 0 {
-                sources.push(format!("{} token rows", m.token_rows));
-            }
-            sources.extend(terms);
-            let _ = writeln!(
-                s,
-                "  {} {} {:?} <- {}",
-                m.name,
-                m.dtype.name(),
-                m.shape,
-                sources.join(" + ")
-            );
+            let _ = writeln!(s, "  {}", tensor_line(m));
         }
     }
+}
+
+/// One merged tensor: name, output dtype and shape, and what it is made from.
+fn tensor_line(m: &TensorMerge) -> String {
+    let mut sources = Vec::new();
+    if let Some(r) = &m.replaced {
+        sources.push(format!("replaced by #{} {}", r.adapter + 1, r.key));
+    }
+    if m.token_rows > 0 {
+        sources.push(format!("{} token rows", m.token_rows));
+    }
+    sources.extend(m.terms.iter().map(|t| {
+        let kind = match t.kind {
+            TermKind::Lora => "",
+            TermKind::LoraBias => " lora_bias",
+            TermKind::Dora => " DoRA",
+        };
+        let transposed = if t.transposed { " T" } else { "" };
+        format!(
+            "#{} r={} s={}{transposed}{kind}",
+            t.adapter + 1,
+            t.rank,
+            t.scale
+        )
+    }));
+    format!(
+        "{} {} {:?} <- {}",
+        m.name,
+        m.dtype.name(),
+        m.shape,
+        sources.join(" + ")
+    )
 }
 
 /// What a resized vocabulary rewrites, read back from what the view serves (so the report
