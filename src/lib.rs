@@ -3,10 +3,12 @@
 //! The core (this crate minus [`fuse`]) knows nothing of FUSE: [`model`] and [`layout`] read
 //! the base, [`adapter`] the adapters, [`plan`] decides what changes, [`kernel`] computes it,
 //! [`cache`] keeps merged blocks, and [`engine`] serves any byte range of the merged
-//! directory. [`materialize`] writes that directory out; [`fuse`] mounts it.
+//! directory. [`materialize`] writes that directory out; [`fuse`] mounts it. [`catalog`] finds
+//! and watches the adapter directories of a tree.
 
 pub mod adapter;
 pub mod cache;
+pub mod catalog;
 pub mod dora;
 pub mod dtype;
 pub mod engine;
