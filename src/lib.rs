@@ -4,10 +4,12 @@
 //! the base, [`adapter`] the adapters, [`plan`] decides what changes, [`kernel`] computes it,
 //! [`cache`] keeps merged blocks and factors, [`engine`] holds what every view of one base
 //! shares, and [`view`] serves any byte range of one merged directory. [`materialize`]
-//! writes a view out; [`fuse`] mounts views.
+//! writes a view out; [`fuse`] mounts views, in the tree of [`tree`]. [`catalog`] finds
+//! and watches the adapter directories of a tree.
 
 pub mod adapter;
 pub mod cache;
+pub mod catalog;
 pub mod dora;
 pub mod dtype;
 pub mod engine;
