@@ -15,6 +15,7 @@ use fuser::{FileAttr, FileType, INodeNo};
 
 use super::access::{Ancestors, Owner, Perms};
 use super::acl;
+use super::MountNode;
 use crate::baseio::Identity;
 use crate::tree::{Kind, Node};
 use crate::view::{View, VirtualFile};
@@ -38,7 +39,7 @@ const KEPT_BITS: u32 = 0o555;
 /// [`access`](super::access)) and, for a merged file, may read every adapter file. Fails,
 /// naming the path, when a source or a directory above it cannot be stat'ed: serving it
 /// with guessed permissions could widen access.
-pub(super) fn build(view: &Arc<View>, first: u64) -> io::Result<Vec<(u64, Node<FileAttr>)>> {
+pub(super) fn build(view: &Arc<View>, first: u64) -> io::Result<Vec<(u64, MountNode)>> {
     let mut attrs = Attrs::default();
     let dir_node = |parent: u64, attr: FileAttr| Node {
         parent,
@@ -220,7 +221,7 @@ fn parent_ino(dir_ino: &HashMap<&Path, u64>, rel: &Path) -> io::Result<u64> {
     })
 }
 
-fn link(nodes: &mut [(u64, Node<FileAttr>)], first: u64, parent: u64, name: &OsStr, ino: u64) {
+fn link(nodes: &mut [(u64, MountNode)], first: u64, parent: u64, name: &OsStr, ino: u64) {
     if let Kind::Dir { children } = &mut nodes[(parent - first) as usize].1.kind {
         children.insert(name.to_os_string(), ino);
     }

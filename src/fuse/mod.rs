@@ -52,7 +52,11 @@ struct Handle {
     last_end: Option<u64>,
 }
 
-pub type SharedTree = Arc<RwLock<Tree<FileAttr>>>;
+/// The tree a mount serves, its nodes, and the tree shared by the callbacks and the
+/// changes of views.
+pub type MountTree = Tree<FileAttr, Arc<View>>;
+pub type MountNode = tree::Node<FileAttr, Arc<View>>;
+pub type SharedTree = Arc<RwLock<MountTree>>;
 
 /// The filesystem a mount serves: a tree of views over one engine.
 pub struct LorafsFs {
@@ -90,7 +94,7 @@ impl LorafsFs {
         Ok(LorafsFs::with_tree(engine, tree, false))
     }
 
-    fn with_tree(engine: Arc<Engine>, tree: Tree<FileAttr>, shadowed: bool) -> LorafsFs {
+    fn with_tree(engine: Arc<Engine>, tree: MountTree, shadowed: bool) -> LorafsFs {
         let stats_ino = (!shadowed).then(|| tree.numbers().take(1));
         LorafsFs {
             engine,
@@ -105,7 +109,7 @@ impl LorafsFs {
         self.tree.clone()
     }
 
-    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, Tree<FileAttr>> {
+    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, MountTree> {
         self.tree.read().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -115,8 +115,8 @@ impl Views {
             let exists = tree.views().contains_key(name);
             match (replace, exists) {
                 (true, false) => return Err(format!("no view named {}", name.display())),
-                (false, _) => tree.name_free(name)?,
-                (true, true) => {}
+                (false, true) => return Err(format!("a view named {} exists", name.display())),
+                _ => {}
             }
         }
         // The nodes' attributes need a stat of every source: made before taking the lock.
@@ -127,18 +127,14 @@ impl Views {
             .numbers();
         let first = numbers.take(inodes::count(&view));
         let nodes = inodes::build(&view, first).map_err(|e| e.to_string())?;
-        let mut change = Change::default();
+        let change;
         {
             let mut tree = self.write_tree();
             let dir_attr: FileAttr = tree.get(tree::ROOT).map(|n| n.attr).expect("a root");
-            if replace {
-                if let Some((_, removed)) = tree.remove_view(name) {
-                    change = removed;
-                }
-            }
-            let added = tree.add_view(name, view, origin, nodes, &dir_attr);
-            change.names.extend(added.names);
-            change.dirs.extend(added.dirs);
+            change = match replace {
+                true => tree.replace_view(name, view, origin, nodes, &dir_attr)?.1,
+                false => tree.add_view(name, view, origin, nodes, &dir_attr)?,
+            };
         }
         // Told after the lock is released: the kernel may need to call back while it
         // handles a notification.
@@ -155,7 +151,7 @@ impl Views {
         self.changing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_tree(&self) -> std::sync::RwLockWriteGuard<'_, tree::Tree<FileAttr>> {
+    fn write_tree(&self) -> std::sync::RwLockWriteGuard<'_, super::MountTree> {
         self.tree.write().unwrap_or_else(|p| p.into_inner())
     }
 
