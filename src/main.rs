@@ -232,6 +232,7 @@ impl MergeArgs {
 fn open_views(
     inputs: &MergeArgs,
     args: &ViewArgs,
+    mountpoint: &Path,
 ) -> anyhow::Result<(lorafs::fuse::LorafsFs, lorafs::fuse::Live)> {
     use lorafs::fuse::views::Views;
     use lorafs::tree::Origin;
@@ -255,8 +256,54 @@ fn open_views(
             .add(name, view, Origin::Named)
             .map_err(|e| anyhow::anyhow!("view {}: {e}", name.display()))?;
     }
-    let start = Box::new(|_: &Path| Ok(Vec::new()));
+    let catalog = match &args.catalog {
+        Some(dir) => Some(open_catalog(dir, mountpoint, &views)?),
+        None => None,
+    };
+    let registry = views.clone();
+    let start = Box::new(move |_: &Path| {
+        let mut services: Vec<Box<dyn std::any::Any>> = Vec::new();
+        if let Some((root, found)) = catalog {
+            let views = registry.clone();
+            let watcher =
+                lorafs::catalog::watch(&root, &found, move |event| views.catalog_event(event))?;
+            services.push(Box::new(watcher));
+        }
+        Ok(services)
+    });
     Ok((fs, lorafs::fuse::Live { views, start }))
+}
+
+/// The catalog at `dir`: its adapter directories found now, each added as a view (or
+/// skipped with a log line). Returns its root and what was found, for the watcher.
+fn open_catalog(
+    dir: &Path,
+    mountpoint: &Path,
+    views: &lorafs::fuse::views::Views,
+) -> anyhow::Result<(PathBuf, Vec<lorafs::catalog::Found>)> {
+    let root = (dir.canonicalize()).with_context(|| format!("catalog {}", dir.display()))?;
+    let mnt = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    if mnt.starts_with(&root) {
+        anyhow::bail!(
+            "the mount point {} is inside the catalog {}: the catalog would find the mount's \
+             own views; mount elsewhere",
+            mnt.display(),
+            root.display()
+        );
+    }
+    let found =
+        lorafs::catalog::scan(&root).with_context(|| format!("catalog {}", root.display()))?;
+    for f in &found {
+        views.add_found(f);
+    }
+    log::info!(
+        "catalog {}: {} adapter directories found",
+        root.display(),
+        found.len()
+    );
+    Ok((root, found))
 }
 
 /// The views `inspect` shows: each named view checked in full, as a mount would.
@@ -274,6 +321,21 @@ fn inspect_views(inputs: &MergeArgs, args: &ViewArgs) -> anyhow::Result<Vec<(Str
             .and_then(|view| view.realize_all().map(|()| view))
             .with_context(|| format!("view {name}"))?;
         views.push((name.clone(), view));
+    }
+    if let Some(dir) = &args.catalog {
+        let root = dir
+            .canonicalize()
+            .with_context(|| format!("catalog {}", dir.display()))?;
+        for found in lorafs::catalog::scan(&root)? {
+            let name = found.name.display().to_string();
+            let view = View::open(engine.clone(), &[(found.dir.clone(), 1.0)], inputs.dtype)
+                .and_then(|view| view.realize_all().map(|()| view));
+            match view {
+                Ok(view) => views.push((name, view)),
+                // As a mount does: a directory that is not a valid adapter is skipped.
+                Err(e) => log::warn!("catalog: {} skipped: {e}", found.dir.display()),
+            }
+        }
     }
     Ok(views)
 }
@@ -407,7 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             one_malloc_arena();
             let (fs, live, warm_view) = if views.any() {
-                let (fs, live) = open_views(&inputs, &views)?;
+                let (fs, live) = open_views(&inputs, &views, &mountpoint)?;
                 (fs, Some(live), None)
             } else {
                 let view = Arc::new(inputs.open(MOUNT_CACHE)?);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use fuser::{FileAttr, INodeNo, Notifier};
 
 use super::{inodes, SharedTree};
+use crate::catalog::{Event, Found};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::tree::{self, Change, Origin};
@@ -145,6 +146,52 @@ impl Views {
             if replace { "changed" } else { "added" }
         );
         Ok(())
+    }
+
+    /// Add a catalog directory found at the mount's start or by the watcher. One that is not
+    /// a valid adapter for this base, or whose name cannot be a view's, is skipped with one
+    /// log line: it never stops the mount or the other views.
+    pub fn add_found(&self, found: &Found) {
+        if let Err(e) = self.put_found(found, false) {
+            log::warn!("catalog: {} skipped: {e}", found.dir.display());
+        }
+    }
+
+    /// Apply a change the catalog watcher saw. A named view (`--view`, `view add`) is
+    /// never touched by the catalog.
+    pub fn catalog_event(&self, event: Event) {
+        let (found, name) = match &event {
+            Event::Appeared(f) | Event::Changed(f) => (Some(f), &f.name),
+            Event::Disappeared { name } => (None, name),
+        };
+        match (self.origin(name), found) {
+            (Some(Origin::Named), _) => log::info!(
+                "catalog: {} changed, but the view of that name was named by hand: kept",
+                name.display()
+            ),
+            (Some(Origin::Catalog), None) => {
+                if let Err(e) = self.remove(name) {
+                    log::warn!("catalog: {}: {e}", name.display());
+                }
+            }
+            (None, None) => {}
+            // A view that exists changes; one that does not (a new directory, or one whose
+            // earlier version was skipped) is added.
+            (existing, Some(found)) => {
+                if let Err(e) = self.put_found(found, existing.is_some()) {
+                    log::warn!("catalog: {} skipped: {e}", found.dir.display());
+                }
+            }
+        }
+    }
+
+    fn put_found(&self, found: &Found, replace: bool) -> Result<(), String> {
+        let name = (found.name.to_str())
+            .ok_or_else(|| "its path is not UTF-8".to_string())
+            .and_then(tree::check_view_name)?;
+        let view = (self.open(&[(found.dir.clone(), 1.0)], &Origin::Catalog))
+            .map_err(|e| e.to_string())?;
+        self.put(&name, view, Origin::Catalog, replace)
     }
 
     fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
