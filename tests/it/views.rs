@@ -291,3 +291,112 @@ fn inspect_shows_each_views_plan() {
         "view one has adapter a only: {out}"
     );
 }
+
+/// Wait up to 20 s for `cond`.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Copy an adapter directory's two files into `to`, the weights first (as trainers write).
+fn copy_adapter(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(from.join(name), to.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn a_catalog_serves_its_checkpoints_and_follows_them_live() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let catalog = f.tmp.path().join("catalog");
+    copy_adapter(&f.adapters[0], &catalog.join("run1"));
+    copy_adapter(&f.adapters[1], &catalog.join("run1/checkpoint-100"));
+    copy_adapter(&f.adapters[2], &catalog.join("run2/checkpoint-5"));
+    copy_adapter(&f.adapters[2], &catalog.join(".hidden"));
+    // Not a valid adapter: not LoRA.
+    copy_adapter(&f.adapters[0], &catalog.join("broken"));
+    let config = catalog.join("broken/adapter_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["peft_type"] = "IA3".into();
+    std::fs::write(&config, serde_json::to_vec(&json).unwrap()).unwrap();
+
+    let mnt = f.tmp.path().join("mnt");
+    let guard = mount(&f, &mnt, &["--catalog".into(), arg(&catalog)]);
+    let m = &guard.mountpoint;
+    for (name, adapter) in [
+        ("run1", 0),
+        ("run1/checkpoint-100", 1),
+        ("run2/checkpoint-5", 2),
+    ] {
+        let want = materialized(&f, name, &[arg(&f.adapters[adapter])], &[]);
+        let got = read_tree(&m.join(name));
+        let own: std::collections::BTreeMap<_, _> = got
+            .into_iter()
+            .filter(|(rel, _)| !rel.starts_with("checkpoint-100"))
+            .collect();
+        assert!(own == read_tree(&want), "{name} equals materialize");
+    }
+    assert!(!m.join(".hidden").exists() && !m.join("broken").exists());
+
+    // A checkpoint written while mounted appears once complete; its half-written state never
+    // shows as a view.
+    let new = catalog.join("run2/checkpoint-10");
+    std::fs::create_dir_all(&new).unwrap();
+    let weights = std::fs::read(f.adapters[1].join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        new.join("adapter_model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .unwrap();
+    std::fs::copy(
+        f.adapters[1].join("adapter_config.json"),
+        new.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !m.join("run2/checkpoint-10").exists(),
+        "a half-written checkpoint is no view"
+    );
+    std::fs::write(new.join("adapter_model.safetensors"), &weights).unwrap();
+    eventually("the new checkpoint appears", || {
+        m.join("run2/checkpoint-10/config.json").exists()
+    });
+    let want = materialized(&f, "ckpt10", &[arg(&f.adapters[1])], &[]);
+    assert_same_tree(&m.join("run2/checkpoint-10"), &want);
+
+    // Removed: it disappears; the others stay.
+    std::fs::remove_dir_all(catalog.join("run2/checkpoint-5")).unwrap();
+    eventually("the removed checkpoint disappears", || {
+        !m.join("run2/checkpoint-5").exists()
+    });
+    assert!(m.join("run2/checkpoint-10/config.json").exists());
+}
+
+#[test]
+fn a_mount_point_inside_the_catalog_is_refused() {
+    let f = fixture();
+    let catalog = f.tmp.path().join("catalog");
+    copy_adapter(&f.adapters[0], &catalog.join("a"));
+    let mnt = catalog.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let (ok, _, err) = run_lorafs([
+        "mount",
+        &arg(&f.base),
+        &arg(&mnt),
+        "--catalog",
+        &arg(&catalog),
+    ]);
+    assert!(!ok && err.contains("inside the catalog"), "{err}");
+}
