@@ -400,3 +400,81 @@ fn a_mount_point_inside_the_catalog_is_refused() {
     ]);
     assert!(!ok && err.contains("inside the catalog"), "{err}");
 }
+
+/// Drop the kernel's cached pages of every file under `dir`, so reads reach the server.
+fn drop_page_cache(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    for rel in read_tree(dir).keys() {
+        let file = std::fs::File::open(dir.join(rel)).unwrap();
+        // SAFETY: posix_fadvise has no memory-safety preconditions; the descriptor is open.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "fadvise {}", rel.display());
+    }
+}
+
+/// A counter of the mount's stats file.
+fn stat(mnt: &Path, key: &str) -> u64 {
+    let stats = std::fs::read_to_string(mnt.join(".lorafs-stats")).unwrap();
+    let line = stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} in {stats}"))
+        .to_string();
+    line.parse().unwrap()
+}
+
+#[test]
+fn catalog_views_read_their_factors_when_first_read_within_the_factor_budget() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let catalog = f.tmp.path().join("catalog");
+    let mut wanted = Vec::new();
+    for (i, adapter) in f.adapters.iter().enumerate() {
+        let name = format!("checkpoint-{i}");
+        copy_adapter(adapter, &catalog.join(&name));
+        wanted.push((
+            name.clone(),
+            read_tree(&materialized(&f, &name, &[arg(adapter)], &[])),
+        ));
+    }
+    // Without a block cache every read computes its blocks, and needs the factors again.
+    for (budget, dropped) in [("4KiB", true), ("64MiB", false)] {
+        let mnt = f.tmp.path().join(format!("mnt-{budget}"));
+        let args = [
+            "--catalog".into(),
+            arg(&catalog),
+            "--factor-cache".into(),
+            budget.into(),
+            "--cache-size".into(),
+            "0".into(),
+        ];
+        let guard = mount(&f, &mnt, &args);
+        let m = &guard.mountpoint;
+        assert_eq!(stat(m, "factors_loaded"), 0, "mounting reads no factor");
+        assert_eq!(stat(m, "factor_bytes"), 0);
+        let mut loaded = Vec::new();
+        for _ in 0..2 {
+            for (name, _) in &wanted {
+                drop_page_cache(&m.join(name));
+            }
+            for (name, want) in &wanted {
+                assert!(
+                    read_tree(&m.join(name)) == *want,
+                    "{name} equals materialize"
+                );
+                if dropped {
+                    assert!(stat(m, "factor_bytes") <= 4096, "within the factor budget");
+                }
+            }
+            loaded.push(stat(m, "factors_loaded"));
+        }
+        assert!(loaded[0] > 0);
+        assert_eq!(
+            loaded[1] > loaded[0],
+            dropped,
+            "{budget}: factors read again only when the budget dropped them ({loaded:?})"
+        );
+    }
+}
