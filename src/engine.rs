@@ -398,7 +398,11 @@ impl Engine {
                 }
             }
             if let Some(groups) = &m.dora {
-                crate::dora::merge(m.dtype, &m.factors, groups, row0, &mut data).map_err(
+                // DoRA reads `W` from one buffer and writes another; its f32 loop costs far
+                // more than this copy.
+                let w = data.clone();
+                let (f, dtype) = (&m.factors, m.dtype);
+                crate::dora::merge(dtype, &w, dtype, &mut data, f, groups, row0).map_err(
                     |row| {
                         let dora = m.terms.iter().find(|t| t.kind == TermKind::Dora);
                         let adapter = dora.map_or(0, |t| t.adapter);
