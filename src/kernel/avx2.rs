@@ -1,9 +1,11 @@
 //! The AVX2 + FMA + F16C kernel: tiles of [`ROWS`] rows × 16 columns (a quarter panel), i.e.
 //! `ROWS × 2` ymm accumulators out of 16 registers, filled by `rank` rounds of
 //! `vfmadd231ps` with a broadcast `U[i,k]`. Columns past the last multiple of 16 go through a
-//! small zero-padded copy of the rows, so the tail runs the very same vector code.
+//! small zero-padded copy of the rows, so the tail runs the very same vector code. `W` is
+//! read in the input dtype and the output written in the output dtype (the same buffer when
+//! merging in place); `convert` runs the same loads and stores 16 elements at a time.
 //!
-//! Conversions, each checked bit for bit against [`crate::dtype`] by `tests/kernels.rs`:
+//! Conversions, each checked bit for bit against [`crate::dtype`] by `tests/kernels/`:
 //! F16 by `vcvtph2ps` / `vcvtps2ph` with a round-to-nearest-even immediate (exact, subnormals
 //! kept, overflow to ±inf); BF16 by a 16-bit shift and integer RNE on the f32 bits; a NaN sum
 //! first becomes the f32 quiet NaN `0x7FC00000`, which narrows to the canonical NaN.
@@ -11,8 +13,9 @@
 
 use std::arch::x86_64::*;
 
-use super::dcode::{elem_size, BF16, F16, F32};
-use super::{panels_per_block, Factors, Job, PANEL};
+use super::driver::dcode::{elem_size, BF16, F16, F32};
+use super::driver::{Job, Rows};
+use super::{panels_per_block, PANEL};
 use crate::dtype::{DType, CANONICAL_NAN_F32};
 
 /// f32 lanes per vector.
@@ -25,21 +28,22 @@ const WIDTH: usize = LANES * VECS;
 const ROWS: usize = 6;
 
 padded_tile_driver!("avx2,fma,f16c");
+padded_convert_driver!("avx2,fma,f16c");
 
 /// One tile: `RR` rows × `WIDTH` columns.
 ///
 /// # Safety
 /// `u` points at `RR` rows of `rank` f32 (stride `rank`), `v` at `rank` rows of `WIDTH` f32
-/// (stride `PANEL`) aligned to 32 bytes, `w` at `RR` rows (stride `row_bytes`) of `WIDTH`
-/// elements of dtype `D`.
+/// (stride `PANEL`) aligned to 32 bytes; `io.src` at `RR` rows of `WIDTH` readable elements
+/// of dtype `FROM`, `io.dst` at `RR` rows of `WIDTH` writable elements of dtype `TO`, either
+/// disjoint or the same bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const D: u8, const RR: usize>(
+unsafe fn tile<const FROM: u8, const TO: u8, const RR: usize>(
     u: *const f32,
     rank: usize,
     v: *const f32,
-    w: *mut u8,
-    row_bytes: usize,
+    io: Rows,
 ) {
     let mut acc = [[_mm256_setzero_ps(); VECS]; RR];
     for k in 0..rank {
@@ -61,18 +65,35 @@ unsafe fn tile<const D: u8, const RR: usize>(
     // (4K-aliased) dependency.
     for (r, acc_r) in acc.iter_mut().enumerate() {
         for (c, a) in acc_r.iter_mut().enumerate() {
-            // SAFETY: the LANES elements at column `c · LANES` of row `r` are inside `w`.
-            let x = unsafe { load::<D>(w.add(r * row_bytes + c * LANES * elem_size(D))) };
+            // SAFETY: the LANES elements at column `c · LANES` of row `r` of `W` are readable.
+            let x = unsafe {
+                load::<FROM>(io.src.add(r * io.src_stride + c * LANES * elem_size(FROM)))
+            };
             *a = _mm256_add_ps(x, *a);
         }
     }
     for (r, acc_r) in acc.iter().enumerate() {
-        // SAFETY: as for the loads: the WIDTH elements of row `r` are inside `w`.
-        unsafe { store_pair::<D>(w.add(r * row_bytes), acc_r[0], acc_r[1]) };
+        // SAFETY: the WIDTH elements of row `r` of the output are writable.
+        unsafe { store_pair::<TO>(io.dst.add(r * io.dst_stride), acc_r[0], acc_r[1]) };
     }
 }
 
-/// Load 8 elements of dtype `D` at `p`, widened exactly to f32.
+/// Convert `WIDTH` elements of dtype `FROM` at `src` into dtype `TO` at `dst`.
+///
+/// # Safety
+/// The `WIDTH` elements at `src` must be readable, those at `dst` writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn convert_chunk<const FROM: u8, const TO: u8>(src: *const u8, dst: *mut u8) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let a = load::<FROM>(src);
+        let b = load::<FROM>(src.add(LANES * elem_size(FROM)));
+        store_pair::<TO>(dst, a, b)
+    }
+}
+
+/// Load 8 elements of dtype `D` at `p`, widened exactly to f32 (NaNs stay NaN).
 ///
 /// # Safety
 /// The 8 elements at `p` must be readable.

@@ -1,13 +1,15 @@
 //! The AVX-512 kernels: tiles of [`ROWS`] rows × one 64-column panel, i.e. `ROWS × 4` zmm
 //! accumulators, filled by `rank` rounds of `vfmadd231ps` (one load of each `V` vector per
 //! round serves all rows, one broadcast of `U[i,k]` all columns). Partial panels at the right
-//! edge use masked loads and stores of `W`; packed `V` is zero-padded there, so its loads need
-//! no mask.
+//! edge use masked loads of `W` and stores of the output; packed `V` is zero-padded there, so
+//! its loads need no mask. `W` is read in the input dtype and the output written in the
+//! output dtype (the same buffer when merging in place); `convert` runs the same row loads and
+//! stores, 64 elements at a time.
 //!
 //! Two builds of the same code (the `kernel!` macro): `base` needs AVX-512 F/BW/VL/DQ, `bf16`
 //! also AVX512_BF16, whose `vcvtne2ps2bf16` narrows 32 values in one instruction.
 //!
-//! # Conversions (each checked bit for bit against [`crate::dtype`] by `tests/kernels.rs`)
+//! # Conversions (each checked bit for bit against [`crate::dtype`] by `tests/kernels/`)
 //! * Widening: F16 by `vcvtph2ps`, BF16 by a 16-bit shift; both exact.
 //! * NaN: a NaN sum is replaced by the f32 quiet NaN `0x7FC00000`, which both narrowings
 //!   below turn into the canonical `0x7E00` / `0x7FC0` (and F32 stores as is).
@@ -25,8 +27,9 @@
 
 use std::arch::x86_64::*;
 
-use super::dcode::{elem_size, BF16, F16, F32};
-use super::{panels_per_block, Factors, Job, PANEL};
+use super::driver::dcode::{elem_size, BF16, F16, F32};
+use super::driver::{Job, Rows};
+use super::{panels_per_block, PANEL};
 use crate::dtype::{DType, CANONICAL_NAN_F32};
 
 /// f32 lanes per vector.
@@ -39,6 +42,16 @@ const VECS: usize = PANEL / LANES;
 const ROWS: usize = 4;
 /// Prefetch the `W` rows this many tiles ahead (helps when `W` comes from L3 or DRAM).
 const PREFETCH_TILES: usize = 4;
+
+/// The lanes of each vector of a row of `PANEL` columns that hold the first `left` columns.
+fn masks(left: usize) -> [u16; VECS] {
+    let mut masks = [0u16; VECS];
+    for (c, m) in masks.iter_mut().enumerate() {
+        let valid = left.saturating_sub(c * LANES).min(LANES);
+        *m = ((1u32 << valid) - 1) as u16;
+    }
+    masks
+}
 
 /// Lanes of `x` that `vcvtne2ps2bf16` would not round like the contract: NaN (QNaN | SNaN)
 /// and subnormal.
@@ -69,42 +82,35 @@ macro_rules! kernel {
 
         tile_driver!($features, 1 2 3);
 
-        /// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
+        /// Rows `r .. r + RR` of `job`, panels `p0 .. p1`.
         #[inline]
         #[target_feature(enable = $features)]
-        fn rows<const D: u8, const RR: usize>(
+        fn rows<const FROM: u8, const TO: u8, const RR: usize>(
             job: &Job,
-            data: &mut [u8],
             r: usize,
             p0: usize,
             p1: usize,
         ) {
-            let (rank, cols, row_bytes) = (job.rank, job.cols, job.row_bytes);
+            let (rank, cols) = (job.rank, job.cols);
             let u = &job.u[r * rank..(r + RR) * rank];
-            let w = &mut data[r * row_bytes..(r + RR) * row_bytes];
             let panels = &job.panels[p0 * rank * PANEL..p1 * rank * PANEL];
             for p in p0..p1 {
                 let c0 = p * PANEL;
                 // (Not dereferenced when `rank == 0`, where `panels` is empty.)
                 let v = panels.as_ptr().wrapping_add((p - p0) * rank * PANEL);
-                let wp = w[c0 * elem_size(D)..].as_mut_ptr();
+                let io = job.rows.at::<FROM, TO>(r, c0);
                 let left = cols - c0;
                 if left >= PANEL {
                     // SAFETY: `u` holds RR rows of `rank` floats and `v` (a panel of the
-                    // packed, 64-byte aligned `V`) `rank × PANEL` floats; `w` holds RR rows
-                    // of `row_bytes`, and columns `c0 .. c0 + PANEL` are inside each row.
+                    // packed, 64-byte aligned `V`) `rank × PANEL` floats; rows `r .. r + RR
+                    // <= n` of the job have columns `c0 .. c0 + PANEL` (its invariant).
                     unsafe {
-                        tile::<D, RR, false>(u.as_ptr(), rank, v, wp, row_bytes, [u16::MAX; VECS])
+                        tile::<FROM, TO, RR, false>(u.as_ptr(), rank, v, io, [u16::MAX; VECS])
                     }
                 } else {
-                    let mut masks = [0u16; VECS];
-                    for (c, m) in masks.iter_mut().enumerate() {
-                        let valid = left.saturating_sub(c * LANES).min(LANES);
-                        *m = ((1u32 << valid) - 1) as u16;
-                    }
                     // SAFETY: as above, except that only the `left` columns selected by
-                    // `masks` are inside each row of `w`, and only those are accessed.
-                    unsafe { tile::<D, RR, true>(u.as_ptr(), rank, v, wp, row_bytes, masks) }
+                    // `masks` are inside each row, and only those are accessed.
+                    unsafe { tile::<FROM, TO, RR, true>(u.as_ptr(), rank, v, io, masks(left)) }
                 }
             }
         }
@@ -113,25 +119,26 @@ macro_rules! kernel {
         ///
         /// # Safety
         /// `u` points at `RR` rows of `rank` f32 (stride `rank`), `v` at `rank × PANEL` f32
-        /// aligned to 64 bytes, `w` at `RR` rows (stride `row_bytes`) of `PANEL` elements of
-        /// dtype `D` — or, if `MASKED`, of the elements whose bit is set in `masks`.
+        /// aligned to 64 bytes; `io.src` at `RR` rows of `PANEL` readable elements of dtype
+        /// `FROM` and `io.dst` at `RR` rows of `PANEL` writable elements of dtype `TO` — or,
+        /// if `MASKED`, of the elements whose bit is set in `masks` —, either disjoint or the
+        /// same bytes.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn tile<const D: u8, const RR: usize, const MASKED: bool>(
+        unsafe fn tile<const FROM: u8, const TO: u8, const RR: usize, const MASKED: bool>(
             u: *const f32,
             rank: usize,
             v: *const f32,
-            w: *mut u8,
-            row_bytes: usize,
+            io: Rows,
             masks: [u16; VECS],
         ) {
             if !MASKED {
                 for r in 0..RR {
-                    for line in 0..PANEL * elem_size(D) / 64 {
-                        let ahead = PREFETCH_TILES * PANEL * elem_size(D) + line * 64;
+                    for line in 0..PANEL * elem_size(FROM) / 64 {
+                        let ahead = PREFETCH_TILES * PANEL * elem_size(FROM) + line * 64;
                         // A prefetch never faults, whatever the address.
                         _mm_prefetch::<_MM_HINT_T0>(
-                            w.wrapping_add(r * row_bytes + ahead).cast::<i8>(),
+                            io.src.wrapping_add(r * io.src_stride + ahead).cast::<i8>(),
                         );
                     }
                 }
@@ -153,41 +160,115 @@ macro_rules! kernel {
             }
             // Every load of the tile before any of its stores: rows are often a multiple of
             // 4 KiB apart, and a load after a store to the same offset of another row would
-            // wait on a false (4K-aliased) dependency.
+            // wait on a false (4K-aliased) dependency. (In place, it is also what makes each
+            // element read before it is overwritten.)
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                for (c, (a, &m)) in acc_r.iter_mut().zip(&masks).enumerate() {
-                    if MASKED && m == 0 {
-                        continue;
-                    }
-                    // SAFETY: element `c · LANES` of row `r` is inside `w` (the contract);
-                    // `load` touches only the lanes the caller allows.
-                    let x = unsafe {
-                        load::<D, MASKED>(w.add(r * row_bytes + c * LANES * elem_size(D)), m)
-                    };
+                // SAFETY: row `r < RR` of `W` has the elements the contract allows.
+                let x = unsafe { load_row::<FROM, MASKED>(io.src.add(r * io.src_stride), &masks) };
+                for (a, x) in acc_r.iter_mut().zip(x) {
                     *a = _mm512_add_ps(x, *a);
                 }
             }
             for (r, sums) in acc.iter().enumerate() {
-                // SAFETY: row `r < RR` starts inside `w`.
-                let row = unsafe { w.add(r * row_bytes) };
-                if D == BF16 && $native_bf16 {
-                    let mut flags = 0u16;
-                    for &s in sums {
-                        flags |= bf16_special(s);
-                    }
-                    if flags == 0 {
-                        // SAFETY: as for the loads; this build has avx512bf16.
-                        unsafe { store_bf16_native::<MASKED>(row, sums, &masks) };
-                        continue;
+                // SAFETY: row `r < RR` of the output has the elements the contract allows.
+                unsafe { store_row::<TO, MASKED>(io.dst.add(r * io.dst_stride), sums, &masks) };
+            }
+        }
+
+        /// Convert `src` (elements of `from`) into `dst` (as many of `to`); see
+        /// [`crate::kernel::Kernel::convert`].
+        ///
+        /// # Safety
+        /// The CPU must support the target features this function is compiled for.
+        #[target_feature(enable = $features)]
+        pub(in crate::kernel) unsafe fn convert(
+            from: DType,
+            src: &[u8],
+            to: DType,
+            dst: &mut [u8],
+        ) {
+            with_pair!(from, to, convert_all(src, dst))
+        }
+
+        /// [`convert`] one panel-wide row of `PANEL` elements at a time, the last masked.
+        #[target_feature(enable = $features)]
+        fn convert_all<const FROM: u8, const TO: u8>(src: &[u8], dst: &mut [u8]) {
+            let n = src.len() / elem_size(FROM);
+            assert_eq!(dst.len(), n * elem_size(TO), "as many elements out as in");
+            let all = Rows {
+                src: src.as_ptr(),
+                src_stride: 0,
+                dst: dst.as_mut_ptr(),
+                dst_stride: 0,
+            };
+            for e in (0..n).step_by(PANEL) {
+                let io = all.at::<FROM, TO>(0, e);
+                // SAFETY: elements `e .. min(e + PANEL, n)` are inside `src` and `dst`, two
+                // borrows that cannot overlap; only those are accessed.
+                unsafe {
+                    if n - e >= PANEL {
+                        let x = load_row::<FROM, false>(io.src, &[u16::MAX; VECS]);
+                        store_row::<TO, false>(io.dst, &x, &[u16::MAX; VECS]);
+                    } else {
+                        let m = masks(n - e);
+                        let x = load_row::<FROM, true>(io.src, &m);
+                        store_row::<TO, true>(io.dst, &x, &m);
                     }
                 }
-                for (c, (&s, &m)) in sums.iter().zip(&masks).enumerate() {
-                    if MASKED && m == 0 {
-                        continue;
-                    }
-                    // SAFETY: as for the loads.
-                    unsafe { store::<D, MASKED>(row.add(c * LANES * elem_size(D)), s, m) };
+            }
+        }
+
+        /// Load one row of `PANEL` elements of dtype `FROM` at `p`, widened exactly to f32
+        /// (if `MASKED`, only those selected by `masks`, the others 0).
+        ///
+        /// # Safety
+        /// The elements at `p` (the selected ones if `MASKED`) must be readable.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn load_row<const FROM: u8, const MASKED: bool>(
+            p: *const u8,
+            masks: &[u16; VECS],
+        ) -> [__m512; VECS] {
+            let mut x = [_mm512_setzero_ps(); VECS];
+            for (c, (x, &m)) in x.iter_mut().zip(masks).enumerate() {
+                if MASKED && m == 0 {
+                    continue;
                 }
+                // SAFETY: the caller's contract; `load` touches only the selected lanes.
+                *x = unsafe { load::<FROM, MASKED>(p.add(c * LANES * elem_size(FROM)), m) };
+            }
+            x
+        }
+
+        /// Round one row of `PANEL` f32 to dtype `TO` and store it at `p` (if `MASKED`, only
+        /// the lanes selected by `masks`).
+        ///
+        /// # Safety
+        /// The elements at `p` (the selected ones if `MASKED`) must be writable.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn store_row<const TO: u8, const MASKED: bool>(
+            p: *mut u8,
+            sums: &[__m512; VECS],
+            masks: &[u16; VECS],
+        ) {
+            if TO == BF16 && $native_bf16 {
+                let mut flags = 0u16;
+                for &s in sums {
+                    flags |= bf16_special(s);
+                }
+                if flags == 0 {
+                    // SAFETY: the caller's contract; this build has avx512bf16.
+                    unsafe { store_bf16_native::<MASKED>(p, sums, masks) };
+                    return;
+                }
+            }
+            for (c, (&s, &m)) in sums.iter().zip(masks).enumerate() {
+                if MASKED && m == 0 {
+                    continue;
+                }
+                // SAFETY: the caller's contract; `store` touches only the selected lanes.
+                unsafe { store::<TO, MASKED>(p.add(c * LANES * elem_size(TO)), s, m) };
             }
         }
 

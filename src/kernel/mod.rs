@@ -1,22 +1,29 @@
-//! Merge kernels: `out[i,:] = round(W[i,:] + Σ_k U[i,k]·V[k,:])` over a block of rows.
+//! Merge kernels: `out[i,:] = round(W[i,:] + Σ_k U[i,k]·V[k,:])` over a block of rows, and
+//! plain dtype conversion.
 //!
 //! # The contract every kernel meets, bit for bit
-//! For each output element, with `W` widened exactly to f32:
+//! For each output element, with `W` stored in the input dtype and widened exactly to f32:
 //! ```text
 //! acc = +0.0
 //! for k in 0..rank: acc = fma(U[i,k], V[k,j], acc)      // fused, one rounding each
 //! out = round_to_dtype(W[i,j] + acc)                    // one f32 add, then one RNE
 //! ```
-//! `round_to_dtype` is round-to-nearest-even with subnormals kept and overflow to ±inf, and
-//! any NaN result becomes the canonical quiet NaN ([`crate::dtype`]). [`scalar`] is the
-//! reference; every other kernel is tested to produce exactly its bytes (`tests/kernels.rs`).
+//! `round_to_dtype` rounds into the output dtype ([`Kernel::merge_into`]; the input dtype for
+//! [`Kernel::merge`], in place): round-to-nearest-even with subnormals kept and overflow to
+//! ±inf, and any NaN result becomes the output dtype's canonical quiet NaN
+//! ([`crate::dtype`]), whatever the input NaN's payload. So the result is rounded once,
+//! whatever the two dtypes: never into the output dtype before `Δ` is added.
+//! [`Kernel::convert`] is `round_to_dtype(W[i])` alone (no addition, so `-0` stays `-0`).
+//! [`scalar`] is the reference; every other kernel is tested to produce exactly its bytes
+//! (`tests/kernels/`).
 //!
 //! # The SIMD kernels
 //! `avx512` / `avx512bf16` (x86-64 AVX-512 F/BW/VL/DQ, and BF16), `avx2` (x86-64 AVX2 + FMA +
 //! F16C) and `neon` (aarch64) all work the same way: a register tile of a few rows × [`PANEL`]
 //! (or a slice of it) columns of f32 accumulators is filled by `rank` rounds of vector FMAs —
 //! one load of a `V` slice serves every row of the tile, one broadcast of `U[i,k]` every
-//! column — and then `W` is loaded, widened, added, rounded and stored once. Each lane does
+//! column — and then `W` is loaded, widened, added, rounded and stored once (the same code in
+//! place or from one buffer into another: `driver.rs`). Each lane does
 //! exactly the scalar sequence of operations above, so the results are the same bits; only
 //! the order in which *elements* are computed differs, never the order of the operations
 //! *within* an element. Every kernel is chosen at run time (`is_x86_feature_detected!`), so
@@ -34,150 +41,8 @@
 //! cost up to 64 times `V`'s memory. Only the scalar kernel reads that layout, so such
 //! tensors are merged by it whatever kernel is selected: the same bits, by the contract.
 
-/// The dtype as a const generic parameter of the SIMD kernels, so each dtype gets its own
-/// monomorphised tile.
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
-mod dcode {
-    pub const F16: u8 = 0;
-    pub const BF16: u8 = 1;
-    pub const F32: u8 = 2;
-
-    /// Bytes per element.
-    pub const fn elem_size(d: u8) -> usize {
-        if d == F32 {
-            4
-        } else {
-            2
-        }
-    }
-}
-
-/// The entry point and tiling loop every SIMD kernel shares: `merge` (one monomorphised `run`
-/// per dtype), then column blocks of panels that keep `V` in L2, tiles of `ROWS` rows, then
-/// the remaining rows (`$rem`: 1 to `ROWS - 1`). The invoking module provides `ROWS` and
-/// `fn rows::<D, RR>(job, data, r, p0, p1)`.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-macro_rules! tile_driver {
-    ($features:literal, $($rem:literal)+) => {
-        const _: () = assert!(ROWS == 1 + [$($rem),+].len(), "a remainder arm per row count");
-
-        /// Merge `data` (rows `row0 ..` of the tensor) in place; see
-        /// [`crate::kernel::Kernel::merge`].
-        ///
-        /// # Safety
-        /// The CPU must support the target features this function is compiled for.
-        #[target_feature(enable = $features)]
-        pub(in crate::kernel) unsafe fn merge(
-            dtype: DType,
-            f: &Factors,
-            row0: usize,
-            data: &mut [u8],
-        ) {
-            let job = Job::new(dtype, f, row0, data);
-            match dtype {
-                DType::F16 => run::<F16>(&job, data),
-                DType::BF16 => run::<BF16>(&job, data),
-                DType::F32 => run::<F32>(&job, data),
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        fn run<const D: u8>(job: &Job, data: &mut [u8]) {
-            let panels = job.cols.div_ceil(PANEL);
-            let block = panels_per_block(job.rank);
-            let mut p0 = 0;
-            while p0 < panels {
-                let p1 = (p0 + block).min(panels);
-                let mut r = 0;
-                while r + ROWS <= job.n {
-                    rows::<D, ROWS>(job, data, r, p0, p1);
-                    r += ROWS;
-                }
-                match job.n - r {
-                    0 => {}
-                    $($rem => rows::<D, $rem>(job, data, r, p0, p1),)+
-                    _ => unreachable!(),
-                }
-                p0 = p1;
-            }
-        }
-    };
-}
-
-/// The row loop of the kernels that finish the last columns of a row on a zero-padded copy
-/// (AVX2 and NEON, both 6-row tiles), on top of [`tile_driver`]. The invoking module provides
-/// `ROWS`, `WIDTH` and `unsafe fn tile::<D, RR>(u, rank, v, w, row_bytes)`.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-macro_rules! padded_tile_driver {
-    ($features:literal) => {
-        tile_driver!($features, 1 2 3 4 5);
-
-        /// Rows `r .. r + RR` of `data`, panels `p0 .. p1`.
-        #[inline]
-        #[target_feature(enable = $features)]
-        fn rows<const D: u8, const RR: usize>(
-            job: &Job,
-            data: &mut [u8],
-            r: usize,
-            p0: usize,
-            p1: usize,
-        ) {
-            let (rank, cols, row_bytes) = (job.rank, job.cols, job.row_bytes);
-            let size = elem_size(D);
-            let u = &job.u[r * rank..(r + RR) * rank];
-            let w = &mut data[r * row_bytes..(r + RR) * row_bytes];
-            let panels = &job.panels[p0 * rank * PANEL..p1 * rank * PANEL];
-            for p in p0..p1 {
-                for s in 0..PANEL / WIDTH {
-                    let c0 = p * PANEL + s * WIDTH;
-                    if c0 >= cols {
-                        break;
-                    }
-                    // (Not dereferenced when `rank == 0`, where `panels` is empty.)
-                    let v = panels
-                        .as_ptr()
-                        .wrapping_add((p - p0) * rank * PANEL + s * WIDTH);
-                    let left = cols - c0;
-                    if left >= WIDTH {
-                        // SAFETY: `u` holds RR rows of `rank` floats, `v` (aligned as the
-                        // packing guarantees) is followed by `rank` rows of PANEL floats of
-                        // which it reads the first WIDTH, and `w` holds RR rows of `row_bytes`
-                        // with columns `c0 .. c0 + WIDTH` inside each row.
-                        unsafe {
-                            tile::<D, RR>(
-                                u.as_ptr(),
-                                rank,
-                                v,
-                                w[c0 * size..].as_mut_ptr(),
-                                row_bytes,
-                            )
-                        }
-                    } else {
-                        // The last columns: run the same tile on a zero-padded copy.
-                        let stride = WIDTH * size;
-                        let mut buf = [0u8; ROWS * WIDTH * 4];
-                        for i in 0..RR {
-                            buf[i * stride..i * stride + left * size].copy_from_slice(
-                                &w[i * row_bytes + c0 * size..i * row_bytes + cols * size],
-                            );
-                        }
-                        // SAFETY: as above, with `buf` holding RR rows of `stride` bytes =
-                        // WIDTH elements.
-                        unsafe { tile::<D, RR>(u.as_ptr(), rank, v, buf.as_mut_ptr(), stride) }
-                        for i in 0..RR {
-                            w[i * row_bytes + c0 * size..i * row_bytes + cols * size]
-                                .copy_from_slice(&buf[i * stride..i * stride + left * size]);
-                        }
-                    }
-                }
-            }
-        }
-    };
-}
-
+#[macro_use]
+mod driver;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -190,6 +55,7 @@ mod neon;
 use std::sync::OnceLock;
 
 use crate::dtype::DType;
+use driver::Job;
 
 /// Width in columns of one packed panel of `V`.
 pub(crate) const PANEL: usize = 64;
@@ -451,92 +317,138 @@ impl Kernel {
         }
     }
 
+    /// Merge rows `row0 .. row0 + n` of a tensor from one buffer into another: `src` holds
+    /// those rows of `W` (little-endian `from`, `n × f.cols` elements) and `dst` receives the
+    /// merged values in `to` (as many elements), rounded once from the f32 sum (the module's
+    /// contract, with `round_to_dtype` into `to`).
+    ///
+    /// Panics if the kernel cannot run on this CPU (see [`Kernel::available`]) or the buffers
+    /// do not hold the same whole rows.
+    pub fn merge_into(
+        self,
+        from: DType,
+        src: &[u8],
+        to: DType,
+        dst: &mut [u8],
+        f: &Factors,
+        row0: usize,
+    ) {
+        let n = whole_rows(f, row0, from, src);
+        assert_eq!(
+            dst.len(),
+            n * f.cols * to.size(),
+            "the output holds other rows than the input"
+        );
+        if n == 0 {
+            return;
+        }
+        match self.for_factors(f) {
+            Kernel::Scalar => scalar::merge_into(from, src, to, dst, f, row0),
+            simd => simd.merge_simd(from, to, &Job::new(f, row0, from, src, to, dst)),
+        }
+    }
+
     /// Merge rows `row0 .. row0 + n` of a tensor in place: `data` holds those rows of `W`
-    /// (little-endian `dtype`, `n × f.cols` elements) and receives the merged values.
+    /// (little-endian `dtype`, `n × f.cols` elements) and receives the merged values. The same
+    /// code as [`Kernel::merge_into`] from `dtype` to `dtype`.
     ///
     /// Panics if the kernel cannot run on this CPU (see [`Kernel::available`]).
     pub fn merge(self, dtype: DType, f: &Factors, row0: usize, data: &mut [u8]) {
-        let row_bytes = f.cols * dtype.size();
-        assert_eq!(data.len() % row_bytes.max(1), 0, "partial row");
-        assert!(
-            row0 + data.len() / row_bytes.max(1) <= f.rows,
-            "rows out of range"
-        );
-        if data.is_empty() {
+        if whole_rows(f, row0, dtype, data) == 0 {
             return;
         }
+        match self.for_factors(f) {
+            Kernel::Scalar => scalar::merge(dtype, f, row0, data),
+            simd => simd.merge_simd(dtype, dtype, &Job::in_place(f, row0, dtype, data)),
+        }
+    }
+
+    /// Convert `src` (little-endian `from`) into `dst` (as many elements of `to`): each value
+    /// widened exactly to f32 and rounded once, as [`DType::store`] does (round to nearest
+    /// even, subnormals kept, overflow to ±inf, any NaN to the canonical NaN of `to`; `-0`
+    /// stays `-0`). For the tensors no adapter changes when the output dtype differs.
+    ///
+    /// Panics if the kernel cannot run on this CPU or the lengths differ in elements.
+    pub fn convert(self, from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
+        assert_eq!(src.len() % from.size(), 0, "partial element");
+        let n = src.len() / from.size();
+        assert_eq!(
+            dst.len(),
+            n * to.size(),
+            "the output holds another element count"
+        );
+        self.assert_supported();
+        match self {
+            Kernel::Scalar => scalar::convert(from, src, to, dst),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `assert_supported` checked avx2, fma and f16c just above.
+            Kernel::Avx2 => unsafe { avx2::convert(from, src, to, dst) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `assert_supported` checked avx512f, avx512bw, avx512vl and avx512dq.
+            Kernel::Avx512 => unsafe { avx512::base::convert(from, src, to, dst) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `assert_supported` checked those and avx512bf16 just above.
+            Kernel::Avx512Bf16 => unsafe { avx512::bf16::convert(from, src, to, dst) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `assert_supported` checked neon just above.
+            Kernel::Neon => unsafe { neon::convert(from, src, to, dst) },
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("is_supported is false for kernels of other architectures"),
+        }
+    }
+
+    fn assert_supported(self) {
         assert!(
             self.is_supported(),
             "the {} kernel needs {}",
             self.name(),
             self.requires()
         );
-        // Factors narrower than a panel are stored unpadded, a layout only the reference
-        // reads (see the module's documentation).
-        let kernel = if f.is_panelled() {
+    }
+
+    /// The kernel that merges `f`: this one, or the reference when `V` is narrower than a
+    /// panel and so stored unpadded, a layout only the reference reads (see the module's
+    /// documentation).
+    fn for_factors(self, f: &Factors) -> Kernel {
+        self.assert_supported();
+        if f.is_panelled() {
             self
         } else {
             Kernel::Scalar
-        };
-        match kernel {
-            Kernel::Scalar => scalar::merge(dtype, f, row0, data),
+        }
+    }
+
+    /// Run this SIMD kernel (supported here, as [`Kernel::for_factors`] checked) on `job`.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(unused_variables)
+    )]
+    fn merge_simd(self, from: DType, to: DType, job: &Job) {
+        match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `is_supported` checked avx2, fma and f16c just above.
-            Kernel::Avx2 => unsafe { avx2::merge(dtype, f, row0, data) },
+            // SAFETY: `for_factors` checked avx2, fma and f16c.
+            Kernel::Avx2 => unsafe { avx2::merge(from, to, job) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `is_supported` checked avx512f, avx512bw, avx512vl and avx512dq above.
-            Kernel::Avx512 => unsafe { avx512::base::merge(dtype, f, row0, data) },
+            // SAFETY: `for_factors` checked avx512f, avx512bw, avx512vl and avx512dq.
+            Kernel::Avx512 => unsafe { avx512::base::merge(from, to, job) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `is_supported` checked those and avx512bf16 just above.
-            Kernel::Avx512Bf16 => unsafe { avx512::bf16::merge(dtype, f, row0, data) },
+            // SAFETY: `for_factors` checked those and avx512bf16.
+            Kernel::Avx512Bf16 => unsafe { avx512::bf16::merge(from, to, job) },
             #[cfg(target_arch = "aarch64")]
-            // SAFETY: `is_supported` checked neon just above.
-            Kernel::Neon => unsafe { neon::merge(dtype, f, row0, data) },
-            #[allow(unreachable_patterns)]
-            _ => unreachable!("is_supported is false for kernels of other architectures"),
+            // SAFETY: `for_factors` checked neon.
+            Kernel::Neon => unsafe { neon::merge(from, to, job) },
+            _ => unreachable!("the reference takes slices; other architectures' kernels never run"),
         }
     }
 }
 
-/// The shape of one `merge` call, checked once so the kernels can use raw pointers.
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
-pub(crate) struct Job<'a> {
-    /// `U` rows `row0 ..`, row-major, `rank` floats each (at least `n · rank` floats).
-    pub u: &'a [f32],
-    /// Packed `V`, see [`Factors::panels`].
-    pub panels: &'a [f32],
-    pub rank: usize,
-    pub cols: usize,
-    /// Rows in `data`.
-    pub n: usize,
-    /// Bytes per row of `data`.
-    pub row_bytes: usize,
-}
-
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
-impl<'a> Job<'a> {
-    pub fn new(dtype: DType, f: &'a Factors, row0: usize, data: &[u8]) -> Job<'a> {
-        let row_bytes = f.cols * dtype.size();
-        assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes));
-        let n = data.len() / row_bytes;
-        assert!(row0 + n <= f.rows);
-        let panels = f.panels();
-        assert_eq!(panels.len(), f.cols.div_ceil(PANEL) * f.rank * PANEL);
-        Job {
-            u: &f.u[row0 * f.rank..(row0 + n) * f.rank],
-            panels,
-            rank: f.rank,
-            cols: f.cols,
-            n,
-            row_bytes,
-        }
-    }
+/// How many whole rows of `W` (`dtype`) `data` holds, checked to be rows of `f` from `row0`.
+fn whole_rows(f: &Factors, row0: usize, dtype: DType, data: &[u8]) -> usize {
+    let row_bytes = f.cols * dtype.size();
+    assert_eq!(data.len() % row_bytes.max(1), 0, "partial row");
+    let n = data.len() / row_bytes.max(1);
+    assert!(row0 + n <= f.rows, "rows out of range");
+    n
 }
 
 #[cfg(test)]

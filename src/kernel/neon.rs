@@ -1,7 +1,9 @@
 //! The aarch64 Advanced SIMD (NEON) kernel: tiles of [`ROWS`] rows × 16 columns (a quarter
 //! panel), i.e. `ROWS × 4` q-register accumulators out of 32, filled by `rank` rounds of
 //! `fmla` with a duplicated `U[i,k]`. Columns past the last multiple of 16 go through a small
-//! zero-padded copy of the rows, so the tail runs the very same vector code.
+//! zero-padded copy of the rows, so the tail runs the very same vector code. `W` is read in
+//! the input dtype and the output written in the output dtype (the same buffer when merging
+//! in place); `convert` runs the same loads and stores 16 elements at a time.
 //!
 //! Conversions: F16 by `fcvtl` / `fcvtn` (inline assembly, so no unstable or recent `f16`
 //! intrinsics are needed) — exact / round-to-nearest-even with subnormals kept under the
@@ -9,7 +11,7 @@
 //! shift and integer RNE on the f32 bits; a NaN sum first becomes the f32 quiet NaN
 //! `0x7FC00000`, which narrows to the canonical NaN.
 //!
-//! Tested bit for bit against the reference (`tests/kernels.rs`) under `qemu-aarch64` user-mode
+//! Tested bit for bit against the reference (`tests/kernels/`) under `qemu-aarch64` user-mode
 //! emulation (`--target aarch64-unknown-linux-gnu`), not yet on aarch64 hardware; its
 //! performance is unmeasured.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -17,8 +19,9 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::dcode::{elem_size, BF16, F16, F32};
-use super::{panels_per_block, Factors, Job, PANEL};
+use super::driver::dcode::{elem_size, BF16, F16, F32};
+use super::driver::{Job, Rows};
+use super::{panels_per_block, PANEL};
 use crate::dtype::{DType, CANONICAL_NAN_F32};
 
 /// f32 lanes per vector.
@@ -31,20 +34,22 @@ const WIDTH: usize = LANES * VECS;
 const ROWS: usize = 6;
 
 padded_tile_driver!("neon");
+padded_convert_driver!("neon");
 
 /// One tile: `RR` rows × `WIDTH` columns.
 ///
 /// # Safety
 /// `u` points at `RR` rows of `rank` f32 (stride `rank`), `v` at `rank` rows of `WIDTH` f32
-/// (stride `PANEL`), `w` at `RR` rows (stride `row_bytes`) of `WIDTH` elements of dtype `D`.
+/// (stride `PANEL`); `io.src` at `RR` rows of `WIDTH` readable elements of dtype `FROM`,
+/// `io.dst` at `RR` rows of `WIDTH` writable elements of dtype `TO`, either disjoint or the
+/// same bytes.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn tile<const D: u8, const RR: usize>(
+unsafe fn tile<const FROM: u8, const TO: u8, const RR: usize>(
     u: *const f32,
     rank: usize,
     v: *const f32,
-    w: *mut u8,
-    row_bytes: usize,
+    io: Rows,
 ) {
     let mut acc = [[vdupq_n_f32(0.0); VECS]; RR];
     for k in 0..rank {
@@ -67,15 +72,34 @@ unsafe fn tile<const D: u8, const RR: usize>(
     // (4K-aliased) dependency.
     for (r, acc_r) in acc.iter_mut().enumerate() {
         for (c, a) in acc_r.iter_mut().enumerate() {
-            // SAFETY: the LANES elements at column `c · LANES` of row `r` are inside `w`.
-            let x = unsafe { load::<D>(w.add(r * row_bytes + c * LANES * elem_size(D))) };
+            // SAFETY: the LANES elements at column `c · LANES` of row `r` of `W` are readable.
+            let x = unsafe {
+                load::<FROM>(io.src.add(r * io.src_stride + c * LANES * elem_size(FROM)))
+            };
             *a = vaddq_f32(x, *a);
         }
     }
     for (r, acc_r) in acc.iter().enumerate() {
         for (c, &a) in acc_r.iter().enumerate() {
-            // SAFETY: as for the loads.
-            unsafe { store::<D>(w.add(r * row_bytes + c * LANES * elem_size(D)), a) };
+            // SAFETY: the LANES elements at column `c · LANES` of row `r` of the output are
+            // writable.
+            unsafe { store::<TO>(io.dst.add(r * io.dst_stride + c * LANES * elem_size(TO)), a) };
+        }
+    }
+}
+
+/// Convert `WIDTH` elements of dtype `FROM` at `src` into dtype `TO` at `dst`.
+///
+/// # Safety
+/// The `WIDTH` elements at `src` must be readable, those at `dst` writable.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn convert_chunk<const FROM: u8, const TO: u8>(src: *const u8, dst: *mut u8) {
+    for c in 0..VECS {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let x = load::<FROM>(src.add(c * LANES * elem_size(FROM)));
+            store::<TO>(dst.add(c * LANES * elem_size(TO)), x)
         }
     }
 }

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::{Source, View, VirtualFile};
 use crate::cache::Block;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::{Realized, TensorMerge, TermKind, WFile};
 
@@ -14,6 +15,26 @@ use crate::plan::{Realized, TensorMerge, TermKind, WFile};
 /// (a cache lookup, one `pread`) is small next to the merge, small enough that a 128 KiB
 /// kernel readahead or a random `pread` does not compute much it will not use.
 pub const BLOCK_BYTES: usize = 1 << 20;
+
+/// Store the token rows of `realized` that fall in the block of rows `row0 ..` held in
+/// `data` (as `dtype`).
+fn store_token_rows(
+    m: &TensorMerge,
+    realized: &Realized,
+    row0: usize,
+    dtype: DType,
+    data: &mut [u8],
+) {
+    let n = data.len() / (m.dims.cols * dtype.size()).max(1);
+    for row in &realized.rows {
+        if (row0..row0 + n).contains(&row.index) {
+            let first = (row.index - row0) * m.dims.cols;
+            for (j, &x) in row.values.iter().enumerate() {
+                dtype.store(data, first + j, x);
+            }
+        }
+    }
+}
 
 /// Bytes of one block of `m` (all blocks but the last of a tensor).
 fn block_bytes(m: &TensorMerge) -> u64 {
@@ -91,21 +112,23 @@ impl View {
             let row0 = b * rows;
             let n = rows.min(m.dims.rows - row0);
             let mut data = blocks.buffer(n * m.row_bytes());
-            self.read_w(vf, m, row0, &mut data)?;
-            for row in &realized.rows {
-                if (row0..row0 + n).contains(&row.index) {
-                    let first = (row.index - row0) * m.dims.cols;
-                    for (j, &x) in row.values.iter().enumerate() {
-                        m.dtype.store(&mut data, first + j, x);
-                    }
-                }
+            if m.w.dtype == m.dtype {
+                self.read_w(vf, m, row0, &mut data)?;
+                self.merge_in_place(m, &realized, row0, &mut data)?;
+                return Ok(data);
             }
-            let f = &realized.factors;
-            if let Some(groups) = &realized.dora {
-                crate::dora::merge(m.dtype, f, groups, row0, &mut data)
-                    .map_err(|row| self.dora_error(m, row))?;
-            } else if f.rank > 0 {
-                self.engine.kernel.merge(m.dtype, f, row0, &mut data);
+            let mut raw = vec![0u8; n * m.dims.cols * m.w.dtype.size()];
+            self.read_w(vf, m, row0, &mut raw)?;
+            if self.plan.dtype.is_none() {
+                // A replacement stored in another dtype than the base's: PEFT loads it into
+                // the base model, rounding it to the base's dtype, and merges after.
+                self.engine
+                    .kernel
+                    .convert(m.w.dtype, &raw, m.dtype, &mut data);
+                self.merge_in_place(m, &realized, row0, &mut data)?;
+            } else {
+                // `--dtype`: the reference is PEFT's merge in f32, cast once at the end.
+                self.merge_converting(m, &realized, row0, &raw, &mut data)?;
             }
             Ok(data)
         })
@@ -124,30 +147,74 @@ impl View {
         )
     }
 
-    /// Rows `row0 ..` of a merged tensor's `W` (as many as `data` holds), in its output
-    /// dtype, from the base file or from an adapter file (a replaced tensor), converted
-    /// (rounded to nearest even) when the stored dtype differs.
-    fn read_w(
+    /// Rows `row0 ..` of a merged tensor's `W` (as many as `buf` holds), as stored: from
+    /// the base file or from an adapter file (a replaced tensor).
+    fn read_w(&self, vf: &VirtualFile, m: &TensorMerge, row0: usize, buf: &mut [u8]) -> Result<()> {
+        let w = m.w;
+        let at = w.offset + (row0 * m.dims.cols * w.dtype.size()) as u64;
+        match w.file {
+            WFile::Base => self.read_source(vf, buf, at),
+            WFile::Adapter(i) => self.adapter_weights[i].read_exact_at(buf, at, false),
+        }
+    }
+
+    /// Merge rows `row0 ..` of `m` into `data`, which holds them in the output dtype, the
+    /// dtype `W` is stored in.
+    fn merge_in_place(
         &self,
-        vf: &VirtualFile,
         m: &TensorMerge,
+        realized: &Realized,
         row0: usize,
         data: &mut [u8],
     ) -> Result<()> {
-        let w = m.w;
-        let at = w.offset + (row0 * m.dims.cols * w.dtype.size()) as u64;
-        let read = |buf: &mut [u8]| match w.file {
-            WFile::Base => self.read_source(vf, buf, at),
-            WFile::Adapter(i) => self.adapter_weights[i].read_exact_at(buf, at, false),
-        };
-        if w.dtype == m.dtype {
-            return read(data);
+        store_token_rows(m, realized, row0, m.dtype, data);
+        let f = &realized.factors;
+        if let Some(groups) = &realized.dora {
+            // DoRA reads `W` from one buffer and writes another; its f32 loop costs far
+            // more than this copy.
+            let w = data.to_vec();
+            crate::dora::merge(m.dtype, &w, m.dtype, data, f, groups, row0)
+                .map_err(|row| self.dora_error(m, row))?;
+        } else if f.rank > 0 {
+            self.engine.kernel.merge(m.dtype, f, row0, data);
         }
-        let elements = data.len() / m.dtype.size();
-        let mut raw = vec![0u8; elements * w.dtype.size()];
-        read(&mut raw)?;
-        for e in 0..elements {
-            m.dtype.store(data, e, w.dtype.load(&raw, e));
+        Ok(())
+    }
+
+    /// Merge rows `row0 ..` of `m`, `raw` holding `W` as stored, into `data` in the output
+    /// dtype: `W` widened exactly, the delta added in f32, rounded once (`--dtype`, or a
+    /// replacement stored in another dtype).
+    fn merge_converting(
+        &self,
+        m: &TensorMerge,
+        realized: &Realized,
+        row0: usize,
+        raw: &[u8],
+        data: &mut [u8],
+    ) -> Result<()> {
+        let (kernel, f) = (self.engine.kernel, &realized.factors);
+        let n = data.len() / m.row_bytes().max(1);
+        let tokens = (realized.rows.iter()).any(|r| (row0..row0 + n).contains(&r.index));
+        let wide;
+        let (from, w) = if tokens || realized.dora.is_some() {
+            // Token rows replace rows of W before the deltas of later adapters are added
+            // (and before DoRA's norms): put them into W widened to f32, where their values,
+            // rounded to the output dtype, are exact.
+            let mut buf = vec![0u8; raw.len() / m.w.dtype.size() * 4];
+            kernel.convert(m.w.dtype, raw, DType::F32, &mut buf);
+            store_token_rows(m, realized, row0, DType::F32, &mut buf);
+            wide = buf;
+            (DType::F32, &wide[..])
+        } else {
+            (m.w.dtype, raw)
+        };
+        if let Some(groups) = &realized.dora {
+            crate::dora::merge(from, w, m.dtype, data, f, groups, row0)
+                .map_err(|row| self.dora_error(m, row))?;
+        } else if f.rank > 0 {
+            kernel.merge_into(from, w, m.dtype, data, f, row0);
+        } else {
+            kernel.convert(from, w, m.dtype, data);
         }
         Ok(())
     }

@@ -257,9 +257,7 @@ impl View {
         let mut raw = vec![0u8; count * from.size()];
         self.read_source(vf, &mut raw, offset + first * from.size() as u64)?;
         let mut converted = vec![0u8; count * to.size()];
-        for e in 0..count {
-            to.store(&mut converted, e, from.load(&raw, e));
-        }
+        self.engine.kernel.convert(from, &raw, to, &mut converted);
         let skip = (within - first * to.size() as u64) as usize;
         out.copy_from_slice(&converted[skip..skip + out.len()]);
         Ok(())

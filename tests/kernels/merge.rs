@@ -1,146 +1,70 @@
-//! Every kernel this CPU can run must produce exactly the bytes of the scalar reference, for
-//! every input: random shapes (odd widths, ranks up to 192, row offsets), NaNs of any payload
-//! and sign, ±inf, ±0, f32/f16/bf16 subnormals, f16 overflow, rounding ties.
+//! `Kernel::merge_into` and `Kernel::merge` (in place) of every kernel against the reference.
 
-use half::{bf16, f16};
+use half::f16;
 use lorafs::dtype::DType;
 use lorafs::kernel::{Factors, Kernel};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const DTYPES: [DType; 3] = [DType::F16, DType::BF16, DType::F32];
+use super::{first_difference, kernels_under_test, pairs, value, weights, DTYPES};
 
-/// The kernels to compare with the reference; says on stderr (once) which ones cannot run
-/// here and why.
-fn kernels_under_test() -> Vec<Kernel> {
-    static REPORT: std::sync::Once = std::sync::Once::new();
-    let available = Kernel::available();
-    REPORT.call_once(|| {
-        for k in Kernel::ALL {
-            if !available.contains(&k) {
-                eprintln!(
-                    "kernel {} SKIPPED: it needs {}, which this machine is not",
-                    k.name(),
-                    k.requires()
-                );
-            }
+/// Run every kernel on `w` (rows `row0 ..` of the tensor, in `from`) into `to` and compare
+/// with the reference; in place too when `from == to`. Also checks that the reference rounds
+/// once: its output is its exact F32 output rounded into `to`.
+fn check(from: DType, to: DType, f: &Factors, row0: usize, w: &[u8]) -> Result<(), String> {
+    let elements = w.len() / from.size();
+    let merged = |k: Kernel, to: DType| {
+        let mut out = vec![0u8; elements * to.size()];
+        k.merge_into(from, w, to, &mut out, f, row0);
+        out
+    };
+    let expected = merged(Kernel::Scalar, to);
+    let describe = |what: &str, got: &[u8]| -> Result<(), String> {
+        let Some((e, got, exp)) = first_difference(to.size(), got, &expected) else {
+            return Ok(());
+        };
+        let (r, j) = (e / f.cols, e % f.cols);
+        Err(format!(
+            "{what} differs from scalar merge_into: {from:?} -> {to:?} rows={} rank={} cols={} \
+             row0={row0} n={} at row {r} col {j}: W={:#x} got {got:#x}, expected {exp:#x}",
+            f.rows,
+            f.rank,
+            f.cols,
+            elements / f.cols.max(1),
+            super::bits_at(from, w, e),
+        ))
+    };
+    let mut once = vec![0u8; expected.len()];
+    Kernel::Scalar.convert(
+        DType::F32,
+        &merged(Kernel::Scalar, DType::F32),
+        to,
+        &mut once,
+    );
+    describe("scalar merge_into F32 then convert", &once)?;
+    for k in std::iter::once(Kernel::Scalar).chain(kernels_under_test()) {
+        if k != Kernel::Scalar {
+            describe(&format!("kernel {} merge_into", k.name()), &merged(k, to))?;
         }
-    });
-    available
-        .into_iter()
-        .filter(|&k| k != Kernel::Scalar)
-        .collect()
-}
-
-/// Run every kernel on `w` (rows `row0 ..` of the tensor) and compare with the reference.
-fn check(dtype: DType, f: &Factors, row0: usize, w: &[u8]) -> Result<(), String> {
-    let mut expected = w.to_vec();
-    Kernel::Scalar.merge(dtype, f, row0, &mut expected);
-    let size = dtype.size();
-    for k in kernels_under_test() {
-        let mut got = w.to_vec();
-        k.merge(dtype, f, row0, &mut got);
-        if got != expected {
-            let e = (0..w.len() / size)
-                .find(|&e| got[e * size..(e + 1) * size] != expected[e * size..(e + 1) * size])
-                .unwrap();
-            let bits = |b: &[u8]| -> u64 {
-                b[e * size..(e + 1) * size]
-                    .iter()
-                    .rev()
-                    .fold(0, |a, &x| (a << 8) | x as u64)
-            };
-            let (r, j) = (e / f.cols, e % f.cols);
-            return Err(format!(
-                "kernel {} differs from scalar: {:?} rows={} rank={} cols={} row0={} n={} at \
-                 row {r} col {j}: W={:#x} got {:#x}, expected {:#x}",
-                k.name(),
-                dtype,
-                f.rows,
-                f.rank,
-                f.cols,
-                row0,
-                w.len() / (f.cols * size),
-                bits(w),
-                bits(&got),
-                bits(&expected),
-            ));
+        if from == to {
+            let mut in_place = w.to_vec();
+            k.merge(from, f, row0, &mut in_place);
+            describe(&format!("kernel {} merge in place", k.name()), &in_place)?;
         }
     }
     Ok(())
 }
 
-/// A value of the kind real factors and sums run into, or (with probability `special`) an
-/// awkward one.
-fn value(rng: &mut StdRng, special: f64, scale: f32) -> f32 {
-    if !rng.random_bool(special) {
-        return rng.random_range(-1.0f32..1.0) * scale;
-    }
-    let sign = if rng.random_bool(0.5) {
-        0x8000_0000u32
-    } else {
-        0
-    };
-    let mag = |x: f32| f32::from_bits(x.to_bits() | sign);
-    match rng.random_range(0..12) {
-        // NaN, quiet or signalling, any payload and sign.
-        0 => f32::from_bits(sign | 0x7F80_0000 | rng.random_range(1..0x80_0000)),
-        1 => mag(f32::INFINITY),
-        2 => mag(0.0),
-        // f32 (and bf16-range) subnormals.
-        3 => f32::from_bits(sign | rng.random_range(1..0x80_0000)),
-        // f16 subnormals, exactly representable ones and in-between values.
-        4 => mag(rng.random_range(1..1024) as f32 * 2f32.powi(-24)),
-        5 => mag(rng.random_range(0.0f32..1.0) * 2f32.powi(-14)),
-        // Around and beyond the f16 range (65504).
-        6 => mag(rng.random_range(60000.0f32..70000.0)),
-        // Huge: products overflow f32, sums of infinities of both signs make NaN.
-        7 => mag(rng.random_range(1.0f32..3.0) * 1e38),
-        8 => mag(rng.random_range(1.0f32..2.0) * 1e20),
-        // Tiny normals: products underflow, possibly to -0.
-        9 => mag(rng.random_range(1.0f32..2.0) * 1e-25),
-        10 => mag(f32::MIN_POSITIVE),
-        // Exact small integers and halves: sums land on rounding ties.
-        _ => mag(rng.random_range(0..64) as f32 * 0.5),
-    }
-}
-
-/// `n` elements of `dtype` as little-endian bytes: mostly typical weights, with probability
-/// `special` arbitrary bit patterns (every NaN payload, subnormal, infinity, ...).
-fn weights(rng: &mut StdRng, dtype: DType, n: usize, special: f64) -> Vec<u8> {
-    let mut out = vec![0u8; n * dtype.size()];
-    for i in 0..n {
-        let raw = rng.random_bool(special);
-        match dtype {
-            DType::F16 | DType::BF16 => {
-                let bits = if raw {
-                    rng.random::<u16>()
-                } else {
-                    let x = value(rng, special, 0.1);
-                    if dtype == DType::F16 {
-                        f16::from_f32(x).to_bits()
-                    } else {
-                        bf16::from_f32(x).to_bits()
-                    }
-                };
-                out[2 * i..2 * i + 2].copy_from_slice(&bits.to_le_bytes());
-            }
-            DType::F32 => {
-                let bits = if raw {
-                    rng.random::<u32>()
-                } else {
-                    value(rng, special, 0.1).to_bits()
-                };
-                out[4 * i..4 * i + 4].copy_from_slice(&bits.to_le_bytes());
-            }
-        }
-    }
-    out
+/// [`check`] into every output dtype.
+fn check_into_all(from: DType, f: &Factors, row0: usize, w: &[u8]) -> Result<(), String> {
+    DTYPES
+        .iter()
+        .try_for_each(|&to| check(from, to, f, row0, w))
 }
 
 struct Case {
-    dtype: DType,
+    from: DType,
     f: Factors,
     row0: usize,
     w: Vec<u8>,
@@ -149,7 +73,7 @@ struct Case {
 #[allow(clippy::too_many_arguments)]
 fn random_case(
     seed: u64,
-    dtype: DType,
+    from: DType,
     n: usize,
     extra_rows: usize,
     rank: usize,
@@ -167,9 +91,9 @@ fn random_case(
     let v = (0..rank * cols)
         .map(|_| value(&mut rng, special, 1.0))
         .collect();
-    let w = weights(&mut rng, dtype, n * cols, special);
+    let w = weights(&mut rng, from, n * cols, special);
     Case {
-        dtype,
+        from,
         f: Factors::new(rows, rank, cols, u, v),
         row0,
         w,
@@ -182,15 +106,16 @@ proptest! {
     #[test]
     fn kernels_match_scalar_on_random_inputs(
         seed in any::<u64>(),
-        dtype in prop::sample::select(DTYPES.to_vec()),
+        from in prop::sample::select(DTYPES.to_vec()),
+        to in prop::sample::select(DTYPES.to_vec()),
         n in 1usize..=20,
         extra_rows in 0usize..=12,
         rank in 1usize..=128,
         cols in 1usize..=300,
         special in prop::sample::select(vec![0.0, 0.0003, 0.001, 0.02, 0.2, 1.0]),
     ) {
-        let c = random_case(seed, dtype, n, extra_rows, rank, cols, special);
-        if let Err(e) = check(c.dtype, &c.f, c.row0, &c.w) {
+        let c = random_case(seed, from, n, extra_rows, rank, cols, special);
+        if let Err(e) = check(c.from, to, &c.f, c.row0, &c.w) {
             return Err(TestCaseError::fail(e));
         }
     }
@@ -210,18 +135,11 @@ fn kernels_match_scalar_on_large_shapes() {
     .iter()
     .enumerate()
     {
-        for (d, &dtype) in DTYPES.iter().enumerate() {
+        for (d, (from, to)) in pairs().enumerate() {
             for special in [0.0, 0.01] {
-                let c = random_case(
-                    1000 + 10 * i as u64 + d as u64,
-                    dtype,
-                    n,
-                    5,
-                    rank,
-                    cols,
-                    special,
-                );
-                check(c.dtype, &c.f, c.row0, &c.w).unwrap();
+                let seed = 1000 + 10 * i as u64 + d as u64;
+                let c = random_case(seed, from, n, 5, rank, cols, special);
+                check(c.from, to, &c.f, c.row0, &c.w).unwrap();
             }
         }
     }
@@ -229,11 +147,13 @@ fn kernels_match_scalar_on_large_shapes() {
 
 #[test]
 fn rank_zero_rounds_w_plus_zero() {
-    for dtype in DTYPES {
+    for (from, to) in pairs() {
         let mut rng = StdRng::seed_from_u64(7);
-        let w = weights(&mut rng, dtype, 3 * 77, 1.0);
-        let f = Factors::new(3, 0, 77, vec![], vec![]);
-        check(dtype, &f, 0, &w).unwrap();
+        for cols in [77, 200] {
+            let w = weights(&mut rng, from, 3 * cols, 1.0);
+            let f = Factors::new(3, 0, cols, vec![], vec![]);
+            check(from, to, &f, 0, &w).unwrap();
+        }
     }
 }
 
@@ -257,6 +177,10 @@ fn special_w(dtype: DType) -> Vec<u32> {
     ];
     if dtype == DType::F32 {
         w.extend([0x0000_0001, 0x807F_FFFF, 0x7F7F_FFFF, 0x3F80_0001]);
+        // Narrowing: just below and at the f16 overflow tie (65520), f16 and bf16
+        // subnormal ties (2^-25, 3·2^-25; 2^-134, 3·2^-134).
+        w.extend([0x477F_EFFF, 0x477F_F000, 0x3300_0000, 0x3340_0000]);
+        w.extend([0x0000_8000, 0x0001_8000]);
     }
     // NaNs of several payloads and signs (quiet and signalling) in the dtype's own encoding.
     match dtype {
@@ -308,6 +232,7 @@ fn special_delta() -> Vec<f32> {
 #[test]
 fn kernels_match_scalar_on_special_values() {
     for dtype in DTYPES {
+        // (`dtype` is W's; every output dtype is checked.)
         let ws = special_w(dtype);
         let ds = special_delta();
         // Every (W, delta) pair once: one column per delta, one row per W (plus offset rows).
@@ -347,8 +272,8 @@ fn kernels_match_scalar_on_special_values() {
             }
             let u: Vec<f32> = (0..rows).flat_map(|_| u_row.clone()).collect();
             let f = Factors::new(rows, rank, cols, u, v);
-            check(dtype, &f, extra, &w).unwrap();
-            check(dtype, &f, extra, &w[..cols * dtype.size()]).unwrap();
+            check_into_all(dtype, &f, extra, &w).unwrap();
+            check_into_all(dtype, &f, extra, &w[..cols * dtype.size()]).unwrap();
         }
     }
 }
@@ -361,6 +286,7 @@ fn kernels_match_scalar_on_isolated_specials() {
     let (rows, rank, cols, row0) = (11, 3, 150, 2);
     let n = rows - row0;
     for dtype in DTYPES {
+        // (`dtype` is W's; every output dtype is checked.)
         let mut rng = StdRng::seed_from_u64(99);
         let base_w = weights(&mut rng, dtype, n * cols, 0.0);
         let u: Vec<f32> = (0..rows * rank)
@@ -414,7 +340,7 @@ fn kernels_match_scalar_on_isolated_specials() {
                             }
                         }
                         let f = Factors::new(rows, rank, cols, u.clone(), v);
-                        check(dtype, &f, row0, &w)
+                        check_into_all(dtype, &f, row0, &w)
                             .map_err(|e| format!("W special #{which} at ({i}, {j}): {e}"))
                             .unwrap();
                     }
@@ -437,7 +363,7 @@ fn kernels_match_scalar_on_isolated_specials() {
                         v[k * cols + j] = 0.0;
                     }
                     let f = Factors::new(rows, rank, cols, u.clone(), v);
-                    check(dtype, &f, row0, &w)
+                    check_into_all(dtype, &f, row0, &w)
                         .map_err(|e| format!("V special #{which} in column {j}: {e}"))
                         .unwrap();
                 }
@@ -453,7 +379,7 @@ fn reference_follows_the_contract() {
         let mut data = vec![0u8; dtype.size()];
         dtype.store(&mut data, 0, w);
         let f = Factors::new(1, 1, 1, vec![1.0], vec![delta]);
-        check(dtype, &f, 0, &data).unwrap();
+        check(dtype, dtype, &f, 0, &data).unwrap();
         Kernel::Scalar.merge(dtype, &f, 0, &mut data);
         data
     };
