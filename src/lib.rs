@@ -7,6 +7,7 @@
 //! writes a view out; [`fuse`] mounts views.
 
 pub mod adapter;
+pub mod args;
 pub mod cache;
 pub mod dora;
 pub mod dtype;
@@ -17,6 +18,7 @@ pub mod kernel;
 pub mod layout;
 pub mod materialize;
 pub mod model;
+pub mod mountinfo;
 pub mod plan;
 pub mod view;
 

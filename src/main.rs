@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use lorafs::args::{parse_adapter, resolve_adapters};
 use lorafs::materialize::{materialize, Interrupt, MaterializeOptions};
 use lorafs::{Engine, EngineOptions, View};
 
@@ -176,36 +177,11 @@ impl MergeArgs {
     }
 }
 
-/// Adapter arguments with repo ids resolved to directories.
-fn resolve_adapters(adapters: &[(PathBuf, f64)]) -> lorafs::Result<Vec<(PathBuf, f64)>> {
-    adapters
-        .iter()
-        .map(|(arg, weight)| Ok((lorafs::hub::resolve(arg)?, *weight)))
-        .collect()
-}
-
 /// The input directories of a view (resolved), which an output must not touch.
 fn inputs_of(view: &View) -> Vec<&Path> {
     std::iter::once(view.base_dir())
         .chain(view.plan.adapters.iter().map(|a| a.dir.as_path()))
         .collect()
-}
-
-/// `DIR` or `DIR:WEIGHT`; a suffix that is not a number stays part of the path, and so does
-/// one that is when the whole argument names an existing path (a directory `ad:2`).
-fn parse_adapter(arg: &str) -> Result<(PathBuf, f64), String> {
-    if Path::new(arg).exists() {
-        return Ok((PathBuf::from(arg), 1.0));
-    }
-    if let Some((dir, weight)) = arg.rsplit_once(':') {
-        if let Ok(w) = weight.parse::<f64>() {
-            if !w.is_finite() {
-                return Err(format!("adapter weight {weight} is not a finite number"));
-            }
-            return Ok((PathBuf::from(dir), w));
-        }
-    }
-    Ok((PathBuf::from(arg), 1.0))
 }
 
 /// A byte count: a number with an optional unit (B, K/KB/KiB, M/MB/MiB, G/GB/GiB), all
@@ -594,17 +570,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adapter_arguments() {
-        assert_eq!(parse_adapter("a/b").unwrap(), (PathBuf::from("a/b"), 1.0));
-        assert_eq!(
-            parse_adapter("a/b:0.5").unwrap(),
-            (PathBuf::from("a/b"), 0.5)
-        );
-        assert_eq!(parse_adapter("c:/x").unwrap(), (PathBuf::from("c:/x"), 1.0));
-        assert!(parse_adapter("a:inf").is_err());
-    }
-
-    #[test]
     fn a_servers_stderr_is_kept_bounded_and_its_error_found() {
         let mut log = Vec::new();
         for i in 0..10_000 {
@@ -628,22 +593,6 @@ mod tests {
             Some("[ERROR lorafs] thread main panicked at x.rs:1:2")
         );
         assert_eq!(StderrTail::collect(&b" \n"[..]).error_message(), None);
-    }
-
-    #[test]
-    fn an_existing_path_wins_over_a_weight_suffix() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("ad:2");
-        let arg = dir.to_str().unwrap();
-        assert_eq!(
-            parse_adapter(arg).unwrap(),
-            (tmp.path().join("ad"), 2.0),
-            "no such path yet: a weight"
-        );
-        std::fs::create_dir(&dir).unwrap();
-        assert_eq!(parse_adapter(arg).unwrap(), (dir.clone(), 1.0));
-        let weighted = format!("{arg}:0.5");
-        assert_eq!(parse_adapter(&weighted).unwrap(), (dir, 0.5));
     }
 
     #[test]
