@@ -4,11 +4,13 @@
 //! the base, [`adapter`] the adapters, [`plan`] decides what changes, [`kernel`] computes it,
 //! [`cache`] keeps merged blocks and factors, [`engine`] holds what every view of one base
 //! shares, and [`view`] serves any byte range of one merged directory. [`materialize`]
-//! writes a view out; [`fuse`] mounts views.
+//! writes a view out; [`fuse`] mounts views, and [`control`] lets `lorafs view` change
+//! the views of a mount while it serves.
 
 pub mod adapter;
 pub mod args;
 pub mod cache;
+pub mod control;
 pub mod dora;
 pub mod dtype;
 pub mod engine;

@@ -69,6 +69,13 @@ enum Command {
     },
     /// Unmount a lorafs mount (like `umount MOUNTPOINT`); its server exits.
     Unmount { mountpoint: PathBuf },
+    /// List or change the views of a mount made with --view or --catalog, while it serves.
+    ///
+    /// Only the user who mounted and root may use them.
+    View {
+        #[command(subcommand)]
+        command: ViewCommand,
+    },
     /// Show the merge plan: adapters, scales, the tensors they change.
     Inspect {
         #[command(flatten)]
@@ -77,6 +84,47 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ViewCommand {
+    /// List the views: `NAME  SPEC`, one a line, sorted by name.
+    Ls {
+        mountpoint: PathBuf,
+        /// A JSON array of {name, spec, adapters: [{dir, weight}], source: named|catalog}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add view NAME, merging the adapters of SPEC.
+    Add {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// Make view NAME merge the adapters of SPEC instead.
+    Set {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// Remove view NAME.
+    Rm {
+        mountpoint: PathBuf,
+        #[arg(help = VIEW_NAME_HELP)]
+        name: String,
+    },
+}
+
+const VIEW_NAME_HELP: &str = "A relative path of 1 to 8 components of [A-Za-z0-9._+-], \
+                              none starting with '.'";
+
+#[derive(Args)]
+struct ViewArgs {
+    #[arg(help = VIEW_NAME_HELP)]
+    name: String,
+    /// ADAPTER[:WEIGHT], comma-separated, each as --adapter takes it (a directory, relative
+    /// to here, or a cached repo id).
+    spec: String,
 }
 
 #[derive(Args)]
@@ -300,6 +348,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
+        Command::View { command } => match command {
+            ViewCommand::Ls { mountpoint, json } => {
+                to_stdout(&lorafs::control::view_ls(&mountpoint, json)?)?
+            }
+            ViewCommand::Add { mountpoint, view } => {
+                lorafs::control::view_add(&mountpoint, &view.name, &view.spec)?
+            }
+            ViewCommand::Set { mountpoint, view } => {
+                lorafs::control::view_set(&mountpoint, &view.name, &view.spec)?
+            }
+            ViewCommand::Rm { mountpoint, name } => lorafs::control::view_rm(&mountpoint, &name)?,
+        },
         Command::Inspect { inputs, tensors } => {
             let view = inputs.open(0)?;
             to_stdout(&lorafs::inspect::report(&view, tensors))?;
