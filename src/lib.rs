@@ -5,11 +5,14 @@
 //! [`cache`] keeps merged blocks and factors, [`engine`] holds what every view of one base
 //! shares, and [`view`] serves any byte range of one merged directory. [`materialize`]
 //! writes a view out; [`fuse`] mounts views, in the tree of [`tree`]. [`catalog`] finds
-//! and watches the adapter directories of a tree.
+//! and watches the adapter directories of a tree, and [`control`] lets `lorafs view` change
+//! the views of a mount while it serves.
 
 pub mod adapter;
+pub mod args;
 pub mod cache;
 pub mod catalog;
+pub mod control;
 pub mod dora;
 pub mod dtype;
 pub mod engine;
@@ -19,6 +22,7 @@ pub mod kernel;
 pub mod layout;
 pub mod materialize;
 pub mod model;
+pub mod mountinfo;
 pub mod plan;
 pub mod tree;
 pub mod view;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use lorafs::args::{parse_adapter, resolve_adapters};
 use lorafs::materialize::{materialize, Interrupt, MaterializeOptions};
 use lorafs::{Engine, EngineOptions, View};
 
@@ -71,6 +72,13 @@ enum Command {
     },
     /// Unmount a lorafs mount (like `umount MOUNTPOINT`); its server exits.
     Unmount { mountpoint: PathBuf },
+    /// List or change the views of a mount made with --view or --catalog, while it serves.
+    ///
+    /// Only the user who mounted and root may use them.
+    View {
+        #[command(subcommand)]
+        command: ViewCommand,
+    },
     /// Show the merge plan: adapters, scales, the tensors they change.
     Inspect {
         #[command(flatten)]
@@ -81,6 +89,47 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ViewCommand {
+    /// List the views: `NAME  SPEC`, one a line, sorted by name.
+    Ls {
+        mountpoint: PathBuf,
+        /// A JSON array of {name, spec, adapters: [{dir, weight}], source: named|catalog}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add view NAME, merging the adapters of SPEC.
+    Add {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        view: NamedSpec,
+    },
+    /// Make view NAME merge the adapters of SPEC instead.
+    Set {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        view: NamedSpec,
+    },
+    /// Remove view NAME.
+    Rm {
+        mountpoint: PathBuf,
+        #[arg(help = VIEW_NAME_HELP)]
+        name: String,
+    },
+}
+
+const VIEW_NAME_HELP: &str = "A relative path of 1 to 8 components of [A-Za-z0-9._+-], \
+                              none starting with '.'";
+
+#[derive(Args)]
+struct NamedSpec {
+    #[arg(help = VIEW_NAME_HELP)]
+    name: String,
+    /// ADAPTER[:WEIGHT], comma-separated, each as --adapter takes it (a directory, relative
+    /// to here, or a cached repo id).
+    spec: String,
 }
 
 #[derive(Args)]
@@ -139,18 +188,8 @@ fn parse_view(arg: &str) -> Result<(String, Vec<(PathBuf, f64)>), String> {
     let (name, spec) = arg
         .split_once('=')
         .ok_or_else(|| format!("{arg:?}: expected NAME=SPEC"))?;
-    lorafs::tree::check_view_name(name)?;
-    Ok((name.to_string(), parse_spec(spec)?))
-}
-
-/// A comma-separated list of `ADAPTER[:WEIGHT]`.
-fn parse_spec(spec: &str) -> Result<Vec<(PathBuf, f64)>, String> {
-    if spec.trim().is_empty() {
-        return Err("empty view spec: name at least one adapter".into());
-    }
-    spec.split(',')
-        .map(|item| parse_adapter(item.trim()))
-        .collect()
+    lorafs::control::check_view_name(name)?;
+    Ok((name.to_string(), lorafs::control::parse_spec(spec)?))
 }
 
 fn parse_dtype(arg: &str) -> Result<lorafs::dtype::DType, String> {
@@ -234,8 +273,8 @@ fn open_views(
     args: &ViewArgs,
     mountpoint: &Path,
 ) -> anyhow::Result<(lorafs::fuse::LorafsFs, lorafs::fuse::Live)> {
+    use lorafs::control::ViewSource;
     use lorafs::fuse::views::Views;
-    use lorafs::tree::Origin;
     if !inputs.adapters.is_empty() {
         anyhow::bail!(
             "--adapter merges one model at the mount point, --view and --catalog serve views \
@@ -249,11 +288,11 @@ fn open_views(
     let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree()));
     for (name, spec) in &args.views {
         let view = resolve_adapters(spec)
-            .and_then(|adapters| views.open(&adapters, &Origin::Named))
+            .and_then(|adapters| views.open(&adapters, &ViewSource::Named))
             .with_context(|| format!("view {name}"))?;
         let name = Path::new(name);
         views
-            .add(name, view, Origin::Named)
+            .insert(name, view, ViewSource::Named)
             .map_err(|e| anyhow::anyhow!("view {}: {e}", name.display()))?;
     }
     let catalog = match &args.catalog {
@@ -340,36 +379,11 @@ fn inspect_views(inputs: &MergeArgs, args: &ViewArgs) -> anyhow::Result<Vec<(Str
     Ok(views)
 }
 
-/// Adapter arguments with repo ids resolved to directories.
-fn resolve_adapters(adapters: &[(PathBuf, f64)]) -> lorafs::Result<Vec<(PathBuf, f64)>> {
-    adapters
-        .iter()
-        .map(|(arg, weight)| Ok((lorafs::hub::resolve(arg)?, *weight)))
-        .collect()
-}
-
 /// The input directories of a view (resolved), which an output must not touch.
 fn inputs_of(view: &View) -> Vec<&Path> {
     std::iter::once(view.base_dir())
         .chain(view.plan.adapters.iter().map(|a| a.dir.as_path()))
         .collect()
-}
-
-/// `DIR` or `DIR:WEIGHT`; a suffix that is not a number stays part of the path, and so does
-/// one that is when the whole argument names an existing path (a directory `ad:2`).
-fn parse_adapter(arg: &str) -> Result<(PathBuf, f64), String> {
-    if Path::new(arg).exists() {
-        return Ok((PathBuf::from(arg), 1.0));
-    }
-    if let Some((dir, weight)) = arg.rsplit_once(':') {
-        if let Ok(w) = weight.parse::<f64>() {
-            if !w.is_finite() {
-                return Err(format!("adapter weight {weight} is not a finite number"));
-            }
-            return Ok((PathBuf::from(dir), w));
-        }
-    }
-    Ok((PathBuf::from(arg), 1.0))
 }
 
 /// A byte count: a number with an optional unit (B, K/KB/KiB, M/MB/MiB, G/GB/GiB), all
@@ -496,6 +510,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
+        Command::View { command } => match command {
+            ViewCommand::Ls { mountpoint, json } => {
+                to_stdout(&lorafs::control::view_ls(&mountpoint, json)?)?
+            }
+            ViewCommand::Add { mountpoint, view } => {
+                lorafs::control::view_add(&mountpoint, &view.name, &view.spec)?
+            }
+            ViewCommand::Set { mountpoint, view } => {
+                lorafs::control::view_set(&mountpoint, &view.name, &view.spec)?
+            }
+            ViewCommand::Rm { mountpoint, name } => lorafs::control::view_rm(&mountpoint, &name)?,
+        },
         Command::Inspect {
             inputs,
             views,
@@ -777,17 +803,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adapter_arguments() {
-        assert_eq!(parse_adapter("a/b").unwrap(), (PathBuf::from("a/b"), 1.0));
-        assert_eq!(
-            parse_adapter("a/b:0.5").unwrap(),
-            (PathBuf::from("a/b"), 0.5)
-        );
-        assert_eq!(parse_adapter("c:/x").unwrap(), (PathBuf::from("c:/x"), 1.0));
-        assert!(parse_adapter("a:inf").is_err());
-    }
-
-    #[test]
     fn a_servers_stderr_is_kept_bounded_and_its_error_found() {
         let mut log = Vec::new();
         for i in 0..10_000 {
@@ -811,22 +826,6 @@ mod tests {
             Some("[ERROR lorafs] thread main panicked at x.rs:1:2")
         );
         assert_eq!(StderrTail::collect(&b" \n"[..]).error_message(), None);
-    }
-
-    #[test]
-    fn an_existing_path_wins_over_a_weight_suffix() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("ad:2");
-        let arg = dir.to_str().unwrap();
-        assert_eq!(
-            parse_adapter(arg).unwrap(),
-            (tmp.path().join("ad"), 2.0),
-            "no such path yet: a weight"
-        );
-        std::fs::create_dir(&dir).unwrap();
-        assert_eq!(parse_adapter(arg).unwrap(), (dir.clone(), 1.0));
-        let weighted = format!("{arg}:0.5");
-        assert_eq!(parse_adapter(&weighted).unwrap(), (dir, 0.5));
     }
 
     #[test]

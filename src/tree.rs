@@ -11,9 +11,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use crate::control::ViewSource;
 
 /// The root directory's inode number.
 pub const ROOT: u64 = 1;
@@ -40,19 +42,10 @@ struct Entry<A, V> {
     synthetic: bool,
 }
 
-/// Where a view came from, for `view ls`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Origin {
-    /// `--view NAME=SPEC` or `lorafs view add`.
-    Named,
-    /// Found in the `--catalog` directory.
-    Catalog,
-}
-
 /// A view at a name of the tree.
 pub struct Mounted<V> {
     pub view: V,
-    pub origin: Origin,
+    pub origin: ViewSource,
     /// The view directory's inode.
     root: u64,
 }
@@ -184,7 +177,7 @@ impl<A: Clone, V> Tree<A, V> {
         &mut self,
         name: &Path,
         view: V,
-        origin: Origin,
+        origin: ViewSource,
         nodes: Vec<(u64, Node<A, V>)>,
         dir_attr: &A,
     ) -> Result<Change, String> {
@@ -312,7 +305,7 @@ impl<A: Clone, V> Tree<A, V> {
         &mut self,
         name: &Path,
         view: V,
-        origin: Origin,
+        origin: ViewSource,
         nodes: Vec<(u64, Node<A, V>)>,
         dir_attr: &A,
     ) -> Result<(Mounted<V>, Change), String> {
@@ -446,35 +439,10 @@ fn dir_node<A, V>(parent: u64, attr: A) -> Node<A, V> {
     }
 }
 
-/// Check a view name: a relative path of 1 to 8 components, each of letters, digits and
-/// `._+-`, not starting with a dot, at most 255 bytes.
+/// A view name checked ([`crate::control::check_view_name`]), as a path.
 pub fn check_view_name(name: &str) -> Result<PathBuf, String> {
-    let path = Path::new(name);
-    let parts: Vec<Component> = path.components().collect();
-    let bad = |why: &str| Err(format!("view name {name:?}: {why}"));
-    if name.is_empty() || parts.is_empty() {
-        return bad("empty");
-    }
-    if parts.len() > 8 {
-        return bad("more than 8 path components");
-    }
-    for part in &parts {
-        let Component::Normal(part) = part else {
-            return bad("must be a relative path without `.` or `..`");
-        };
-        let part = part.to_string_lossy();
-        if part.starts_with('.') {
-            return bad("a component starts with a dot");
-        }
-        if part.len() > 255 {
-            return bad("a component is over 255 bytes");
-        }
-        let allowed = |c: char| c.is_ascii_alphanumeric() || "._+-".contains(c);
-        if !part.chars().all(allowed) {
-            return bad("use letters, digits and . _ + - only");
-        }
-    }
-    Ok(parts.iter().collect())
+    crate::control::check_view_name(name)?;
+    Ok(PathBuf::from(name))
 }
 
 #[cfg(test)]
@@ -536,7 +504,7 @@ mod tests {
         tag: &'static str,
     ) -> Result<Change, String> {
         let nodes = view_nodes(tree, files, tag);
-        tree.add_view(Path::new(name), tag, Origin::Named, nodes, &9)
+        tree.add_view(Path::new(name), tag, ViewSource::Named, nodes, &9)
     }
 
     #[test]
@@ -580,7 +548,7 @@ mod tests {
         let before = resolve(&tree, "a/w").unwrap();
         let nodes = view_nodes(&tree, &["w"], "new");
         let (old, change) = tree
-            .replace_view(Path::new("a"), "new", Origin::Named, nodes, &9)
+            .replace_view(Path::new("a"), "new", ViewSource::Named, nodes, &9)
             .unwrap();
         assert_eq!(old.view, "old");
         assert!(change.names.iter().any(|(p, n)| *p == ROOT && n == "a"));
@@ -590,7 +558,8 @@ mod tests {
         assert_eq!(file_view(&tree, "a/b/w"), Some("nested"));
         // A new version named like a nested view is refused, and nothing changes.
         let nodes = view_nodes(&tree, &["b"], "clash");
-        let Err(err) = tree.replace_view(Path::new("a"), "clash", Origin::Named, nodes, &9) else {
+        let Err(err) = tree.replace_view(Path::new("a"), "clash", ViewSource::Named, nodes, &9)
+        else {
             panic!("a clash is refused");
         };
         assert!(err.contains("named like"), "{err}");

@@ -12,11 +12,8 @@ use signal_hook::iterator::Signals;
 
 use super::views::Views;
 use super::LorafsFs;
+use crate::mountinfo::{find_mount, mount_target, FS_NAME};
 use crate::view::View;
-
-/// Our mounts show as source `lorafs:BASE` (and type `fuse.lorafs` where a mount helper
-/// applies the subtype; a direct mount by root shows type `fuse`).
-const FS_NAME: &str = "lorafs";
 
 #[derive(Clone)]
 pub struct MountOptions {
@@ -93,12 +90,21 @@ pub fn mount(
                 super::panics::caught_background("warm-up", || warm(&view, &notifier, &root));
             })?;
     }
-    let _services = match live {
+    let (_services, control): (_, Arc<dyn crate::control::ViewControl>) = match live {
         Some(live) => {
             live.views.set_notifier(session.notifier());
-            (live.start)(&mountpoint)?
+            ((live.start)(&mountpoint)?, live.views)
         }
-        None => Vec::new(),
+        None => (Vec::new(), Arc::new(super::views::NoViews)),
+    };
+    // `lorafs view` reaches the server here. Without it the mount still serves: only
+    // live changes are lost (the name can be taken by another user's process).
+    let _control = match crate::control::serve(&mountpoint, control) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            log::error!("view control of {} unavailable: {e}", mountpoint.display());
+            None
+        }
     };
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
@@ -243,35 +249,6 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
     }
 }
 
-/// The path mountinfo lists for `path`: its parent resolved, then its last name, following
-/// the last name too where it is a symbolic link. A mount point is never stat'ed (with a
-/// dead or stuck server that fails or hangs): mountinfo is asked first.
-fn mount_target(path: &Path) -> io::Result<PathBuf> {
-    let mut path = std::path::absolute(path)?;
-    // Symbolic links are followed at most as often as the kernel would (ELOOP beyond).
-    for _ in 0..40 {
-        let Some(name) = path.file_name().map(|n| n.to_os_string()) else {
-            // Ends in `..` (or is `/`): it names a directory above any mount point in it.
-            return path.canonicalize();
-        };
-        let parent = path.parent().unwrap_or(Path::new("/"));
-        let parent = parent
-            .canonicalize()
-            .unwrap_or_else(|_| parent.to_path_buf());
-        let joined = parent.join(&name);
-        if find_mount(&joined)?.is_some() {
-            return Ok(joined);
-        }
-        match std::fs::symlink_metadata(&joined) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                path = parent.join(std::fs::read_link(&joined)?);
-            }
-            _ => return Ok(joined),
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::ELOOP))
-}
-
 /// `umount(2)`, tried again for a short while when busy: a path walk that is under way
 /// (the server's own warm-up looks each file up once; a shell completing a name) holds the
 /// mount for an instant, and an unmount right after mounting should not fail for it. A file
@@ -323,61 +300,6 @@ fn fusermount_unmount(path: &Path) -> io::Result<()> {
     ))
 }
 
-/// A line of `/proc/self/mountinfo`.
-struct MountInfo {
-    device: String,
-    fstype: String,
-    source: Vec<u8>,
-}
-
-impl MountInfo {
-    fn is_lorafs(&self) -> bool {
-        self.fstype == format!("fuse.{FS_NAME}")
-            || (self.fstype.starts_with("fuse")
-                && self.source.starts_with(format!("{FS_NAME}:").as_bytes()))
-    }
-}
-
-fn find_mount(path: &Path) -> io::Result<Option<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().position(|&f| f == "-")?;
-        if unescape(fields.get(4)?) != path.as_os_str().as_bytes() {
-            return None;
-        }
-        Some(MountInfo {
-            device: fields.get(2)?.to_string(),
-            fstype: fields.get(sep + 1)?.to_string(),
-            source: unescape(fields.get(sep + 2)?),
-        })
-    }))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            out.push(
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
-            );
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
 /// Raise the read-ahead of the mount's backing device: the kernel offers FUSE only 128 KiB
 /// at init, and larger read-ahead roughly triples cold sequential reads (BENCHMARKS.md).
 /// Needs root; elsewhere the default stays, quietly.
@@ -402,32 +324,5 @@ fn set_read_ahead(mountpoint: &Path, kb: u32) {
             "read-ahead not raised ({}: {e}); using the kernel's default",
             knob.display()
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::ffi::OsStr;
-
-    #[test]
-    fn only_lorafs_mounts_are_lorafs() {
-        let info = |fstype: &str, source: &str| MountInfo {
-            device: "0:1".into(),
-            fstype: fstype.into(),
-            source: source.as_bytes().to_vec(),
-        };
-        assert!(info("fuse.lorafs", "anything").is_lorafs());
-        assert!(info("fuse", "lorafs:/models/base").is_lorafs());
-        assert!(!info("fuse", "lorafsx").is_lorafs());
-        assert!(!info("fuse.sshfs", "lorafs-host:/x").is_lorafs());
-        assert!(!info("ext4", "lorafs:/x").is_lorafs());
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape(r"/mnt/a\040b"), b"/mnt/a b");
-        assert_eq!(unescape(r"/x\\y"), br"/x\\y".to_vec());
-        assert_eq!(OsStr::from_bytes(&unescape("/plain")), "/plain");
     }
 }

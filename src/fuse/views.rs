@@ -10,18 +10,11 @@ use fuser::{FileAttr, INodeNo, Notifier};
 
 use super::{inodes, SharedTree};
 use crate::catalog::{Event, Found};
+use crate::control::{ViewControl, ViewInfo, ViewSource};
 use crate::dtype::DType;
 use crate::engine::Engine;
-use crate::tree::{self, Change, Origin};
+use crate::tree::{self, Change};
 use crate::view::View;
-
-/// A view as `view ls` shows it.
-#[derive(Debug, Clone)]
-pub struct Listed {
-    pub name: PathBuf,
-    pub origin: Origin,
-    pub adapters: Vec<(PathBuf, f64)>,
-}
 
 pub struct Views {
     engine: Arc<Engine>,
@@ -51,26 +44,30 @@ impl Views {
     /// Open the view of `adapters`. A named view reads and checks every factor now, so a
     /// bad adapter is refused here; a catalog view reads its factors when first read (its
     /// headers and configs are checked now), so a catalog of many checkpoints mounts fast.
-    pub fn open(&self, adapters: &[(PathBuf, f64)], origin: &Origin) -> crate::Result<Arc<View>> {
+    pub fn open(
+        &self,
+        adapters: &[(PathBuf, f64)],
+        origin: &ViewSource,
+    ) -> crate::Result<Arc<View>> {
         let view = View::open(self.engine.clone(), adapters, self.dtype)?;
-        if *origin == Origin::Named {
+        if *origin == ViewSource::Named {
             view.realize_all()?;
         }
         Ok(Arc::new(view))
     }
 
-    /// Add a view at `name`; fails if the name is taken (or nests with a view).
-    pub fn add(&self, name: &Path, view: Arc<View>, origin: Origin) -> Result<(), String> {
+    /// Add a view at `name`; fails if the name is taken, or cannot take a view.
+    pub fn insert(&self, name: &Path, view: Arc<View>, origin: ViewSource) -> Result<(), String> {
         self.put(name, view, origin, false)
     }
 
     /// Replace the view at `name`; fails if there is none.
-    pub fn set(&self, name: &Path, view: Arc<View>, origin: Origin) -> Result<(), String> {
+    pub fn replace(&self, name: &Path, view: Arc<View>, origin: ViewSource) -> Result<(), String> {
         self.put(name, view, origin, true)
     }
 
     /// Remove the view at `name`; open files of it keep reading it until closed.
-    pub fn remove(&self, name: &Path) -> Result<(), String> {
+    pub fn delete(&self, name: &Path) -> Result<(), String> {
         let _serial = self.lock_changes();
         let removed = self.write_tree().remove_view(name);
         match removed {
@@ -84,12 +81,12 @@ impl Views {
     }
 
     /// The views, by name.
-    pub fn list(&self) -> Vec<Listed> {
+    pub fn infos(&self) -> Vec<ViewInfo> {
         let tree = self.tree.read().unwrap_or_else(|p| p.into_inner());
         (tree.views().iter())
-            .map(|(name, mounted)| Listed {
-                name: name.clone(),
-                origin: mounted.origin.clone(),
+            .map(|(name, mounted)| ViewInfo {
+                name: name.display().to_string(),
+                source: mounted.origin,
                 adapters: (mounted.view.plan.adapters.iter())
                     .map(|a| (a.dir.clone(), a.weight))
                     .collect(),
@@ -98,16 +95,16 @@ impl Views {
     }
 
     /// The origin of the view at `name`, if there is one.
-    pub fn origin(&self, name: &Path) -> Option<Origin> {
+    pub fn origin(&self, name: &Path) -> Option<ViewSource> {
         let tree = self.tree.read().unwrap_or_else(|p| p.into_inner());
-        tree.views().get(name).map(|m| m.origin.clone())
+        tree.views().get(name).map(|m| m.origin)
     }
 
     fn put(
         &self,
         name: &Path,
         view: Arc<View>,
-        origin: Origin,
+        origin: ViewSource,
         replace: bool,
     ) -> Result<(), String> {
         let _serial = self.lock_changes();
@@ -165,12 +162,12 @@ impl Views {
             Event::Disappeared { name } => (None, name),
         };
         match (self.origin(name), found) {
-            (Some(Origin::Named), _) => log::info!(
+            (Some(ViewSource::Named), _) => log::info!(
                 "catalog: {} changed, but the view of that name was named by hand: kept",
                 name.display()
             ),
-            (Some(Origin::Catalog), None) => {
-                if let Err(e) = self.remove(name) {
+            (Some(ViewSource::Catalog), None) => {
+                if let Err(e) = self.delete(name) {
                     log::warn!("catalog: {}: {e}", name.display());
                 }
             }
@@ -189,9 +186,9 @@ impl Views {
         let name = (found.name.to_str())
             .ok_or_else(|| "its path is not UTF-8".to_string())
             .and_then(tree::check_view_name)?;
-        let view = (self.open(&[(found.dir.clone(), 1.0)], &Origin::Catalog))
+        let view = (self.open(&[(found.dir.clone(), 1.0)], &ViewSource::Catalog))
             .map_err(|e| e.to_string())?;
-        self.put(&name, view, Origin::Catalog, replace)
+        self.put(&name, view, ViewSource::Catalog, replace)
     }
 
     fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -225,5 +222,60 @@ impl Views {
                 }
             }
         }
+    }
+}
+
+/// `lorafs view` on a mount of views: named views, each checked in full before it is
+/// swapped in.
+impl ViewControl for Views {
+    fn list(&self) -> Vec<ViewInfo> {
+        self.infos()
+    }
+
+    fn add(&self, name: &str, adapters: Vec<(PathBuf, f64)>) -> Result<(), String> {
+        let name = tree::check_view_name(name)?;
+        if self.origin(&name).is_some() {
+            return Err(format!("a view named {} exists", name.display()));
+        }
+        let view = self
+            .open(&adapters, &ViewSource::Named)
+            .map_err(|e| e.to_string())?;
+        self.insert(&name, view, ViewSource::Named)
+    }
+
+    fn set(&self, name: &str, adapters: Vec<(PathBuf, f64)>) -> Result<(), String> {
+        let name = tree::check_view_name(name)?;
+        if self.origin(&name).is_none() {
+            return Err(format!("no view named {}", name.display()));
+        }
+        let view = self
+            .open(&adapters, &ViewSource::Named)
+            .map_err(|e| e.to_string())?;
+        self.replace(&name, view, ViewSource::Named)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), String> {
+        self.delete(&tree::check_view_name(name)?)
+    }
+}
+
+/// `lorafs view` on a mount of one merged model: there are no views to change.
+pub struct NoViews;
+
+impl ViewControl for NoViews {
+    fn list(&self) -> Vec<ViewInfo> {
+        Vec::new()
+    }
+
+    fn add(&self, _: &str, _: Vec<(PathBuf, f64)>) -> Result<(), String> {
+        Err(crate::control::NO_VIEWS.into())
+    }
+
+    fn set(&self, _: &str, _: Vec<(PathBuf, f64)>) -> Result<(), String> {
+        Err(crate::control::NO_VIEWS.into())
+    }
+
+    fn remove(&self, _: &str) -> Result<(), String> {
+        Err(crate::control::NO_VIEWS.into())
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests, one module per topic; they share the synthetic-model helpers.
 
 mod common;
+mod control;
 mod errors;
 mod features;
 mod guarantees;

@@ -478,3 +478,104 @@ fn catalog_views_read_their_factors_when_first_read_within_the_factor_budget() {
         );
     }
 }
+
+/// `lorafs view ARGS...`: (success, stdout, stderr).
+fn view_cmd(args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["view"];
+    all.extend_from_slice(args);
+    run_lorafs(all)
+}
+
+#[test]
+fn view_commands_change_a_running_mount_and_open_files_keep_their_model() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let [a, b, c] = [0, 1, 2].map(|i| arg(&f.adapters[i]));
+    let mnt = f.tmp.path().join("mnt");
+    let guard = mount(&f, &mnt, &["--view".into(), format!("v={a}")]);
+    let m = guard.mountpoint.clone();
+    let mnt_arg = arg(&m);
+    let want_a = materialized(&f, "a", std::slice::from_ref(&a), &[]);
+    let want_bc = materialized(&f, "bc", &[format!("{b}:0.5"), c.clone()], &[]);
+    let want_c = materialized(&f, "c", std::slice::from_ref(&c), &[]);
+    let weights = Path::new("model.safetensors");
+    let old_bytes = std::fs::read(want_a.join(weights)).unwrap();
+
+    // Open, map and half-read v's weights, then change v under them.
+    let open = std::fs::File::open(m.join("v").join(weights)).unwrap();
+    // SAFETY: the mount's files never change under an inode.
+    let map = unsafe { memmap2::Mmap::map(&open) }.unwrap();
+    let half = old_bytes.len() / 2;
+    let mut first = vec![0u8; half];
+    open.read_exact_at(&mut first, 0).unwrap();
+    let (ok, _, err) = view_cmd(&["set", &mnt_arg, "v", &format!("{b}:0.5,{c}")]);
+    assert!(ok, "{err}");
+    let mut rest = vec![0u8; old_bytes.len() - half];
+    open.read_exact_at(&mut rest, half as u64).unwrap();
+    first.extend(rest);
+    assert!(
+        first == old_bytes,
+        "the open file reads the old model to the end"
+    );
+    assert!(map[..] == old_bytes[..], "and so does its mapping");
+    assert_same_tree(&m.join("v"), &want_bc);
+
+    // ls: one view a line, its name then its spec; add, rm.
+    let (ok, out, err) = view_cmd(&["add", &mnt_arg, "run/c", &c]);
+    assert!(ok, "{err}");
+    assert_same_tree(&m.join("run/c"), &want_c);
+    let (ok, out_ls, _) = view_cmd(&["ls", &mnt_arg]);
+    assert!(ok);
+    let lines: Vec<&str> = out_ls.lines().collect();
+    assert_eq!(lines.len(), 2, "{out_ls}{out}");
+    assert!(
+        lines[0].starts_with("run/c ") && lines[0].contains(&c),
+        "{out_ls}"
+    );
+    assert!(
+        lines[1].starts_with("v ") && lines[1].contains(&format!("{b}:0.5")),
+        "{out_ls}"
+    );
+
+    // A view in use removed: its open file still reads.
+    let in_use = std::fs::File::open(m.join("run/c").join(weights)).unwrap();
+    let (ok, _, err) = view_cmd(&["rm", &mnt_arg, "run/c"]);
+    assert!(ok, "{err}");
+    assert!(!m.join("run/c").exists() && !m.join("run").exists());
+    let want = std::fs::read(want_c.join(weights)).unwrap();
+    let mut got = vec![0u8; want.len()];
+    in_use.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == want, "a removed view's open file reads to the end");
+
+    // Bad specs and names fail with a message and change nothing.
+    let missing = arg(&f.tmp.path().join("missing"));
+    for (args, expect) in [
+        (vec!["add", &mnt_arg, "x", &missing], "missing"),
+        (vec!["add", &mnt_arg, "v", &a], "exists"),
+        (vec!["set", &mnt_arg, "nope", &a], "no view named nope"),
+        (vec!["set", &mnt_arg, "v", &missing], "missing"),
+        (vec!["rm", &mnt_arg, "nope"], "no view named nope"),
+        (vec!["add", &mnt_arg, "../x", &a], "view name"),
+    ] {
+        let (ok, _, err) = view_cmd(&args);
+        assert!(!ok && err.contains(expect), "{args:?}: {err}");
+    }
+    let (_, after, _) = view_cmd(&["ls", &mnt_arg]);
+    assert_eq!(after.lines().count(), 1, "{after}");
+    assert_same_tree(&m.join("v"), &want_bc);
+    drop((open, map, in_use));
+}
+
+#[test]
+fn view_commands_on_a_mount_of_one_model_say_it_has_no_views() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let mnt = f.tmp.path().join("mnt");
+    let guard = mount(&f, &mnt, &["--adapter".into(), arg(&f.adapters[0])]);
+    let (ok, _, err) = view_cmd(&["add", &arg(&guard.mountpoint), "x", &arg(&f.adapters[1])]);
+    assert!(!ok && err.contains("without views"), "{err}");
+}
