@@ -4,9 +4,11 @@
 //!
 //! cargo run --release --example synth_model -- OUT [--layers 8] [--hidden 2048]
 //!     [--intermediate 5632] [--vocab 32000] [--heads 16] [--kv-heads 4] [--rank 16]
-//!     [--dtype f16|bf16] [--shard-gib 2]
+//!     [--dtype f16|bf16] [--shard-gib 2] [--adapters 1]
 //!
 //! OUT/base is a transformers-loadable LlamaForCausalLM; OUT/adapter a PEFT LoRA adapter.
+//! `--adapters N` also writes OUT/adapter-2 ... OUT/adapter-N: the same configuration with
+//! other random factors, like the checkpoints of one training run.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,6 +28,7 @@ struct Args {
     rank: usize,
     dtype: Dtype,
     shard_bytes: usize,
+    adapters: usize,
 }
 
 fn parse() -> Args {
@@ -40,6 +43,7 @@ fn parse() -> Args {
         rank: 16,
         dtype: Dtype::F16,
         shard_bytes: 2 << 30,
+        adapters: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -52,6 +56,7 @@ fn parse() -> Args {
             "--heads" => a.heads = value().parse().unwrap(),
             "--kv-heads" => a.kv_heads = value().parse().unwrap(),
             "--rank" => a.rank = value().parse().unwrap(),
+            "--adapters" => a.adapters = value().parse().unwrap(),
             "--shard-gib" => {
                 a.shard_bytes = (value().parse::<f64>().unwrap() * (1u64 << 30) as f64) as usize
             }
@@ -112,9 +117,7 @@ fn write(path: &Path, tensors: &[(String, Vec<usize>, Dtype, Vec<u8>)]) {
 fn main() {
     let a = parse();
     let base = a.out.join("base");
-    let adapter = a.out.join("adapter");
     std::fs::create_dir_all(&base).unwrap();
-    std::fs::create_dir_all(&adapter).unwrap();
     let (h, i, kv) = (a.hidden, a.intermediate, a.hidden / a.heads * a.kv_heads);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
@@ -203,23 +206,51 @@ fn main() {
     )
     .unwrap();
 
+    // Each adapter continues the same random stream, so OUT/adapter is the same with or
+    // without --adapters and the others differ from it.
+    for k in 1..=a.adapters {
+        let name = if k == 1 {
+            "adapter".to_string()
+        } else {
+            format!("adapter-{k}")
+        };
+        write_adapter(&a.out.join(name), &a, &linear, &base, &mut rng);
+    }
+    eprintln!(
+        "base: {} ({:.2} GB); adapters: {} in {}",
+        base.display(),
+        total as f64 / 1e9,
+        a.adapters,
+        a.out.display()
+    );
+}
+
+/// A PEFT LoRA adapter at `dir` with random factors on every linear layer of `base`.
+fn write_adapter(
+    dir: &Path,
+    a: &Args,
+    linear: &[(String, usize, usize)],
+    base: &Path,
+    rng: &mut Rng,
+) {
+    std::fs::create_dir_all(dir).unwrap();
     let mut factors = Vec::new();
-    for (m, out, inp) in &linear {
+    for (m, out, inp) in linear {
         let r = a.rank;
         factors.push((
             format!("base_model.model.{m}.lora_A.weight"),
             vec![r, *inp],
             Dtype::F32,
-            values(&mut rng, r * inp, Dtype::F32, 0.05),
+            values(rng, r * inp, Dtype::F32, 0.05),
         ));
         factors.push((
             format!("base_model.model.{m}.lora_B.weight"),
             vec![*out, r],
             Dtype::F32,
-            values(&mut rng, out * r, Dtype::F32, 0.05),
+            values(rng, out * r, Dtype::F32, 0.05),
         ));
     }
-    write(&adapter.join("adapter_model.safetensors"), &factors);
+    write(&dir.join("adapter_model.safetensors"), &factors);
     let config = json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": a.rank, "lora_alpha": 2 * a.rank,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -227,14 +258,8 @@ fn main() {
         "init_lora_weights": false, "base_model_name_or_path": base.display().to_string(),
     });
     std::fs::write(
-        adapter.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
         serde_json::to_vec_pretty(&config).unwrap(),
     )
     .unwrap();
-    eprintln!(
-        "base: {} ({:.2} GB); adapter: {}",
-        base.display(),
-        total as f64 / 1e9,
-        adapter.display()
-    );
 }
