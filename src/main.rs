@@ -56,8 +56,9 @@ enum Command {
         /// Read-ahead of the mount in KiB (0 keeps the kernel's 128 KiB). Needs root.
         #[arg(long, value_name = "KIB", default_value_t = DEFAULT_READ_AHEAD_KB)]
         read_ahead_kb: u32,
-        /// Merge the whole model into the page cache in the background once mounted:
-        /// auto (when it fits in a quarter of RAM), always or never.
+        /// Merge the whole model into the page cache in the background once mounted (with
+        /// views: each view when a file of it is first opened): auto (when it fits in a
+        /// quarter of RAM), always or never.
         #[arg(long, value_name = "WHEN", default_value = "auto")]
         warm: Warm,
         /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts.
@@ -272,6 +273,7 @@ fn open_views(
     inputs: &MergeArgs,
     args: &ViewArgs,
     mountpoint: &Path,
+    warm: Warm,
 ) -> anyhow::Result<(lorafs::fuse::LorafsFs, lorafs::fuse::Live)> {
     use lorafs::control::ViewSource;
     use lorafs::fuse::views::Views;
@@ -285,7 +287,14 @@ fn open_views(
     engine.factors = lorafs::cache::Cache::new(args.factor_cache);
     let engine = Arc::new(engine);
     let fs = lorafs::fuse::LorafsFs::of_views(engine.clone())?;
-    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree()));
+    // Each view is about the base's size: warm one when first opened if that fits.
+    let warm = match warm {
+        Warm::Always => true,
+        Warm::Never => false,
+        Warm::Auto => !engine.direct_base_reads && engine.base_bytes() <= total_ram() / 4,
+    };
+    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree(), warm));
+    fs.attach(views.clone());
     for (name, spec) in &args.views {
         let view = resolve_adapters(spec)
             .and_then(|adapters| views.open(&adapters, &ViewSource::Named))
@@ -483,7 +492,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             one_malloc_arena();
             let (fs, live, warm_view) = if views.any() {
-                let (fs, live) = open_views(&inputs, &views, &mountpoint)?;
+                let (fs, live) = open_views(&inputs, &views, &mountpoint, warm)?;
                 (fs, Some(live), None)
             } else {
                 let view = Arc::new(inputs.open(MOUNT_CACHE)?);

@@ -50,6 +50,13 @@ pub struct Mounted<V> {
     root: u64,
 }
 
+impl<V> Mounted<V> {
+    /// The view directory's inode.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+}
+
 /// What the kernel must be told after a change: names whose cached entries are stale
 /// (`(parent inode, name)`), and directories whose attributes changed.
 #[derive(Debug, Default)]

@@ -85,10 +85,10 @@ pub(super) fn build(view: &Arc<View>, first: u64) -> io::Result<Vec<(u64, MountN
     Ok(nodes)
 }
 
-/// The inode of file `index` of a mount of one view: [`build`] numbers the root, the
-/// directories, then the files in order.
-pub(super) fn single_file_ino(view: &View, index: usize) -> u64 {
-    crate::tree::ROOT + 1 + view.dirs().len() as u64 + index as u64
+/// The inode of file `index` of `view`, whose root is inode `root`: [`build`] numbers the
+/// root, the directories, then the files in order.
+pub(super) fn file_ino(view: &View, root: u64, index: usize) -> u64 {
+    root + 1 + view.dirs().len() as u64 + index as u64
 }
 
 /// The number of nodes [`build`] makes for `view`.

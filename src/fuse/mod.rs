@@ -66,6 +66,8 @@ pub struct LorafsFs {
     stats_ino: Option<u64>,
     next_fh: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// The registry of a mount of views, told of each open (to warm a view when first used).
+    views: std::sync::OnceLock<Arc<views::Views>>,
 }
 
 impl LorafsFs {
@@ -102,7 +104,13 @@ impl LorafsFs {
             stats_ino,
             next_fh: AtomicU64::new(1),
             handles: Mutex::new(HashMap::new()),
+            views: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Attach the registry of a mount of views.
+    pub fn attach(&self, views: Arc<views::Views>) {
+        let _ = self.views.set(views);
     }
 
     pub fn tree(&self) -> SharedTree {
@@ -208,6 +216,9 @@ impl LorafsFs {
         if let Err(err) = view.check_sources(file) {
             log::debug!("open of {} refused: {err}", view.files[file].rel.display());
             return reply.error(Errno::from_i32(err.errno()));
+        }
+        if let Some(views) = self.views.get() {
+            views.opened(&view);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Handle {

@@ -13,6 +13,7 @@ use signal_hook::iterator::Signals;
 use super::views::Views;
 use super::LorafsFs;
 use crate::mountinfo::{find_mount, mount_target, FS_NAME};
+use crate::tree;
 use crate::view::View;
 
 #[derive(Clone)]
@@ -83,16 +84,16 @@ pub fn mount(
     })?;
 
     if let Some(view) = &options.warm {
-        let (view, notifier, root) = (view.clone(), session.notifier(), mountpoint.clone());
-        std::thread::Builder::new()
-            .name("lorafs-warm".into())
-            .spawn(move || {
-                super::panics::caught_background("warm-up", || warm(&view, &notifier, &root));
-            })?;
+        spawn_warm(
+            view.clone(),
+            session.notifier(),
+            mountpoint.clone(),
+            tree::ROOT,
+        )?;
     }
     let (_services, control): (_, Arc<dyn crate::control::ViewControl>) = match live {
         Some(live) => {
-            live.views.set_notifier(session.notifier());
+            live.views.set_notifier(session.notifier(), &mountpoint);
             ((live.start)(&mountpoint)?, live.views)
         }
         None => (Vec::new(), Arc::new(super::views::NoViews)),
@@ -151,21 +152,37 @@ pub fn mount(
     Ok(())
 }
 
-/// Merge every file of a mount of one view, in order, and store it in the kernel's page
-/// cache, so that a loader started after the mount (Python takes a second or two to import
-/// torch) finds the model there. Reads arriving meanwhile are served as usual; both go
-/// through the block cache, so nothing is merged twice. Stops quietly at the first refusal
-/// (e.g. the mount is gone).
-fn warm(view: &View, notifier: &fuser::Notifier, root: &Path) {
+/// Warm `view`, served at `dir` with its root at inode `root`, on a thread of its own.
+pub(super) fn spawn_warm(
+    view: Arc<View>,
+    notifier: fuser::Notifier,
+    dir: PathBuf,
+    root: u64,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("lorafs-warm".into())
+        .spawn(move || {
+            super::panics::caught_background("warm-up", || warm(&view, &notifier, &dir, root));
+        })
+        .map(drop)
+}
+
+/// Merge every file of `view` (served at `dir`, its root at inode `root`), in order, and
+/// store it in the kernel's page cache, so that a loader started after the mount (Python
+/// takes a second or two to import torch), or reading a view after its config, finds the
+/// model there. Reads arriving meanwhile are served as usual; both go through the block
+/// cache, so nothing is merged twice. Stops quietly at the first refusal (e.g. the mount
+/// or the view is gone).
+fn warm(view: &View, notifier: &fuser::Notifier, dir: &Path, root: u64) {
     let start = std::time::Instant::now();
     let mut buf = vec![0u8; WARM_CHUNK];
     let mut stored = 0u64;
     for (index, file) in view.files.iter().enumerate() {
         // The kernel keeps pages only for inodes it knows: look the file up first.
-        if let Err(e) = std::fs::metadata(root.join(&file.rel)) {
+        if let Err(e) = std::fs::metadata(dir.join(&file.rel)) {
             return log::info!("warm-up stopped at {}: {e}", file.rel.display());
         }
-        let ino = super::inodes::single_file_ino(view, index);
+        let ino = super::inodes::file_ino(view, root, index);
         let mut offset = 0;
         while offset < file.size {
             let n = match view.read_at(index, offset, &mut buf) {
@@ -181,7 +198,8 @@ fn warm(view: &View, notifier: &fuser::Notifier, root: &Path) {
         }
     }
     log::info!(
-        "warm-up: {stored} bytes in the page cache after {:.2} s",
+        "warm-up of {}: {stored} bytes in the page cache after {:.2} s",
+        dir.display(),
         start.elapsed().as_secs_f64()
     );
 }

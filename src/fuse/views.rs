@@ -4,7 +4,7 @@
 //! which names it must forget.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use fuser::{FileAttr, INodeNo, Notifier};
 
@@ -20,25 +20,65 @@ pub struct Views {
     engine: Arc<Engine>,
     dtype: Option<DType>,
     tree: SharedTree,
-    notifier: OnceLock<Notifier>,
+    /// The kernel's notifier and the mount point, once mounted.
+    notifier: OnceLock<(Notifier, PathBuf)>,
+    /// Warm each view (merge it into the page cache) when a file of it is first opened.
+    warm: bool,
+    /// The views warmed (or being warmed), so each is warmed once.
+    warmed: Mutex<Vec<Weak<View>>>,
     /// Changes are made one at a time (a name checked free stays free until it is used).
     changing: Mutex<()>,
 }
 
 impl Views {
-    pub fn new(engine: Arc<Engine>, dtype: Option<DType>, tree: SharedTree) -> Views {
+    /// The registry of views over `engine`, in `tree`; with `warm`, each view is merged into
+    /// the page cache in the background when a file of it is first opened.
+    pub fn new(engine: Arc<Engine>, dtype: Option<DType>, tree: SharedTree, warm: bool) -> Views {
         Views {
             engine,
             dtype,
             tree,
             notifier: OnceLock::new(),
+            warm,
+            warmed: Mutex::new(Vec::new()),
             changing: Mutex::new(()),
         }
     }
 
     /// Once the mount exists: changes from now on are notified to the kernel.
-    pub fn set_notifier(&self, notifier: Notifier) {
-        let _ = self.notifier.set(notifier);
+    pub fn set_notifier(&self, notifier: Notifier, mountpoint: &Path) {
+        let _ = self.notifier.set((notifier, mountpoint.to_path_buf()));
+    }
+
+    /// A file of `view` was opened: with warming on, the first open of a view merges the
+    /// rest of it into the page cache in the background, so a loader that reads the config
+    /// first finds the weights there (as a mount of one model warms at once).
+    pub fn opened(&self, view: &Arc<View>) {
+        let Some((notifier, mountpoint)) = self.notifier.get().filter(|_| self.warm) else {
+            return;
+        };
+        {
+            let mut warmed = self.warmed.lock().unwrap_or_else(|p| p.into_inner());
+            warmed.retain(|w| w.strong_count() > 0);
+            if warmed
+                .iter()
+                .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(view)))
+            {
+                return;
+            }
+            warmed.push(Arc::downgrade(view));
+        }
+        let place = {
+            let tree = self.tree.read().unwrap_or_else(|p| p.into_inner());
+            (tree.views().iter())
+                .find(|(_, m)| Arc::ptr_eq(&m.view, view))
+                .map(|(name, m)| (mountpoint.join(name), m.root()))
+        };
+        if let Some((dir, root)) = place {
+            if let Err(e) = super::session::spawn_warm(view.clone(), notifier.clone(), dir, root) {
+                log::warn!("warm-up not started: {e}");
+            }
+        }
     }
 
     /// Open the view of `adapters`. A named view reads and checks every factor now, so a
@@ -202,7 +242,7 @@ impl Views {
     /// Tell the kernel to forget the names and directory attributes a change made stale.
     /// A name or inode the kernel never saw is not an error (ENOENT).
     fn notify(&self, change: Change) {
-        let Some(notifier) = self.notifier.get() else {
+        let Some((notifier, _)) = self.notifier.get() else {
             return;
         };
         for (parent, name) in &change.names {
