@@ -6,16 +6,20 @@
 //!
 //! A second part ("stream" rows) runs the baselines and the best kernel over 16 copies of the
 //! tensor one after the other (512 MiB), far more than the last-level cache, as when a model
-//! is merged from the page cache.
+//! is merged from the page cache. A third ("cross", `kernels/cross.rs`: rows named like
+//! `F32>BF16`) times `merge_into` and `convert` from one dtype into another.
 //!
 //! `cargo bench --bench kernels [-- FILTER...]` — a `harness = false` main that times each
 //! case with repeated runs and reports the median (and minimum); FILTERs are substrings of the
 //! case labels (`avx512`, `BF16`, `r16`, `2t`, ...; the stream part runs only with no filter
-//! or with `stream` among them). `KERNEL_BENCH_REPS` sets the runs per case (default 15).
+//! or with `stream` among them, the cross part with no filter or one containing `>`). `KERNEL_BENCH_REPS` sets the runs per case (default 15).
 //! GB/s counts the bytes of `W` merged (read and rewritten in place) per second; GFLOP/s is
 //! `2 · rows · cols · rank / time`. "vs memcpy" uses the median of the set's memcpy runs;
 //! "vs convert-only" that of a block of convert-only runs timed just before the case's, so a
 //! machine that gets slower or faster between cases does not skew it. On a shared machine set `KERNEL_BENCH_IDLE=1` to wait for an idle CPU before each case.
+
+#[path = "kernels/cross.rs"]
+mod cross;
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -545,6 +549,13 @@ fn main() {
             if bench.filters.is_empty() || bench.filters.iter().any(|f| f == "stream") {
                 bench.run(&set, &[best]);
             }
+        }
+    }
+    // merge_into and convert across dtypes (only with no filter or one naming a pair, as in
+    // `F32>BF16`, or `>` for all).
+    if bench.filters.is_empty() || bench.filters.iter().any(|f| f.contains('>')) {
+        for (from, to) in cross::PAIRS {
+            bench.run_cross(from, to, &kernels);
         }
     }
     eprintln!("load average {}", loadavg());
