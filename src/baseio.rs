@@ -80,7 +80,7 @@ impl Identity {
     }
 
     /// What tells this version of the file from any other: two files with equal versions
-    /// hold the same bytes (as far as `stat` can tell, the same test as [`InputFile`]'s).
+    /// hold the same bytes (as far as `stat` can tell, the same test as [`SourceFile`]'s).
     pub fn version(&self) -> Version {
         Version {
             dev: self.dev,
@@ -133,10 +133,10 @@ impl Identity {
 /// one once a read bypasses the page cache); other files are opened at each read, so a
 /// tree of thousands of small files needs no more descriptors than its weights.
 #[derive(Debug)]
-pub struct InputFile {
+pub struct SourceFile {
     pub path: PathBuf,
     /// For a file opened at each read: `path` with every symbolic link resolved when lorafs
-    /// opened it, opened without following any link since (see [`InputFile::lazy`]).
+    /// opened it, opened without following any link since (see [`SourceFile::lazy`]).
     resolved: PathBuf,
     identity: Identity,
     /// The descriptor held from open, or `None` for a file opened at each read.
@@ -148,11 +148,11 @@ pub struct InputFile {
     changed: OnceLock<String>,
 }
 
-impl InputFile {
+impl SourceFile {
     /// Open `path` and keep the descriptor. `recorded` is the identity taken before anything
     /// was read from the path (e.g. while walking the base directory): a file that changed
     /// since is refused now rather than served.
-    pub fn open(path: &Path, recorded: Option<Identity>) -> Result<InputFile> {
+    pub fn open(path: &Path, recorded: Option<Identity>) -> Result<SourceFile> {
         let file = open_file(path)?;
         let now = fstat(path, &file)?;
         if let Some(what) = recorded.and_then(|r| r.changes(&now)) {
@@ -161,7 +161,7 @@ impl InputFile {
                 what,
             });
         }
-        Ok(InputFile {
+        Ok(SourceFile {
             path: path.to_path_buf(),
             resolved: path.to_path_buf(),
             identity: recorded.unwrap_or(now),
@@ -175,8 +175,8 @@ impl InputFile {
     /// its path. Its links are resolved now, and later opens follow none: a link put in
     /// its place afterwards (say, into the mount itself, where the server would wait on
     /// its own request for ever) is a change, not a path to take.
-    pub fn lazy(path: &Path, identity: Identity) -> InputFile {
-        InputFile {
+    pub fn lazy(path: &Path, identity: Identity) -> SourceFile {
+        SourceFile {
             path: path.to_path_buf(),
             resolved: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
             identity,
@@ -428,7 +428,7 @@ mod tests {
         let path = dir.path().join("data");
         let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let file = InputFile::open(&path, None).unwrap();
+        let file = SourceFile::open(&path, None).unwrap();
         for (offset, len) in [
             (0, 1),
             (1, 4095),
@@ -466,9 +466,9 @@ mod tests {
         std::fs::write(&path, vec![1u8; 10_000]).unwrap();
         for held in [true, false] {
             let file = if held {
-                InputFile::open(&path, None).unwrap()
+                SourceFile::open(&path, None).unwrap()
             } else {
-                InputFile::lazy(&path, Identity::of_path(&path).unwrap())
+                SourceFile::lazy(&path, Identity::of_path(&path).unwrap())
             };
             let mut buf = vec![0u8; 100];
             file.read_exact_at(&mut buf, 0, false).unwrap();
@@ -494,7 +494,7 @@ mod tests {
         let path = dir.path().join("data");
         std::fs::write(&path, vec![1u8; 1000]).unwrap();
         let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-        let file = InputFile::open(&path, None).unwrap();
+        let file = SourceFile::open(&path, None).unwrap();
         overwrite(&path, 0, &[2u8; 10]);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_modified(mtime).unwrap();
@@ -509,7 +509,7 @@ mod tests {
         let dir = tempdir();
         let path = dir.path().join("data");
         std::fs::write(&path, vec![1u8; 10_000]).unwrap();
-        let file = InputFile::open(&path, None).unwrap();
+        let file = SourceFile::open(&path, None).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         OpenOptions::new()
             .write(true)
@@ -527,8 +527,8 @@ mod tests {
         let dir = tempdir();
         let path = dir.path().join("data");
         std::fs::write(&path, vec![1u8; 1000]).unwrap();
-        let held = InputFile::open(&path, None).unwrap();
-        let lazy = InputFile::lazy(&path, Identity::of_path(&path).unwrap());
+        let held = SourceFile::open(&path, None).unwrap();
+        let lazy = SourceFile::lazy(&path, Identity::of_path(&path).unwrap());
         let new = dir.path().join("new");
         std::fs::write(&new, vec![2u8; 1000]).unwrap();
         std::fs::rename(&new, &path).unwrap();
@@ -555,7 +555,7 @@ mod tests {
         // snapshot links into blobs/), and read through afterwards.
         let snapshot = dir.path().join("snapshot");
         std::os::unix::fs::symlink(&linked, &snapshot).unwrap();
-        let lazy = InputFile::lazy(&snapshot, Identity::of_path(&snapshot).unwrap());
+        let lazy = SourceFile::lazy(&snapshot, Identity::of_path(&snapshot).unwrap());
         let mut buf = vec![0u8; 1000];
         lazy.read_exact_at(&mut buf, 0, false).unwrap();
         assert_eq!(buf, vec![1u8; 1000]);
@@ -580,8 +580,8 @@ mod tests {
         std::fs::write(&path, vec![1u8; 1000]).unwrap();
         let before = Identity::of_path(&path).unwrap();
         overwrite(&path, 0, &[2u8; 2000]);
-        let err = InputFile::open(&path, Some(before)).unwrap_err();
+        let err = SourceFile::open(&path, Some(before)).unwrap_err();
         assert!(err.to_string().contains("size 1000 → 2000"), "{err}");
-        assert_eq!(InputFile::open(&path, None).unwrap().size(), 2000);
+        assert_eq!(SourceFile::open(&path, None).unwrap().size(), 2000);
     }
 }

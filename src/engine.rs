@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use crate::baseio::{InputFile, Version};
+use crate::baseio::{SourceFile, Version};
 use crate::cache::{BlockCache, Cache};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -77,7 +77,7 @@ pub struct Engine {
     pub base: BaseModel,
     /// The base's files, by index in `base.files`: weights keep a descriptor, other files
     /// are opened at each read (see [`crate::baseio`]).
-    pub base_files: Vec<Arc<InputFile>>,
+    pub base_files: Vec<Arc<SourceFile>>,
     pub kernel: Kernel,
     pub blocks: BlockCache,
     pub factors: Cache<Realized>,
@@ -95,8 +95,8 @@ impl Engine {
         let base_files = (base.files.iter())
             .map(|file| {
                 let input = match file.layout {
-                    Some(_) => InputFile::open(&file.path, Some(file.identity))?,
-                    None => InputFile::lazy(&file.path, file.identity),
+                    Some(_) => SourceFile::open(&file.path, Some(file.identity))?,
+                    None => SourceFile::lazy(&file.path, file.identity),
                 };
                 // The walk read the index and config.json after finding them: they must
                 // still be the version walked, which their reads stand for.

@@ -7,10 +7,14 @@
 //! A safetensors file is its header (kept in memory), runs of untouched tensors (base bytes,
 //! or converted to `--dtype`), and merged tensors, computed in blocks of whole rows from
 //! their recipe (see [`crate::engine`]). A change of header or of a tensor's size is a
-//! change to this list only (`files.rs`).
+//! change to this list only.
+//!
+//! A [`Format`] lays a view's plan out as files: `safetensors.rs` lays it out as the base's
+//! directory. Another format (a GGUF file of the same merged model) is another way of
+//! turning the same plan into segments; `read_at`, the caches and the mount serve any.
 
-mod files;
 mod merged;
+mod safetensors;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::adapter::Adapter;
-use crate::baseio::{Identity, InputFile};
+use crate::baseio::{Identity, SourceFile};
 use crate::dtype::DType;
 use crate::engine::{AdapterVersion, Engine, EngineOptions, Recipe};
 use crate::error::{Error, Result};
@@ -60,7 +64,7 @@ pub struct VirtualFile {
     pub rel: PathBuf,
     pub size: u64,
     /// The file behind it: a base file, or an adapter's tokenizer file.
-    source: Arc<InputFile>,
+    source: Arc<SourceFile>,
     segments: Vec<Segment>,
     /// Whether some bytes come from the adapters (merged or replaced tensors): then a
     /// change of an adapter's files fails reads of this file.
@@ -80,15 +84,21 @@ impl VirtualFile {
     }
 }
 
+/// How a view's plan is laid out as files: each a list of segments over the base, the
+/// adapters, bytes in memory and merged tensors.
+pub(crate) trait Format {
+    fn lay_out(&self, engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFile>>;
+}
+
 /// One merged model: a plan over the engine's base, laid out as files.
 pub struct View {
     pub engine: Arc<Engine>,
     pub files: Vec<VirtualFile>,
     pub plan: MergePlan,
     /// Adapter weights files, by adapter index: the source of replaced tensors.
-    adapter_weights: Vec<InputFile>,
+    adapter_weights: Vec<SourceFile>,
     /// Adapter config files, by adapter index: read at open only, held to see a change.
-    adapter_configs: Vec<InputFile>,
+    adapter_configs: Vec<SourceFile>,
     /// The recipe id of each merge, by index in `plan.merges`.
     recipes: Vec<u32>,
 }
@@ -113,14 +123,14 @@ impl View {
             .map(|(dir, weight)| Adapter::load(dir, *weight))
             .collect::<Result<Vec<_>>>()?;
         let plan = MergePlan::build(&engine.base, loaded, dtype)?;
-        let open_recorded = |path: &Path| InputFile::open(path, recorded.get(path).copied());
+        let open_recorded = |path: &Path| SourceFile::open(path, recorded.get(path).copied());
         let adapter_weights = (plan.loaded.iter())
             .map(|a| open_recorded(&a.file))
             .collect::<Result<Vec<_>>>()?;
         let adapter_configs = (plan.loaded.iter())
             .map(|a| open_recorded(&a.config_path))
             .collect::<Result<Vec<_>>>()?;
-        let files = files::lay_out(&engine, &plan)?;
+        let files = safetensors::Safetensors.lay_out(&engine, &plan)?;
         let mut view = View {
             engine,
             files,
@@ -291,12 +301,12 @@ impl View {
     pub fn adapter_sources<'a>(
         &'a self,
         vf: &'a VirtualFile,
-    ) -> impl Iterator<Item = &'a InputFile> + 'a {
+    ) -> impl Iterator<Item = &'a SourceFile> + 'a {
         self.adapter_files().filter(|_| vf.adapted)
     }
 
     /// Every adapter file the plan was read from.
-    fn adapter_files(&self) -> impl Iterator<Item = &InputFile> {
+    fn adapter_files(&self) -> impl Iterator<Item = &SourceFile> {
         self.adapter_weights.iter().chain(&self.adapter_configs)
     }
 

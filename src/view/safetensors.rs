@@ -1,19 +1,29 @@
-//! Laying a view out as files: the safetensors format (a header, then tensors), and the
-//! JSON files derived from the changes (the shard index, `config.json`).
+//! The safetensors format: a view laid out as the base's directory, each safetensors file
+//! a header then its tensors, with the JSON files derived from the changes (the shard
+//! index, `config.json`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Segment, Source, VirtualFile};
-use crate::baseio::{Identity, InputFile};
+use super::{Format, Segment, Source, VirtualFile};
+use crate::baseio::{Identity, SourceFile};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::INDEX_FILE;
 use crate::plan::{MergePlan, TensorId, WFile};
 
+/// The base's directory, merged: what Hugging Face loaders read.
+pub(super) struct Safetensors;
+
+impl Format for Safetensors {
+    fn lay_out(&self, engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFile>> {
+        lay_out(engine, plan)
+    }
+}
+
 /// Every file of the view over `engine`'s base, sorted by relative path.
-pub(super) fn lay_out(engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFile>> {
+fn lay_out(engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFile>> {
     let base = &engine.base;
     let mut files = Vec::with_capacity(base.files.len());
     // Change of the safetensors files' data (tensor bytes): a resized tensor changes it.
@@ -21,7 +31,7 @@ pub(super) fn lay_out(engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFi
     for (file, source) in base.files.iter().zip(&engine.base_files) {
         let extra = plan.extra_files.get(&file.rel);
         let source = match extra {
-            Some(path) => Arc::new(InputFile::lazy(path, Identity::of_path(path)?)),
+            Some(path) => Arc::new(SourceFile::lazy(path, Identity::of_path(path)?)),
             None => source.clone(),
         };
         let mut vf = passthrough(&file.rel, source);
@@ -65,7 +75,7 @@ pub(super) fn lay_out(engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFi
     }
     for (rel, path) in &plan.extra_files {
         if !files.iter().any(|f| &f.rel == rel) {
-            let source = InputFile::lazy(path, Identity::of_path(path)?);
+            let source = SourceFile::lazy(path, Identity::of_path(path)?);
             files.push(passthrough(rel, Arc::new(source)));
         }
     }
@@ -185,7 +195,7 @@ fn push_joined(segments: &mut Vec<Segment>, next: Segment) {
 }
 
 /// A file served unchanged from `source` (a base file, or an adapter's tokenizer file).
-fn passthrough(rel: &Path, source: Arc<InputFile>) -> VirtualFile {
+fn passthrough(rel: &Path, source: Arc<SourceFile>) -> VirtualFile {
     let size = source.size();
     VirtualFile {
         rel: rel.to_path_buf(),
