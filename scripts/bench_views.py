@@ -43,6 +43,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mount import load_and_forward  # noqa: E402  (the same load, measured the same way)
 CHECKPOINTS = 8
 STEPS = [1000 * (k + 1) for k in range(CHECKPOINTS)]
 MIB = 2**20
@@ -107,20 +110,6 @@ def wait_readable(path, timeout, size=1):
             raise TimeoutError(f"{path} not readable after {timeout} s")
         time.sleep(0.005)
     return time.perf_counter() - t
-
-
-def load_and_forward(path):
-    """from_pretrained + one forward pass, in a fresh interpreter (as bench_mount.py)."""
-    code = (
-        "import time, torch, transformers\n"
-        "t = time.perf_counter()\n"
-        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, dtype='auto')\n"
-        "with torch.no_grad(): m(torch.arange(16).unsqueeze(0)).logits.sum().item()\n"
-        "print(time.perf_counter() - t)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def f32_factor_bytes(adapter_dir):
