@@ -31,6 +31,24 @@ def sh(*args, **kw):
     return subprocess.run([str(a) for a in args], check=True, **kw)
 
 
+MARKER = ".lorafs-bench"
+
+
+def claim_scratch(work):
+    """Make `work` the benchmark's scratch directory, or refuse: a directory that exists and
+    is not one a benchmark made (it holds MARKER) is never written to or removed."""
+    if work.exists() and not (work / MARKER).is_file():
+        sys.exit(f"{work} exists and was not made by a lorafs benchmark: name a new --dir")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("scratch directory of a lorafs benchmark; removed when done\n")
+
+
+def remove_scratch(path, work):
+    """Remove `path` (inside the claimed scratch directory `work`, or `work` itself)."""
+    if (work / MARKER).is_file() and (path == work or work in path.parents):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def timed(fn, runs):
     times = []
     for _ in range(runs):
@@ -92,7 +110,8 @@ def main():
                     help="load through mounts without background warm-up (--warm never)")
     args = ap.parse_args()
 
-    work = Path(args.dir)
+    work = Path(args.dir).absolute()
+    claim_scratch(work)
     sh("cargo", "build", "--release", "--quiet", "--example", "synth_model", "--bin", "lorafs", cwd=REPO)
     if not (work / "base/config.json").exists():
         sh(REPO / "target/release/examples/synth_model", work, "--layers", args.layers)
@@ -143,7 +162,7 @@ def main():
     print(f"   {'default (--warm), 2 s later':>24}: {t:.3f} s ({size / t / 1e9:.2f} GB/s)  ratio to base {t / t_base:.2f}x")
 
     out = work / "materialized"
-    shutil.rmtree(out, ignore_errors=True)
+    remove_scratch(out, work)
     sh(LORAFS, "materialize", base, out, "--adapter", adapter, stdout=subprocess.DEVNULL)
     for f in out.glob("*.safetensors"):
         dd(f)
@@ -162,9 +181,9 @@ def main():
     print(f"\n3. mount peak RSS {rss / 2**20:.0f} MiB; cache budget {budget / 2**20:.0f} MiB"
           f" + factors {factors / 2**20:.0f} MiB = {(budget + factors) / 2**20:.0f} MiB;"
           f" model {sum(f.stat().st_size for f in base.glob('*.safetensors')) / 2**20:.0f} MiB")
-    shutil.rmtree(out, ignore_errors=True)
+    remove_scratch(out, work)
     if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_scratch(work, work)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mount import load_and_forward  # noqa: E402  (the same load, measured the same way)
+from bench_mount import claim_scratch, load_and_forward, remove_scratch  # noqa: E402  (shared with bench_mount)
 CHECKPOINTS = 8
 STEPS = [1000 * (k + 1) for k in range(CHECKPOINTS)]
 MIB = 2**20
@@ -147,7 +147,8 @@ def prepare(work, layers):
     catalog, pending = work / "catalog", work / "pending" / "checkpoint-9000"
     if (pending / "adapter_model.safetensors").exists():
         return work / "base", catalog, pending
-    shutil.rmtree(work, ignore_errors=True)
+    for old in ["base", "adapter", "catalog", "pending"] + [f"adapter-{k}" for k in range(2, CHECKPOINTS + 2)]:
+        remove_scratch(work / old, work)
     sh(REPO / "target/release/examples/synth_model", work, "--layers", layers,
        "--adapters", CHECKPOINTS + 1, stderr=subprocess.DEVNULL)
     adapters = [work / "adapter"] + [work / f"adapter-{k}" for k in range(2, CHECKPOINTS + 2)]
@@ -333,14 +334,15 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the generated model and catalog")
     args = ap.parse_args()
 
-    work = Path(args.dir)
+    work = Path(args.dir).absolute()
+    claim_scratch(work)
     sh("cargo", "build", "--release", "--quiet", "--example", "synth_model", "--bin", "lorafs", cwd=REPO)
     try:
         table(measure(work, args))
     finally:
-        shutil.rmtree(work / "materialized", ignore_errors=True)
+        remove_scratch(work / "materialized", work)
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_scratch(work, work)
 
 
 if __name__ == "__main__":
