@@ -340,25 +340,49 @@ fn a_merged_file_is_open_only_to_those_who_may_read_the_adapter() {
         chmod(&adapter.join("adapter_config.json"), 0o644);
         chmod(&adapter.join("adapter_model.safetensors"), weights_mode);
         chmod(&parent, dir_mode);
-        let args: Vec<OsString> = vec!["--adapter".into(), adapter.into(), "--allow-other".into()];
-        let guard = MountGuard::new(&base, &tmp.path().join(format!("mnt-{i}")), &args);
-        let m = &guard.mountpoint;
-        assert_eq!(
-            read_as_nobody(&m.join("config.json")).as_deref(),
-            Ok(&std::fs::read(base.join("config.json")).unwrap()[..]),
-            "{what}: a file the adapter does not change stays readable"
-        );
-        let merged = m.join("model.safetensors");
-        if readable {
+        // One merged model at the root, a named view, a catalog view: the same narrowing.
+        let forms: [(&str, Vec<OsString>, &str); 3] = [
+            (
+                "--adapter",
+                vec!["--adapter".into(), adapter.clone().into()],
+                "",
+            ),
+            (
+                "--view",
+                vec!["--view".into(), format!("v={}", adapter.display()).into()],
+                "v",
+            ),
+            (
+                "--catalog",
+                vec!["--catalog".into(), parent.clone().into()],
+                "adapter",
+            ),
+        ];
+        for (form, mut args, dir) in forms {
+            args.push("--allow-other".into());
+            let mnt = tmp
+                .path()
+                .join(format!("mnt-{i}-{}", form.trim_start_matches('-')));
+            let guard = MountGuard::new(&base, &mnt, &args);
+            let m = guard.mountpoint.join(dir);
+            let what = format!("{what} ({form})");
             assert_eq!(
-                read_as_nobody(&merged).as_deref(),
-                Ok(&std::fs::read(&merged).unwrap()[..]),
-                "{what}"
+                read_as_nobody(&m.join("config.json")).as_deref(),
+                Ok(&std::fs::read(base.join("config.json")).unwrap()[..]),
+                "{what}: a file the adapter does not change stays readable"
             );
-            assert_eq!(owner_and_mode(&merged), (0o444, 0, 0), "{what}");
-        } else {
-            assert_denied(&merged, what);
-            assert_eq!(owner_and_mode(&merged), (0o400, 0, 0), "{what}");
+            let merged = m.join("model.safetensors");
+            if readable {
+                assert_eq!(
+                    read_as_nobody(&merged).as_deref(),
+                    Ok(&std::fs::read(&merged).unwrap()[..]),
+                    "{what}"
+                );
+                assert_eq!(owner_and_mode(&merged), (0o444, 0, 0), "{what}");
+            } else {
+                assert_denied(&merged, &what);
+                assert_eq!(owner_and_mode(&merged), (0o400, 0, 0), "{what}");
+            }
         }
     }
 }
