@@ -309,7 +309,7 @@ fn open_views(
         None => None,
     };
     let registry = views.clone();
-    let start = Box::new(move |_: &Path| {
+    let start = Box::new(move || {
         let mut services: Vec<Box<dyn std::any::Any>> = Vec::new();
         if let Some((root, found)) = catalog {
             let views = registry.clone();

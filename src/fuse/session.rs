@@ -36,7 +36,7 @@ pub struct MountOptions {
 pub struct Live {
     pub views: Arc<Views>,
     #[allow(clippy::type_complexity)]
-    pub start: Box<dyn FnOnce(&Path) -> io::Result<Vec<Box<dyn std::any::Any>>>>,
+    pub start: Box<dyn FnOnce() -> io::Result<Vec<Box<dyn std::any::Any>>>>,
 }
 
 /// Bytes per page-cache store while warming: one FUSE request's worth.
@@ -94,7 +94,7 @@ pub fn mount(
     let (_services, control): (_, Arc<dyn crate::control::ViewControl>) = match live {
         Some(live) => {
             live.views.set_notifier(session.notifier(), &mountpoint);
-            ((live.start)(&mountpoint)?, live.views)
+            ((live.start)()?, live.views)
         }
         None => (Vec::new(), Arc::new(super::views::NoViews)),
     };
