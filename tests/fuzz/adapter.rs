@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use crate::base::{MODULES, TENSORS};
 use crate::json::{mostly, object, odd_number, odd_string, odd_value, J};
-use crate::st::{dim, Entry, StFile};
+use crate::st::{dim, Entry, Shape, StFile};
 
 /// The most bytes one adapter tensor may declare. A reader that converts factors before
 /// checking them allocates a few times this, which the heap bound sees (the 8 GiB version of
@@ -113,6 +113,33 @@ impl Key {
             &shape,
         )
     }
+}
+
+/// Heap that valid factors in `keys` may call for: a `lora_A`/`lora_B` pair that agrees on
+/// its rank is valid PEFT whatever the rank, and lorafs holds it as f32 `U`, `V` and `V`'s
+/// packed copy (the bound of the `factor_memory_is_proportional_to_the_file` regression).
+/// A pair that does not agree earns nothing: such factors must be refused before they are
+/// read, which the fixed bound checks.
+pub fn factor_allowance(keys: &[Key]) -> usize {
+    let dims = |key: &Key| match key.entry().shape {
+        Shape::Dims(dims) if dims.len() == 2 => Some((dims[0], dims[1])),
+        _ => None,
+    };
+    let bytes = |key: &Key| key.entry().size().min(TENSOR_CAP) as usize;
+    let mut total = 0;
+    for a in keys.iter().filter(|k| k.suffix == ".lora_A.weight") {
+        let pair = keys
+            .iter()
+            .find(|b| b.suffix == ".lora_B.weight" && b.prefix == a.prefix && b.module == a.module);
+        let (Some(b), Some((a0, a1))) = (pair, dims(a)) else {
+            continue;
+        };
+        let Some((b0, b1)) = dims(b) else { continue };
+        if a0 == b1 || a1 == b0 {
+            total += 4 * (bytes(a) + bytes(b));
+        }
+    }
+    total
 }
 
 /// Tensors written as a valid safetensors file (data capped, see [`TENSOR_CAP`]).

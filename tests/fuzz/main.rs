@@ -24,7 +24,7 @@ use lorafs::layout::Layout;
 use lorafs::{EngineOptions, View};
 use proptest::prelude::*;
 
-use harness::{check, fuzz, setup};
+use harness::{check, check_within, fuzz, setup};
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -138,7 +138,8 @@ fn adapter_tensors() {
             let config = json::J::Raw(config.to_string());
             let adapter = write_adapter(dir, &config, &keys, seed).map_err(setup)?;
             let adapters = vec![adapter; 1 + twice as usize];
-            check(dir, || open_and_read(base.path(), &adapters))
+            let allowance = adapters.len() * adapter::factor_allowance(&keys);
+            check_within(dir, allowance, || open_and_read(base.path(), &adapters))
         },
     );
 }

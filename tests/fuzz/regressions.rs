@@ -133,6 +133,28 @@ fn factor_memory_is_proportional_to_the_file() {
     );
 }
 
+/// The fuzz target's find with seed 13625188927256600810: a rank-2^20 F16 pair on an 8×8
+/// weight (32 MiB of factors, valid PEFT) used 33 MiB, over the fixed bound. Memory in
+/// proportion to valid factors is what lorafs must use, so the fuzz bound now grants
+/// [`crate::adapter::factor_allowance`] for them; this keeps the case checked with it.
+#[test]
+fn huge_rank_pair_is_granted_its_factors() {
+    let _alone = crate::alloc::alone();
+    let config = r#"{"peft_type": "LORA", "r": 4, "trainable_token_indices": [1, 3]}"#;
+    let keys = [
+        key(0, ".lora_A.weight", 1, Fit::Dim(0, 1 << 20), "F16"),
+        key(0, ".lora_B.weight", 1, Fit::Dim(1, 1 << 20), "F16"),
+    ];
+    let allowance = crate::adapter::factor_allowance(&keys);
+    assert!(allowance >= 4 * (32 << 20), "the pair agrees on its rank");
+    let base = shared_base();
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = write_adapter(dir.path(), &J::Raw(config.into()), &keys, 0).unwrap();
+    assert_ok(crate::harness::check_within(dir.path(), allowance, || {
+        open(base.path(), &[adapter])
+    }));
+}
+
 /// A regex syntax error in alpha_pattern / rank_pattern is reported with the `regex` crate's
 /// multi-line message (the pattern, a caret line, the error). Escaped, it is one line, but
 /// an unreadable one: the message should say what is wrong, without the caret diagram.

@@ -87,7 +87,7 @@ impl Entry {
     }
 
     /// Bytes the dtype and shape call for (0 when either is not understood).
-    fn size(&self) -> u128 {
+    pub fn size(&self) -> u128 {
         match (&self.dtype, &self.shape) {
             (Dtype::Named(_, bits), Shape::Dims(dims)) => dims
                 .iter()
