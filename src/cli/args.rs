@@ -1,0 +1,199 @@
+//! The arguments every command that opens a base takes, and their parsers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use lorafs::args::{parse_adapter, resolve_adapters};
+use lorafs::{Engine, EngineOptions, View};
+
+#[derive(Args)]
+pub(crate) struct MergeArgs {
+    /// Base model directory (config.json, tokenizer, *.safetensors), or a repo id
+    /// `org/name[@revision]` already in the local Hugging Face cache.
+    pub(crate) base: PathBuf,
+    /// LoRA adapter directory (or cached repo id), optionally with a weight: DIR or
+    /// DIR:WEIGHT. An argument that is an existing path is taken whole (a directory named
+    /// `ad:2` is that directory at weight 1). Repeat to merge several; their deltas are
+    /// summed in f32 and rounded once.
+    #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", value_parser = parse_adapter)]
+    pub(crate) adapters: Vec<(PathBuf, f64)>,
+    /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB). Default: 256MiB for a mount,
+    /// 32MiB for materialize, which streams and reads each block once.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(crate) cache_size: Option<usize>,
+    /// Read base files with O_DIRECT, keeping them out of the page cache: auto (when the
+    /// model is over half of RAM, so base and merged pages do not evict each other), always
+    /// or never.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub(crate) direct_io: DirectIo,
+    /// Store floating tensors in this dtype: f16, bf16 or f32 (default: as in the base).
+    /// Merged tensors are still rounded once: W widened to f32, the delta added, rounded
+    /// into DTYPE. config.json says the new dtype.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
+    pub(crate) dtype: Option<lorafs::dtype::DType>,
+}
+
+/// Many merged models in one mount, each a directory named after its view.
+#[derive(Args)]
+pub(crate) struct ViewArgs {
+    /// A view at MNT/NAME: SPEC is a comma-separated list of ADAPTER[:WEIGHT], merged as
+    /// --adapter merges them. Repeat for more views. NAME is a relative path (letters,
+    /// digits, `._+-`, up to 8 components).
+    #[arg(long = "view", value_name = "NAME=SPEC", value_parser = parse_view)]
+    pub(crate) views: Vec<(String, Vec<(PathBuf, f64)>)>,
+    /// Every PEFT adapter directory under DIR (up to 4 levels down) is a view at its path
+    /// relative to DIR; DIR is watched, and views appear, change and go with it.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) catalog: Option<PathBuf>,
+    /// Bytes of factors to keep for the views (e.g. 2GiB): the least recently used views'
+    /// factors are dropped beyond it and read again when needed.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB")]
+    pub(crate) factor_cache: usize,
+}
+
+impl ViewArgs {
+    pub(crate) fn any(&self) -> bool {
+        !self.views.is_empty() || self.catalog.is_some()
+    }
+}
+
+/// `NAME=SPEC`, SPEC a comma-separated list of `ADAPTER[:WEIGHT]`.
+pub(crate) fn parse_view(arg: &str) -> Result<(String, Vec<(PathBuf, f64)>), String> {
+    let (name, spec) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("{arg:?}: expected NAME=SPEC"))?;
+    lorafs::control::check_view_name(name)?;
+    Ok((name.to_string(), lorafs::control::parse_spec(spec)?))
+}
+
+pub(crate) fn parse_dtype(arg: &str) -> Result<lorafs::dtype::DType, String> {
+    use lorafs::dtype::DType;
+    match arg.to_ascii_lowercase().as_str() {
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        _ => Err(format!("unknown dtype {arg:?} (use f16, bf16 or f32)")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum Warm {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum DirectIo {
+    Auto,
+    Always,
+    Never,
+}
+
+/// Physical memory in bytes.
+pub(crate) fn total_ram() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        u64::MAX
+    } else {
+        pages as u64 * size as u64
+    }
+}
+
+impl MergeArgs {
+    /// Open the engine; `default_cache` is the cache budget unless --cache-size says.
+    /// The engine over the base (O_DIRECT chosen by the base's size).
+    pub(crate) fn engine(&self, default_cache: usize) -> anyhow::Result<Engine> {
+        let options = EngineOptions {
+            cache_bytes: self.cache_size.unwrap_or(default_cache),
+            ..EngineOptions::default()
+        };
+        let base = lorafs::hub::resolve(&self.base)?;
+        let mut engine = Engine::open(&base, options)?;
+        engine.direct_base_reads = match self.direct_io {
+            DirectIo::Always => true,
+            DirectIo::Never => false,
+            DirectIo::Auto => engine.base_bytes() > total_ram() / 2,
+        };
+        if engine.direct_base_reads {
+            log::info!("reading base files with O_DIRECT, around the page cache");
+        }
+        Ok(engine)
+    }
+
+    /// The one merged model of `--adapter`, every factor read and checked.
+    pub(crate) fn open(&self, default_cache: usize) -> anyhow::Result<View> {
+        if self.adapters.is_empty() {
+            anyhow::bail!("name the adapters to merge with --adapter DIR[:WEIGHT]");
+        }
+        let engine = Arc::new(self.engine(default_cache)?);
+        let adapters = resolve_adapters(&self.adapters)?;
+        let view = View::open(engine, &adapters, self.dtype)?;
+        view.realize_all()?;
+        Ok(view)
+    }
+}
+
+/// A byte count: a number with an optional unit (B, K/KB/KiB, M/MB/MiB, G/GB/GiB), all
+/// binary multiples.
+pub(crate) fn parse_size(arg: &str) -> Result<usize, String> {
+    let arg = arg.trim();
+    let split = arg
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(arg.len());
+    let (number, unit) = arg.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{arg:?} is not a size like 512MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((number * (1u64 << shift) as f64) as usize)
+}
+
+/// Cache budgets by default. A mount keeps recently merged blocks for readers that come
+/// back (several loader threads, mmap faults out of order); materialize reads every block
+/// once, in order, and only needs the blocks its 16 MiB chunks share at their edges.
+pub(crate) const MOUNT_CACHE: usize = 256 << 20;
+pub(crate) const MATERIALIZE_CACHE: usize = 32 << 20;
+
+/// Read-ahead for the mount, KiB. Cold sequential reads through FUSE at the kernel's
+/// default 128 KiB run about a third as fast as at 1-8 MiB (BENCHMARKS.md, "Mount").
+pub(crate) const DEFAULT_READ_AHEAD_KB: u32 = 4096;
+
+pub(crate) fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5K").unwrap(), 1536);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+}

@@ -1,0 +1,168 @@
+//! The `lorafs` command line: its arguments, and what each command runs.
+
+mod args;
+mod daemon;
+mod mount;
+mod views;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use lorafs::materialize::{materialize, Interrupt, MaterializeOptions};
+use lorafs::View;
+
+use crate::{report, to_stdout};
+use args::*;
+use mount::{mount, MountArgs};
+use views::*;
+
+#[derive(Parser)]
+#[command(
+    name = "lorafs",
+    version,
+    about = "A base model plus LoRA adapters, served as the merged model"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Write the merged model directory to OUT.
+    Materialize {
+        #[command(flatten)]
+        inputs: MergeArgs,
+        /// Output directory (must not exist, unless --force). Never a symbolic link, a
+        /// mount point, the current directory or one of its ancestors.
+        out: PathBuf,
+        /// Replace OUT if it exists (a directory or regular file): the old one is removed
+        /// once the new one is in place.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Mount the merged model read-only at MOUNTPOINT (FUSE). Returns once the mount is
+    /// ready and keeps serving in the background, unless --foreground.
+    Mount(MountArgs),
+    /// Unmount a lorafs mount (like `umount MOUNTPOINT`); its server exits.
+    Unmount { mountpoint: PathBuf },
+    /// List or change the views of a mount made with --view or --catalog, while it serves.
+    ///
+    /// Only the user who mounted and root may use them.
+    View {
+        #[command(subcommand)]
+        command: ViewCommand,
+    },
+    /// Show the merge plan: adapters, scales, the tensors they change.
+    Inspect {
+        #[command(flatten)]
+        inputs: MergeArgs,
+        #[command(flatten)]
+        views: ViewArgs,
+        /// List every merged tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ViewCommand {
+    /// List the views: `NAME  SPEC`, one a line, sorted by name.
+    Ls {
+        mountpoint: PathBuf,
+        /// A JSON array of {name, spec, adapters: [{dir, weight}], source: named|catalog}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add view NAME, merging the adapters of SPEC.
+    Add {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        view: NamedSpec,
+    },
+    /// Make view NAME merge the adapters of SPEC instead.
+    Set {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        view: NamedSpec,
+    },
+    /// Remove view NAME.
+    Rm {
+        mountpoint: PathBuf,
+        #[arg(help = VIEW_NAME_HELP)]
+        name: String,
+    },
+}
+
+const VIEW_NAME_HELP: &str = "A relative path of 1 to 8 components of [A-Za-z0-9._+-], \
+                              none starting with '.'";
+
+#[derive(Args)]
+pub(crate) struct NamedSpec {
+    #[arg(help = VIEW_NAME_HELP)]
+    name: String,
+    /// ADAPTER[:WEIGHT], comma-separated, each as --adapter takes it (a directory, relative
+    /// to here, or a cached repo id).
+    spec: String,
+}
+
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Materialize { inputs, out, force } => {
+            let view = inputs.open(MATERIALIZE_CACHE)?;
+            log::info!("kernel: {}", view.engine.kernel.name());
+            // From here on SIGINT, SIGTERM and SIGHUP stop the run, which removes what it
+            // wrote; then the process exits as if killed by the signal (128 + its number).
+            let interrupt =
+                Interrupt::on_signals().context("cannot install the signal handlers")?;
+            let options = MaterializeOptions {
+                force,
+                progress: std::io::stderr().is_terminal(),
+                interrupt: interrupt.clone(),
+            };
+            let summary = materialize(&view, &out, &inputs_of(&view), &options)
+                .with_context(|| format!("materialize into {} failed", out.display()));
+            match (summary, interrupt.signal()) {
+                (Ok(summary), _) => to_stdout(&format!("{}: {summary}\n", out.display()))?,
+                (Err(err), Some(signal)) => {
+                    report(&err);
+                    std::process::exit(128 + signal);
+                }
+                (Err(err), None) => return Err(err),
+            }
+        }
+        Command::Mount(args) => mount(args)?,
+        Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
+        Command::View { command } => match command {
+            ViewCommand::Ls { mountpoint, json } => {
+                to_stdout(&lorafs::control::view_ls(&mountpoint, json)?)?
+            }
+            ViewCommand::Add { mountpoint, view } => {
+                lorafs::control::view_add(&mountpoint, &view.name, &view.spec)?
+            }
+            ViewCommand::Set { mountpoint, view } => {
+                lorafs::control::view_set(&mountpoint, &view.name, &view.spec)?
+            }
+            ViewCommand::Rm { mountpoint, name } => lorafs::control::view_rm(&mountpoint, &name)?,
+        },
+        Command::Inspect {
+            inputs,
+            views,
+            tensors,
+        } => {
+            if views.any() {
+                let opened = inspect_views(&inputs, &views)?;
+                let refs: Vec<(String, &View)> =
+                    opened.iter().map(|(n, v)| (n.clone(), v)).collect();
+                to_stdout(&lorafs::inspect::report_views(&refs, tensors))?;
+            } else {
+                let view = inputs.open(0)?;
+                to_stdout(&lorafs::inspect::report(&view, tensors))?;
+            }
+        }
+    }
+    Ok(())
+}

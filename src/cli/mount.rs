@@ -1,0 +1,101 @@
+//! `lorafs mount`: its arguments, and the server it runs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::args::*;
+use super::daemon::*;
+use super::views::open_views;
+
+/// Mount the merged model read-only at MOUNTPOINT (FUSE).
+#[derive(Args)]
+pub(crate) struct MountArgs {
+    #[command(flatten)]
+    pub(crate) inputs: MergeArgs,
+    #[command(flatten)]
+    pub(crate) views: ViewArgs,
+    /// An existing, empty directory.
+    pub(crate) mountpoint: PathBuf,
+    /// Threads serving FUSE requests.
+    #[arg(long, default_value_t = default_threads())]
+    pub(crate) threads: usize,
+    /// Let users other than the one mounting read the mount (needs `user_allow_other`
+    /// in /etc/fuse.conf when not root).
+    #[arg(long)]
+    pub(crate) allow_other: bool,
+    /// Read-ahead of the mount in KiB (0 keeps the kernel's 128 KiB). Needs root.
+    #[arg(long, value_name = "KIB", default_value_t = DEFAULT_READ_AHEAD_KB)]
+    pub(crate) read_ahead_kb: u32,
+    /// Merge the whole model into the page cache in the background once mounted (with
+    /// views: each view when a file of it is first opened): auto (when it fits in a
+    /// quarter of RAM), always or never.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub(crate) warm: Warm,
+    /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts.
+    #[arg(long)]
+    pub(crate) foreground: bool,
+    /// In the background, append logs to this file (default: discard them).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) log_file: Option<PathBuf>,
+    /// Internal: the background server started by `mount` without --foreground.
+    #[arg(long, hide = true)]
+    pub(crate) daemon_child: bool,
+}
+
+/// Run `lorafs mount`: in the background unless --foreground (returning once mounted), or
+/// as the server itself, until unmounted.
+pub(crate) fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let MountArgs {
+        inputs,
+        views,
+        mountpoint,
+        threads,
+        allow_other,
+        read_ahead_kb,
+        warm,
+        foreground,
+        log_file,
+        daemon_child,
+    } = args;
+    if !foreground && !daemon_child {
+        return spawn_background_server();
+    }
+    // First, before anything uses rayon: panics are logged and cost one request.
+    lorafs::fuse::init_server_process();
+    // Validate everything before mounting, so a bad input mounts nothing.
+    lorafs::fuse::check_mountpoint(&mountpoint)?;
+    // Opened now, before the mount exists: a path that leads into the mount would
+    // otherwise be looked up through it before it serves, and never answered.
+    let log = match (daemon_child, &log_file) {
+        (true, Some(path)) => Some(open_log_file(path, &mountpoint)?),
+        _ => None,
+    };
+    one_malloc_arena();
+    let (fs, live, warm_view) = if views.any() {
+        let (fs, live) = open_views(&inputs, &views, &mountpoint, warm)?;
+        (fs, Some(live), None)
+    } else {
+        let view = Arc::new(inputs.open(MOUNT_CACHE)?);
+        let warm = match warm {
+            Warm::Always => true,
+            Warm::Never => false,
+            Warm::Auto => !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4,
+        };
+        let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
+        (fs, None, warm.then_some(view))
+    };
+    let options = lorafs::fuse::MountOptions {
+        threads,
+        allow_other,
+        read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
+        warm: warm_view,
+    };
+    lorafs::fuse::mount(fs, live, &mountpoint, &options, || {
+        if daemon_child {
+            detach_from_parent(log.as_ref());
+        }
+    })?;
+    Ok(())
+}
