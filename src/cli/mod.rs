@@ -2,6 +2,7 @@
 
 mod args;
 mod daemon;
+mod docs;
 mod mount;
 mod stats;
 mod views;
@@ -23,7 +24,7 @@ use views::*;
 #[derive(Parser)]
 #[command(
     name = "lorafs",
-    version,
+    version = docs::version_text(),
     about = "A base model plus LoRA adapters, served as the merged model"
 )]
 pub(crate) struct Cli {
@@ -73,6 +74,19 @@ pub(crate) enum Command {
     /// Show the counters of a running mount (bytes served, cache, factors), once or
     /// refreshed with --watch.
     Stats(stats::StatsArgs),
+    /// Print the completion script of SHELL (install lines in docs/CLI.md).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page of lorafs (roff), or with --dir write it and one page per
+    /// subcommand into DIR.
+    Man {
+        /// Write lorafs.1, lorafs-mount.1, ... into DIR (created if missing), replacing
+        /// pages of those names.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +193,8 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Stats(args) => stats::stats(args)?,
+        Command::Completions { shell } => docs::completions(shell)?,
+        Command::Man { dir } => docs::man(dir)?,
     }
     Ok(())
 }

@@ -276,6 +276,24 @@ impl Kernel {
         }
     }
 
+    /// Whether this build holds the kernel: each SIMD kernel is compiled for its own
+    /// architecture only (the `cfg`s of the modules above and of the dispatch).
+    pub fn is_compiled(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            Kernel::Avx2 | Kernel::Avx512 | Kernel::Avx512Bf16 => cfg!(target_arch = "x86_64"),
+            Kernel::Neon => cfg!(target_arch = "aarch64"),
+        }
+    }
+
+    /// Every kernel of this build, reference first, best last (`lorafs --version`).
+    pub fn compiled() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_compiled())
+            .collect()
+    }
+
     /// Every kernel this CPU can run, reference first, best last.
     pub fn available() -> Vec<Kernel> {
         Kernel::ALL
@@ -485,6 +503,22 @@ mod tests {
         let wide = Factors::new(1, 2, PANEL + 1, vec![0.0; 2], vec![0.0; 2 * (PANEL + 1)]);
         assert!(wide.is_panelled());
         assert_eq!(wide.bytes(), (2 + 2 * 2 * PANEL) * 4);
+    }
+
+    #[test]
+    fn every_kernel_this_cpu_runs_is_compiled() {
+        let compiled = Kernel::compiled();
+        assert_eq!(compiled[0], Kernel::Scalar);
+        for k in Kernel::available() {
+            assert!(
+                compiled.contains(&k),
+                "{} runs but is not compiled",
+                k.name()
+            );
+        }
+        for k in Kernel::ALL {
+            assert!(!k.is_supported() || k.is_compiled(), "{}", k.name());
+        }
     }
 
     #[test]

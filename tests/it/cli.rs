@@ -344,3 +344,120 @@ fn stats_refused_to_others_and_when_a_base_file_shadows_it() {
     assert!(err.contains("the base has a file of that name"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn version_names_the_kernels_of_the_build_and_of_this_cpu() {
+    use lorafs::kernel::Kernel;
+    let (ok, out, err) = run_lorafs(["--version"]);
+    assert!(ok, "{err}");
+    let compiled: Vec<&str> = Kernel::compiled().iter().rev().map(|k| k.name()).collect();
+    let best = Kernel::available().last().unwrap().name();
+    let expected = format!(
+        "lorafs {} (kernels: {}; this CPU: {best}",
+        env!("CARGO_PKG_VERSION"),
+        compiled.join(", ")
+    );
+    assert!(out.starts_with(&expected), "{out:?} vs {expected:?}");
+    assert!(compiled.ends_with(&["scalar"]), "{compiled:?}");
+    let forced = output_of(
+        Command::new(lorafs_bin())
+            .arg("--version")
+            .env("LORAFS_KERNEL", "scalar"),
+    );
+    match best {
+        "scalar" => assert!(!forced.1.contains("in use"), "{}", forced.1),
+        _ => assert!(
+            forced.1.contains("in use: scalar (LORAFS_KERNEL))"),
+            "{}",
+            forced.1
+        ),
+    }
+}
+
+/// The subcommands every generated document must name.
+const SUBCOMMANDS: [&str; 8] = [
+    "materialize",
+    "mount",
+    "unmount",
+    "view",
+    "inspect",
+    "stats",
+    "completions",
+    "man",
+];
+
+#[test]
+fn completion_scripts_are_generated_for_each_shell_and_bash_accepts_its_own() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let (ok, out, err) = run_lorafs(["completions", shell]);
+        assert!(ok, "{shell}: {err}");
+        for word in SUBCOMMANDS.iter().chain(&["--adapter", "--watch"]) {
+            assert!(out.contains(word), "{shell}: {word} missing");
+        }
+    }
+    let (_, script, _) = run_lorafs(["completions", "bash"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("lorafs.bash");
+    std::fs::write(&file, &script).unwrap();
+    let (ok, _, err) = output_of(Command::new("bash").arg("-n").arg(&file));
+    assert!(ok, "bash -n: {err}");
+    let (ok, _, err) = run_lorafs(["completions", "tcsh"]);
+    assert!(!ok && err.contains("tcsh"), "{err}");
+}
+
+#[test]
+fn man_pages_name_every_subcommand_and_render() {
+    let (ok, page, err) = run_lorafs(["man"]);
+    assert!(ok, "{err}");
+    assert!(page.contains(".TH lorafs 1"), "{page}");
+    for sub in SUBCOMMANDS {
+        assert!(
+            page.contains(&format!("lorafs\\-{sub}(1)")),
+            "{sub} missing"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man1");
+    let (ok, out, err) = run_lorafs(["man".as_ref(), "--dir".as_ref(), dir.as_os_str()]);
+    assert!(ok, "{err}");
+    let mut pages: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    assert_eq!(
+        out.lines().count(),
+        pages.len(),
+        "each page written is listed: {out}"
+    );
+    for sub in SUBCOMMANDS
+        .iter()
+        .map(|s| format!("lorafs-{s}.1"))
+        .chain(["lorafs.1".into(), "lorafs-view-ls.1".into()])
+    {
+        assert!(pages.contains(&sub), "{sub} not in {pages:?}");
+    }
+    let stats_page = std::fs::read_to_string(dir.join("lorafs-stats.1")).unwrap();
+    let title = format!(
+        ".TH lorafs\\-stats 1  \"lorafs {}\"",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(stats_page.contains(&title), "{title} not in {stats_page}");
+    if Command::new("man").arg("--version").output().is_err() {
+        eprintln!("man is not installed: the pages are checked as roff only");
+        return;
+    }
+    let rendered = output_of(
+        Command::new("man")
+            .arg("-l")
+            .arg(dir.join("lorafs-stats.1"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100"),
+    );
+    assert!(rendered.0, "man -l: {}", rendered.2);
+    assert!(
+        rendered.1.contains("--watch") && rendered.1.contains("SYNOPSIS"),
+        "{}",
+        rendered.1
+    );
+}
