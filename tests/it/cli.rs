@@ -439,7 +439,7 @@ fn man_pages_name_every_subcommand_and_render() {
     }
     let stats_page = std::fs::read_to_string(dir.join("lorafs-stats.1")).unwrap();
     let title = format!(
-        ".TH lorafs\\-stats 1  \"lorafs {}\"",
+        ".TH lorafs-stats 1  \"lorafs {}\"",
         env!("CARGO_PKG_VERSION")
     );
     assert!(stats_page.contains(&title), "{title} not in {stats_page}");
