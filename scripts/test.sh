@@ -29,6 +29,13 @@ LORAFS_KERNEL=scalar cargo test --release --locked
 echo "== fuzz targets with overflow checks (test profile)"
 cargo test --locked --test fuzz
 
+# The crate as it would be published: only the files of Cargo.toml's `include`, built on
+# their own (a debug build, in target/package). With
+# --allow-dirty: the suite is run on working trees before their changes are committed, and
+# what it checks, that the packaged files build, holds for those files as they are.
+echo "== cargo package (the published crate builds)"
+cargo package --locked --allow-dirty --quiet
+
 echo "== end-to-end tests (transformers, peft)"
 venv=$(bash scripts/venv.sh)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
