@@ -174,6 +174,8 @@ fn emit(text: &str) -> std::io::Result<bool> {
 /// (`rates` is `Some`) the rates too, null on the first line, which has no interval.
 fn json_line(mountpoint: &Path, stats: &Stats, rates: Option<Option<Rates>>) -> String {
     let mut object = Map::new();
+    // Absolute: a reader of the JSON may run elsewhere.
+    let mountpoint = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.into());
     object.insert(
         "mountpoint".into(),
         Value::String(mountpoint.to_string_lossy().into_owned()),
@@ -223,10 +225,7 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
             "merged blocks",
             format!("{} computed", size(s.bytes_computed)),
         ),
-        (
-            "cache",
-            format!("{} of {}", size(s.cache_bytes), size(s.cache_budget)),
-        ),
+        ("cache", held(s.cache_bytes, s.cache_budget)),
         (
             "  lookups",
             format!(
@@ -238,9 +237,8 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
         (
             "factors",
             format!(
-                "{} of {} ({} tensors loaded)",
-                size(s.factor_bytes),
-                size(s.factor_budget),
+                "{} ({} tensors loaded)",
+                held(s.factor_bytes, s.factor_budget),
                 s.factors_loaded
             ),
         ),
@@ -263,7 +261,7 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
         rows.push((name, value.to_string()));
     }
     rows.iter()
-        .map(|(name, value)| format!("{name:<16}{value}\n"))
+        .map(|(name, value)| format!("{name:<18}{value}\n"))
         .collect()
 }
 
@@ -279,6 +277,15 @@ fn size(bytes: u64) -> String {
         format!("{:.1} MiB", b / (KIB * KIB))
     } else {
         format!("{:.2} GiB", b / (KIB * KIB * KIB))
+    }
+}
+
+/// Bytes held of a budget; the largest count is no bound (a mount of one model keeps every
+/// factor it reads).
+fn held(bytes: u64, budget: u64) -> String {
+    match budget == usize::MAX as u64 {
+        true => format!("{}, no bound", size(bytes)),
+        false => format!("{} of {}", size(bytes), size(budget)),
     }
 }
 

@@ -222,8 +222,14 @@ fn to_json(value: &impl Serialize) -> String {
     text
 }
 
+/// A path made absolute (against the working directory, links kept as given): a reader of
+/// the JSON may run elsewhere.
 fn path_text(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
+    std::path::absolute(path)
+        .as_deref()
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn base_info(view: &View) -> BaseInfo {
@@ -258,7 +264,7 @@ fn view_plan(view: &View, tensors: bool) -> ViewPlan {
             }
         }),
         files_from_adapters: (plan.extra_files.iter())
-            .map(|(rel, path)| (path_text(rel), path_text(path)))
+            .map(|(rel, path)| (rel.to_string_lossy().into_owned(), path_text(path)))
             .collect(),
         merge: MergeCounts {
             tensors_merged: plan.merges.len(),

@@ -301,7 +301,10 @@ fn stats_watch_in_text_prints_blocks_with_rates() {
     let blocks: Vec<&str> = text.split("\n\n").collect();
     assert!(blocks.len() >= 2, "{text}");
     assert!(blocks[0].contains("the first reading"), "{text}");
-    assert!(blocks[1].contains("rates over      the last 0."), "{text}");
+    assert!(
+        blocks[1].contains("rates over        the last 0."),
+        "{text}"
+    );
 }
 
 #[test]
