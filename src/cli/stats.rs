@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use clap::Args;
 use serde_json::{Map, Value};
 
@@ -110,7 +111,7 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
         } else {
             table(&args.mountpoint, &stats, None)
         };
-        return emit(&text).map(drop).map_err(Into::into);
+        return crate::to_stdout(&text);
     };
     watch(&args, Duration::from_secs_f64(secs))
 }
@@ -130,7 +131,7 @@ fn watch(args: &StatsArgs, interval: Duration) -> anyhow::Result<()> {
                 if args.json {
                     let _ = std::io::stderr().write_all(line.as_bytes());
                 } else {
-                    emit(&line)?;
+                    crate::to_stdout(&line)?;
                 }
                 return Ok(());
             }
@@ -151,7 +152,7 @@ fn watch(args: &StatsArgs, interval: Duration) -> anyhow::Result<()> {
             _ => text,
         };
         lines_drawn = text.matches('\n').count();
-        if !emit(&text)? {
+        if !emit(&text).context("cannot write to stdout")? {
             return Ok(());
         }
         previous = Some((now, stats));
