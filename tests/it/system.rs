@@ -443,3 +443,59 @@ fn a_background_server_never_notifies() {
         "STOPPING=1 from a background server"
     );
 }
+
+#[test]
+fn mount_n_mounts_in_another_mount_namespace() {
+    if !can_mount() {
+        return;
+    }
+    let f = Fixture::new();
+    let expected = f.materialized(&[f.a.display().to_string()]);
+    let _helper = HelperLink::install();
+    let mnt = MountPoint::new(&f.tmp.path().join("mnt"));
+    // A process in a mount namespace of its own, which the mount must go to.
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "120"])
+        .spawn()
+        .unwrap();
+    let holder_pid = holder.id().to_string();
+    let own_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let start = Instant::now();
+    while std::fs::read_link(format!("/proc/{holder_pid}/ns/mnt"))
+        .ok()
+        .as_ref()
+        == Some(&own_ns)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "unshare did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let in_namespace = |command: &[&str], path: &Path| {
+        run(Command::new("nsenter")
+            .args(["-t", &holder_pid, "-m"])
+            .args(command)
+            .arg(path))
+    };
+    let (ok, out) = run(mount_cmd()
+        .args(["-N", &holder_pid, "-t", "lorafs"])
+        .arg(&f.base)
+        .arg(&mnt.0)
+        .args(["-o", &format!("adapter={}", f.a.display())]));
+    let served = ok.then(|| in_namespace(&["cat"], &mnt.0.join("config.json")));
+    let stats = ok.then(|| in_namespace(&["cat"], &mnt.0.join(".lorafs-stats")));
+    let unmounted = ok.then(|| in_namespace(&["umount"], &mnt.0));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(ok, "mount -N: {out}");
+    assert!(!is_mounted(&mnt.0), "not in this namespace");
+    let (ok, config) = served.unwrap();
+    assert!(ok, "read in the namespace: {config}");
+    assert_eq!(config.as_bytes(), &expected[Path::new("config.json")][..]);
+    let (ok, out) = unmounted.unwrap();
+    assert!(ok, "umount in the namespace: {out}");
+    let (_, stats) = stats.unwrap();
+    let pid = stats.lines().find_map(|l| l.strip_prefix("pid "));
+    assert_exits(pid.and_then(|p| p.parse().ok()).expect(&stats));
+}
