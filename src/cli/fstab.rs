@@ -213,8 +213,20 @@ pub(crate) fn mount_command_line(call: &HelperCall) -> Result<Vec<OsString>, Str
     }
     let mut argv: Vec<OsString> = vec!["lorafs".into(), "mount".into()];
     argv.extend(flags);
-    argv.extend(["--".into(), call.spec.clone(), call.dir.clone()]);
+    argv.extend(["--".into(), base_of_spec(&call.spec), call.dir.clone()]);
     Ok(argv)
+}
+
+/// The base a SPEC names: the SPEC, less a `lorafs:` prefix. With the prefix, an fstab line's
+/// source is what the kernel shows for the mount (`lorafs:` and the base's canonical path),
+/// so `mount -a` sees the line mounted already and leaves it, as for other file systems.
+fn base_of_spec(spec: &OsStr) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    let prefix = format!("{}:", lorafs::mountinfo::FS_NAME);
+    match spec.as_bytes().strip_prefix(prefix.as_bytes()) {
+        Some(base) => OsStr::from_bytes(base).to_owned(),
+        None => spec.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +270,14 @@ mod tests {
             argv.join(" "),
             "lorafs mount --adapter /a --adapter /b:0.5 --cache-size 2GiB -- /models/base /mnt/m"
         );
+    }
+
+    #[test]
+    fn a_lorafs_prefix_on_the_base_is_dropped() {
+        let argv = command_line(&["lorafs:/models/base", "/m", "-o", "adapter=/a"]).unwrap();
+        assert_eq!(argv[2..].join(" "), "--adapter /a -- /models/base /m");
+        let argv = command_line(&["org/lorafs:x", "/m"]).unwrap();
+        assert_eq!(argv[2..].join(" "), "-- org/lorafs:x /m");
     }
 
     #[test]

@@ -190,7 +190,7 @@ fn mount_t_lorafs_with_adapter_options_then_umount() {
 }
 
 #[test]
-fn an_fstab_line_mounts_with_quoted_view_specs() {
+fn fstab_lines_mount_with_quoted_view_specs_and_mount_a_is_idempotent() {
     if !can_mount() {
         return;
     }
@@ -202,27 +202,42 @@ fn an_fstab_line_mounts_with_quoted_view_specs() {
     let one = MountPoint::new(&f.tmp.path().join("one"));
     let views = MountPoint::new(&f.tmp.path().join("views"));
     let fstab = f.tmp.path().join("fstab");
-    let base = f.base.display();
+    let base = f.base.canonicalize().unwrap();
+    let base = base.display();
+    // The first line is mounted by name only (noauto); the second, whose source carries the
+    // `lorafs:` prefix the kernel shows, by `mount -a`.
     std::fs::write(
         &fstab,
         format!(
             "# lorafs mounts\n\
              {base} {} lorafs adapter={a}:0.5,cache_size=1MiB,ro,noauto,nofail,x-systemd.automount 0 0\n\
-             {base} {} lorafs view=\"mix={a}:0.5,{b}\",view=one={a}:0.5,factor_cache=64MiB,defaults 0 0\n",
+             lorafs:{base} {} lorafs view=\"mix={a}:0.5,{b}\",view=one={a}:0.5,factor_cache=64MiB,defaults 0 0\n",
             one.0.display(),
             views.0.display()
         ),
     )
     .unwrap();
-    for mnt in [&one, &views] {
-        let (ok, out) = run(mount_cmd().arg("-T").arg(&fstab).arg(&mnt.0));
-        assert!(
-            ok,
-            "mount -T {} {}: {out}",
-            fstab.display(),
-            mnt.0.display()
-        );
-    }
+    let (ok, out) = run(mount_cmd().arg("-T").arg(&fstab).arg(&one.0));
+    assert!(
+        ok,
+        "mount -T {} {}: {out}",
+        fstab.display(),
+        one.0.display()
+    );
+    let (ok, out) = run(mount_cmd().arg("-a").arg("-T").arg(&fstab));
+    assert!(ok, "mount -a -T {}: {out}", fstab.display());
+    assert!(
+        is_mounted(&views.0),
+        "mount -a mounts the line without noauto"
+    );
+    let server = server_pid(&views.0);
+    let (ok, out) = run(mount_cmd().arg("-a").arg("-T").arg(&fstab));
+    assert!(ok, "mount -a again: {out}");
+    assert_eq!(
+        server_pid(&views.0),
+        server,
+        "mount -a leaves a mounted line alone"
+    );
     assert!(read_tree(&one.0) == single, "adapter= line");
     assert!(read_tree(&views.0.join("mix")) == mix, "quoted view spec");
     assert!(read_tree(&views.0.join("one")) == single, "second view");
