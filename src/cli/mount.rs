@@ -74,8 +74,12 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
     lorafs::fuse::init_server_process();
     // Only the process systemd started tells it the mount is ready; a background server
     // never does (its parent removed NOTIFY_SOCKET, and it is not read here either).
+    // A NOTIFY_SOCKET that is not an address costs the notifications, not the mount.
     let notify = match foreground && !daemon_child {
-        true => ServiceNotifier::from_env()?.map(Arc::new),
+        true => ServiceNotifier::from_env().unwrap_or_else(|e| {
+            log::warn!("not notifying systemd: {e}");
+            None
+        }),
         false => None,
     };
     // Validate everything before mounting, so a bad input mounts nothing.
@@ -93,7 +97,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         allow_other,
         read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
         warm: warm_view,
-        notify,
+        notify: notify.map(Arc::new),
     };
     lorafs::fuse::mount(fs, live, &mountpoint, &options, || {
         if daemon_child {
