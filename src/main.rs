@@ -65,7 +65,27 @@ fn to_stdout(text: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command_line: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Installed as /sbin/mount.lorafs (a link to lorafs), mount(8)'s helper for `-t lorafs`.
+    if command_line
+        .first()
+        .is_some_and(|a| cli::invoked_as_helper(a))
+    {
+        return cli::run_mount_helper(&command_line);
+    }
+    let cli = Cli::parse_from(&command_line);
+    start(&cli);
+    match cli::run(cli, &command_line) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            report(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logging and limits, before `cli` runs.
+fn start(cli: &Cli) {
     // A mount is a long-lived server: say what it did at init (kernel settings, read-ahead).
     // fuser's session warns when the mount is already gone as it ends (after `umount` or
     // `lorafs unmount`, the normal way): not worth a warning.
@@ -77,11 +97,4 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LORAFS_LOG", default_level))
         .init();
     raise_open_files_limit();
-    match cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            report(&err);
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -1,5 +1,6 @@
 //! `mount` in the background: the server it starts, and how the server leaves its parent.
 
+use std::ffi::OsString;
 use std::path::Path;
 
 use anyhow::Context;
@@ -18,9 +19,10 @@ pub(crate) fn one_malloc_arena() {
     }
 }
 
-/// `mount` without --foreground: run the same command as a background server in its own
-/// session and return once it reports the mount ready, or fail with its error.
-pub(crate) fn spawn_background_server() -> anyhow::Result<()> {
+/// `mount` without --foreground: run the same command (`command_line`, argv[0] included) as
+/// a background server in its own session and return once it reports the mount ready, or
+/// fail with its error.
+pub(crate) fn spawn_background_server(command_line: &[OsString]) -> anyhow::Result<()> {
     use std::io::Read;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
@@ -28,8 +30,13 @@ pub(crate) fn spawn_background_server() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the lorafs executable")?;
     let mut command = Command::new(exe);
     command
-        .args(std::env::args_os().skip(1))
-        .arg("--daemon-child")
+        // Named lorafs whatever this process was called: a copy of the binary installed as
+        // mount.lorafs must not read the server's arguments as mount(8)'s.
+        .arg0("lorafs")
+        .args(server_args(command_line))
+        // The server is not the process systemd started: a unit whose main process runs
+        // `lorafs mount` in the background must not hear READY=1 from another pid.
+        .env_remove(lorafs::sd_notify::NOTIFY_SOCKET)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -67,6 +74,18 @@ pub(crate) fn spawn_background_server() -> anyhow::Result<()> {
         Some(message) => anyhow::bail!("{message}"),
         None => anyhow::bail!("mount failed ({status})"),
     }
+}
+
+/// The server's arguments: the command's, with `--daemon-child` right after the `mount`
+/// subcommand, where it is an option even when the command line ends in `-- BASE MNT`.
+fn server_args(command_line: &[OsString]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = command_line.iter().skip(1).cloned().collect();
+    let at = args
+        .iter()
+        .position(|a| a == "mount")
+        .map_or(args.len(), |i| i + 1);
+    args.insert(at, "--daemon-child".into());
+    args
 }
 
 /// The last bytes a background server wrote to stderr: enough for its error, bounded
@@ -190,6 +209,27 @@ pub(crate) fn detach_from_parent(log: Option<&std::fs::File>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_flag_goes_before_the_positional_arguments() {
+        let line = |args: &[&str]| -> Vec<OsString> { args.iter().map(OsString::from).collect() };
+        assert_eq!(
+            server_args(&line(&[
+                "lorafs",
+                "mount",
+                "--adapter",
+                "a",
+                "--",
+                "b",
+                "m"
+            ])),
+            line(&["mount", "--daemon-child", "--adapter", "a", "--", "b", "m"])
+        );
+        assert_eq!(
+            server_args(&line(&["/x/lorafs", "mount", "b", "m", "-a", "a"])),
+            line(&["mount", "--daemon-child", "b", "m", "-a", "a"])
+        );
+    }
 
     #[test]
     fn a_servers_stderr_is_kept_bounded_and_its_error_found() {

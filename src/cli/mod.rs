@@ -3,10 +3,16 @@
 mod args;
 mod daemon;
 mod docs;
+mod fstab;
 mod mount;
+mod mount_helper;
 mod stats;
 mod views;
 
+pub(crate) use fstab::invoked_as_helper;
+pub(crate) use mount_helper::run_mount_helper;
+
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -130,7 +136,8 @@ pub(crate) struct NamedSpec {
     spec: String,
 }
 
-pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+/// Run the command `cli`, parsed from `command_line` (argv[0] included).
+pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
     match cli.command {
         Command::Materialize { inputs, out, force } => {
             let view = inputs.open(MATERIALIZE_CACHE)?;
@@ -155,7 +162,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
                 (Err(err), None) => return Err(err),
             }
         }
-        Command::Mount(args) => mount(args)?,
+        Command::Mount(args) => mount(args, command_line)?,
         Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
         Command::View { command } => match command {
             ViewCommand::Ls { mountpoint, json } => {

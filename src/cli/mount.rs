@@ -1,9 +1,14 @@
 //! `lorafs mount`: its arguments, and the server it runs.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
+
+use lorafs::fuse::Live;
+use lorafs::sd_notify::ServiceNotifier;
+use lorafs::View;
 
 use super::args::*;
 use super::daemon::*;
@@ -33,7 +38,9 @@ pub(crate) struct MountArgs {
     /// quarter of RAM), always or never.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     pub(crate) warm: Warm,
-    /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts.
+    /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts. Under systemd
+    /// (`Type=notify`), tells it READY=1 once the mount serves and STOPPING=1 when it
+    /// unmounts.
     #[arg(long)]
     pub(crate) foreground: bool,
     /// In the background, append logs to this file (default: discard them).
@@ -45,8 +52,9 @@ pub(crate) struct MountArgs {
 }
 
 /// Run `lorafs mount`: in the background unless --foreground (returning once mounted), or
-/// as the server itself, until unmounted.
-pub(crate) fn mount(args: MountArgs) -> anyhow::Result<()> {
+/// as the server itself, until unmounted. `command_line` is the lorafs command line that
+/// asked for it (argv[0] included): a background server runs it again.
+pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Result<()> {
     let MountArgs {
         inputs,
         views,
@@ -60,10 +68,20 @@ pub(crate) fn mount(args: MountArgs) -> anyhow::Result<()> {
         daemon_child,
     } = args;
     if !foreground && !daemon_child {
-        return spawn_background_server();
+        return spawn_background_server(command_line);
     }
     // First, before anything uses rayon: panics are logged and cost one request.
     lorafs::fuse::init_server_process();
+    // Only the process systemd started tells it the mount is ready; a background server
+    // never does (its parent removed NOTIFY_SOCKET, and it is not read here either).
+    // A NOTIFY_SOCKET that is not an address costs the notifications, not the mount.
+    let notify = match foreground && !daemon_child {
+        true => ServiceNotifier::from_env().unwrap_or_else(|e| {
+            log::warn!("not notifying systemd: {e}");
+            None
+        }),
+        false => None,
+    };
     // Validate everything before mounting, so a bad input mounts nothing.
     lorafs::fuse::check_mountpoint(&mountpoint)?;
     // Opened now, before the mount exists: a path that leads into the mount would
@@ -73,24 +91,13 @@ pub(crate) fn mount(args: MountArgs) -> anyhow::Result<()> {
         _ => None,
     };
     one_malloc_arena();
-    let (fs, live, warm_view) = if views.any() {
-        let (fs, live) = open_views(&inputs, &views, &mountpoint, warm)?;
-        (fs, Some(live), None)
-    } else {
-        let view = Arc::new(inputs.open(MOUNT_CACHE)?);
-        let warm = match warm {
-            Warm::Always => true,
-            Warm::Never => false,
-            Warm::Auto => !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4,
-        };
-        let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
-        (fs, None, warm.then_some(view))
-    };
+    let (fs, live, warm_view) = open_filesystem(&inputs, &views, &mountpoint, warm)?;
     let options = lorafs::fuse::MountOptions {
         threads,
         allow_other,
         read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
         warm: warm_view,
+        notify: notify.map(Arc::new),
     };
     lorafs::fuse::mount(fs, live, &mountpoint, &options, || {
         if daemon_child {
@@ -98,4 +105,34 @@ pub(crate) fn mount(args: MountArgs) -> anyhow::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// Check what `mount` would mount (the mount point, the base, every adapter and view)
+/// without mounting: `mount.lorafs -f`.
+pub(crate) fn check(args: &MountArgs) -> anyhow::Result<()> {
+    lorafs::fuse::check_mountpoint(&args.mountpoint)?;
+    open_filesystem(&args.inputs, &args.views, &args.mountpoint, Warm::Never)?;
+    Ok(())
+}
+
+/// The file system of the mount (its views, or its one merged model), and the view to
+/// warm once mounted, if any.
+fn open_filesystem(
+    inputs: &MergeArgs,
+    views: &ViewArgs,
+    mountpoint: &Path,
+    warm: Warm,
+) -> anyhow::Result<(lorafs::fuse::LorafsFs, Option<Live>, Option<Arc<View>>)> {
+    if views.any() {
+        let (fs, live) = open_views(inputs, views, mountpoint, warm)?;
+        return Ok((fs, Some(live), None));
+    }
+    let view = Arc::new(inputs.open(MOUNT_CACHE)?);
+    let warm = match warm {
+        Warm::Always => true,
+        Warm::Never => false,
+        Warm::Auto => !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4,
+    };
+    let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
+    Ok((fs, None, warm.then_some(view)))
 }

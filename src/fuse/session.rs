@@ -13,6 +13,7 @@ use signal_hook::iterator::Signals;
 use super::views::Views;
 use super::LorafsFs;
 use crate::mountinfo::{find_mount, mount_target, FS_NAME};
+use crate::sd_notify::ServiceNotifier;
 use crate::tree;
 use crate::view::View;
 
@@ -28,6 +29,10 @@ pub struct MountOptions {
     /// and hand it to the kernel's page cache (FUSE_NOTIFY_STORE), so that readers find it
     /// there.
     pub warm: Option<Arc<View>>,
+    /// systemd's notification socket (`Type=notify`), told READY=1 once the mount serves and
+    /// STOPPING=1 when it starts to unmount. Only for the process systemd started: a
+    /// background server is not the unit's main process.
+    pub notify: Option<Arc<ServiceNotifier>>,
 }
 
 /// What a mount of views needs once the mount exists: the registry, told the kernel's
@@ -114,6 +119,7 @@ pub fn mount(
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
     let watched_engine = engine.clone();
+    let signal_notify = options.notify.clone();
     std::thread::Builder::new()
         .name("lorafs-signals".into())
         .spawn(move || {
@@ -126,6 +132,9 @@ pub fn mount(
                     continue;
                 }
                 log::info!("signal {signal}: unmounting {}", watched.display());
+                if let Some(notify) = &signal_notify {
+                    notify.stopping(&format!("signal {signal}: unmounting"));
+                }
                 if let Err(err) = unmounter.unmount() {
                     // Busy (a file is open): detach now, the kernel finishes when it is closed.
                     log::warn!(
@@ -147,7 +156,20 @@ pub fn mount(
         engine.kernel.name()
     );
     ready();
-    session.run()?;
+    if let Some(notify) = &options.notify {
+        notify.ready(&format!(
+            "serving {} at {}",
+            engine.base.dir.display(),
+            mountpoint.display()
+        ));
+    }
+    let served = session.run();
+    // Unmounted from outside (`umount`, `lorafs unmount`) or by the signal thread, which
+    // told systemd already; or the session failed. Either way the service is stopping.
+    if let Some(notify) = &options.notify {
+        notify.stopping("unmounted");
+    }
+    served?;
     log::info!("unmounted {}", mountpoint.display());
     Ok(())
 }

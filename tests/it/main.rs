@@ -13,4 +13,5 @@ mod mount;
 mod mount_trust;
 mod output;
 mod read_at;
+mod system;
 mod views;
