@@ -114,6 +114,8 @@ class Mount:
         except (LorafsError, OSError) as err:
             if exc is None:
                 raise
+            # Said once, here; the finalizer would only fail the same way again.
+            self._finalizer.detach()
             warnings.warn(f"lorafs mount {self.path} was not unmounted: {err}", RuntimeWarning)
 
     def unmount(self, *, lazy: bool = True) -> None:
