@@ -139,4 +139,5 @@ def inspect(
     args += _cmd.merge_options(None, None, dtype)
     if _cmd.bool_arg(tensors, "tensors"):
         args.append("--tensors")
-    return json.loads(_cmd.run(["inspect", base_arg, *args, "--json"]))
+    plan: Dict[str, Any] = json.loads(_cmd.run(["inspect", base_arg, *args, "--json"]))
+    return plan

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from lorafs._find import find_lorafs_bin
 
@@ -27,7 +27,7 @@ __all__ = [
     "run",
 ]
 
-PathArg = Union[str, "os.PathLike[str]"]
+PathArg = Union[str, os.PathLike[str]]
 """A filesystem path (``str`` or ``os.PathLike``), or for a base or adapter a repo id
 ``org/name[@revision]`` already in the local Hugging Face cache."""
 
@@ -290,5 +290,3 @@ def inputs(base: Any, adapters: Any) -> Tuple[str, List[str]]:
         args += ["--adapter", adapter]
     return path_arg(base, "base"), args
 
-
-JSON = Dict[str, Any]

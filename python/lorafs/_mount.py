@@ -68,8 +68,8 @@ class Mount:
     The mount's server is its own process: a mount left by an interpreter that was killed
     stays, and ``lorafs unmount MOUNTPOINT`` (or :func:`unmount`) ends it.
 
-    ``os.fspath(m)`` is ``str(m.path)``, so a Mount can be given wherever a path is taken
-    (``AutoModelForCausalLM.from_pretrained(m)``).
+    ``os.fspath(m)`` and ``str(m)`` are ``str(m.path)``, so a Mount can be given wherever a
+    path is taken (``AutoModelForCausalLM.from_pretrained(m)``).
 
     Attributes:
         path: the mount point, absolute.
@@ -93,6 +93,9 @@ class Mount:
         return f"<lorafs.Mount {str(self.path)!r} {state}>"
 
     def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
         return str(self.path)
 
     def __enter__(self) -> "Mount":
@@ -147,13 +150,15 @@ class Mount:
         """The counters of the running mount, as a dict (``lorafs stats MOUNTPOINT --json``):
         cache hits and misses, bytes computed and passed through, the kernel in use, the
         server's pid, panics caught, and so on (the schema is in docs/PYTHON.md)."""
-        return json.loads(cmd.run(["stats", str(self.path), "--json"]))
+        counters: Dict[str, Any] = json.loads(cmd.run(["stats", str(self.path), "--json"]))
+        return counters
 
     def views(self) -> List[Dict[str, Any]]:
         """The views of a mount made with ``views=`` or ``catalog=`` (``lorafs view ls
         --json``): a list of ``{"name", "spec", "adapters": [{"dir", "weight"}], "source":
         "named" | "catalog"}``, sorted by name."""
-        return json.loads(cmd.run(["view", "ls", str(self.path), "--json"]))
+        views: List[Dict[str, Any]] = json.loads(cmd.run(["view", "ls", str(self.path), "--json"]))
+        return views
 
     def add_view(self, name: str, adapters: Adapters) -> None:
         """Add view ``name`` (a directory ``path/name``) merging ``adapters``
