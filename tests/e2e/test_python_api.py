@@ -198,6 +198,18 @@ def test_unmount_failure_does_not_hide_the_exception(e2e, tmp_in_scratch):
     os.rmdir(m.path)  # the mount point the API made, left because the unmount failed
 
 
+def test_a_dead_server_is_still_cleaned_up(e2e, tmp_in_scratch):
+    """The server killed under the block (the mount answers ENOTCONN): leaving the block
+    still unmounts and removes the mount point."""
+    with lorafs.mount(e2e.base("f16"), adapters=[e2e.adapter("attn")]) as m:
+        pid = m.stats()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert server_exited(pid)
+        with pytest.raises(OSError):
+            os.listdir(m.path)
+    assert not m.path.exists() and listing(tmp_in_scratch) == []
+
+
 def test_given_mount_point_is_kept(e2e, scratch):
     mnt = scratch / "mnt"
     mnt.mkdir()
