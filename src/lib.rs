@@ -24,6 +24,7 @@ pub mod materialize;
 pub mod model;
 pub mod mountinfo;
 pub mod plan;
+pub mod stats;
 pub mod tree;
 pub mod view;
 

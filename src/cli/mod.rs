@@ -3,6 +3,7 @@
 mod args;
 mod daemon;
 mod mount;
+mod stats;
 mod views;
 
 use std::io::IsTerminal;
@@ -73,7 +74,13 @@ pub(crate) enum Command {
         /// List every merged tensor.
         #[arg(long)]
         tensors: bool,
+        /// The plan as one JSON object (schema in docs/CLI.md).
+        #[arg(long)]
+        json: bool,
     },
+    /// Show the counters of a running mount (bytes served, cache, factors), once or
+    /// refreshed with --watch.
+    Stats(stats::StatsArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,17 +167,26 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             views,
             tensors,
+            json,
         } => {
+            use lorafs::inspect;
             if views.any() {
                 let opened = inspect_views(&inputs, &views)?;
                 let refs: Vec<(String, &View)> =
                     opened.iter().map(|(n, v)| (n.clone(), v)).collect();
-                to_stdout(&lorafs::inspect::report_views(&refs, tensors))?;
+                to_stdout(&match json {
+                    true => inspect::json::report_views(&refs, tensors),
+                    false => inspect::report_views(&refs, tensors),
+                })?;
             } else {
                 let view = inputs.open(0)?;
-                to_stdout(&lorafs::inspect::report(&view, tensors))?;
+                to_stdout(&match json {
+                    true => inspect::json::report(&view, tensors),
+                    false => inspect::report(&view, tensors),
+                })?;
             }
         }
+        Command::Stats(args) => stats::stats(args)?,
     }
     Ok(())
 }

@@ -322,6 +322,14 @@ fn inspect_names_only_the_files_a_resize_rewrites() {
         )),
         "{report}"
     );
+    let plan: serde_json::Value =
+        serde_json::from_str(&lorafs::inspect::json::report(&engine, false)).unwrap();
+    assert_eq!(
+        plan["vocab_resize"],
+        json!({"base": spec.vocab, "merged": v2, "rewritten": ["safetensors headers"],
+               "config_vocab_size": 128}),
+        "the JSON says what the text says"
+    );
 }
 
 /// A GPT-2-shaped base with one block: Conv1D weights stored (in, out), F32.

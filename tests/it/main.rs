@@ -1,5 +1,6 @@
 //! Integration tests, one module per topic; they share the synthetic-model helpers.
 
+mod cli;
 mod common;
 mod control;
 mod errors;

@@ -1,6 +1,9 @@
-//! `lorafs inspect`: the merge plan in words, before anything runs.
+//! `lorafs inspect`: the merge plan in words, before anything runs; [`json`] gives it as
+//! data.
 
-use std::collections::BTreeMap;
+pub mod json;
+
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use crate::plan::{AdapterSummary, Features, TensorMerge, TermKind};
@@ -30,17 +33,32 @@ pub fn report_views(views: &[(String, &View)], tensors: bool) -> String {
 
 /// The base and the kernel: what every view of a mount shares.
 fn write_base(s: &mut String, view: &View) {
-    let safetensors = (view.engine.base.files.iter())
-        .filter(|f| f.rel.extension().is_some_and(|e| e == "safetensors"));
     let _ = writeln!(
         s,
         "base      {}  ({} files, {} safetensors, {} tensors)",
         view.base_dir().display(),
         view.engine.base.files.len(),
-        safetensors.count(),
+        safetensors_files(view),
         view.engine.base.tensors.len()
     );
     let _ = writeln!(s, "kernel    {}", view.engine.kernel.name());
+}
+
+/// How many base files are safetensors files.
+fn safetensors_files(view: &View) -> usize {
+    (view.engine.base.files.iter())
+        .filter(|f| f.rel.extension().is_some_and(|e| e == "safetensors"))
+        .count()
+}
+
+/// The base files holding merged tensors, relative to the base directory, in file order.
+fn merged_files(view: &View) -> Vec<String> {
+    let layouts: BTreeSet<usize> = view.plan.merges.iter().map(|m| m.tensor.layout).collect();
+    let base = &view.engine.base;
+    (base.files.iter())
+        .filter(|f| f.layout.is_some_and(|l| layouts.contains(&l)))
+        .map(|f| f.rel.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// One view's plan: its adapters, what it changes, its parameter counts.
@@ -60,8 +78,10 @@ fn write_view(s: &mut String, view: &View, tensors: bool) {
         let files = resized_files(view, resize.merged);
         let _ = writeln!(
             s,
-            "resized vocab {} -> {} ({files})",
-            resize.base, resize.merged
+            "resized vocab {} -> {} ({})",
+            resize.base,
+            resize.merged,
+            files.text()
         );
     }
     write_merges(s, view, tensors);
@@ -182,16 +202,12 @@ fn write_features(s: &mut String, f: &Features, use_rslora: bool) {
 /// The merged tensors: a count, and with `tensors` one line each.
 fn write_merges(s: &mut String, view: &View, tensors: bool) {
     let plan = &view.plan;
-    let mut per_file: BTreeMap<usize, usize> = BTreeMap::new();
-    for m in &plan.merges {
-        *per_file.entry(m.tensor.layout).or_default() += 1;
-    }
     let _ = writeln!(
         s,
         "merge     {} of {} tensors in {} files; factors {:.1} MiB once read",
         plan.merges.len(),
         view.engine.base.tensors.len(),
-        per_file.len(),
+        merged_files(view).len(),
         plan.factor_bytes() as f64 / (1 << 20) as f64
     );
     if tensors {
@@ -233,10 +249,35 @@ fn tensor_line(m: &TensorMerge) -> String {
     )
 }
 
+/// What a resized vocabulary rewrites, and what config.json says of the size.
+pub(crate) struct VocabFiles {
+    pub rewritten: Vec<String>,
+    /// Whether the view serves a config.json.
+    pub config_present: bool,
+    /// The `vocab_size` its config.json serves (or its `text_config`'s).
+    pub config_vocab_size: Option<u64>,
+}
+
+impl VocabFiles {
+    /// `rewritten: ...`, and what config.json keeps when it is not rewritten.
+    fn text(&self) -> String {
+        let config_rewritten = self.rewritten.iter().any(|f| f.starts_with("config.json"));
+        let kept = match (
+            self.config_present && !config_rewritten,
+            self.config_vocab_size,
+        ) {
+            (false, _) => String::new(),
+            (true, Some(size)) => format!("; config.json keeps vocab_size {size}"),
+            (true, None) => "; config.json has no vocab_size".into(),
+        };
+        format!("rewritten: {}{kept}", self.rewritten.join(", "))
+    }
+}
+
 /// What a resized vocabulary rewrites, read back from what the view serves (so the report
 /// never claims a change that is not served): the regenerated safetensors headers, the shard
 /// index when its bytes change, and `config.json` when its served `vocab_size` is the new one.
-fn resized_files(view: &View, new: usize) -> String {
+fn resized_files(view: &View, new: usize) -> VocabFiles {
     let served = |name: &str| {
         let (i, vf) = view
             .files
@@ -248,27 +289,29 @@ fn resized_files(view: &View, new: usize) -> String {
         bytes.truncate(n);
         Some((bytes, vf.source_path()))
     };
-    let mut rewritten = vec!["safetensors headers".to_string()];
-    let mut kept = String::new();
+    let mut files = VocabFiles {
+        rewritten: vec!["safetensors headers".to_string()],
+        config_present: false,
+        config_vocab_size: None,
+    };
     if let Some((bytes, base)) = served("model.safetensors.index.json") {
         if std::fs::read(base).ok().as_ref() != Some(&bytes) {
-            rewritten.push("model.safetensors.index.json".into());
+            files.rewritten.push("model.safetensors.index.json".into());
         }
     }
     if let Some((bytes, _)) = served("config.json") {
         let config: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         let vocab = |v: &serde_json::Value| v.get("vocab_size").and_then(|s| s.as_u64());
         let sizes = [vocab(&config), config.get("text_config").and_then(vocab)];
+        files.config_present = true;
         if sizes.contains(&Some(new as u64)) {
-            rewritten.push("config.json vocab_size".into());
+            files.rewritten.push("config.json vocab_size".into());
+            files.config_vocab_size = Some(new as u64);
         } else {
-            kept = match sizes.iter().flatten().next() {
-                Some(size) => format!("; config.json keeps vocab_size {size}"),
-                None => "; config.json has no vocab_size".into(),
-            };
+            files.config_vocab_size = sizes.iter().flatten().next().copied();
         }
     }
-    format!("rewritten: {}{kept}", rewritten.join(", "))
+    files
 }
 
 fn yes(b: bool) -> &'static str {
