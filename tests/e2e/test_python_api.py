@@ -305,6 +305,8 @@ def test_inspect_is_the_commands_json(e2e, lorafs_bin):
     assert plan == json.loads(cli.stdout)
     text = json.dumps(plan)
     assert str(e2e.adapter("rslora")) in text and "0.5" in text, text[:2000]
+    views = lorafs.inspect(e2e.base("f16"), views={"a": [adapters[0][0]], "b": adapters})
+    assert [v["name"] for v in views["views"]] == ["a", "b"], views
 
 
 # --------------------------------------------------------------------------------------
