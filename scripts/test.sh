@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every test: Rust (unit, integration, mounted, kernels; once more with the scalar
-# kernel forced) and the end-to-end tests against transformers and PEFT.
+# kernel forced), then build the wheel and install it into the test virtualenv, and run the
+# end-to-end tests (transformers, PEFT, the Python API) against the installed package.
 #
 # Usage: bash scripts/test.sh            (from anywhere; creates the Python env on first run)
 # Mounted tests need root and /dev/fuse; run as root they are required, never skipped.
@@ -36,7 +37,14 @@ cargo test --locked --test fuzz
 echo "== cargo package (the published crate builds)"
 cargo package --locked --allow-dirty --quiet
 
-echo "== end-to-end tests (transformers, peft)"
+echo "== the wheel (scripts/wheel.sh), installed into the test virtualenv"
 venv=$(bash scripts/venv.sh)
+wheel=$(bash scripts/wheel.sh)
+"$venv/bin/pip" install --quiet --force-reinstall --no-deps "$wheel"
+
+# From here on the end-to-end tests run the installed package and its binary, as a user of
+# the wheel would (test_python_api.py checks that they do).
+echo "== end-to-end tests (transformers, peft), against the installed wheel"
+export LORAFS_BIN="$venv/bin/lorafs" LORAFS_E2E_INSTALLED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$venv/bin/python" -m pytest tests/e2e -q

@@ -56,7 +56,15 @@ pub(crate) enum Command {
     /// ready and keeps serving in the background, unless --foreground.
     Mount(MountArgs),
     /// Unmount a lorafs mount (like `umount MOUNTPOINT`); its server exits.
-    Unmount { mountpoint: PathBuf },
+    Unmount {
+        mountpoint: PathBuf,
+        /// If a file on the mount is still open or mapped (a loaded model maps its
+        /// safetensors), detach it now anyway, like `umount -l`: it leaves the directory
+        /// tree at once, those programs keep reading their files, and the server exits when
+        /// the last of them is closed.
+        #[arg(long)]
+        lazy: bool,
+    },
     /// List or change the views of a mount made with --view or --catalog, while it serves.
     ///
     /// Only the user who mounted and root may use them.
@@ -163,7 +171,7 @@ pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
             }
         }
         Command::Mount(args) => mount(args, command_line)?,
-        Command::Unmount { mountpoint } => lorafs::fuse::unmount(&mountpoint)?,
+        Command::Unmount { mountpoint, lazy } => lorafs::fuse::unmount(&mountpoint, lazy)?,
         Command::View { command } => match command {
             ViewCommand::Ls { mountpoint, json } => {
                 to_stdout(&lorafs::control::view_ls(&mountpoint, json)?)?

@@ -253,8 +253,11 @@ pub fn check_mountpoint(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Unmount a lorafs mount; its serving process then exits.
-pub fn unmount(mountpoint: &Path) -> io::Result<()> {
+/// Unmount a lorafs mount; its serving process then exits. A mount that is busy (a file on
+/// it open or mapped) is refused, unless `lazy`: then it is detached at once, as by
+/// `umount -l` (`MNT_DETACH`), leaving the directory tree now while the programs that hold
+/// its files keep reading them; its server exits when the last of them is closed.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
     let target = mount_target(mountpoint)?;
     match find_mount(&target)? {
         Some(info) if info.is_lorafs() => {}
@@ -272,13 +275,19 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
             ))
         }
     }
-    match umount_retrying_busy(&target) {
+    let unmounted = if lazy {
+        umount(&target, libc::MNT_DETACH)
+    } else {
+        umount_retrying_busy(&target)
+    };
+    match unmounted {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target, lazy),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(io::Error::new(
             e.kind(),
             format!(
-                "{} is busy (a file on it is open); close it or use `umount -l`",
+                "{} is busy (a file on it is open or mapped); close it, or detach the mount \
+                 now with `lorafs unmount --lazy`",
                 target.display()
             ),
         )),
@@ -316,11 +325,12 @@ fn umount(path: &Path, flags: i32) -> io::Result<()> {
     }
 }
 
-/// Unprivileged users unmount through the setuid helper of the fuse package.
-fn fusermount_unmount(path: &Path) -> io::Result<()> {
+/// Unprivileged users unmount through the setuid helper of the fuse package (`-z`: lazily).
+fn fusermount_unmount(path: &Path, lazy: bool) -> io::Result<()> {
+    let flags = if lazy { "-uz" } else { "-u" };
     for helper in ["fusermount3", "fusermount"] {
         if let Ok(status) = std::process::Command::new(helper)
-            .arg("-u")
+            .arg(flags)
             .arg(path)
             .status()
         {
@@ -328,7 +338,7 @@ fn fusermount_unmount(path: &Path) -> io::Result<()> {
                 Ok(())
             } else {
                 Err(io::Error::other(format!(
-                    "{helper} -u {} failed",
+                    "{helper} {flags} {} failed",
                     path.display()
                 )))
             };

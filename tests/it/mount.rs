@@ -70,6 +70,9 @@ impl MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
+        if !is_mounted(&self.mountpoint) {
+            return; // unmounted by the test itself
+        }
         let ok = Command::new(lorafs_bin())
             .arg("unmount")
             .arg(&self.mountpoint)
@@ -409,5 +412,73 @@ fn warm_up_fills_the_page_cache_with_the_merged_bytes() {
         bytes_read(),
         warmed,
         "every read was served from the page cache"
+    );
+}
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped) within `within`.
+fn exits_within(pid: u32, within: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(stat) => {
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|s| s.split_whitespace().next());
+                if matches!(state, Some("Z" | "X")) {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A loaded model keeps the mount's files mapped: a plain `unmount` is refused as busy,
+/// `unmount --lazy` detaches the mount at once, the file still reads its merged bytes, and
+/// the server exits once the file is closed.
+#[test]
+fn a_busy_mount_is_refused_then_detached_lazily() {
+    let Some(s) = setup() else { return };
+    let mnt = s.tmp.path().join("mnt");
+    let guard = MountGuard::new(&s.base, &mnt, &s.adapter_args);
+    let stats = std::fs::read_to_string(guard.mountpoint.join(".lorafs-stats")).unwrap();
+    let pid: u32 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (rel, want) = s.expected.iter().max_by_key(|(_, b)| b.len()).unwrap();
+    let file = std::fs::File::open(guard.mountpoint.join(rel)).unwrap();
+
+    let (ok, _, err) = run_lorafs(["unmount".as_ref(), guard.mountpoint.as_os_str()]);
+    assert!(
+        !ok && err.contains("busy") && err.contains("--lazy"),
+        "{err}"
+    );
+    assert!(is_mounted(&guard.mountpoint));
+
+    let lazy = [
+        "unmount".as_ref(),
+        guard.mountpoint.as_os_str(),
+        "--lazy".as_ref(),
+    ];
+    let (ok, _, err) = run_lorafs(lazy);
+    assert!(ok, "{err}");
+    assert!(!is_mounted(&guard.mountpoint), "detached at once");
+    let mut got = vec![0u8; want.len()];
+    file.read_exact_at(&mut got, 0).unwrap();
+    assert!(&got == want, "an open file still reads the merged bytes");
+    assert!(
+        !exits_within(pid, Duration::from_millis(300)),
+        "the server serves the open file"
+    );
+    drop(file);
+    assert!(
+        exits_within(pid, Duration::from_secs(10)),
+        "the server exits once the last file is closed"
     );
 }
