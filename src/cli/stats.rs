@@ -1,4 +1,4 @@
-//! `lorafs stats MNT [--json] [--watch [SECS]]`: the counters of a running mount, read from
+//! `lorafs stats MNT [--json] [--watch[=SECS]]`: the counters of a running mount, read from
 //! its stats file, once or refreshed in place with throughput and hit rate.
 
 use std::io::{IsTerminal, Write};
@@ -22,9 +22,10 @@ pub(crate) struct StatsArgs {
     #[arg(long)]
     json: bool,
     /// Refresh every SECS seconds (default 1) with throughput and hit rate, until Ctrl-C
-    /// or until the mount goes away. Put it after MNT: `lorafs stats MNT --watch`.
-    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1",
-          value_parser = parse_interval)]
+    /// or until the mount goes away. An interval is given as `--watch=SECS`, so that
+    /// `--watch MNT` reads MNT as the mount point.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, require_equals = true,
+          default_missing_value = "1", value_parser = parse_interval)]
     watch: Option<f64>,
 }
 

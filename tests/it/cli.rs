@@ -230,7 +230,7 @@ fn stats_watch_prints_json_lines_and_ends_when_the_mount_goes() {
     let mut watch = Command::new(lorafs_bin())
         .arg("stats")
         .arg(&guard.mountpoint)
-        .args(["--watch", "0.2", "--json"])
+        .args(["--watch=0.2", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -286,7 +286,7 @@ fn stats_watch_in_text_prints_blocks_with_rates() {
     let mut watch = Command::new(lorafs_bin())
         .arg("stats")
         .arg(&guard.mountpoint)
-        .args(["--watch", "0.2"])
+        .args(["--watch=0.2"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
