@@ -220,6 +220,19 @@ fn stats_json_counts_what_was_read() {
     assert!(table.contains("KiB"), "sizes in units: {table}");
 }
 
+/// `lorafs stats MNT --watch=0.2 EXTRA...`, its stdout and stderr piped.
+fn spawn_watch(mountpoint: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(lorafs_bin())
+        .arg("stats")
+        .arg(mountpoint)
+        .arg("--watch=0.2")
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn stats_watch_prints_json_lines_and_ends_when_the_mount_goes() {
     if !can_mount() {
@@ -227,14 +240,7 @@ fn stats_watch_prints_json_lines_and_ends_when_the_mount_goes() {
     }
     let (tmp, _spec, base, adapter) = small_model();
     let guard = mount_small(tmp.path(), &base, &adapter, &[]);
-    let mut watch = Command::new(lorafs_bin())
-        .arg("stats")
-        .arg(&guard.mountpoint)
-        .args(["--watch=0.2", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = spawn_watch(&guard.mountpoint, &["--json"]);
     let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     let first = json_of(&lines.next().unwrap().unwrap());
     assert_eq!(
@@ -283,13 +289,7 @@ fn stats_watch_in_text_prints_blocks_with_rates() {
     }
     let (tmp, _spec, base, adapter) = small_model();
     let guard = mount_small(tmp.path(), &base, &adapter, &[]);
-    let mut watch = Command::new(lorafs_bin())
-        .arg("stats")
-        .arg(&guard.mountpoint)
-        .args(["--watch=0.2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = spawn_watch(&guard.mountpoint, &[]);
     std::thread::sleep(Duration::from_millis(900));
     watch.kill().unwrap();
     let out = watch.wait_with_output().unwrap();
