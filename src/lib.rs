@@ -17,6 +17,7 @@ pub mod dora;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod inspect;
 pub mod kernel;
 pub mod layout;

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Print the path of the llama.cpp test stack, creating it once: a folder holding
+#   site/      llama-cpp-python (built from its sdist), sentencepiece, diskcache, installed
+#              with --no-deps for the main virtualenv's Python (add it to PYTHONPATH), and
+#   llama.cpp/ the sdist's vendored llama.cpp sources: convert_hf_to_gguf.py, conversion/,
+#              gguf-py/ and models/ggml-vocab-*.gguf (the converter the GGUF view must match).
+# Usage: bash scripts/gguf-env.sh     (needs scripts/venv.sh's virtualenv; prints the folder)
+#
+# Keyed by the hash of scripts/requirements-gguf.txt and of the main requirements, like
+# scripts/venv.sh, in the same cache folder.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+req=$here/requirements-gguf.txt
+venv=$(bash "$here/venv.sh")
+key=$(cat "$req" "$here/requirements.txt" | sha256sum | cut -c1-16)
+cache=${LORAFS_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafs}
+env="$cache/gguf-$key"
+if [ ! -f "$env/.complete" ]; then
+    echo "building the llama.cpp test stack in $env (first run only: minutes)" >&2
+    rm -rf "$env"
+    mkdir -p "$env/sdist"
+    version=$(sed -n 's/^llama-cpp-python==//p' "$req")
+    # The sdist from PyPI's simple index, checked against the sha256 the index gives
+    # (`pip download` would run its build backend just to read its metadata).
+    sdist="$env/sdist/llama_cpp_python-$version.tar.gz"
+    "$venv/bin/python" - "$version" "$sdist" <<'PY'
+import hashlib, re, sys, urllib.request
+version, dest = sys.argv[1:]
+name = f"llama_cpp_python-{version}.tar.gz"
+with urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/") as r:
+    page = r.read().decode()
+url, digest = re.search(rf'href="([^"#]*/{re.escape(name)})#sha256=([0-9a-f]+)"', page).groups()
+urllib.request.urlretrieve(url, dest)
+with open(dest, "rb") as f:
+    if hashlib.sha256(f.read()).hexdigest() != digest:
+        sys.exit(f"{dest}: sha256 differs from PyPI's index")
+PY
+    tar -xzf "$sdist" -C "$env/sdist"
+    mv "$env/sdist/llama_cpp_python-$version/vendor/llama.cpp" "$env/llama.cpp.tmp"
+    # Build llama-cpp-python from that same tarball (--find-links), with cmake and ninja
+    # from PyPI through build isolation.
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-deps \
+        --target "$env/site" --find-links "$env/sdist" -r "$req" >&2
+    rm -rf "$env/sdist/llama_cpp_python-$version"
+    mv "$env/llama.cpp.tmp" "$env/llama.cpp"
+    touch "$env/.complete"
+fi
+echo "$env"
