@@ -6,6 +6,8 @@
 //! permutation; [`vocab`] turns the tokenizer files into the `tokenizer.*` keys. The writer
 //! and the lazy tensor data live in [`file`].
 
+pub mod encode;
+pub mod header;
 pub mod metadata;
 
 pub use metadata::{Array, Metadata, Value};

@@ -1,0 +1,147 @@
+//! Tensor element encodings of GGUF, bit-identical to `gguf-py`'s `quants.quantize` (the
+//! converter's): every value arrives as the f32 of the merged model's stored element, as
+//! the converter sees it after `tensor.to(torch.float32)`.
+
+use half::f16;
+
+use super::GgmlType;
+
+/// Elements per `Q8_0` block: one f16 scale then 32 signed bytes.
+pub const Q8_0_BLOCK: usize = 32;
+const Q8_0_BLOCK_BYTES: usize = 2 + Q8_0_BLOCK;
+
+impl GgmlType {
+    /// Bytes of a row of `cols` elements (`cols` a multiple of 32 for `Q8_0`).
+    pub fn row_bytes(self, cols: u64) -> u64 {
+        match self {
+            GgmlType::F32 => cols * 4,
+            GgmlType::F16 | GgmlType::Bf16 => cols * 2,
+            GgmlType::Q8_0 => cols / Q8_0_BLOCK as u64 * Q8_0_BLOCK_BYTES as u64,
+        }
+    }
+}
+
+/// Encodes `values` (whole rows) as `ty` into `out`, which has exactly
+/// `ty.row_bytes(values.len())` bytes.
+pub fn encode(ty: GgmlType, values: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(out.len() as u64, ty.row_bytes(values.len() as u64));
+    match ty {
+        GgmlType::F32 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        // numpy's astype(float16): round to nearest, ties to even, as `half` converts.
+        GgmlType::F16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        GgmlType::Bf16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (block, o) in (values.chunks_exact(Q8_0_BLOCK)).zip(out.chunks_exact_mut(Q8_0_BLOCK_BYTES))
+            {
+                q8_0_block(block, o);
+            }
+        }
+    }
+}
+
+/// ggml's f32 -> bf16 (`ggml_compute_fp32_to_bf16`, gguf-py's `BF16.quantize_blocks`): NaNs
+/// made quiet, then round to nearest even on the raw bits.
+fn bf16_bits(v: f32) -> u16 {
+    let mut n = v.to_bits();
+    if n & 0x7fff_ffff > 0x7f80_0000 {
+        n = (n & 0xffff_0000) | (64 << 16);
+    }
+    ((n as u64 + (0x7fff + ((n >> 16) & 1)) as u64) >> 16) as u16
+}
+
+/// One `Q8_0` block as ggml's reference quantizer (and gguf-py) computes it, in f32:
+/// `d = max|x| / 127`, `q = round_half_away(x * (1/d))`, `d` stored as f16.
+fn q8_0_block(block: &[f32], out: &mut [u8]) {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+    out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (v, q) in block.iter().zip(&mut out[2..]) {
+        *q = round_half_away(v * id) as i8 as u8;
+    }
+}
+
+/// gguf-py's `np_roundf`: `floor(a) + floor(2 * (a - floor(a)))` with the sign of `x`, in
+/// f32 (C's `roundf`).
+fn round_half_away(x: f32) -> f32 {
+    let a = x.abs();
+    let floored = a.floor();
+    let b = floored + (2.0 * (a - floored)).floor();
+    if x > 0.0 {
+        b
+    } else if x < 0.0 {
+        -b
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(ty: GgmlType, values: &[f32]) -> Vec<u8> {
+        let mut out = vec![0; ty.row_bytes(values.len() as u64) as usize];
+        encode(ty, values, &mut out);
+        out
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_quiets_nans() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16_bits(f32::from_bits(0x7f80_0001)), 0x7fc0);
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+    }
+
+    #[test]
+    fn q8_0_matches_the_reference_arithmetic() {
+        let mut block = [0f32; 32];
+        for (i, v) in block.iter_mut().enumerate() {
+            *v = (i as f32 - 15.5) * 0.25;
+        }
+        let out = encoded(GgmlType::Q8_0, &block);
+        let amax = 15.5f32 * 0.25;
+        let d = amax / 127.0;
+        assert_eq!(&out[..2], &f16::from_f32(d).to_le_bytes());
+        let id = 1.0 / d;
+        for (i, v) in block.iter().enumerate() {
+            assert_eq!(out[2 + i] as i8 as f32, round_half_away(v * id), "element {i}");
+        }
+        assert_eq!(out[2] as i8, -127);
+        assert_eq!(out[33] as i8, 127);
+    }
+
+    #[test]
+    fn q8_0_of_zeros_is_zero() {
+        assert_eq!(encoded(GgmlType::Q8_0, &[0.0; 64]), vec![0u8; 68]);
+    }
+
+    #[test]
+    fn rounding_is_half_away_from_zero() {
+        assert_eq!(round_half_away(2.5), 3.0);
+        assert_eq!(round_half_away(-2.5), -3.0);
+        assert_eq!(round_half_away(2.4999998), 2.0);
+        assert_eq!(round_half_away(-0.5), -1.0);
+    }
+
+    #[test]
+    fn f16_and_f32_are_little_endian_ieee() {
+        assert_eq!(encoded(GgmlType::F16, &[1.0, -2.0]), [0x00, 0x3c, 0x00, 0xc0]);
+        assert_eq!(encoded(GgmlType::F32, &[1.0]), 1.0f32.to_le_bytes());
+    }
+}
