@@ -33,6 +33,17 @@ pub(crate) struct MergeArgs {
     /// into DTYPE. config.json says the new dtype.
     #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
     pub(crate) dtype: Option<lorafs::dtype::DType>,
+    /// Also serve the merged model as GGUF files, `model-TYPE.gguf` for each TYPE (F32,
+    /// F16, BF16, Q8_0: llama.cpp's --outtype values), byte-identical to what llama.cpp's
+    /// convert_hf_to_gguf.py writes from a materialized copy. For materialize, an OUT ending
+    /// in .gguf writes just that file (one TYPE).
+    #[arg(long, value_name = "TYPE[,TYPE...]", value_delimiter = ',', value_parser = parse_gguf)]
+    pub(crate) gguf: Vec<lorafs::gguf::OutType>,
+}
+
+pub(crate) fn parse_gguf(arg: &str) -> Result<lorafs::gguf::OutType, String> {
+    lorafs::gguf::OutType::parse(arg)
+        .ok_or_else(|| format!("unknown GGUF type {arg:?} (use F32, F16, BF16 or Q8_0)"))
 }
 
 /// Many merged models in one mount, each a directory named after its view.
@@ -136,8 +147,9 @@ impl MergeArgs {
         }
         let engine = Arc::new(self.engine(default_cache)?);
         let adapters = resolve_adapters(&self.adapters)?;
-        let view = View::open(engine, &adapters, self.dtype)?;
+        let mut view = View::open(engine, &adapters, self.dtype)?;
         view.realize_all()?;
+        view.add_gguf(&self.gguf)?;
         Ok(view)
     }
 }

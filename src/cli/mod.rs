@@ -14,12 +14,13 @@ pub(crate) use mount_helper::run_mount_helper;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use lorafs::materialize::{materialize, Interrupt, MaterializeOptions};
+use lorafs::gguf::OutType;
+use lorafs::materialize::{materialize, materialize_file, Interrupt, MaterializeOptions};
 use lorafs::View;
 
 use crate::{report, to_stdout};
@@ -144,6 +145,25 @@ pub(crate) struct NamedSpec {
     spec: String,
 }
 
+/// With an OUT ending in `.gguf`, the view file materialize writes alone: the GGUF file of
+/// the one `--gguf` type.
+fn gguf_output(view: &View, types: &[OutType], out: &Path) -> anyhow::Result<Option<usize>> {
+    if out.extension() != Some("gguf".as_ref()) {
+        return Ok(None);
+    }
+    let [out_type] = types else {
+        anyhow::bail!(
+            "{}: a .gguf output is one GGUF file: give exactly one --gguf TYPE (F32, F16, BF16 or Q8_0)",
+            out.display()
+        );
+    };
+    let name = format!("model-{}.gguf", out_type.name());
+    let file = view.files.iter().position(|f| f.rel == Path::new(&name));
+    Ok(Some(
+        file.expect("add_gguf added the file of each --gguf type"),
+    ))
+}
+
 /// Run the command `cli`, parsed from `command_line` (argv[0] included).
 pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
     match cli.command {
@@ -159,8 +179,11 @@ pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
                 progress: std::io::stderr().is_terminal(),
                 interrupt: interrupt.clone(),
             };
-            let summary = materialize(&view, &out, &inputs_of(&view), &options)
-                .with_context(|| format!("materialize into {} failed", out.display()));
+            let summary = match gguf_output(&view, &inputs.gguf, &out)? {
+                Some(file) => materialize_file(&view, file, &out, &inputs_of(&view), &options),
+                None => materialize(&view, &out, &inputs_of(&view), &options),
+            }
+            .with_context(|| format!("materialize into {} failed", out.display()));
             match (summary, interrupt.signal()) {
                 (Ok(summary), _) => to_stdout(&format!("{}: {summary}\n", out.display()))?,
                 (Err(err), Some(signal)) => {

@@ -36,7 +36,7 @@ pub(crate) fn open_views(
         Warm::Never => false,
         Warm::Auto => !engine.direct_base_reads && engine.base_bytes() <= total_ram() / 4,
     };
-    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree(), warm));
+    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree(), warm).with_gguf(&inputs.gguf));
     fs.attach(views.clone());
     for (name, spec) in &args.views {
         let view = resolve_adapters(spec)
@@ -113,6 +113,7 @@ pub(crate) fn inspect_views(
         let view = resolve_adapters(spec)
             .and_then(|adapters| View::open(engine.clone(), &adapters, inputs.dtype))
             .and_then(|view| view.realize_all().map(|()| view))
+            .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view))
             .with_context(|| format!("view {name}"))?;
         views.push((name.clone(), view));
     }
@@ -123,7 +124,8 @@ pub(crate) fn inspect_views(
         for found in lorafs::catalog::scan(&root)? {
             let name = found.name.display().to_string();
             let view = View::open(engine.clone(), &[(found.dir.clone(), 1.0)], inputs.dtype)
-                .and_then(|view| view.realize_all().map(|()| view));
+                .and_then(|view| view.realize_all().map(|()| view))
+                .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view));
             match view {
                 Ok(view) => views.push((name, view)),
                 // As a mount does: a directory that is not a valid adapter is skipped.

@@ -135,7 +135,7 @@ impl Attrs {
         let mut attr = self.masked(ino, kind, file.size, &identity, &canon, Some(parent))?;
         let owner = owner(&identity);
         let covered = self.dirs.get(&parent);
-        for input in view.adapter_sources(file) {
+        for input in view.other_sources(file) {
             let identity = input.identity();
             let canon = canonical(&input.path, &identity)?;
             let source = perms(&identity, &canon)?;

@@ -13,6 +13,7 @@ use crate::catalog::{Event, Found};
 use crate::control::{ViewControl, ViewInfo, ViewSource};
 use crate::dtype::DType;
 use crate::engine::Engine;
+use crate::gguf::OutType;
 use crate::tree::{self, Change};
 use crate::view::View;
 
@@ -28,6 +29,8 @@ pub struct Views {
     warmed: Mutex<Vec<Weak<View>>>,
     /// Changes are made one at a time (a name checked free stays free until it is used).
     changing: Mutex<()>,
+    /// GGUF files each view also serves (`--gguf`).
+    gguf: Vec<OutType>,
 }
 
 impl Views {
@@ -42,7 +45,14 @@ impl Views {
             warm,
             warmed: Mutex::new(Vec::new()),
             changing: Mutex::new(()),
+            gguf: Vec::new(),
         }
+    }
+
+    /// Every view also serves these GGUF files.
+    pub fn with_gguf(mut self, types: &[OutType]) -> Views {
+        self.gguf = types.to_vec();
+        self
     }
 
     /// Once the mount exists: changes from now on are notified to the kernel.
@@ -89,10 +99,11 @@ impl Views {
         adapters: &[(PathBuf, f64)],
         origin: &ViewSource,
     ) -> crate::Result<Arc<View>> {
-        let view = View::open(self.engine.clone(), adapters, self.dtype)?;
+        let mut view = View::open(self.engine.clone(), adapters, self.dtype)?;
         if *origin == ViewSource::Named {
             view.realize_all()?;
         }
+        view.add_gguf(&self.gguf)?;
         Ok(Arc::new(view))
     }
 

@@ -43,7 +43,8 @@ pub fn encode(ty: GgmlType, values: &[f32], out: &mut [u8]) {
             }
         }
         GgmlType::Q8_0 => {
-            for (block, o) in (values.chunks_exact(Q8_0_BLOCK)).zip(out.chunks_exact_mut(Q8_0_BLOCK_BYTES))
+            for (block, o) in
+                (values.chunks_exact(Q8_0_BLOCK)).zip(out.chunks_exact_mut(Q8_0_BLOCK_BYTES))
             {
                 q8_0_block(block, o);
             }
@@ -120,7 +121,11 @@ mod tests {
         assert_eq!(&out[..2], &f16::from_f32(d).to_le_bytes());
         let id = 1.0 / d;
         for (i, v) in block.iter().enumerate() {
-            assert_eq!(out[2 + i] as i8 as f32, round_half_away(v * id), "element {i}");
+            assert_eq!(
+                out[2 + i] as i8 as f32,
+                round_half_away(v * id),
+                "element {i}"
+            );
         }
         assert_eq!(out[2] as i8, -127);
         assert_eq!(out[33] as i8, 127);
@@ -141,7 +146,10 @@ mod tests {
 
     #[test]
     fn f16_and_f32_are_little_endian_ieee() {
-        assert_eq!(encoded(GgmlType::F16, &[1.0, -2.0]), [0x00, 0x3c, 0x00, 0xc0]);
+        assert_eq!(
+            encoded(GgmlType::F16, &[1.0, -2.0]),
+            [0x00, 0x3c, 0x00, 0xc0]
+        );
         assert_eq!(encoded(GgmlType::F32, &[1.0]), 1.0f32.to_le_bytes());
     }
 }

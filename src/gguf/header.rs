@@ -163,8 +163,16 @@ mod tests {
         let mut meta = Metadata::new();
         meta.set("general.architecture", Value::Text("llama".into()));
         let tensors = [
-            TensorInfo { name: "a".into(), shape: vec![3], ty: GgmlType::F32 },
-            TensorInfo { name: "b".into(), shape: vec![2, 32], ty: GgmlType::Q8_0 },
+            TensorInfo {
+                name: "a".into(),
+                shape: vec![3],
+                ty: GgmlType::F32,
+            },
+            TensorInfo {
+                name: "b".into(),
+                shape: vec![2, 32],
+                ty: GgmlType::Q8_0,
+            },
         ];
         let h = build(&meta, &tensors);
         assert_eq!(h.bytes.len() % 32, 0);
@@ -172,7 +180,11 @@ mod tests {
         assert_eq!(h.offsets, [h.bytes.len() as u64, h.bytes.len() as u64 + 32]);
         assert_eq!(h.size, h.bytes.len() as u64 + 32 + 96);
         // b's dimensions are stored reversed: 32 then 2.
-        let info = h.bytes.windows(1 + 4 + 16).position(|w| w[0] == b'b').unwrap();
+        let info = h
+            .bytes
+            .windows(1 + 4 + 16)
+            .position(|w| w[0] == b'b')
+            .unwrap();
         let dims = &h.bytes[info + 5..info + 21];
         assert_eq!(dims, [32u64.to_le_bytes(), 2u64.to_le_bytes()].concat());
     }

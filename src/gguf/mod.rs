@@ -6,9 +6,11 @@
 //! permutation; [`vocab`] turns the tokenizer files into the `tokenizer.*` keys. The writer
 //! and the lazy tensor data live in [`file`].
 
+pub mod arch;
 pub mod encode;
 pub mod header;
 pub mod metadata;
+pub mod vocab;
 
 pub use metadata::{Array, Metadata, Value};
 

@@ -6,6 +6,7 @@
 //! nothing is ever removed but that run's own files and, with `--force`, an old OUT that
 //! passed every check in [`target`] twice (before the run and when the tree is complete).
 
+mod file;
 mod fsops;
 mod interrupt;
 mod marker;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use file::materialize_file;
 pub use interrupt::Interrupt;
 
 use crate::error::{Error, Result};
@@ -184,7 +186,7 @@ impl Modes {
 /// directories above the adapters are not looked at: where OUT is decides who reaches it.)
 fn adapters_readable(view: &View, file: &crate::view::VirtualFile) -> u32 {
     let mut mask = 0o777;
-    for input in view.adapter_sources(file) {
+    for input in view.other_sources(file) {
         let mode = input.identity().mode;
         for class in [0o070, 0o007] {
             if mode & class & 0o444 == 0 {

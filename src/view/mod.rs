@@ -13,6 +13,7 @@
 //! directory. Another format (a GGUF file of the same merged model) is another way of
 //! turning the same plan into segments; `read_at`, the caches and the mount serve any.
 
+mod gguf;
 mod merged;
 mod safetensors;
 
@@ -48,6 +49,8 @@ enum Source {
     Adapter { adapter: usize, offset: u64 },
     /// Merged tensor `merge` of the plan (its `W` source says where its rows come from).
     Merged { merge: usize },
+    /// A tensor of a GGUF file, computed from the view's bytes of a safetensors tensor.
+    Gguf(Arc<gguf::GgufTensor>),
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +72,9 @@ pub struct VirtualFile {
     /// Whether some bytes come from the adapters (merged or replaced tensors): then a
     /// change of an adapter's files fails reads of this file.
     adapted: bool,
+    /// Other files its bytes are made from (a GGUF file: every shard, the tokenizer): a
+    /// change of one fails reads, and it is served only to those who may read them all.
+    inputs: Vec<Arc<SourceFile>>,
 }
 
 impl VirtualFile {
@@ -199,6 +205,12 @@ impl View {
     /// Fill `buf` with the bytes of file `file` from `offset`; returns the count (short only
     /// at the end of the file). Safe to call from many threads; never writes to the inputs.
     pub fn read_at(&self, file: usize, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_file(file, offset, buf, true)
+    }
+
+    /// [`View::read_at`], counting the bytes as read by a client if `client` (not when a
+    /// GGUF tensor reads its source tensor's bytes).
+    fn read_file(&self, file: usize, offset: u64, buf: &mut [u8], client: bool) -> Result<usize> {
         let vf = self.files.get(file).ok_or(Error::NoSuchFile(file))?;
         // Cached blocks were made from the inputs as opened: once one is seen changed, none
         // of this file's bytes are served, so no read mixes versions.
@@ -240,14 +252,20 @@ impl View {
                     self.read_merged(vf, *merge, within, out)?;
                     Some(&stats.bytes_merged)
                 }
+                Source::Gguf(tensor) => {
+                    self.read_gguf(tensor, within, out)?;
+                    None
+                }
             };
-            if let Some(counter) = counter {
+            if let (Some(counter), true) = (counter, client) {
                 counter.fetch_add(n as u64, Ordering::Relaxed);
             }
             pos += n as u64;
             done += n;
         }
-        stats.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        if client {
+            stats.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        }
         Ok(len)
     }
 
@@ -280,7 +298,7 @@ impl View {
     pub fn check_sources(&self, file: usize) -> Result<()> {
         let vf = self.files.get(file).ok_or(Error::NoSuchFile(file))?;
         vf.source.check()?;
-        for input in self.adapter_sources(vf) {
+        for input in self.other_sources(vf) {
             input.check()?;
         }
         Ok(())
@@ -289,20 +307,21 @@ impl View {
     /// Fails if a file `vf` is made from was seen changed (no system call).
     fn sources_unchanged(&self, vf: &VirtualFile) -> Result<()> {
         vf.source.unchanged()?;
-        for input in self.adapter_sources(vf) {
+        for input in self.other_sources(vf) {
             input.unchanged()?;
         }
         Ok(())
     }
 
-    /// The adapter files `vf`'s bytes are made from: all of them if some bytes come from
-    /// the adapters (merged or replaced tensors), else none. A change of one fails reads of
-    /// `vf`, and the mount serves `vf` only to those who may read every one.
-    pub fn adapter_sources<'a>(
+    /// The files besides its own source that `vf`'s bytes are made from: every adapter
+    /// file if some bytes come from the adapters (merged or replaced tensors), and its other
+    /// inputs (a GGUF file's). A change of one fails reads of `vf`, and the mount serves
+    /// `vf` only to those who may read every one.
+    pub fn other_sources<'a>(
         &'a self,
         vf: &'a VirtualFile,
     ) -> impl Iterator<Item = &'a SourceFile> + 'a {
-        self.adapter_files().filter(|_| vf.adapted)
+        (self.adapter_files().filter(|_| vf.adapted)).chain(vf.inputs.iter().map(|s| &**s))
     }
 
     /// Every adapter file the plan was read from.

@@ -207,6 +207,7 @@ fn passthrough(rel: &Path, source: Arc<SourceFile>) -> VirtualFile {
             source: Source::Base { offset: 0 },
         }],
         adapted: false,
+        inputs: Vec::new(),
     }
 }
 

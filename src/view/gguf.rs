@@ -1,0 +1,355 @@
+//! The GGUF format: a view's merged model as one `.gguf` file (see [`crate::gguf`]), each
+//! tensor's data computed, row by row, from the bytes the view serves for that tensor in its
+//! safetensors files. The GGUF file is thus exactly the converter's output on a
+//! materialized copy: the same stored values, encoded as the converter encodes them.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{Segment, Source, View, VirtualFile};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gguf::arch::{self, SourceTensor, TensorData};
+use crate::gguf::header::{self, TensorInfo};
+use crate::gguf::{encode, vocab, GgmlType, ModelFiles, OutType};
+
+/// Output rows are computed this many bytes at a time.
+const CHUNK_BYTES: u64 = 1 << 20;
+/// A model file the header is built from (config, tokenizer) larger than this is refused.
+const MAX_MODEL_FILE: u64 = 1 << 30;
+/// A safetensors header larger than this is refused (the layout checked it already).
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// Where a GGUF tensor's rows come from: a tensor of one of the view's safetensors files.
+#[derive(Debug)]
+pub(super) struct GgufTensor {
+    /// The view file holding the source tensor, and the offset of its data there.
+    file: usize,
+    offset: u64,
+    dtype: DType,
+    rows: u64,
+    cols: u64,
+    ty: GgmlType,
+    /// Llama's Q/K row permutation: rows of each of this many heads interleaved.
+    heads: Option<u64>,
+}
+
+impl GgufTensor {
+    /// The source row of output row `r`: converter's `permute` reshapes each head's rows to
+    /// `(2, d/2)` and swaps the axes, so output row `2i + j` of a head is its row `j*d/2 + i`.
+    fn source_row(&self, r: u64) -> u64 {
+        match self.heads {
+            None => r,
+            Some(heads) => {
+                let d = self.rows / heads;
+                let (h, k) = (r / d, r % d);
+                h * d + (k % 2) * (d / 2) + k / 2
+            }
+        }
+    }
+
+    /// The source rows `lo .. hi` that output rows `row0 .. row0 + n` are made from.
+    fn source_span(&self, row0: u64, n: u64) -> (u64, u64) {
+        match self.heads {
+            None => (row0, row0 + n),
+            Some(heads) => {
+                let d = self.rows / heads;
+                (row0 / d * d, (row0 + n).div_ceil(d) * d)
+            }
+        }
+    }
+}
+
+/// The view's files, read through the view (so a rewritten `config.json` or an adapter's
+/// tokenizer is what the header is built from), remembering which were read.
+struct ViewFiles<'a> {
+    view: &'a View,
+    used: RefCell<Vec<usize>>,
+}
+
+impl ModelFiles for ViewFiles<'_> {
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let Some(i) = self
+            .view
+            .files
+            .iter()
+            .position(|f| f.rel == Path::new(name))
+        else {
+            return Ok(None);
+        };
+        let vf = &self.view.files[i];
+        if vf.size > MAX_MODEL_FILE {
+            return Err(Error::config(
+                vf.source_path(),
+                "too large for a model file",
+            ));
+        }
+        self.used.borrow_mut().push(i);
+        Ok(Some(self.view.read_whole(i, 0, vf.size)?))
+    }
+
+    fn root(&self) -> &Path {
+        self.view.base_dir()
+    }
+}
+
+impl View {
+    /// Add `model-TYPE.gguf` for each of `types` to the view's files.
+    pub fn add_gguf(&mut self, types: &[OutType]) -> Result<()> {
+        let name = self.gguf_name();
+        for &out in types {
+            let vf = self.gguf_file(out, &name)?;
+            self.files.push(vf);
+        }
+        Ok(())
+    }
+
+    /// The model name a GGUF header gives (`general.name` and the keys derived from it):
+    /// the base directory's name, as the converter takes its input directory's.
+    fn gguf_name(&self) -> String {
+        let dir = self.base_dir();
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        (dir.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Bytes `offset .. offset + len` of view file `file`, all of them.
+    fn read_whole(&self, file: usize, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        let n = self.read_file(file, offset, &mut buf, false)?;
+        if n != buf.len() {
+            let path = self.files[file].source_path();
+            return Err(Error::config(path, "ended before its header said"));
+        }
+        Ok(buf)
+    }
+
+    fn gguf_file(&self, out: OutType, name: &str) -> Result<VirtualFile> {
+        let files = ViewFiles {
+            view: self,
+            used: RefCell::new(Vec::new()),
+        };
+        let (sources, locations) = self.source_tensors()?;
+        let plan = arch::plan(&files, &sources, out, name)?;
+        let config = files.read("config.json")?.unwrap_or_default();
+        let config: serde_json::Value =
+            serde_json::from_slice(&config).map_err(|e| Error::Json {
+                path: self.base_dir().join("config.json"),
+                source: e,
+            })?;
+        let mut metadata = plan.metadata;
+        vocab::vocab_metadata(&files, &config, plan.vocab, &mut metadata)?;
+        let mut infos = Vec::with_capacity(plan.tensors.len());
+        let mut data = Vec::with_capacity(plan.tensors.len());
+        for t in plan.tensors {
+            infos.push(TensorInfo {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                ty: t.ty,
+            });
+            data.push(match t.data {
+                TensorData::Computed(values) => Source::Bytes(encoded(t.ty, &values).into()),
+                TensorData::Model { source, permute } => {
+                    let &(file, offset, dtype) = locations.get(&source).ok_or_else(|| {
+                        Error::config(self.base_dir(), format!("no tensor `{source}`"))
+                    })?;
+                    let info = infos.last().expect("pushed above");
+                    Source::Gguf(Arc::new(GgufTensor {
+                        file,
+                        offset,
+                        dtype,
+                        rows: info.rows(),
+                        cols: info.cols(),
+                        ty: t.ty,
+                        heads: permute.map(|p| p.heads),
+                    }))
+                }
+            });
+        }
+        let layout = header::build(&metadata, &infos);
+        let mut segments = vec![Segment {
+            start: 0,
+            len: layout.bytes.len() as u64,
+            source: Source::Bytes(layout.bytes.into()),
+        }];
+        for (k, (info, source)) in infos.iter().zip(data).enumerate() {
+            let start = layout.offsets[k];
+            let end = layout.offsets.get(k + 1).copied().unwrap_or(layout.size);
+            segments.push(Segment {
+                start,
+                len: info.bytes(),
+                source,
+            });
+            if end > start + info.bytes() {
+                let pad = vec![0u8; (end - start - info.bytes()) as usize];
+                segments.push(Segment {
+                    start: start + info.bytes(),
+                    len: pad.len() as u64,
+                    source: Source::Bytes(pad.into()),
+                });
+            }
+        }
+        let mut used = files.used.into_inner();
+        used.extend(locations.values().map(|&(file, _, _)| file));
+        used.sort_unstable();
+        used.dedup();
+        Ok(self.gguf_virtual_file(out, used, segments, layout.size))
+    }
+
+    /// The virtual file of a laid-out GGUF: it is served as its first safetensors file is
+    /// (owner, permissions), and only to those who may read every file it is made from.
+    fn gguf_virtual_file(
+        &self,
+        out: OutType,
+        used: Vec<usize>,
+        segments: Vec<Segment>,
+        size: u64,
+    ) -> VirtualFile {
+        let is_weights = |&i: &usize| self.files[i].rel.extension() == Some("safetensors".as_ref());
+        let first = used.iter().copied().find(is_weights).unwrap_or(used[0]);
+        VirtualFile {
+            rel: PathBuf::from(format!("model-{}.gguf", out.name())),
+            size,
+            source: self.files[first].source.clone(),
+            segments,
+            adapted: used.iter().any(|&i| self.files[i].adapted),
+            inputs: (used.iter())
+                .filter(|&&i| i != first)
+                .map(|&i| self.files[i].source.clone())
+                .collect(),
+        }
+    }
+
+    /// Every tensor of the view's safetensors files (from the headers the view serves), and
+    /// where each one's data is: `(file, offset, dtype)`. A tensor whose dtype GGUF does not
+    /// take from lorafs is listed without a location.
+    #[allow(clippy::type_complexity)]
+    fn source_tensors(
+        &self,
+    ) -> Result<(
+        Vec<SourceTensor>,
+        std::collections::HashMap<String, (usize, u64, DType)>,
+    )> {
+        let mut tensors = Vec::new();
+        let mut locations = std::collections::HashMap::new();
+        for (i, vf) in self.files.iter().enumerate() {
+            if vf.rel.extension() != Some("safetensors".as_ref()) || vf.size < 8 {
+                continue;
+            }
+            let n = u64::from_le_bytes(self.read_whole(i, 0, 8)?.try_into().expect("8 bytes"));
+            if n > MAX_SAFETENSORS_HEADER || 8 + n > vf.size {
+                return Err(Error::BadSafetensors {
+                    path: vf.source_path().to_owned(),
+                    what: format!("header of {n} bytes"),
+                });
+            }
+            let json = self.read_whole(i, 8, n)?;
+            let bad = |what: String| Error::BadSafetensors {
+                path: vf.source_path().to_owned(),
+                what,
+            };
+            let header: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+            for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+                let entry: TensorEntry = serde_json::from_value(info.clone())
+                    .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+                let dtype = entry.dtype();
+                if let Some(dtype) = dtype {
+                    locations.insert(name.clone(), (i, 8 + n + entry.data_offsets[0], dtype));
+                }
+                tensors.push(SourceTensor {
+                    name: name.clone(),
+                    shape: entry.shape,
+                    dtype,
+                    part: vf.rel.to_string_lossy().into_owned(),
+                });
+            }
+        }
+        Ok((tensors, locations))
+    }
+
+    /// Bytes `within ..` of a GGUF tensor's data, computed from the rows they cover.
+    pub(super) fn read_gguf(&self, t: &GgufTensor, within: u64, out: &mut [u8]) -> Result<()> {
+        let row_bytes = t.ty.row_bytes(t.cols);
+        let first = within / row_bytes;
+        let end = (within + out.len() as u64).div_ceil(row_bytes);
+        let chunk = (CHUNK_BYTES / row_bytes).max(1);
+        let (mut row, mut done) = (first, 0usize);
+        while row < end {
+            let n = chunk.min(end - row);
+            let rows = self.gguf_rows(t, row, n)?;
+            let skip = if row == first {
+                (within - first * row_bytes) as usize
+            } else {
+                0
+            };
+            let take = (rows.len() - skip).min(out.len() - done);
+            out[done..done + take].copy_from_slice(&rows[skip..skip + take]);
+            done += take;
+            row += n;
+        }
+        Ok(())
+    }
+
+    /// Output rows `row0 .. row0 + n` of a GGUF tensor, encoded.
+    fn gguf_rows(&self, t: &GgufTensor, row0: u64, n: u64) -> Result<Vec<u8>> {
+        let (lo, hi) = t.source_span(row0, n);
+        let src_row = t.cols * t.dtype.size() as u64;
+        let raw = self.read_whole(t.file, t.offset + lo * src_row, (hi - lo) * src_row)?;
+        let row_bytes = t.ty.row_bytes(t.cols) as usize;
+        let mut out = vec![0u8; n as usize * row_bytes];
+        let same = matches!(
+            (t.dtype, t.ty),
+            (DType::F32, GgmlType::F32)
+                | (DType::F16, GgmlType::F16)
+                | (DType::BF16, GgmlType::Bf16)
+        );
+        let mut wide = vec![0u8; if same { 0 } else { t.cols as usize * 4 }];
+        let mut values = vec![0f32; if same { 0 } else { t.cols as usize }];
+        for (k, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
+            let s = (t.source_row(row0 + k as u64) - lo) as usize;
+            let src = &raw[s * src_row as usize..(s + 1) * src_row as usize];
+            if same {
+                // Widening to f32 and encoding back is exact: the bytes are the stored ones.
+                dst.copy_from_slice(src);
+                continue;
+            }
+            self.engine
+                .kernel
+                .convert(t.dtype, src, DType::F32, &mut wide);
+            for (v, b) in values.iter_mut().zip(wide.chunks_exact(4)) {
+                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+            encode::encode(t.ty, &values, dst);
+        }
+        Ok(out)
+    }
+}
+
+/// `values` encoded as `ty` (a computed tensor such as `rope_freqs`).
+fn encoded(ty: GgmlType, values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.row_bytes(values.len() as u64) as usize];
+    encode::encode(ty, values, &mut out);
+    out
+}
+
+/// A tensor entry of a safetensors header.
+#[derive(serde::Deserialize)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+impl TensorEntry {
+    fn dtype(&self) -> Option<DType> {
+        match self.dtype.as_str() {
+            "F16" => Some(DType::F16),
+            "BF16" => Some(DType::BF16),
+            "F32" => Some(DType::F32),
+            _ => None,
+        }
+    }
+}
