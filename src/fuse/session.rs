@@ -194,12 +194,16 @@ pub(super) fn spawn_warm(
 /// takes a second or two to import torch), or reading a view after its config, finds the
 /// model there. Reads arriving meanwhile are served as usual; both go through the block
 /// cache, so nothing is merged twice. Stops quietly at the first refusal (e.g. the mount
-/// or the view is gone).
+/// or the view is gone). GGUF files are left out: they are another encoding of the same
+/// model, read by other loaders, and warming them too would hold the model in the page
+/// cache once per format; they are computed as read, with read-ahead.
 fn warm(view: &View, notifier: &fuser::Notifier, dir: &Path, root: u64) {
     let start = std::time::Instant::now();
     let mut buf = vec![0u8; WARM_CHUNK];
     let mut stored = 0u64;
-    for (index, file) in view.files.iter().enumerate() {
+    let served = (view.files.iter().enumerate())
+        .filter(|(_, f)| f.rel.extension() != Some("gguf".as_ref()));
+    for (index, file) in served {
         // The kernel keeps pages only for inodes it knows: look the file up first.
         if let Err(e) = std::fs::metadata(dir.join(&file.rel)) {
             return log::info!("warm-up stopped at {}: {e}", file.rel.display());

@@ -25,7 +25,7 @@ const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 #[derive(Debug)]
 pub(super) struct GgufTensor {
     /// The view file holding the source tensor, and the offset of its data there.
-    file: usize,
+    pub(super) file: usize,
     offset: u64,
     dtype: DType,
     rows: u64,
@@ -47,6 +47,16 @@ impl GgufTensor {
                 h * d + (k % 2) * (d / 2) + k / 2
             }
         }
+    }
+
+    /// The view file bytes (offset in file `self.file`, length) that bytes `lo .. hi` of
+    /// this tensor's data are computed from.
+    pub(super) fn source_bytes(&self, lo: u64, hi: u64) -> (u64, u64) {
+        let row_bytes = self.ty.row_bytes(self.cols);
+        let first = lo / row_bytes;
+        let (s_lo, s_hi) = self.source_span(first, hi.div_ceil(row_bytes) - first);
+        let src_row = self.cols * self.dtype.size() as u64;
+        (self.offset + s_lo * src_row, (s_hi - s_lo) * src_row)
     }
 
     /// The source rows `lo .. hi` that output rows `row0 .. row0 + n` are made from.

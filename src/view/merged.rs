@@ -233,12 +233,18 @@ impl View {
         let end = (offset + len).min(vf.size);
         let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
         for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {
+            let lo = offset.max(seg.start) - seg.start;
+            let hi = end.min(seg.start + seg.len) - seg.start;
+            if let Source::Gguf(tensor) = &seg.source {
+                // A GGUF tensor's rows come from its source tensor's: prefetch those.
+                let (source_offset, source_len) = tensor.source_bytes(lo, hi);
+                self.prefetch(tensor.file, source_offset, source_len);
+                continue;
+            }
             let Source::Merged { merge } = seg.source else {
                 continue;
             };
             let block_bytes = block_bytes(&self.plan.merges[merge]);
-            let lo = offset.max(seg.start) - seg.start;
-            let hi = end.min(seg.start + seg.len) - seg.start;
             for b in lo / block_bytes..hi.div_ceil(block_bytes) {
                 if blocks.present_or_pending((self.recipes[merge], b as u32)) {
                     continue;
