@@ -61,6 +61,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             json!([t.name, t.shape, format!("{:?}", t.ty).to_uppercase(), data])
         })
         .collect();
-    println!("{}", json!({"kvs": kvs, "tensors": ts, "vocab": format!("{:?}", plan.vocab)}));
+    println!(
+        "{}",
+        json!({"kvs": kvs, "tensors": ts, "vocab": format!("{:?}", plan.vocab)})
+    );
     Ok(())
 }

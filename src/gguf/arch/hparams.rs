@@ -69,7 +69,13 @@ pub fn load(config: &[u8]) -> Result<Hparams, String> {
         ));
     }
     let model_type = model_type.to_string();
-    let local_theta = ["local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq"];
+    let local_theta = [
+        "local_rope_theta",
+        "rope_local_theta",
+        "rope_theta_local",
+        "swa_rope_theta",
+        "rope_local_base_freq",
+    ];
     if let Some(key) = local_theta.iter().find(|k| raw.contains_key(**k)) {
         return Err(format!("a sliding-window RoPE base (`{key}`)"));
     }

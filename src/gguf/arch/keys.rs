@@ -43,7 +43,11 @@ fn sampling(md: &mut Metadata, gen: &Map<String, Json>) {
         ("xtc_threshold", &["xtc_threshold"], false),
         ("temp", &["temperature"], false),
         ("penalty_last_n", &["penalty_last_n"], true),
-        ("penalty_repeat", &["penalty_repeat", "repetition_penalty"], false),
+        (
+            "penalty_repeat",
+            &["penalty_repeat", "repetition_penalty"],
+            false,
+        ),
         ("mirostat", &["mirostat"], true),
         ("mirostat_tau", &["mirostat_tau"], false),
         ("mirostat_eta", &["mirostat_eta"], false),
@@ -89,17 +93,51 @@ pub fn size_label(params: u64) -> String {
 }
 
 /// `TextModel.set_gguf_parameters` and the family's additions, then the quantization version.
-pub fn parameters(md: &mut Metadata, hp: &Hparams, family: Family, arch: &str, out: OutType) -> Result<(), String> {
+pub fn parameters(
+    md: &mut Metadata,
+    hp: &Hparams,
+    family: Family,
+    arch: &str,
+    out: OutType,
+) -> Result<(), String> {
     let key = |k: &str| format!("{arch}.{k}");
-    let block_count = uint(hp, &["n_layers", "num_hidden_layers", "n_layer", "num_layers"])?
-        .ok_or("no layer count (`num_hidden_layers`)")?;
+    let block_count = uint(
+        hp,
+        &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
+    )?
+    .ok_or("no layer count (`num_hidden_layers`)")?;
     md.set(key("block_count"), Value::U32(block_count));
     let optional_u32 = [
-        ("context_length", &["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"][..]),
+        (
+            "context_length",
+            &[
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            ][..],
+        ),
         ("embedding_length", &["hidden_size", "n_embd", "dim"]),
-        ("feed_forward_length", &["prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim"]),
-        ("attention.head_count", &["num_attention_heads", "n_head", "n_heads"]),
-        ("attention.head_count_kv", &["num_key_value_heads", "n_kv_heads"]),
+        (
+            "feed_forward_length",
+            &[
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            ],
+        ),
+        (
+            "attention.head_count",
+            &["num_attention_heads", "n_head", "n_heads"],
+        ),
+        (
+            "attention.head_count_kv",
+            &["num_key_value_heads", "n_kv_heads"],
+        ),
     ];
     for (name, keys) in optional_u32 {
         if let Some(v) = uint(hp, keys)? {
@@ -111,13 +149,28 @@ pub fn parameters(md: &mut Metadata, hp: &Hparams, family: Family, arch: &str, o
     }
     rope_scaling(md, hp.rope(), &key)?;
     if let Some(theta) = hp.rope().get("rope_theta").filter(|v| !v.is_null()) {
-        md.set(key("rope.freq_base"), Value::F32(float(theta, "rope_theta")?));
+        md.set(
+            key("rope.freq_base"),
+            Value::F32(float(theta, "rope_theta")?),
+        );
     }
-    if let Some(eps) = hp.find(&["rms_norm_eps", "norm_eps"]).filter(|v| !v.is_null()) {
-        md.set(key("attention.layer_norm_rms_epsilon"), Value::F32(float(eps, "rms_norm_eps")?));
+    if let Some(eps) = hp
+        .find(&["rms_norm_eps", "norm_eps"])
+        .filter(|v| !v.is_null())
+    {
+        md.set(
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(float(eps, "rms_norm_eps")?),
+        );
     }
-    if let Some(eps) = hp.find(&["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"]).filter(|v| !v.is_null()) {
-        md.set(key("attention.layer_norm_epsilon"), Value::F32(float(eps, "layer_norm_eps")?));
+    if let Some(eps) = hp
+        .find(&["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])
+        .filter(|v| !v.is_null())
+    {
+        md.set(
+            key("attention.layer_norm_epsilon"),
+            Value::F32(float(eps, "layer_norm_eps")?),
+        );
     }
     if let Some(head_dim) = hp.get("head_dim") {
         let head_dim = as_u32(head_dim, "head_dim")?;
@@ -139,13 +192,24 @@ pub fn rope_dim(hp: &Hparams) -> Result<u32, String> {
     if let Some(d) = hp.get("head_dim") {
         return as_u32(d, "head_dim");
     }
-    let hidden = as_u32(hp.get("hidden_size").ok_or("no `hidden_size`")?, "hidden_size")?;
-    let heads = as_u32(hp.get("num_attention_heads").ok_or("no `num_attention_heads`")?, "num_attention_heads")?;
+    let hidden = as_u32(
+        hp.get("hidden_size").ok_or("no `hidden_size`")?,
+        "hidden_size",
+    )?;
+    let heads = as_u32(
+        hp.get("num_attention_heads")
+            .ok_or("no `num_attention_heads`")?,
+        "num_attention_heads",
+    )?;
     Ok(hidden / heads.max(1))
 }
 
 /// The `rope.scaling.*` keys of `TextModel.set_gguf_parameters`.
-fn rope_scaling(md: &mut Metadata, rope: &Map<String, Json>, key: &dyn Fn(&str) -> String) -> Result<(), String> {
+fn rope_scaling(
+    md: &mut Metadata,
+    rope: &Map<String, Json>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), String> {
     let Some(ty) = rope.get("rope_type").and_then(Json::as_str) else {
         return Ok(());
     };
@@ -158,17 +222,32 @@ fn rope_scaling(md: &mut Metadata, rope: &Map<String, Json>, key: &dyn Fn(&str) 
         ("yarn", Some(f)) => {
             md.set(key("rope.scaling.type"), Value::Text("yarn".into()));
             md.set(key("rope.scaling.factor"), Value::F32(float(f, "factor")?));
-            let orig = rope.get("original_max_position_embeddings").ok_or("yarn RoPE without `original_max_position_embeddings`")?;
-            md.set(key("rope.scaling.original_context_length"), Value::U32(as_u32(orig, "original_max_position_embeddings")?));
+            let orig = rope
+                .get("original_max_position_embeddings")
+                .ok_or("yarn RoPE without `original_max_position_embeddings`")?;
+            md.set(
+                key("rope.scaling.original_context_length"),
+                Value::U32(as_u32(orig, "original_max_position_embeddings")?),
+            );
             let optional = [
-                ("rope.scaling.yarn_ext_factor", &["extrapolation_factor"][..]),
-                ("rope.scaling.yarn_attn_factor", &["attention_factor", "attn_factor"]),
+                (
+                    "rope.scaling.yarn_ext_factor",
+                    &["extrapolation_factor"][..],
+                ),
+                (
+                    "rope.scaling.yarn_attn_factor",
+                    &["attention_factor", "attn_factor"],
+                ),
                 ("rope.scaling.yarn_beta_fast", &["beta_fast"]),
                 ("rope.scaling.yarn_beta_slow", &["beta_slow"]),
             ];
             for (name, sources) in optional {
                 // `rope.get(a, rope.get(b))` then `is not None`: a present null hides the second.
-                if let Some(v) = sources.iter().find_map(|s| rope.get(*s)).filter(|v| !v.is_null()) {
+                if let Some(v) = sources
+                    .iter()
+                    .find_map(|s| rope.get(*s))
+                    .filter(|v| !v.is_null())
+                {
                     md.set(key(name), Value::F32(float(v, name)?));
                 }
             }
@@ -193,5 +272,7 @@ fn as_u32(v: &Json, what: &str) -> Result<u32, String> {
 }
 
 fn float(v: &Json, what: &str) -> Result<f32, String> {
-    v.as_f64().map(|f| f as f32).ok_or_else(|| format!("`{what}` is {v}, not a number"))
+    v.as_f64()
+        .map(|f| f as f32)
+        .ok_or_else(|| format!("`{what}` is {v}, not a number"))
 }

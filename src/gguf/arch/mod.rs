@@ -28,7 +28,10 @@ pub struct SourceTensor {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorData {
     /// The Hugging Face tensor `source`, its rows permuted if `permute` says so.
-    Model { source: String, permute: Option<Permute> },
+    Model {
+        source: String,
+        permute: Option<Permute>,
+    },
     /// Values the converter computes (llama3's `rope_freqs`).
     Computed(Vec<f32>),
 }
@@ -100,11 +103,21 @@ impl Family {
 
 /// Plans the GGUF file of the model in `files` with `tensors`, for output type `out`.
 /// `model_name` becomes `general.name` (the converter derives it from the directory name).
-pub fn plan(files: &dyn ModelFiles, tensors: &[SourceTensor], out: OutType, model_name: &str) -> crate::Result<ArchPlan> {
+pub fn plan(
+    files: &dyn ModelFiles,
+    tensors: &[SourceTensor],
+    out: OutType,
+    model_name: &str,
+) -> crate::Result<ArchPlan> {
     let config_path = files.root().join("config.json");
-    let refuse = |what: String| crate::Error::NoGguf { path: files.root().to_path_buf(), what };
-    let config = files.read("config.json")?.ok_or_else(|| refuse("no config.json".into()))?;
-    let hp = hparams::load(&config).map_err(|e| refuse(e))?;
+    let refuse = |what: String| crate::Error::NoGguf {
+        path: files.root().to_path_buf(),
+        what,
+    };
+    let config = files
+        .read("config.json")?
+        .ok_or_else(|| refuse("no config.json".into()))?;
+    let hp = hparams::load(&config).map_err(&refuse)?;
     let family = hparams::SUPPORTED
         .iter()
         .find(|(name, _)| *name == hp.arch)
@@ -116,21 +129,30 @@ pub fn plan(files: &dyn ModelFiles, tensors: &[SourceTensor], out: OutType, mode
     let arch = family.gguf_arch();
     let bad = |what: String| crate::Error::config(&config_path, what);
 
-    let count = |k: &str| hp.get(k).and_then(Json::as_u64).ok_or_else(|| bad(format!("`{k}` is missing or not an integer")));
+    let count = |k: &str| {
+        hp.get(k)
+            .and_then(Json::as_u64)
+            .ok_or_else(|| bad(format!("`{k}` is missing or not an integer")))
+    };
     let params = tensors::TensorParams {
         family,
         block_count: count("num_hidden_layers")?,
         n_head: count("num_attention_heads")?,
         n_head_kv: count("num_key_value_heads")?,
     };
-    let rope_type = hp.rope().get("rope_type").and_then(Json::as_str).unwrap_or("");
+    let rope_type = hp
+        .rope()
+        .get("rope_type")
+        .and_then(Json::as_str)
+        .unwrap_or("");
     let rope_factors = if family == Family::Llama && rope_type.eq_ignore_ascii_case("llama3") {
         let dim = keys::rope_dim(&hp).map_err(bad)?;
         Some(tensors::llama3_rope_factors(hp.rope(), dim as u64))
     } else {
         None
     };
-    let planned = tensors::plan_tensors(&params, tensors, rope_factors, out).map_err(|e| refuse(e))?;
+    let planned =
+        tensors::plan_tensors(&params, tensors, rope_factors, out).map_err(&refuse)?;
 
     let generation = match files.read("generation_config.json")? {
         // The converter ignores a generation config it cannot parse.
@@ -140,7 +162,10 @@ pub fn plan(files: &dyn ModelFiles, tensors: &[SourceTensor], out: OutType, mode
         },
         None => None,
     };
-    let total: u64 = planned.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+    let total: u64 = planned
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
     let mut metadata = Metadata::new();
     keys::general(&mut metadata, arch, generation.as_ref(), model_name, total);
     keys::parameters(&mut metadata, &hp, family, arch, out).map_err(bad)?;
@@ -148,37 +173,76 @@ pub fn plan(files: &dyn ModelFiles, tensors: &[SourceTensor], out: OutType, mode
         Family::Llama => VocabFamily::Llama,
         Family::Qwen2 | Family::Qwen3 => VocabFamily::Qwen,
     };
-    Ok(ArchPlan { metadata, tensors: planned, vocab })
+    Ok(ArchPlan {
+        metadata,
+        tensors: planned,
+        vocab,
+    })
 }
 
 /// The reason to refuse one of the variants that share a supported architecture name but not its conversion:
 /// mixtures of experts, pre-quantized weights, EAGLE-3 drafts, sentence-transformers pooling,
 /// and Qwen3 rerankers.
-fn refuse_variants(files: &dyn ModelFiles, hp: &hparams::Hparams, family: Family, model_name: &str) -> crate::Result<Option<String>> {
+fn refuse_variants(
+    files: &dyn ModelFiles,
+    hp: &hparams::Hparams,
+    family: Family,
+    model_name: &str,
+) -> crate::Result<Option<String>> {
     let arch = &hp.arch;
-    let present = |keys: &[&str]| keys.iter().find(|k| hp.get(k).is_some()).map(|k| k.to_string());
-    if let Some(k) = present(&["num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "num_experts_per_token", "top_k_experts", "n_group", "topk_group"]) {
+    let present = |keys: &[&str]| {
+        keys.iter()
+            .find(|k| hp.get(k).is_some())
+            .map(|k| k.to_string())
+    };
+    if let Some(k) = present(&[
+        "num_local_experts",
+        "num_experts",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "num_experts_per_token",
+        "top_k_experts",
+        "n_group",
+        "topk_group",
+    ]) {
         return Ok(Some(format!("{arch} with experts (`{k}`)")));
     }
-    if let Some(k) = present(&["quantization_config", "draft_vocab_size", "transformer_layer_config", "classifier_pooling", "mrope_section"]) {
+    if let Some(k) = present(&[
+        "quantization_config",
+        "draft_vocab_size",
+        "transformer_layer_config",
+        "classifier_pooling",
+        "mrope_section",
+    ]) {
         return Ok(Some(format!("{arch} with `{k}`")));
     }
     if hp.rope().contains_key("mrope_section") {
         return Ok(Some(format!("{arch} with `mrope_section`")));
     }
     if files.read("hf_quant_config.json")?.is_some() {
-        return Ok(Some(format!("{arch} with hf_quant_config.json (pre-quantized weights)")));
+        return Ok(Some(format!(
+            "{arch} with hf_quant_config.json (pre-quantized weights)"
+        )));
     }
     if family != Family::Llama && files.read("modules.json")?.is_some() {
-        return Ok(Some(format!("{arch} with a sentence-transformers modules.json (pooling)")));
+        return Ok(Some(format!(
+            "{arch} with a sentence-transformers modules.json (pooling)"
+        )));
     }
     let readme = files.read("README.md")?.unwrap_or_default();
     let readme = String::from_utf8_lossy(&readme);
     if family == Family::Qwen3 {
-        let hints = [model_name, hp.get("_name_or_path").and_then(Json::as_str).unwrap_or("")];
+        let hints = [
+            model_name,
+            hp.get("_name_or_path").and_then(Json::as_str).unwrap_or(""),
+        ];
         let lower = readme.to_lowercase();
-        if lower.contains("# qwen3-reranker") || lower.contains("# qwen3-vl-reranker")
-            || hints.iter().any(|h| h.to_lowercase().contains("qwen3-reranker") || h.to_lowercase().contains("qwen3-vl-reranker"))
+        if lower.contains("# qwen3-reranker")
+            || lower.contains("# qwen3-vl-reranker")
+            || hints.iter().any(|h| {
+                h.to_lowercase().contains("qwen3-reranker")
+                    || h.to_lowercase().contains("qwen3-vl-reranker")
+            })
         {
             return Ok(Some("a Qwen3 reranker".into()));
         }

@@ -12,16 +12,42 @@ const Q8_0_BLOCK: u64 = 32;
 
 /// Name prefixes and substrings `TextModel.filter_tensors` drops as multimodal tensors.
 const SKIP_PREFIXES: &[&str] = &[
-    "mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.",
-    "sound_encoder.", "sound_projection.", "speech_embeddings.",
+    "mlp",
+    "vit.",
+    "vpm.",
+    "siglip2.",
+    "conformer.",
+    "merger.",
+    "resampler.",
+    "sound_encoder.",
+    "sound_projection.",
+    "speech_embeddings.",
 ];
 const SKIP_PARTS: &[&str] = &[
-    "visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
-    "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
-    "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.",
+    "visual.",
+    "vision.",
+    "audio.",
+    "talker.",
+    "vision_",
+    "audio_",
+    "token2wav.",
+    "code2wav.",
+    "projector.",
+    "pre_mm_projector_norm",
+    "image_newline",
+    "view_seperator",
+    "patch_embed",
+    "patch_embedding",
+    "patch_merger.",
+    "patch_merge_mlp.",
+    "model.connector.",
 ];
 /// Tensors the converter drops without mapping (`prepare_tensors`).
-const UNUSED_SUFFIXES: &[&str] = &[".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq"];
+const UNUSED_SUFFIXES: &[&str] = &[
+    ".attention.masked_bias",
+    ".attention.bias",
+    ".rotary_emb.inv_freq",
+];
 
 /// What the tensor plan needs of the hyperparameters.
 pub struct TensorParams {
@@ -44,7 +70,9 @@ pub fn source_order(tensors: &[SourceTensor]) -> Vec<&SourceTensor> {
 /// The name after the converter's renames (`language_model.`, Llama's `text_model.`), or
 /// `None` for a tensor it skips.
 pub fn filtered_name(family: Family, name: &str) -> Option<String> {
-    if SKIP_PREFIXES.iter().any(|p| name.starts_with(p)) || SKIP_PARTS.iter().any(|p| name.contains(p)) {
+    if SKIP_PREFIXES.iter().any(|p| name.starts_with(p))
+        || SKIP_PARTS.iter().any(|p| name.contains(p))
+    {
         return None;
     }
     let mut name = name.to_string();
@@ -106,9 +134,13 @@ pub fn permutation(params: &TensorParams, name: &str) -> Option<Permute> {
         return None;
     }
     if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
-        Some(Permute { heads: params.n_head })
+        Some(Permute {
+            heads: params.n_head,
+        })
     } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
-        Some(Permute { heads: params.n_head_kv })
+        Some(Permute {
+            heads: params.n_head_kv,
+        })
     } else {
         None
     }
@@ -128,7 +160,10 @@ pub fn tensor_type(gguf_name: &str, shape: &[u64], out: OutType) -> GgmlType {
 
 /// The llama3 RoPE frequency factors of `LlamaModel.generate_extra_tensors`, in the same f32
 /// arithmetic as its torch code (a Python float meeting an f32 tensor is rounded to f32).
-pub fn llama3_rope_factors(rope: &serde_json::Map<String, serde_json::Value>, dim: u64) -> Vec<f32> {
+pub fn llama3_rope_factors(
+    rope: &serde_json::Map<String, serde_json::Value>,
+    dim: u64,
+) -> Vec<f32> {
     let get = |k: &str, d: f64| rope.get(k).and_then(serde_json::Value::as_f64).unwrap_or(d);
     let base = get("rope_theta", 10000.0) as f32;
     let factor = get("factor", 8.0);
@@ -185,7 +220,10 @@ pub fn plan_tensors(
             ty: tensor_type(&gguf, &t.shape, out),
             name: gguf,
             shape: t.shape.clone(),
-            data: TensorData::Model { source: t.name.clone(), permute },
+            data: TensorData::Model {
+                source: t.name.clone(),
+                permute,
+            },
         });
     }
     Ok(planned)
@@ -196,6 +234,8 @@ pub fn plan_tensors(
 fn check_permutable(name: &str, shape: &[u64], heads: u64) -> Result<(), String> {
     match shape.first() {
         Some(rows) if heads > 0 && rows % (2 * heads) == 0 => Ok(()),
-        _ => Err(format!("tensor `{name}` of shape {shape:?} cannot be split into {heads} heads of two halves")),
+        _ => Err(format!(
+            "tensor `{name}` of shape {shape:?} cannot be split into {heads} heads of two halves"
+        )),
     }
 }
