@@ -44,6 +44,9 @@ pub enum Error {
     /// it: serving it further could mix two versions.
     #[error("{}: changed since lorafs opened it ({}); remount (or rerun) to use the new version", OneLine(path.display()), OneLine(what))]
     Changed { path: PathBuf, what: String },
+    /// A model the GGUF view does not convert; llama.cpp's own converter may.
+    #[error("{}: no GGUF view for {}: lorafs's GGUF view supports {}; run llama.cpp's convert_hf_to_gguf.py on the mounted (or materialized) directory instead", OneLine(path.display()), OneLine(what), crate::gguf::arch::supported_architectures().join(", "))]
+    NoGguf { path: PathBuf, what: String },
     /// A read asked for a file id that does not exist.
     #[error("no file with id {0}")]
     NoSuchFile(usize),
@@ -123,6 +126,7 @@ impl Error {
             | Error::BadSafetensors { .. }
             | Error::Tensor { .. }
             | Error::Unsupported { .. }
+            | Error::NoGguf { .. }
             | Error::Output { .. }
             | Error::Changed { .. } => libc::EIO,
         }

@@ -201,8 +201,8 @@ fn warm(view: &View, notifier: &fuser::Notifier, dir: &Path, root: u64) {
     let start = std::time::Instant::now();
     let mut buf = vec![0u8; WARM_CHUNK];
     let mut stored = 0u64;
-    let served = (view.files.iter().enumerate())
-        .filter(|(_, f)| f.rel.extension() != Some("gguf".as_ref()));
+    let served =
+        (view.files.iter().enumerate()).filter(|(_, f)| f.rel.extension() != Some("gguf".as_ref()));
     for (index, file) in served {
         // The kernel keeps pages only for inodes it knows: look the file up first.
         if let Err(e) = std::fs::metadata(dir.join(&file.rel)) {

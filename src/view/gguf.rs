@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::{Segment, Source, View, VirtualFile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gguf::arch::{self, SourceTensor, TensorData};
+use crate::gguf::arch::{self, Permute, SourceTensor, TensorData};
 use crate::gguf::header::{self, TensorInfo};
 use crate::gguf::{encode, vocab, GgmlType, ModelFiles, OutType};
 
@@ -31,21 +31,16 @@ pub(super) struct GgufTensor {
     rows: u64,
     cols: u64,
     ty: GgmlType,
-    /// Llama's Q/K row permutation: rows of each of this many heads interleaved.
-    heads: Option<u64>,
+    /// Llama's Q/K row permutation, if the converter applies it to this tensor.
+    permute: Option<Permute>,
 }
 
 impl GgufTensor {
-    /// The source row of output row `r`: converter's `permute` reshapes each head's rows to
-    /// `(2, d/2)` and swaps the axes, so output row `2i + j` of a head is its row `j*d/2 + i`.
+    /// The source row of output row `r`.
     fn source_row(&self, r: u64) -> u64 {
-        match self.heads {
+        match self.permute {
             None => r,
-            Some(heads) => {
-                let d = self.rows / heads;
-                let (h, k) = (r / d, r % d);
-                h * d + (k % 2) * (d / 2) + k / 2
-            }
+            Some(p) => p.source_row(r, self.rows),
         }
     }
 
@@ -61,10 +56,11 @@ impl GgufTensor {
 
     /// The source rows `lo .. hi` that output rows `row0 .. row0 + n` are made from.
     fn source_span(&self, row0: u64, n: u64) -> (u64, u64) {
-        match self.heads {
+        // The permutation moves rows only within a head's rows.
+        match self.permute {
             None => (row0, row0 + n),
-            Some(heads) => {
-                let d = self.rows / heads;
+            Some(p) => {
+                let d = self.rows / p.heads;
                 (row0 / d * d, (row0 + n).div_ceil(d) * d)
             }
         }
@@ -141,7 +137,8 @@ impl View {
             view: self,
             used: RefCell::new(Vec::new()),
         };
-        let (sources, locations) = self.source_tensors()?;
+        let parts = weight_files(&files)?;
+        let (sources, locations) = self.source_tensors(&parts)?;
         let plan = arch::plan(&files, &sources, out, name)?;
         let config = files.read("config.json")?.unwrap_or_default();
         let config: serde_json::Value =
@@ -173,7 +170,7 @@ impl View {
                         rows: info.rows(),
                         cols: info.cols(),
                         ty: t.ty,
-                        heads: permute.map(|p| p.heads),
+                        permute,
                     }))
                 }
             });
@@ -233,11 +230,11 @@ impl View {
     }
 
     /// Every tensor of the view's safetensors files (from the headers the view serves), and
-    /// where each one's data is: `(file, offset, dtype)`. A tensor whose dtype GGUF does not
-    /// take from lorafs is listed without a location.
+    /// where each one's data is: `(file, offset, dtype)`.
     #[allow(clippy::type_complexity)]
     fn source_tensors(
         &self,
+        parts: &[String],
     ) -> Result<(
         Vec<SourceTensor>,
         std::collections::HashMap<String, (usize, u64, DType)>,
@@ -245,7 +242,8 @@ impl View {
         let mut tensors = Vec::new();
         let mut locations = std::collections::HashMap::new();
         for (i, vf) in self.files.iter().enumerate() {
-            if vf.rel.extension() != Some("safetensors".as_ref()) || vf.size < 8 {
+            let rel = vf.rel.to_string_lossy();
+            if !parts.iter().any(|p| *p == rel) || vf.size < 8 {
                 continue;
             }
             let n = u64::from_le_bytes(self.read_whole(i, 0, 8)?.try_into().expect("8 bytes"));
@@ -265,10 +263,10 @@ impl View {
             for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
                 let entry: TensorEntry = serde_json::from_value(info.clone())
                     .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-                let dtype = entry.dtype();
-                if let Some(dtype) = dtype {
-                    locations.insert(name.clone(), (i, 8 + n + entry.data_offsets[0], dtype));
-                }
+                // A tensor of another dtype (integer buffers) is not listed: a plan that
+                // needs it is refused as naming a tensor the model does not have.
+                let Some(dtype) = entry.dtype() else { continue };
+                locations.insert(name.clone(), (i, 8 + n + entry.data_offsets[0], dtype));
                 tensors.push(SourceTensor {
                     name: name.clone(),
                     shape: entry.shape,
@@ -336,6 +334,35 @@ impl View {
         }
         Ok(out)
     }
+}
+
+/// The safetensors files the converter reads: those the shard index names, or without one
+/// the top-level `model*.safetensors` (a Mistral repository's `consolidated.safetensors`
+/// beside them is another copy of the same weights).
+fn weight_files(files: &ViewFiles) -> Result<Vec<String>> {
+    if let Some(index) = files.read(crate::model::INDEX_FILE)? {
+        let path = files.root().join(crate::model::INDEX_FILE);
+        let index: serde_json::Value =
+            serde_json::from_slice(&index).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+        let map = (index.get("weight_map").and_then(|m| m.as_object()))
+            .ok_or_else(|| Error::config(&path, "has no weight_map"))?;
+        let mut parts: Vec<String> = (map.values())
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        parts.sort();
+        parts.dedup();
+        return Ok(parts);
+    }
+    let view = files.view;
+    Ok((view.files.iter())
+        .map(|f| f.rel.to_string_lossy().into_owned())
+        .filter(|rel| {
+            !rel.contains('/') && rel.starts_with("model") && rel.ends_with(".safetensors")
+        })
+        .collect())
 }
 
 /// `values` encoded as `ty` (a computed tensor such as `rope_freqs`).

@@ -1,0 +1,278 @@
+//! The metadata keys before `tokenizer.*`, in the converter's order: `general.*` from the
+//! writer and `gguf.Metadata`, the architecture's `set_gguf_parameters`, then
+//! `general.quantization_version`.
+
+use serde_json::{Map, Value as Json};
+
+use super::hparams::Hparams;
+use super::Family;
+use crate::gguf::{Metadata, OutType, Value};
+
+/// `GGML_QUANT_VERSION` of gguf-py.
+const QUANT_VERSION: u32 = 2;
+
+/// `general.*` up to the size label: architecture, type, the sampling defaults of
+/// `generation_config.json`, the name and the size label.
+pub fn general(
+    md: &mut Metadata,
+    arch: &str,
+    generation: Option<&Map<String, Json>>,
+    model_name: &str,
+    total_params: u64,
+) {
+    md.set("general.architecture", Value::Text(arch.into()));
+    md.set("general.type", Value::Text("model".into()));
+    if let Some(gen) = generation {
+        sampling(md, gen);
+    }
+    md.set("general.name", Value::Text(model_name.into()));
+    if total_params > 0 {
+        md.set("general.size_label", Value::Text(size_label(total_params)));
+    }
+}
+
+/// `Metadata.load`'s sampling fields from `generation_config.json`, typed as the writer's
+/// `add_sampling_*` (int32 or float32, `sequence` a string).
+fn sampling(md: &mut Metadata, gen: &Map<String, Json>) {
+    let keys: [(&str, &[&str], bool); 12] = [
+        ("sequence", &["sequence"], false),
+        ("top_k", &["top_k"], true),
+        ("top_p", &["top_p"], false),
+        ("min_p", &["min_p"], false),
+        ("xtc_probability", &["xtc_probability"], false),
+        ("xtc_threshold", &["xtc_threshold"], false),
+        ("temp", &["temperature"], false),
+        ("penalty_last_n", &["penalty_last_n"], true),
+        (
+            "penalty_repeat",
+            &["penalty_repeat", "repetition_penalty"],
+            false,
+        ),
+        ("mirostat", &["mirostat"], true),
+        ("mirostat_tau", &["mirostat_tau"], false),
+        ("mirostat_eta", &["mirostat_eta"], false),
+    ];
+    for (key, sources, int) in keys {
+        // `gen.get(a, gen.get(b, None))`: a present key wins even when it is null.
+        let Some(v) = sources.iter().find_map(|s| gen.get(*s)) else {
+            continue;
+        };
+        let value = match (v, key, int) {
+            (Json::Null, ..) => continue,
+            (Json::String(s), "sequence", _) => Value::Text(s.clone()),
+            (v, _, true) => match v.as_i64() {
+                Some(i) => Value::I32(i as i32),
+                None => continue,
+            },
+            (v, _, false) => match v.as_f64() {
+                Some(f) => Value::F32(f as f32),
+                None => continue,
+            },
+        };
+        md.set(format!("general.sampling.{key}"), value);
+    }
+}
+
+/// gguf-py's `size_label` / `model_weight_count_rounded_notation` for a dense model.
+pub fn size_label(params: u64) -> String {
+    let n = params as f64;
+    let (scaled, suffix) = if n > 1e12 {
+        (n * 1e-12, "T")
+    } else if n > 1e9 {
+        (n * 1e-9, "B")
+    } else if n > 1e6 {
+        (n * 1e-6, "M")
+    } else {
+        (n * 1e-3, "K")
+    };
+    // Python's round() rounds half to even; the digit count decides the decimals shown.
+    let whole = format!("{}", scaled.round_ties_even() as u64);
+    let digits = whole.trim_start_matches('0').len();
+    let fix = 2usize.saturating_sub(digits);
+    format!("{scaled:.fix$}{suffix}")
+}
+
+/// `TextModel.set_gguf_parameters` and the family's additions, then the quantization version.
+pub fn parameters(
+    md: &mut Metadata,
+    hp: &Hparams,
+    family: Family,
+    arch: &str,
+    out: OutType,
+) -> Result<(), String> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let block_count = uint(
+        hp,
+        &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
+    )?
+    .ok_or("no layer count (`num_hidden_layers`)")?;
+    md.set(key("block_count"), Value::U32(block_count));
+    let optional_u32 = [
+        (
+            "context_length",
+            &[
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            ][..],
+        ),
+        ("embedding_length", &["hidden_size", "n_embd", "dim"]),
+        (
+            "feed_forward_length",
+            &[
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            ],
+        ),
+        (
+            "attention.head_count",
+            &["num_attention_heads", "n_head", "n_heads"],
+        ),
+        (
+            "attention.head_count_kv",
+            &["num_key_value_heads", "n_kv_heads"],
+        ),
+    ];
+    for (name, keys) in optional_u32 {
+        if let Some(v) = uint(hp, keys)? {
+            md.set(key(name), Value::U32(v));
+        }
+    }
+    if hp.map.get("is_causal") == Some(&Json::Bool(false)) {
+        md.set(key("attention.causal"), Value::Bool(false));
+    }
+    rope_scaling(md, hp.rope(), &key)?;
+    if let Some(theta) = hp.rope().get("rope_theta").filter(|v| !v.is_null()) {
+        md.set(
+            key("rope.freq_base"),
+            Value::F32(float(theta, "rope_theta")?),
+        );
+    }
+    if let Some(eps) = hp
+        .find(&["rms_norm_eps", "norm_eps"])
+        .filter(|v| !v.is_null())
+    {
+        md.set(
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(float(eps, "rms_norm_eps")?),
+        );
+    }
+    if let Some(eps) = hp
+        .find(&["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])
+        .filter(|v| !v.is_null())
+    {
+        md.set(
+            key("attention.layer_norm_epsilon"),
+            Value::F32(float(eps, "layer_norm_eps")?),
+        );
+    }
+    if let Some(head_dim) = hp.get("head_dim") {
+        let head_dim = as_u32(head_dim, "head_dim")?;
+        md.set(key("attention.key_length"), Value::U32(head_dim));
+        md.set(key("attention.value_length"), Value::U32(head_dim));
+    }
+    md.set("general.file_type", Value::U32(out.file_type()));
+    if family == Family::Llama {
+        let vocab = hp.get("vocab_size").ok_or("no `vocab_size`")?;
+        md.set(key("vocab_size"), Value::U32(as_u32(vocab, "vocab_size")?));
+        md.set(key("rope.dimension_count"), Value::U32(rope_dim(hp)?));
+    }
+    md.set("general.quantization_version", Value::U32(QUANT_VERSION));
+    Ok(())
+}
+
+/// The RoPE head dimension: `head_dim`, else hidden size / head count.
+pub fn rope_dim(hp: &Hparams) -> Result<u32, String> {
+    if let Some(d) = hp.get("head_dim") {
+        return as_u32(d, "head_dim");
+    }
+    let hidden = as_u32(
+        hp.get("hidden_size").ok_or("no `hidden_size`")?,
+        "hidden_size",
+    )?;
+    let heads = as_u32(
+        hp.get("num_attention_heads")
+            .ok_or("no `num_attention_heads`")?,
+        "num_attention_heads",
+    )?;
+    Ok(hidden / heads.max(1))
+}
+
+/// The `rope.scaling.*` keys of `TextModel.set_gguf_parameters`.
+fn rope_scaling(
+    md: &mut Metadata,
+    rope: &Map<String, Json>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), String> {
+    let Some(ty) = rope.get("rope_type").and_then(Json::as_str) else {
+        return Ok(());
+    };
+    let factor = rope.get("factor").filter(|v| !v.is_null());
+    match (ty, factor) {
+        ("linear", Some(f)) => {
+            md.set(key("rope.scaling.type"), Value::Text("linear".into()));
+            md.set(key("rope.scaling.factor"), Value::F32(float(f, "factor")?));
+        }
+        ("yarn", Some(f)) => {
+            md.set(key("rope.scaling.type"), Value::Text("yarn".into()));
+            md.set(key("rope.scaling.factor"), Value::F32(float(f, "factor")?));
+            let orig = rope
+                .get("original_max_position_embeddings")
+                .ok_or("yarn RoPE without `original_max_position_embeddings`")?;
+            md.set(
+                key("rope.scaling.original_context_length"),
+                Value::U32(as_u32(orig, "original_max_position_embeddings")?),
+            );
+            let optional = [
+                (
+                    "rope.scaling.yarn_ext_factor",
+                    &["extrapolation_factor"][..],
+                ),
+                (
+                    "rope.scaling.yarn_attn_factor",
+                    &["attention_factor", "attn_factor"],
+                ),
+                ("rope.scaling.yarn_beta_fast", &["beta_fast"]),
+                ("rope.scaling.yarn_beta_slow", &["beta_slow"]),
+            ];
+            for (name, sources) in optional {
+                // `rope.get(a, rope.get(b))` then `is not None`: a present null hides the second.
+                if let Some(v) = sources
+                    .iter()
+                    .find_map(|s| rope.get(*s))
+                    .filter(|v| !v.is_null())
+                {
+                    md.set(key(name), Value::F32(float(v, name)?));
+                }
+            }
+        }
+        ("su" | "longrope", _) => md.set(key("rope.scaling.type"), Value::Text("longrope".into())),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn uint(hp: &Hparams, keys: &[&str]) -> Result<Option<u32>, String> {
+    match hp.find(keys) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => as_u32(v, keys[0]).map(Some),
+    }
+}
+
+fn as_u32(v: &Json, what: &str) -> Result<u32, String> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("`{what}` is {v}, not a 32-bit unsigned integer"))
+}
+
+fn float(v: &Json, what: &str) -> Result<f32, String> {
+    v.as_f64()
+        .map(|f| f as f32)
+        .ok_or_else(|| format!("`{what}` is {v}, not a number"))
+}

@@ -1,0 +1,289 @@
+//! Plans of small hand-made configs. The same plans were compared, key by key and tensor by
+//! tensor, with the pinned converter's output on tiny transformers models (see docs/GGUF.md).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::gguf::Value;
+
+/// Model files held in memory.
+struct Files(HashMap<&'static str, String>, PathBuf);
+
+impl ModelFiles for Files {
+    fn read(&self, name: &str) -> crate::Result<Option<Vec<u8>>> {
+        Ok(self.0.get(name).map(|s| s.clone().into_bytes()))
+    }
+    fn root(&self) -> &Path {
+        &self.1
+    }
+}
+
+fn files(config: serde_json::Value) -> Files {
+    Files(
+        HashMap::from([("config.json", config.to_string())]),
+        PathBuf::from("/m"),
+    )
+}
+
+fn llama_config() -> serde_json::Value {
+    serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})
+}
+
+fn t(name: &str, part: &str, shape: &[u64]) -> SourceTensor {
+    SourceTensor {
+        name: name.into(),
+        part: part.into(),
+        shape: shape.to_vec(),
+        dtype: DType::BF16,
+    }
+}
+
+fn layer(b: u32, part: &str, qkv_bias: bool) -> Vec<SourceTensor> {
+    let p = |s: &str| format!("model.layers.{b}.{s}");
+    let mut v = vec![
+        t(&p("input_layernorm.weight"), part, &[64]),
+        t(&p("post_attention_layernorm.weight"), part, &[64]),
+        t(&p("self_attn.q_proj.weight"), part, &[64, 64]),
+        t(&p("self_attn.k_proj.weight"), part, &[32, 64]),
+        t(&p("self_attn.v_proj.weight"), part, &[32, 64]),
+        t(&p("self_attn.o_proj.weight"), part, &[64, 64]),
+        t(&p("mlp.gate_proj.weight"), part, &[128, 64]),
+        t(&p("mlp.up_proj.weight"), part, &[128, 64]),
+        t(&p("mlp.down_proj.weight"), part, &[64, 128]),
+        t(&p("self_attn.rotary_emb.inv_freq"), part, &[8]),
+    ];
+    if qkv_bias {
+        v.push(t(&p("self_attn.q_proj.bias"), part, &[64]));
+    }
+    v
+}
+
+fn names(plan: &ArchPlan) -> Vec<&str> {
+    plan.tensors.iter().map(|t| t.name.as_str()).collect()
+}
+
+#[test]
+fn llama_order_names_types_and_permutation() {
+    // Given in scrambled order across two parts: the plan sorts by part, then name.
+    let mut tensors = layer(1, "model-00002.safetensors", false);
+    tensors.extend(layer(0, "model-00001.safetensors", false));
+    tensors.push(t(
+        "model.embed_tokens.weight",
+        "model-00001.safetensors",
+        &[1000, 64],
+    ));
+    tensors.push(t("model.norm.weight", "model-00002.safetensors", &[64]));
+    tensors.push(t("lm_head.weight", "model-00002.safetensors", &[1000, 64]));
+    let plan = plan(&files(llama_config()), &tensors, OutType::Q8_0, "Tiny").unwrap();
+    let n = names(&plan);
+    // `model.embed_tokens` sorts before `model.layers`, `lm_head` first in its part.
+    assert_eq!(
+        &n[..3],
+        [
+            "token_embd.weight",
+            "blk.0.attn_norm.weight",
+            "blk.0.ffn_down.weight"
+        ]
+    );
+    assert_eq!(&n[10..12], ["output.weight", "blk.1.attn_norm.weight"]);
+    assert_eq!(n[n.len() - 1], "output_norm.weight");
+    assert_eq!(n.len(), 2 * 9 + 3, "inv_freq is skipped");
+    let by = |name: &str| plan.tensors.iter().find(|t| t.name == name).unwrap();
+    assert_eq!(by("blk.0.attn_norm.weight").ty, GgmlType::F32);
+    assert_eq!(by("blk.0.ffn_down.weight").ty, GgmlType::Q8_0);
+    let perm = |name: &str| match &by(name).data {
+        TensorData::Model { permute, .. } => *permute,
+        TensorData::Computed(_) => panic!("computed"),
+    };
+    assert_eq!(perm("blk.1.attn_q.weight"), Some(Permute { heads: 4 }));
+    assert_eq!(perm("blk.1.attn_k.weight"), Some(Permute { heads: 2 }));
+    assert_eq!(perm("blk.1.attn_v.weight"), None);
+    assert_eq!(plan.vocab, VocabFamily::Llama);
+}
+
+#[test]
+fn llama_metadata_keys_and_types() {
+    let tensors = layer(0, "model.safetensors", false);
+    let plan = plan(&files(llama_config()), &tensors, OutType::F16, "Tiny").unwrap();
+    let keys: Vec<&str> = plan
+        .metadata
+        .entries()
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "general.architecture",
+            "general.type",
+            "general.name",
+            "general.size_label",
+            "llama.block_count",
+            "llama.context_length",
+            "llama.embedding_length",
+            "llama.feed_forward_length",
+            "llama.attention.head_count",
+            "llama.attention.head_count_kv",
+            "llama.rope.freq_base",
+            "llama.attention.layer_norm_rms_epsilon",
+            "llama.attention.key_length",
+            "llama.attention.value_length",
+            "general.file_type",
+            "llama.vocab_size",
+            "llama.rope.dimension_count",
+            "general.quantization_version",
+        ]
+    );
+    let get = |k: &str| plan.metadata.get(k).unwrap().clone();
+    assert_eq!(
+        get("llama.context_length"),
+        Value::U32(2048),
+        "LlamaConfig's default"
+    );
+    assert_eq!(get("llama.rope.freq_base"), Value::F32(10000.0));
+    assert_eq!(
+        get("llama.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-6)
+    );
+    assert_eq!(get("llama.rope.dimension_count"), Value::U32(16));
+    assert_eq!(get("general.file_type"), Value::U32(1));
+    assert_eq!(get("general.size_label"), Value::Text("37K".into()));
+}
+
+#[test]
+fn llama3_rope_freqs_come_first() {
+    let mut config = llama_config();
+    config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "original_max_position_embeddings": 64, "low_freq_factor": 1.0, "high_freq_factor": 4.0});
+    config["rope_theta"] = serde_json::json!(500000.0);
+    let plan = plan(
+        &files(config),
+        &layer(0, "model.safetensors", false),
+        OutType::F16,
+        "x",
+    )
+    .unwrap();
+    let first = &plan.tensors[0];
+    assert_eq!(
+        (first.name.as_str(), first.shape.as_slice(), first.ty),
+        ("rope_freqs.weight", &[8u64][..], GgmlType::F32)
+    );
+    let TensorData::Computed(f) = &first.data else {
+        panic!("not computed")
+    };
+    assert_eq!(f[0], 1.0, "high frequencies are not scaled");
+    assert_eq!(f[7], 8.0, "low frequencies are scaled by the factor");
+    assert_eq!(
+        plan.metadata.get("llama.rope.freq_base"),
+        Some(&Value::F32(500000.0))
+    );
+    assert!(plan.metadata.get("llama.rope.scaling.type").is_none());
+}
+
+#[test]
+fn qwen2_biases_f32_no_permutation() {
+    let mut config = llama_config();
+    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    config["model_type"] = serde_json::json!("qwen2");
+    let plan = plan(
+        &files(config),
+        &layer(0, "model.safetensors", true),
+        OutType::Bf16,
+        "x",
+    )
+    .unwrap();
+    let q = plan
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
+    assert_eq!(q.ty, GgmlType::Bf16);
+    assert!(matches!(q.data, TensorData::Model { permute: None, .. }));
+    let bias = plan
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.bias")
+        .unwrap();
+    assert_eq!(bias.ty, GgmlType::F32);
+    assert_eq!(plan.vocab, VocabFamily::Qwen);
+    assert!(plan.metadata.get("qwen2.vocab_size").is_none());
+    assert!(
+        plan.metadata.get("qwen2.attention.key_length").is_none(),
+        "Qwen2Config has no head_dim"
+    );
+}
+
+#[test]
+fn q8_0_falls_back_to_f16_for_short_rows() {
+    assert_eq!(
+        tensors::tensor_type("blk.0.ffn_down.weight", &[64, 80], OutType::Q8_0),
+        GgmlType::F16
+    );
+    assert_eq!(
+        tensors::tensor_type("blk.0.ffn_up.weight", &[80, 64], OutType::Q8_0),
+        GgmlType::Q8_0
+    );
+}
+
+#[test]
+fn permute_source_rows_match_the_reshape() {
+    // numpy: arange(24).reshape(3, 2, 4).swapaxes(1, 2).reshape(24)
+    let expect = [
+        0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15, 16, 20, 17, 21, 18, 22, 19, 23,
+    ];
+    let p = Permute { heads: 3 };
+    let got: Vec<u64> = (0..24).map(|r| p.source_row(r, 24)).collect();
+    assert_eq!(got, expect);
+}
+
+#[test]
+fn size_labels() {
+    assert_eq!(keys::size_label(45_000), "45K");
+    assert_eq!(keys::size_label(1_235_814_400), "1.2B");
+    assert_eq!(keys::size_label(7_241_732_096), "7.2B");
+    assert_eq!(keys::size_label(8_030_261_248), "8.0B");
+    assert_eq!(keys::size_label(124_000_000), "124M");
+}
+
+#[test]
+fn refusals_name_the_architecture_and_the_converter() {
+    let mut config = llama_config();
+    config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+    config["model_type"] = serde_json::json!("mixtral");
+    let err = plan(&files(config), &[], OutType::F16, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("MixtralForCausalLM") || err.contains("mixtral"),
+        "{err}"
+    );
+    assert!(err.contains("convert_hf_to_gguf.py"), "{err}");
+    assert!(err.contains("LlamaForCausalLM"), "{err}");
+
+    let mut config = llama_config();
+    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    let err = plan(&files(config), &[], OutType::F16, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("GPT2LMHeadModel"), "{err}");
+
+    let mut config = llama_config();
+    config["num_local_experts"] = serde_json::json!(8);
+    let err = plan(&files(config), &[], OutType::F16, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("experts"), "{err}");
+
+    let unmapped = [t(
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.safetensors",
+        &[16],
+    )];
+    let err = plan(&files(llama_config()), &unmapped, OutType::F16, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("q_norm"), "{err}");
+}
