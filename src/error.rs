@@ -44,6 +44,10 @@ pub enum Error {
     /// it: serving it further could mix two versions.
     #[error("{}: changed since lorafs opened it ({}); remount (or rerun) to use the new version", OneLine(path.display()), OneLine(what))]
     Changed { path: PathBuf, what: String },
+    /// A model that lorafs cannot show as GGUF (an architecture or tokenizer it does not
+    /// convert), with the reason and what to do instead.
+    #[error("{}: no GGUF view: {}", OneLine(path.display()), OneLine(what))]
+    NoGguf { path: PathBuf, what: String },
     /// A read asked for a file id that does not exist.
     #[error("no file with id {0}")]
     NoSuchFile(usize),
@@ -112,6 +116,13 @@ impl Error {
         }
     }
 
+    pub fn no_gguf(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::NoGguf {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
     /// The errno a filesystem read should return for this error.
     pub fn errno(&self) -> i32 {
         match self {
@@ -123,6 +134,7 @@ impl Error {
             | Error::BadSafetensors { .. }
             | Error::Tensor { .. }
             | Error::Unsupported { .. }
+            | Error::NoGguf { .. }
             | Error::Output { .. }
             | Error::Changed { .. } => libc::EIO,
         }

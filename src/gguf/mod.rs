@@ -7,8 +7,10 @@
 //! and the lazy tensor data live in [`file`].
 
 pub mod metadata;
+pub mod vocab;
 
 pub use metadata::{Array, Metadata, Value};
+pub use vocab::{vocab_metadata, VocabFamily};
 
 use std::path::{Path, PathBuf};
 
