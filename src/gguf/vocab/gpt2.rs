@@ -33,7 +33,10 @@ impl HfTokenizer {
             ));
         };
         let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| {
-            dir.bad(TOKENIZER_JSON, format!("not a tokenizer the `tokenizers` library reads: {e}"))
+            dir.bad(
+                TOKENIZER_JSON,
+                format!("not a tokenizer the `tokenizers` library reads: {e}"),
+            )
         })?;
         Ok(HfTokenizer { tokenizer })
     }
@@ -79,7 +82,10 @@ pub(crate) fn check_hash(dir: &Dir, tokenizer: &HfTokenizer) -> Result<String> {
     let ids = tokenizer.encode(dir, CHECK_TEXT, true)?;
     let text = format!(
         "[{}]",
-        ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(Sha256::digest(text.as_bytes())
         .iter()
@@ -112,7 +118,12 @@ fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i3
             .as_u64()
             .filter(|n| *n <= i32::MAX as u64)
             .map(|n| n as usize)
-            .ok_or_else(|| dir.bad("config.json", format!("vocab_size {v} is not a vocabulary size")))?,
+            .ok_or_else(|| {
+                dir.bad(
+                    "config.json",
+                    format!("vocab_size {v} is not a vocabulary size"),
+                )
+            })?,
     };
     if let Some(max) = vocab.values().max() {
         if *max as usize >= vocab_size {

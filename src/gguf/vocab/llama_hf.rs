@@ -95,7 +95,10 @@ pub(crate) fn set_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
 /// `<0xHH>`, a byte-fallback token.
 fn is_byte_token(text: &str) -> bool {
     let b = text.as_bytes();
-    b.len() == 6 && b.starts_with(b"<0x") && b[5] == b'>' && b[3..5].iter().all(u8::is_ascii_hexdigit)
+    b.len() == 6
+        && b.starts_with(b"<0x")
+        && b[5] == b'>'
+        && b[3..5].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// transformers' `all_special_tokens` with their ids: the named special tokens of

@@ -90,12 +90,8 @@ fn llama_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
     // CodeLlama: the converter reloads the special tokens with the infill types and fixed
     // ids; of those only `eot` has a GGUF key, the rest are dropped with a warning.
     if vocab_size == Some(32016) {
-        let mut special = special::SpecialVocab::load(
-            dir,
-            false,
-            &["prefix", "suffix", "middle", "eot"],
-            None,
-        )?;
+        let mut special =
+            special::SpecialVocab::load(dir, false, &["prefix", "suffix", "middle", "eot"], None)?;
         for (kind, id) in [("prefix", 32007), ("suffix", 32008), ("middle", 32009)] {
             special.set_special_token(dir, kind, &Json::from(id))?;
         }

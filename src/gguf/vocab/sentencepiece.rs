@@ -129,7 +129,10 @@ impl<'b> Reader<'b> {
     }
 
     fn fixed<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
-        Ok(self.take(N as u64)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N as u64)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
 
     fn skip(&mut self, wire: u8) -> std::result::Result<(), String> {
@@ -178,10 +181,11 @@ type Vocab = (Vec<String>, Vec<f32>, Vec<i32>);
 /// size, then overridden by `added_tokens.json` and `tokenizer_config.json`.
 fn create_vocab(dir: &Dir) -> Result<Vocab> {
     let name = "tokenizer.model";
-    let bytes = dir.read(name)?.expect("caller checked that the file exists");
-    let pieces = parse_model(&bytes).map_err(|what| {
-        dir.bad(name, format!("not a SentencePiece model: {what}"))
-    })?;
+    let bytes = dir
+        .read(name)?
+        .expect("caller checked that the file exists");
+    let pieces = parse_model(&bytes)
+        .map_err(|what| dir.bad(name, format!("not a SentencePiece model: {what}")))?;
     let vocab_size = configured_vocab_size(dir)?.unwrap_or(pieces.len());
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
@@ -211,10 +215,9 @@ fn create_vocab(dir: &Dir) -> Result<Vocab> {
         if let Some(Json::Object(decoder)) = decoder {
             for (key, data) in &decoder {
                 let file = "tokenizer_config.json";
-                let id: usize = key
-                    .trim()
-                    .parse()
-                    .map_err(|_| dir.bad(file, format!("added token id {key:?} is not a number")))?;
+                let id: usize = key.trim().parse().map_err(|_| {
+                    dir.bad(file, format!("added token id {key:?} is not a number"))
+                })?;
                 let Some(content) = data.get("content").and_then(Json::as_str) else {
                     return Err(dir.bad(file, format!("added token {id} has no content")));
                 };
@@ -241,7 +244,12 @@ fn token_id(dir: &Dir, file: &str, value: &Json) -> Result<usize> {
     value
         .as_u64()
         .and_then(|id| usize::try_from(id).ok())
-        .ok_or_else(|| dir.bad(file, format!("token id {value} is not a non-negative integer")))
+        .ok_or_else(|| {
+            dir.bad(
+                file,
+                format!("token id {value} is not a non-negative integer"),
+            )
+        })
 }
 
 /// The vocabulary size of the config (`vocab_size_per_layer_input`, else `vocab_size`), if it

@@ -109,7 +109,11 @@ impl SpecialVocab {
                         let parts = pair.as_array().ok_or_else(bad)?;
                         let parts: Vec<String> = parts
                             .iter()
-                            .map(|p| p.as_str().map(|s| s.replace(' ', "\u{120}")).ok_or_else(bad))
+                            .map(|p| {
+                                p.as_str()
+                                    .map(|s| s.replace(' ', "\u{120}"))
+                                    .ok_or_else(bad)
+                            })
                             .collect::<Result<_>>()?;
                         Ok(parts.join(" "))
                     })
@@ -170,7 +174,9 @@ impl SpecialVocab {
         let processors = match post.get("processors") {
             None => vec![post.clone()],
             Some(Json::Array(list)) => list.clone(),
-            Some(_) => return Err(dir.bad("tokenizer.json", "post_processor.processors is not a list")),
+            Some(_) => {
+                return Err(dir.bad("tokenizer.json", "post_processor.processors is not a list"))
+            }
         };
         for processor in &processors {
             match processor.get("type").and_then(Json::as_str) {
@@ -251,8 +257,16 @@ impl SpecialVocab {
         let piece_id = |p: Option<&Json>| p.and_then(|p| get2(p, "SpecialToken", "id")).cloned();
         let start = usize::from(first.is_some() && piece_id(pair.first()) == first);
         let stop_last = last.is_some() && piece_id(pair.last()) == last;
-        let end = if stop_last { pair.len() - 1 } else { pair.len() };
-        let pair = if start < end { &pair[start..end] } else { &[][..] };
+        let end = if stop_last {
+            pair.len() - 1
+        } else {
+            pair.len()
+        };
+        let pair = if start < end {
+            &pair[start..end]
+        } else {
+            &[][..]
+        };
         if pair.is_empty() {
             return;
         }
