@@ -44,8 +44,9 @@ pub enum Error {
     /// it: serving it further could mix two versions.
     #[error("{}: changed since lorafs opened it ({}); remount (or rerun) to use the new version", OneLine(path.display()), OneLine(what))]
     Changed { path: PathBuf, what: String },
-    /// A model the GGUF view does not convert; llama.cpp's own converter may.
-    #[error("{}: no GGUF view for {}: lorafs's GGUF view supports {}; run llama.cpp's convert_hf_to_gguf.py on the mounted (or materialized) directory instead", OneLine(path.display()), OneLine(what), crate::gguf::arch::supported_architectures().join(", "))]
+    /// A model that lorafs cannot show as GGUF (an architecture or tokenizer it does not
+    /// convert), with the reason and what to do instead.
+    #[error("{}: no GGUF view: {}", OneLine(path.display()), OneLine(what))]
     NoGguf { path: PathBuf, what: String },
     /// A read asked for a file id that does not exist.
     #[error("no file with id {0}")]
@@ -110,6 +111,13 @@ impl Error {
 
     pub fn unsupported(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
         Error::Unsupported {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    pub fn no_gguf(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::NoGguf {
             path: path.as_ref().to_path_buf(),
             what: what.into(),
         }

@@ -13,6 +13,7 @@ pub mod metadata;
 pub mod vocab;
 
 pub use metadata::{Array, Metadata, Value};
+pub use vocab::{vocab_metadata, VocabFamily};
 
 use std::path::{Path, PathBuf};
 

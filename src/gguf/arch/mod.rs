@@ -72,14 +72,7 @@ pub enum Family {
     Qwen3,
 }
 
-/// The converter's `set_vocab` procedure: `Llama` tries SentencePiece, then `llama_hf`, then
-/// GPT-2 BPE, after `add_space_prefix` from `tokenizer_config.json`; `Qwen` tries
-/// SentencePiece, then GPT-2 BPE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VocabFamily {
-    Llama,
-    Qwen,
-}
+pub use super::vocab::VocabFamily;
 
 /// The GGUF file without its tokenizer keys and tensor bytes.
 #[derive(Debug, Clone)]
@@ -112,7 +105,11 @@ pub fn plan(
     let config_path = files.root().join("config.json");
     let refuse = |what: String| crate::Error::NoGguf {
         path: files.root().to_path_buf(),
-        what,
+        what: format!(
+            "{what}: lorafs's GGUF view supports {}; run llama.cpp's convert_hf_to_gguf.py \
+             on the mounted (or materialized) directory instead",
+            supported_architectures().join(", ")
+        ),
     };
     let config = files
         .read("config.json")?

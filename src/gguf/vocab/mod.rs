@@ -1,0 +1,209 @@
+//! The `tokenizer.*` keys of the GGUF view: what llama.cpp's `convert_hf_to_gguf.py` writes
+//! in `set_vocab` for a model family, with the same keys, value types, values and order.
+//!
+//! The converter has three ways to read a vocabulary, tried in this order for Llama:
+//! [`sentencepiece`] (`tokenizer.model`), [`llama_hf`] (a `tokenizer.json` BPE with byte
+//! fallback, as transformers saves a Llama/Mistral SentencePiece tokenizer) and [`gpt2`]
+//! (a byte-level BPE `tokenizer.json`, named by its pre-tokenizer hash). Each ends with
+//! [`special`], the converter's `SpecialVocab`: merges, special token ids, the add-bos/eos
+//! flags and the chat template.
+
+mod gpt2;
+mod llama_hf;
+mod pre_hashes;
+mod sentencepiece;
+mod special;
+
+use super::{Metadata, ModelFiles, Value};
+use crate::{Error, Result};
+use serde_json::{Map, Value as Json};
+
+/// How a model family sets its vocabulary (the converter's `set_vocab` of its model class).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VocabFamily {
+    /// `LlamaModel.set_vocab` (Llama, Mistral and their relatives).
+    Llama,
+    /// `Qwen2Model.set_vocab` (Qwen2, Qwen3).
+    Qwen,
+}
+
+/// The converter's token types (`gguf.TokenType`, the same numbers as SentencePiece's).
+pub(crate) mod token_type {
+    pub const NORMAL: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
+    pub const UNUSED: i32 = 5;
+    pub const BYTE: i32 = 6;
+}
+
+/// Appends the `tokenizer.*` keys of `files` to `meta`, as the converter's `set_vocab` for
+/// `family` does. `config` is the model's `config.json`.
+pub fn vocab_metadata(
+    files: &dyn ModelFiles,
+    config: &Json,
+    family: VocabFamily,
+    meta: &mut Metadata,
+) -> Result<()> {
+    let dir = Dir::new(files, config)?;
+    match family {
+        VocabFamily::Llama => llama_vocab(&dir, meta),
+        VocabFamily::Qwen => {
+            if dir.has("tokenizer.model")? {
+                sentencepiece::set_vocab(&dir, meta)
+            } else {
+                gpt2::set_vocab(&dir, meta)
+            }
+        }
+    }
+}
+
+/// `LlamaModel.set_vocab`.
+fn llama_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
+    if dir.has("tekken.json")? && !dir.has("tokenizer.json")? {
+        return Err(dir.unsupported(
+            "tekken.json",
+            "a Mistral Tekken tokenizer (converted by the converter through mistral_common)",
+        ));
+    }
+    if let Some(tokenizer_config) = dir.json_object("tokenizer_config.json")? {
+        if let Some(prefix) = tokenizer_config.get("add_prefix_space") {
+            if !prefix.is_null() {
+                meta.set(
+                    "tokenizer.ggml.add_space_prefix",
+                    Value::Bool(truthy(prefix)),
+                );
+            }
+        }
+        if tokenizer_config.get("tokenizer_class") == Some(&Json::from("HybridDNATokenizer")) {
+            return Err(dir.unsupported("tokenizer_config.json", "a HybridDNATokenizer"));
+        }
+    }
+    if dir.has("tokenizer.model")? {
+        sentencepiece::set_vocab(dir, meta)?;
+    } else if llama_hf::applies(dir)? {
+        llama_hf::set_vocab(dir, meta)?;
+    } else {
+        gpt2::set_vocab(dir, meta)?;
+    }
+    let vocab_size = dir.hparams.get("vocab_size").and_then(Json::as_i64);
+    // CodeLlama: the converter reloads the special tokens with the infill types and fixed
+    // ids; of those only `eot` has a GGUF key, the rest are dropped with a warning.
+    if vocab_size == Some(32016) {
+        let mut special =
+            special::SpecialVocab::load(dir, false, &["prefix", "suffix", "middle", "eot"], None)?;
+        for (kind, id) in [("prefix", 32007), ("suffix", 32008), ("middle", 32009)] {
+            special.set_special_token(dir, kind, &Json::from(id))?;
+        }
+        special.set_special_token(dir, "eot", &Json::from(32010))?;
+        special.add_to(meta);
+    }
+    // Granite's small models.
+    if vocab_size == Some(49152) {
+        meta.set("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    }
+    Ok(())
+}
+
+/// Python's truth value of a JSON value (`if value:`).
+pub(crate) fn truthy(value: &Json) -> bool {
+    match value {
+        Json::Null => false,
+        Json::Bool(b) => *b,
+        Json::Number(n) => n.as_f64() != Some(0.0),
+        Json::String(s) => !s.is_empty(),
+        Json::Array(a) => !a.is_empty(),
+        Json::Object(o) => !o.is_empty(),
+    }
+}
+
+/// The converter's `does_token_look_special`.
+pub(crate) fn looks_special(token: &str) -> bool {
+    matches!(token, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (token.starts_with("<|") && token.ends_with("|>"))
+        || (token.starts_with("<\u{ff5c}") && token.ends_with("\u{ff5c}>"))
+        || (token.starts_with("<unused") && token.ends_with('>'))
+}
+
+/// The model directory as the vocabulary code reads it: its files and its hyperparameters
+/// (`config.json` with its `text_config` moved to the root, as the converter's `hparams`).
+pub(crate) struct Dir<'a> {
+    files: &'a dyn ModelFiles,
+    /// `config.json` as it is (`SpecialVocab` reads it so).
+    config: &'a Json,
+    /// The converter's `self.hparams`.
+    hparams: Map<String, Json>,
+}
+
+impl<'a> Dir<'a> {
+    fn new(files: &'a dyn ModelFiles, config: &'a Json) -> Result<Dir<'a>> {
+        let Some(root) = config.as_object() else {
+            return Err(Error::config(
+                files.root().join("config.json"),
+                "not a JSON object",
+            ));
+        };
+        let mut hparams = root.clone();
+        if let Some(Json::Object(text)) = root.get("text_config") {
+            hparams.extend(text.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Ok(Dir {
+            files,
+            config,
+            hparams,
+        })
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.files.root().join(name)
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.files.read(name)
+    }
+
+    fn has(&self, name: &str) -> Result<bool> {
+        Ok(self.read(name)?.is_some())
+    }
+
+    /// A JSON file, or `None` if it is absent.
+    fn json(&self, name: &str) -> Result<Option<Json>> {
+        let Some(bytes) = self.read(name)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| Error::Json {
+                path: self.path(name),
+                source,
+            })
+    }
+
+    /// A JSON file that must hold an object (the converter calls `.get` on it).
+    fn json_object(&self, name: &str) -> Result<Option<Map<String, Json>>> {
+        match self.json(name)? {
+            None => Ok(None),
+            Some(Json::Object(map)) => Ok(Some(map)),
+            Some(_) => Err(Error::config(self.path(name), "not a JSON object")),
+        }
+    }
+
+    /// A file content that is not what the converter expects (where it would fail too).
+    fn bad(&self, name: &str, what: impl Into<String>) -> Error {
+        Error::config(self.path(name), what)
+    }
+
+    /// The refusal of a tokenizer lorafs does not convert, with the way out.
+    fn unsupported(&self, name: &str, what: &str) -> Error {
+        Error::no_gguf(
+            self.path(name),
+            format!(
+                "lorafs does not convert {what} to GGUF; run llama.cpp's convert_hf_to_gguf.py \
+                 on the mounted merged directory instead"
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;
