@@ -58,13 +58,16 @@ pub fn load(config: &[u8]) -> Result<Hparams, String> {
         .and_then(Json::as_str)
         .ok_or("no `architectures` entry")?
         .to_string();
+    if !SUPPORTED.iter().any(|(name, _)| *name == arch) {
+        return Err(format!("architecture {arch}"));
+    }
     if raw.contains_key("text_config") {
         return Err(format!("{arch} has a `text_config` (a multimodal model)"));
     }
     let model_type = raw.get("model_type").and_then(Json::as_str).unwrap_or("");
     if !MODEL_TYPES.contains(&model_type) {
         return Err(format!(
-            "model_type `{model_type}` (lorafs reproduces the config defaults of {})",
+            "{arch} with model_type `{model_type}` (lorafs reproduces the config defaults of {})",
             MODEL_TYPES.join(", ")
         ));
     }
