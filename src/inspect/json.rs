@@ -67,6 +67,20 @@ pub struct ViewPlan {
     /// Every merged tensor, with `--tensors` only (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorInfo>>,
+    /// The GGUF files of `--gguf` (empty without it).
+    pub gguf: Vec<GgufInfo>,
+}
+
+/// A GGUF file of the view.
+#[derive(Serialize)]
+pub struct GgufInfo {
+    pub file: String,
+    /// F32, F16, BF16 or Q8_0.
+    #[serde(rename = "type")]
+    pub out_type: &'static str,
+    pub architecture: String,
+    pub tensors: usize,
+    pub bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -278,6 +292,15 @@ fn view_plan(view: &View, tensors: bool) -> ViewPlan {
             trainable_percent: 100.0 * trainable as f64 / all.max(1) as f64,
         },
         tensors: tensors.then(|| plan.merges.iter().map(tensor_info).collect()),
+        gguf: (view.gguf.iter())
+            .map(|g| GgufInfo {
+                file: g.rel.to_string_lossy().into_owned(),
+                out_type: g.out.name(),
+                architecture: g.architecture.clone(),
+                tensors: g.tensors,
+                bytes: g.bytes,
+            })
+            .collect(),
     }
 }
 

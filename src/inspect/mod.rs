@@ -85,6 +85,16 @@ fn write_view(s: &mut String, view: &View, tensors: bool) {
         );
     }
     write_merges(s, view, tensors);
+    for g in &view.gguf {
+        let _ = writeln!(
+            s,
+            "gguf      {}  ({}, {} tensors, {} bytes)",
+            g.rel.display(),
+            g.architecture,
+            g.tensors,
+            g.bytes
+        );
+    }
     // The figure PEFT's print_trainable_parameters shows (and the seed prints).
     let trainable: usize = plan.adapters.iter().map(|a| a.num_params).sum();
     let all = view.engine.base.num_params() + trainable;

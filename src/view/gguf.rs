@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Segment, Source, View, VirtualFile};
+use super::{GgufFile, Segment, Source, View, VirtualFile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gguf::arch::{self, Permute, SourceTensor, TensorData};
@@ -105,7 +105,14 @@ impl View {
     pub fn add_gguf(&mut self, types: &[OutType]) -> Result<()> {
         let name = self.gguf_name();
         for &out in types {
-            let vf = self.gguf_file(out, &name)?;
+            let (vf, architecture, tensors) = self.gguf_file(out, &name)?;
+            self.gguf.push(GgufFile {
+                rel: vf.rel.clone(),
+                out,
+                architecture,
+                tensors,
+                bytes: vf.size,
+            });
             self.files.push(vf);
         }
         Ok(())
@@ -132,7 +139,8 @@ impl View {
         Ok(buf)
     }
 
-    fn gguf_file(&self, out: OutType, name: &str) -> Result<VirtualFile> {
+    /// The GGUF file of type `out`, its architecture and its tensor count.
+    fn gguf_file(&self, out: OutType, name: &str) -> Result<(VirtualFile, String, usize)> {
         let files = ViewFiles {
             view: self,
             used: RefCell::new(Vec::new()),
@@ -202,7 +210,12 @@ impl View {
         used.extend(locations.values().map(|&(file, _, _)| file));
         used.sort_unstable();
         used.dedup();
-        Ok(self.gguf_virtual_file(out, used, segments, layout.size))
+        let architecture = match metadata.get("general.architecture") {
+            Some(crate::gguf::Value::Text(arch)) => arch.clone(),
+            _ => String::new(),
+        };
+        let vf = self.gguf_virtual_file(out, used, segments, layout.size);
+        Ok((vf, architecture, infos.len()))
     }
 
     /// The virtual file of a laid-out GGUF: it is served as its first safetensors file is

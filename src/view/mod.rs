@@ -107,6 +107,19 @@ pub struct View {
     adapter_configs: Vec<SourceFile>,
     /// The recipe id of each merge, by index in `plan.merges`.
     recipes: Vec<u32>,
+    /// The GGUF files added by [`View::add_gguf`].
+    pub gguf: Vec<GgufFile>,
+}
+
+/// A GGUF file of a view, as `inspect` describes it.
+#[derive(Debug, Clone)]
+pub struct GgufFile {
+    pub rel: PathBuf,
+    pub out: crate::gguf::OutType,
+    /// `general.architecture`.
+    pub architecture: String,
+    pub tensors: usize,
+    pub bytes: u64,
 }
 
 impl View {
@@ -144,6 +157,7 @@ impl View {
             adapter_weights,
             adapter_configs,
             recipes: Vec::new(),
+            gguf: Vec::new(),
         };
         view.recipes = (0..view.plan.merges.len())
             .map(|i| view.engine.recipe_id(view.recipe(i)))
