@@ -26,6 +26,15 @@ impl ModelFiles for MemFiles {
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.0.get(name).cloned())
     }
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let prefix = format!("{dir}/");
+        Ok(self
+            .0
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect())
+    }
     fn root(&self) -> &Path {
         &self.1
     }
