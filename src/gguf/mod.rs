@@ -24,6 +24,10 @@ pub trait ModelFiles {
     /// The bytes of file `name` (relative to the directory root), or `None` if there is no
     /// such file.
     fn read(&self, name: &str) -> crate::Result<Option<Vec<u8>>>;
+    /// The names of the files in subdirectory `dir` (relative to the root), in any order;
+    /// empty if there is no such directory. (The converter globs
+    /// `additional_chat_templates/*.jinja`.)
+    fn list(&self, dir: &str) -> crate::Result<Vec<String>>;
     /// The directory's path, for error messages.
     fn root(&self) -> &Path;
 }
@@ -39,6 +43,26 @@ impl ModelFiles for DirFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(crate::Error::Io { path, source }),
         }
+    }
+
+    fn list(&self, dir: &str) -> crate::Result<Vec<String>> {
+        let path = self.0.join(dir);
+        let entries = match std::fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(crate::Error::Io { path, source }),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| crate::Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
     }
 
     fn root(&self) -> &Path {

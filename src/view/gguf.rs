@@ -95,6 +95,14 @@ impl ModelFiles for ViewFiles<'_> {
         Ok(Some(self.view.read_whole(i, 0, vf.size)?))
     }
 
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let dir = Path::new(dir);
+        Ok((self.view.files.iter())
+            .filter(|f| f.rel.parent() == Some(dir))
+            .filter_map(|f| f.rel.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect())
+    }
+
     fn root(&self) -> &Path {
         self.view.base_dir()
     }

@@ -140,6 +140,7 @@ fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i3
     let added = tokenizer.tokenizer.get_added_tokens_decoder();
     let added_contents: std::collections::HashSet<&str> =
         added.values().map(|t| t.content.as_str()).collect();
+    let clean_up = decode_cleans_up(dir, tokenizer)?;
     let mut tokens = Vec::with_capacity(vocab_size);
     let mut types = Vec::with_capacity(vocab_size);
     for (i, token) in reverse.iter().enumerate() {
@@ -163,6 +164,9 @@ fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i3
         if !info.normalized {
             let ids = tokenizer.encode(dir, &token, false)?;
             token = tokenizer.decode(dir, &ids)?;
+            if clean_up {
+                token = clean_up_tokenization(&token);
+            }
         }
         if info.special || looks_special(&token) {
             types.push(token_type::CONTROL);
@@ -173,4 +177,38 @@ fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i3
         tokens.push(token);
     }
     Ok((tokens, types))
+}
+
+/// Whether transformers' `decode` cleans up the spaces of its text: when the tokenizer
+/// config asks for it, except for BPE models unless forced.
+fn decode_cleans_up(dir: &Dir, tokenizer: &HfTokenizer) -> Result<bool> {
+    let Some(config) = dir.json_object("tokenizer_config.json")? else {
+        return Ok(false);
+    };
+    let flag = |key: &str| config.get(key).is_some_and(super::truthy);
+    let is_bpe = matches!(
+        tokenizer.tokenizer.get_model(),
+        tokenizers::ModelWrapper::BPE(_)
+    );
+    Ok(flag("clean_up_tokenization_spaces")
+        && (!is_bpe
+            || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+}
+
+/// transformers' `clean_up_tokenization`.
+fn clean_up_tokenization(text: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(text.to_string(), |text, (from, to)| text.replace(from, to))
 }

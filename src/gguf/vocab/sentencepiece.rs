@@ -25,17 +25,30 @@ pub(crate) struct Piece {
 /// The pieces of a `ModelProto`; `Err` says what is wrong.
 pub(crate) fn parse_model(bytes: &[u8]) -> std::result::Result<Vec<Piece>, String> {
     let mut pieces = Vec::new();
+    let mut byte_fallback = false;
     let mut reader = Reader { bytes, pos: 0 };
     while !reader.done() {
-        let (field, wire) = reader.key()?;
-        if field == 1 && wire == 2 {
-            pieces.push(parse_piece(reader.bytes()?)?);
-        } else {
-            reader.skip(wire)?;
+        match reader.key()? {
+            (1, 2) => pieces.push(parse_piece(reader.bytes()?)?),
+            (2, 2) => byte_fallback = parse_byte_fallback(reader.bytes()?)?,
+            (_, wire) => reader.skip(wire)?,
         }
     }
-    validate(&pieces)?;
+    validate(&pieces, byte_fallback)?;
     Ok(pieces)
+}
+
+/// `TrainerSpec.byte_fallback` (field 35), which decides whether byte pieces are allowed.
+fn parse_byte_fallback(bytes: &[u8]) -> std::result::Result<bool, String> {
+    let mut byte_fallback = false;
+    let mut reader = Reader { bytes, pos: 0 };
+    while !reader.done() {
+        match reader.key()? {
+            (35, 0) => byte_fallback = reader.varint()? != 0,
+            (_, wire) => reader.skip(wire)?,
+        }
+    }
+    Ok(byte_fallback)
 }
 
 fn parse_piece(bytes: &[u8]) -> std::result::Result<Piece, String> {
@@ -52,25 +65,30 @@ fn parse_piece(bytes: &[u8]) -> std::result::Result<Piece, String> {
                     .map_err(|_| "a piece is not valid UTF-8".to_string())?;
             }
             (2, 5) => piece.score = f32::from_le_bytes(reader.fixed::<4>()?),
-            // An enum is an int32 varint: negative values take ten bytes, truncated here.
-            (3, 0) => piece.kind = reader.varint()? as i32,
+            // `type` is a proto2 enum: SentencePiece's protobuf runtime keeps a value it does
+            // not know as an unknown field, leaving the type NORMAL.
+            (3, 0) => {
+                let kind = reader.varint()?;
+                if (1..=6).contains(&kind) {
+                    piece.kind = kind as i32;
+                }
+            }
             (_, wire) => reader.skip(wire)?,
         }
     }
     Ok(piece)
 }
 
-/// What SentencePiece itself checks when it loads a model (`InitializePieces`).
-fn validate(pieces: &[Piece]) -> std::result::Result<(), String> {
+/// What SentencePiece itself checks when it loads a model (`InitializePieces`), where the
+/// converter would fail.
+fn validate(pieces: &[Piece], byte_fallback: bool) -> std::result::Result<(), String> {
     if pieces.is_empty() {
         return Err("the model has no pieces".into());
     }
     let mut seen = std::collections::HashSet::new();
     let mut unknowns = 0;
+    let mut bytes = 0;
     for (id, piece) in pieces.iter().enumerate() {
-        if !(1..=6).contains(&piece.kind) {
-            return Err(format!("piece {id} has an unknown type {}", piece.kind));
-        }
         if piece.text.is_empty() {
             return Err(format!("piece {id} is empty"));
         }
@@ -78,11 +96,34 @@ fn validate(pieces: &[Piece]) -> std::result::Result<(), String> {
             return Err(format!("piece {id} ({:?}) is defined twice", piece.text));
         }
         unknowns += usize::from(piece.kind == token_type::UNKNOWN);
+        if piece.kind == token_type::BYTE {
+            if !byte_fallback {
+                return Err(format!("byte piece {id} without byte fallback"));
+            }
+            if !is_byte_piece(&piece.text) {
+                return Err(format!("byte piece {id} ({:?}) is not <0xHH>", piece.text));
+            }
+            bytes += 1;
+        }
     }
     if unknowns != 1 {
         return Err("the model must define exactly one unknown piece".into());
     }
+    if byte_fallback && bytes != 256 {
+        return Err(format!("byte fallback with {bytes} byte pieces, not 256"));
+    }
     Ok(())
+}
+
+/// `<0xHH>` with two upper-case hex digits, as SentencePiece writes (and parses) them.
+fn is_byte_piece(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 6
+        && b.starts_with(b"<0x")
+        && b[5] == b'>'
+        && b[3..5]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
 }
 
 struct Reader<'b> {

@@ -26,6 +26,15 @@ impl ModelFiles for MemFiles {
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.0.get(name).cloned())
     }
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let prefix = format!("{dir}/");
+        Ok(self
+            .0
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect())
+    }
     fn root(&self) -> &Path {
         &self.1
     }
@@ -45,8 +54,12 @@ fn field_bytes(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
-/// A `ModelProto` with these pieces (and a trainer spec to skip, as real files have).
+/// A `ModelProto` with these pieces and a trainer spec without byte fallback.
 fn model_proto(pieces: &[(&str, f32, i32)]) -> Vec<u8> {
+    model_proto_with(pieces, false)
+}
+
+fn model_proto_with(pieces: &[(&str, f32, i32)], byte_fallback: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for (text, score, kind) in pieces {
         let mut piece = Vec::new();
@@ -59,7 +72,9 @@ fn model_proto(pieces: &[(&str, f32, i32)]) -> Vec<u8> {
         }
         field_bytes(1, &piece, &mut out);
     }
-    field_bytes(2, &[8, 1, 0x15, 0, 0, 0, 0], &mut out);
+    // TrainerSpec: model_type (3) = 1, then byte_fallback (35, a two-byte key).
+    let spec = [0x18, 1, 0x98, 0x02, u8::from(byte_fallback)];
+    field_bytes(2, &spec, &mut out);
     out
 }
 
@@ -67,9 +82,9 @@ const PIECES: [(&str, f32, i32); 6] = [
     ("<unk>", 0.0, 2),
     ("<s>", 0.0, 3),
     ("</s>", 0.0, 3),
-    ("<0x41>", 0.0, 6),
     ("\u{2581}a", -1.5, 1),
     ("<tool>", 0.0, 4),
+    ("<gone>", 0.0, 5),
 ];
 
 fn vocab_of(files: &MemFiles, config: serde_json::Value, family: VocabFamily) -> Result<Metadata> {
@@ -101,14 +116,19 @@ fn protobuf_pieces_are_read_with_their_scores_and_types() {
     let pieces = parse_model(&model_proto(&PIECES)).unwrap();
     assert_eq!(pieces.len(), 6);
     assert_eq!(
-        pieces[4],
+        pieces[3],
         Piece {
             text: "\u{2581}a".into(),
             score: -1.5,
             kind: 1
         }
     );
-    assert_eq!(pieces[3].kind, 6);
+    assert_eq!(pieces[5].kind, 5);
+    let odd = parse_model(&model_proto(&[("<unk>", 0.0, 2), ("a", 0.0, 9)])).unwrap();
+    assert_eq!(
+        odd[1].kind, 1,
+        "an unknown type value leaves the piece NORMAL"
+    );
 }
 
 #[test]
@@ -138,6 +158,25 @@ fn hostile_protobuf_gives_errors() {
     field_bytes(1, &[0xff, 0xfe], &mut piece);
     field_bytes(1, &piece, &mut bad_utf8);
     assert!(parse_model(&bad_utf8).unwrap_err().contains("UTF-8"));
+}
+
+#[test]
+fn byte_pieces_need_byte_fallback_and_all_256() {
+    let names: Vec<String> = (0..256).map(|b| format!("<0x{b:02X}>")).collect();
+    let mut pieces: Vec<(&str, f32, i32)> = vec![("<unk>", 0.0, 2)];
+    pieces.extend(names.iter().map(|n| (n.as_str(), 0.0, 6)));
+    let parsed = parse_model(&model_proto_with(&pieces, true)).unwrap();
+    assert_eq!(parsed[1].kind, 6);
+    let err = parse_model(&model_proto_with(&pieces, false)).unwrap_err();
+    assert!(err.contains("without byte fallback"), "{err}");
+    let err = parse_model(&model_proto_with(&pieces[..200], true)).unwrap_err();
+    assert!(err.contains("199 byte pieces"), "{err}");
+    let err = parse_model(&model_proto_with(
+        &[("<unk>", 0.0, 2), ("<0xzz>", 0.0, 6)],
+        true,
+    ))
+    .unwrap_err();
+    assert!(err.contains("not <0xHH>"), "{err}");
 }
 
 #[test]
@@ -208,9 +247,9 @@ fn sentencepiece_types_padding_and_added_tokens() {
             "<unk>",
             "<s>",
             "</s>",
-            "<0x41>",
             "\u{2581}a",
             "<tool>",
+            "<gone>",
             "<extra>",
             "<|im_start|>",
             "my word",
@@ -221,12 +260,12 @@ fn sentencepiece_types_padding_and_added_tokens() {
     // CONTROL when they look special.
     assert_eq!(
         ints(&meta, "tokenizer.ggml.token_type"),
-        [2, 3, 3, 6, 1, 1, 4, 3, 4, 5]
+        [2, 3, 3, 1, 1, 5, 4, 3, 4, 5]
     );
     let Some(Value::Array(Array::F32(scores))) = meta.get("tokenizer.ggml.scores") else {
         panic!()
     };
-    assert_eq!(scores[4], -1.5);
+    assert_eq!(scores[3], -1.5);
     assert_eq!(&scores[6..], [-1000.0, -1000.0, -1000.0, -10000.0]);
     assert_eq!(
         meta.get("tokenizer.ggml.bos_token_id"),

@@ -5,7 +5,7 @@
 use super::{get2, in_pair, token_content, truthy_value, Config, SpecialVocab};
 use crate::gguf::vocab::{truthy, Dir};
 use crate::Result;
-use serde_json::{Map, Value as Json};
+use serde_json::{json, Map, Value as Json};
 
 /// The names the post-processor code reads and rewrites (`special_bos`...).
 #[derive(Default)]
@@ -301,8 +301,13 @@ impl SpecialVocab {
         if let Some(bytes) = dir.read("chat_template.jinja")? {
             let text = String::from_utf8(bytes)
                 .map_err(|_| dir.bad("chat_template.jinja", "not UTF-8"))?;
-            // Python reads text files with universal newlines.
-            alternative = Json::String(text.replace("\r\n", "\n").replace('\r', "\n"));
+            alternative = Json::String(universal_newlines(text));
+            let extra = additional_templates(dir)?;
+            if !extra.is_empty() {
+                let mut list = vec![json!({"name": "default", "template": alternative})];
+                list.extend(extra);
+                alternative = Json::Array(list);
+            }
         } else if let Some(json) = dir.json("chat_template.json")? {
             alternative = json.get("chat_template").cloned().unwrap_or(Json::Null);
         }
@@ -312,6 +317,35 @@ impl SpecialVocab {
         }
         Ok(())
     }
+}
+
+/// Python reads text files with universal newlines.
+fn universal_newlines(text: String) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+/// `additional_chat_templates/*.jinja` as `{name: stem, template}`. The converter takes them
+/// in the directory's listing order, which no file system fixes; lorafs sorts them by name.
+fn additional_templates(dir: &Dir) -> Result<Vec<Json>> {
+    const SUBDIR: &str = "additional_chat_templates";
+    let mut names: Vec<String> = dir
+        .files
+        .list(SUBDIR)?
+        .into_iter()
+        .filter(|n| n.ends_with(".jinja") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let mut templates = Vec::new();
+    for name in names {
+        let file = format!("{SUBDIR}/{name}");
+        let Some(bytes) = dir.read(&file)? else {
+            continue;
+        };
+        let text = String::from_utf8(bytes).map_err(|_| dir.bad(&file, "not UTF-8"))?;
+        let stem = &name[..name.len() - ".jinja".len()];
+        templates.push(json!({"name": stem, "template": universal_newlines(text)}));
+    }
+    Ok(templates)
 }
 
 /// `processor.get(key, [default])[0]`.
