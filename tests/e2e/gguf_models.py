@@ -619,6 +619,23 @@ CASE_SPECS = {
     "llama_fresh_bpe": ("LlamaForCausalLM", "fresh-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
 }
 
+# Special tokens added to a case's tokenizer after its base vocabulary (ids from the
+# tokenizer's size up), and listed with the control tokens in tokenizer_config.json's
+# "added_tokens_decoder" as transformers 4 wrote it (most published models; transformers 5
+# keeps them in tokenizer.json only). The converter's SentencePiece path reads that table
+# over the tokenizer.model.
+ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
+
+
+def write_added_tokens_decoder(tok, base: Path):
+    path = base / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["added_tokens_decoder"] = {
+        str(i): dict(content=t.content, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+        for i, t in sorted(tok.added_tokens_decoder.items())
+    }
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
 SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe")
 
 
@@ -701,6 +718,9 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
         if names is not None and name not in names:
             continue
         tok = tokenizer(kind)
+        if name in ADDED_SPECIAL_TOKENS:
+            tok = copy.deepcopy(tok)
+            tok.add_special_tokens({"additional_special_tokens": ADDED_SPECIAL_TOKENS[name]})
         pre = known_pre_tokenizer(tok, stack) if kind != "spm" else "default"
         want_pre = {"spm": "default", "llama-bpe": "llama-bpe", "qwen2": "qwen2", "fresh-bpe": None}[kind]
         if pre != want_pre:
@@ -716,6 +736,8 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
             tok.save_pretrained(base)
             if kind == "spm":
                 shutil.copy(spm_file, base / "tokenizer.model")
+            if name in ADDED_SPECIAL_TOKENS:
+                write_added_tokens_decoder(tok, base)
             adapters = []
             for i, (overrides, weight) in enumerate(adapter_specs):
                 path = root / "adapters" / f"{name}_{i}"
