@@ -217,7 +217,7 @@ def main():
             mounted.append((t_mounted + load, load))
         results[cold] = (statistics.median(disk), statistics.median(m for m, _ in mounted),
                          statistics.median(lo for _, lo in mounted))
-    print(f"\n{'llama_cpp.Llama load + eval of 8 tokens, median of ' + str(args.runs):<58}{'seconds':>9}{'vs disk':>9}")
+    print(f"\n{'llama_cpp.Llama load + eval of a short prompt, median of ' + str(args.runs):<58}{'seconds':>9}{'vs disk':>9}")
     for cold, label in ((True, "page cache dropped before each"), (False, "files in the page cache")):
         disk, mount_total, mount_load = results[cold]
         print(f"{label}:")
