@@ -30,14 +30,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
-import gguf_models as gm  # noqa: E402  (the stack, the tokenizer, the GGUF comparison)
+import gguf_compare as gc  # noqa: E402  (the GGUF comparison)
+import gguf_models as gm  # noqa: E402  (the llama.cpp stack, the tokenizer)
 
 MARKER = ".lorafs-bench"
 
@@ -130,7 +130,7 @@ def same_model(got, want, exact):
     """How lorafs's file compares with a converter's. exact: identical but for the keys
     named by the directory. Otherwise (PEFT rounds differently): the same metadata and
     tensor list, and how many tensors are byte-identical."""
-    problems, excepted = gm.gguf_differences(got, want)
+    problems, excepted = gc.gguf_differences(got, want)
     if exact:
         if problems:
             return f"DIFFERENT: {problems[0]}"
@@ -138,7 +138,7 @@ def same_model(got, want, exact):
     layout = [p for p in problems if not p.startswith("tensor ") or "data differ" not in p]
     if layout:
         return f"DIFFERENT: {layout[0]}"
-    n = len(gm.parse_gguf(want).tensors)
+    n = len(gc.parse_gguf(want).tensors)
     return f"same metadata and tensors; {n - len(problems)} of {n} tensors byte-identical (PEFT rounds differently)"
 
 

@@ -3,7 +3,7 @@
 The reference for every GGUF lorafs writes is the pinned `convert_hf_to_gguf.py` (from the
 llama-cpp-python sdist, scripts/gguf-env.sh) run on `lorafs materialize` of the same base and
 adapters with `--outtype TYPE`. lorafs's file must have the same metadata keys in the same
-order with the same types and values, except `gguf_models.GGUF_KEY_EXCEPTIONS` (keys the
+order with the same types and values, except `gguf_compare.GGUF_KEY_EXCEPTIONS` (keys the
 converter derives from the directory name), and the same tensors in the same order with the
 same names, types, shapes, offsets and bytes.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+import gguf_compare as gc
 import gguf_models as gm
 
 STACK, STACK_PROBLEM = gm.locate_stack()
@@ -110,9 +111,9 @@ def store(stack, lorafs):
 
 
 def assert_same_as_converter(got: Path, want: Path):
-    problems, excepted = gm.gguf_differences(got, want)
+    problems, excepted = gc.gguf_differences(got, want)
     if problems:
-        pytest.fail(gm.format_differences(got, want, problems))
+        pytest.fail(gc.format_differences(got, want, problems))
     return excepted
 
 
@@ -122,7 +123,7 @@ def assert_same_bytes(path: Path, want: bytes, seed: int):
     assert os.path.getsize(path) == len(want), f"{path}: size {os.path.getsize(path)}, expected {len(want)}"
     got = Path(path).read_bytes()
     if got != want:
-        pytest.fail(f"{path}: whole-file read differs at byte {gm._first_difference(got, want)}")
+        pytest.fail(f"{path}: whole-file read differs at byte {gc.first_difference(got, want)}")
     rng = random.Random(seed)
     n = len(want)
     ranges = [(0, 4096), (n - 100, 4096), (n, 10), (n // 2, 1)]
@@ -133,7 +134,7 @@ def assert_same_bytes(path: Path, want: bytes, seed: int):
             off = max(off, 0)
             data = os.pread(fd, size, off)
             if data != want[off : off + size]:
-                d = gm._first_difference(data, want[off : off + size])
+                d = gc.first_difference(data, want[off : off + size])
                 pytest.fail(f"{path}: pread({size} bytes at {off}) differs at byte {off + d}")
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         with mmap.mmap(fd, n, flags=flags, prot=mmap.PROT_READ) as m:
@@ -141,7 +142,7 @@ def assert_same_bytes(path: Path, want: bytes, seed: int):
                 if m[off : off + size] != want[off : off + size]:
                     pytest.fail(f"{path}: mmap[{off}:{off + size}] differs")
             if m[:] != want:
-                pytest.fail(f"{path}: mmap of the whole file differs at byte {gm._first_difference(m[:], want)}")
+                pytest.fail(f"{path}: mmap of the whole file differs at byte {gc.first_difference(m[:], want)}")
     finally:
         os.close(fd)
 
@@ -157,7 +158,7 @@ def test_converter_reference(store, case):
     1-D F32), and llama.cpp runs the result."""
     c = store.cases[case]
     for gtype in gm.TYPES:
-        g = gm.parse_gguf(store.reference(case, gtype))
+        g = gc.parse_gguf(store.reference(case, gtype))
         assert g.value("general.architecture") == {"qwen2_bpe": "qwen2", "qwen3_bpe": "qwen3"}.get(case, "llama")
         assert g.value("tokenizer.ggml.pre") == c.tokenizer_pre
         assert g.value("tokenizer.ggml.model") == ("llama" if c.tokenizer == "spm" else "gpt2")
@@ -171,7 +172,7 @@ def test_converter_reference(store, case):
                 want = "Q8_0" if t.shape[0] % 32 == 0 else "F16"
             else:
                 want = gtype
-            assert gm.GGML_TYPES.get(t.ggml_type) == want, (gtype, t.name, t.shape, t.ggml_type)
+            assert gc.GGML_TYPES.get(t.ggml_type) == want, (gtype, t.name, t.shape, t.ggml_type)
     for gtype in ("F16", "Q8_0"):
         out = store.generation(store.reference(case, gtype))
         assert len(out["tokens"]) == 12 and out["prompt"], out
@@ -188,7 +189,7 @@ def test_converter_reference(store, case):
 def test_materialize_gguf_matches_converter(store, case, gtype):
     got = store.lorafs_gguf(case, gtype)
     excepted = assert_same_as_converter(got, store.reference(case, gtype))
-    assert set(excepted) <= gm.GGUF_KEY_EXCEPTIONS
+    assert set(excepted) <= gc.GGUF_KEY_EXCEPTIONS
 
 
 @pytest.mark.parametrize("case", gm.SUPPORTED)
@@ -235,7 +236,7 @@ def test_each_view_gets_the_gguf(store, mounter):
     store.lorafs.materialize(c.base, half, [(adapter, 0.5)], "--gguf", "F16")
     # (equal to the materialized file but for the keys a name may set: a view has its own)
     assert_same_as_converter(mnt / "half" / "model-F16.gguf", half)
-    problems, _ = gm.gguf_differences(mnt / "half" / "model-F16.gguf", mnt / "full" / "model-F16.gguf")
+    problems, _ = gc.gguf_differences(mnt / "half" / "model-F16.gguf", mnt / "full" / "model-F16.gguf")
     assert any(p.startswith("tensor blk.0.attn_q.weight") for p in problems), "the two views have the same weights"
 
 
