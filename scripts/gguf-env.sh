@@ -15,6 +15,11 @@ venv=$(bash "$here/venv.sh")
 key=$(cat "$req" "$here/requirements.txt" | sha256sum | cut -c1-16)
 cache=${LORAFS_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafs}
 env="$cache/gguf-$key"
+# One build at a time: a second caller (scripts/test.sh while a developer's run builds)
+# waits for the first instead of deleting its half-built folder.
+mkdir -p "$cache"
+exec 9>"$env.lock"
+flock 9
 if [ ! -f "$env/.complete" ]; then
     echo "building the llama.cpp test stack in $env (first run only: minutes)" >&2
     rm -rf "$env"

@@ -42,6 +42,13 @@ venv=$(bash scripts/venv.sh)
 wheel=$(bash scripts/wheel.sh)
 "$venv/bin/pip" install --quiet --force-reinstall --no-deps "$wheel"
 
+# The GGUF tests (tests/e2e/test_gguf.py) compare with llama.cpp's converter and run
+# llama-cpp-python: built once from the pinned sdist (minutes), then cached. With
+# LORAFS_GGUF_ENV set, a missing stack fails those tests instead of skipping them.
+echo "== the llama.cpp stack for the GGUF tests (scripts/gguf-env.sh)"
+export LORAFS_GGUF_ENV
+LORAFS_GGUF_ENV=$(bash scripts/gguf-env.sh)
+
 # From here on the end-to-end tests run the installed package and its binary, as a user of
 # the wheel would (test_python_api.py checks that they do).
 echo "== end-to-end tests (transformers, peft), against the installed wheel"

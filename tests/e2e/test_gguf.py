@@ -1,0 +1,294 @@
+"""The GGUF view against llama.cpp's own converter (issue 13).
+
+The reference for every GGUF lorafs writes is the pinned `convert_hf_to_gguf.py` (from the
+llama-cpp-python sdist, scripts/gguf-env.sh) run on `lorafs materialize` of the same base and
+adapters with `--outtype TYPE`. lorafs's file must have the same metadata keys in the same
+order with the same types and values, except `gguf_compare.GGUF_KEY_EXCEPTIONS` (keys the
+converter derives from the directory name), and the same tensors in the same order with the
+same names, types, shapes, offsets and bytes.
+
+Needs the llama.cpp stack: $LORAFS_GGUF_ENV (scripts/test.sh builds it and sets it), else the
+folder scripts/gguf-env.sh caches it in. When LORAFS_GGUF_ENV is set, a missing stack is a
+failure; without it the module is skipped, saying why.
+
+Fixtures (gguf_models.CASE_SPECS): tiny Llama, Mistral, Qwen2 (tied embeddings, two
+adapters), Qwen3 bases with SentencePiece or real BPE (Llama 3, Qwen2) tokenizers; Phi3 (not
+converted by lorafs) and a Llama with a freshly trained BPE (pre-tokenizer unknown).
+The converter's output is made once per (case, type) per session and shared.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import gguf_compare as gc
+import gguf_models as gm
+
+STACK, STACK_PROBLEM = gm.locate_stack()
+REQUIRED = bool(os.environ.get("LORAFS_GGUF_ENV"))
+
+pytestmark = pytest.mark.skipif(STACK is None and not REQUIRED, reason=STACK_PROBLEM or "no llama.cpp stack")
+
+PROMPT = "hello world, the llama merge"
+
+
+class Store:
+    """Everything made once per session under one temporary root: fixtures, materialized
+    directories, the converter's references, lorafs's GGUF files, llama.cpp generations."""
+
+    def __init__(self, root: Path, lorafs, cases):
+        self.root, self.lorafs, self.cases = root, lorafs, cases
+        self._hf, self._ref, self._gguf, self._gen = {}, {}, {}, {}
+
+    def hf_dir(self, case: str) -> Path:
+        """`lorafs materialize BASE DIR --adapter ...`: the merged HF directory."""
+        if case not in self._hf:
+            c = self.cases[case]
+            out = self.root / "materialized" / case
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.lorafs.materialize(c.base, out, c.adapters)
+            self._hf[case] = out
+        return self._hf[case]
+
+    def reference(self, case: str, gtype: str) -> Path:
+        """convert_hf_to_gguf.py on the materialized directory, --outtype gtype."""
+        key = (case, gtype)
+        if key not in self._ref:
+            out = self.root / "reference" / f"{case}-{gtype}.gguf"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            proc = STACK.convert(self.hf_dir(case), gtype, out)
+            if proc.returncode != 0:
+                pytest.fail(f"convert_hf_to_gguf.py --outtype {gtype.lower()} on {case} failed:\n{proc.stderr[-4000:]}")
+            self._ref[key] = out
+        return self._ref[key]
+
+    def lorafs_gguf(self, case: str, gtype: str) -> Path:
+        """`lorafs materialize BASE OUT.gguf --adapter ... --gguf TYPE`, alone in its folder."""
+        key = (case, gtype)
+        if key not in self._gguf:
+            c = self.cases[case]
+            folder = self.root / "lorafs" / f"{case}-{gtype}"
+            folder.mkdir(parents=True)
+            out = folder / f"{case}-{gtype}.gguf"
+            self.lorafs.materialize(c.base, out, c.adapters, "--gguf", gtype)
+            assert gm_listing(folder) == [out.name], f"materialize left other files: {gm_listing(folder)}"
+            self._gguf[key] = out
+        return self._gguf[key]
+
+    def generation(self, path: Path) -> dict:
+        key = str(path)
+        if key not in self._gen:
+            self._gen[key] = STACK.generate(path, PROMPT)
+        return self._gen[key]
+
+
+def gm_listing(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+@pytest.fixture(scope="session")
+def stack():
+    if STACK is None:
+        pytest.fail(f"LORAFS_GGUF_ENV is set but {STACK_PROBLEM}")
+    return STACK
+
+
+@pytest.fixture(scope="session")
+def store(stack, lorafs):
+    root = Path(tempfile.mkdtemp(prefix="lorafs-e2e-gguf-"))
+    try:
+        cases = gm.generate_cases(root / "fixtures", stack)
+        yield Store(root, lorafs, cases)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def assert_same_as_converter(got: Path, want: Path):
+    problems, excepted = gc.gguf_differences(got, want)
+    if problems:
+        pytest.fail(gc.format_differences(got, want, problems))
+    return excepted
+
+
+def assert_same_bytes(path: Path, want: bytes, seed: int):
+    """`path` reads as `want`: whole file, random preads (header, boundaries, past the end),
+    and an mmap (shared, populated, as llama.cpp maps a model)."""
+    assert os.path.getsize(path) == len(want), f"{path}: size {os.path.getsize(path)}, expected {len(want)}"
+    got = Path(path).read_bytes()
+    if got != want:
+        pytest.fail(f"{path}: whole-file read differs at byte {gc.first_difference(got, want)}")
+    rng = random.Random(seed)
+    n = len(want)
+    ranges = [(0, 4096), (n - 100, 4096), (n, 10), (n // 2, 1)]
+    ranges += [(rng.randrange(n), rng.choice([1, 31, 4096, 65536, 1 << 20])) for _ in range(200)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off, size in ranges:
+            off = max(off, 0)
+            data = os.pread(fd, size, off)
+            if data != want[off : off + size]:
+                d = gc.first_difference(data, want[off : off + size])
+                pytest.fail(f"{path}: pread({size} bytes at {off}) differs at byte {off + d}")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        with mmap.mmap(fd, n, flags=flags, prot=mmap.PROT_READ) as m:
+            for off, size in ranges[4:]:
+                if m[off : off + size] != want[off : off + size]:
+                    pytest.fail(f"{path}: mmap[{off}:{off + size}] differs")
+            if m[:] != want:
+                pytest.fail(f"{path}: mmap of the whole file differs at byte {gc.first_difference(m[:], want)}")
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------
+# the fixtures and the reference themselves (need only the existing `lorafs materialize`)
+
+
+@pytest.mark.parametrize("case", gm.SUPPORTED)
+def test_converter_reference(store, case):
+    """The converter accepts every supported fixture: the tokenizer is recognised as meant,
+    the type rules show (Q8_0: 2-D tensors with 32-divisible rows quantized, the rest F16,
+    1-D F32), and llama.cpp runs the result."""
+    c = store.cases[case]
+    for gtype in gm.TYPES:
+        g = gc.parse_gguf(store.reference(case, gtype))
+        assert g.value("general.architecture") == {"qwen2_bpe": "qwen2", "qwen3_bpe": "qwen3"}.get(case, "llama")
+        assert g.value("tokenizer.ggml.pre") == c.tokenizer_pre
+        assert g.value("tokenizer.ggml.model") == ("llama" if c.tokenizer == "spm" else "gpt2")
+        assert g.value("tokenizer.chat_template"), "no chat template"
+        names = [t.name for t in g.tensors]
+        assert ("output.weight" in names) != c.tied, names
+        for t in g.tensors:
+            if len(t.shape) == 1:
+                want = "F32"
+            elif gtype == "Q8_0":
+                want = "Q8_0" if t.shape[0] % 32 == 0 else "F16"
+            else:
+                want = gtype
+            assert gc.GGML_TYPES.get(t.ggml_type) == want, (gtype, t.name, t.shape, t.ggml_type)
+    for gtype in ("F16", "Q8_0"):
+        out = store.generation(store.reference(case, gtype))
+        assert len(out["tokens"]) == 12 and out["prompt"], out
+        again = STACK.generate(store.reference(case, gtype), PROMPT)
+        assert again["tokens"] == out["tokens"], "llama.cpp's greedy generation is not deterministic here"
+
+
+# --------------------------------------------------------------------------------------
+# lorafs's GGUF against the converter's
+
+
+@pytest.mark.parametrize("gtype", gm.TYPES)
+@pytest.mark.parametrize("case", gm.SUPPORTED)
+def test_materialize_gguf_matches_converter(store, case, gtype):
+    got = store.lorafs_gguf(case, gtype)
+    excepted = assert_same_as_converter(got, store.reference(case, gtype))
+    assert set(excepted) <= gc.GGUF_KEY_EXCEPTIONS
+
+
+@pytest.mark.parametrize("case", gm.SUPPORTED)
+def test_mounted_gguf_matches_converter_and_materialize(store, mounter, case):
+    """One mount with every type: each model-TYPE.gguf equals the converter's file (with
+    the exceptions) and, byte for byte however it is read, lorafs's materialized file; the
+    safetensors files are still there."""
+    c = store.cases[case]
+    mnt = mounter(c.base, c.adapters, "--gguf", ",".join(gm.TYPES))
+    names = gm_listing(mnt)
+    for gtype in gm.TYPES:
+        assert f"model-{gtype}.gguf" in names, names
+    assert "model.safetensors" in names and "config.json" in names, names
+    for i, gtype in enumerate(gm.TYPES):
+        path = mnt / f"model-{gtype}.gguf"
+        assert_same_as_converter(path, store.reference(case, gtype))
+        assert_same_bytes(path, store.lorafs_gguf(case, gtype).read_bytes(), seed=i)
+
+
+@pytest.mark.parametrize("case", gm.SUPPORTED)
+def test_llama_cpp_generates_from_the_mount(store, mounter, case):
+    """llama.cpp maps model-F16.gguf and model-Q8_0.gguf from the mount and generates the
+    tokens (and first logits) it generates from the converter's files."""
+    c = store.cases[case]
+    mnt = mounter(c.base, c.adapters, "--gguf", "F16,Q8_0")
+    for gtype in ("F16", "Q8_0"):
+        got = STACK.generate(mnt / f"model-{gtype}.gguf", PROMPT)
+        want = store.generation(store.reference(case, gtype))
+        assert got["prompt"] == want["prompt"]
+        assert got["tokens"] == want["tokens"], f"{gtype}: {got['tokens']} from the mount, {want['tokens']} from the converter's file"
+        diff = max(abs(a - b) for a, b in zip(got["logits"], want["logits"]))
+        assert diff == 0.0, f"{gtype}: first-step logits differ by up to {diff}"
+
+
+def test_each_view_gets_the_gguf(store, mounter):
+    """With views, every view's directory holds the GGUF of its own merge."""
+    c = store.cases["llama_spm"]
+    adapter = c.adapters[0][0]
+    mnt = mounter(c.base, [], "--view", f"full={adapter}", "--view", f"half={adapter}:0.5", "--gguf", "F16")
+    assert "model-F16.gguf" not in gm_listing(mnt)
+    assert_same_as_converter(mnt / "full" / "model-F16.gguf", store.reference("llama_spm", "F16"))
+    half = store.root / "lorafs-views" / "half.gguf"
+    half.parent.mkdir(parents=True, exist_ok=True)
+    store.lorafs.materialize(c.base, half, [(adapter, 0.5)], "--gguf", "F16")
+    # (equal to the materialized file but for the keys a name may set: a view has its own)
+    assert_same_as_converter(mnt / "half" / "model-F16.gguf", half)
+    problems, _ = gc.gguf_differences(mnt / "half" / "model-F16.gguf", mnt / "full" / "model-F16.gguf")
+    assert any(p.startswith("tensor blk.0.attn_q.weight") for p in problems), "the two views have the same weights"
+
+
+# --------------------------------------------------------------------------------------
+# refusals, and the converter on a mount
+
+
+def test_refuses_an_unsupported_architecture(store, tmp_path):
+    """Phi3 (which the converter handles) is refused by name, pointing at the converter;
+    nothing is written and nothing mounted."""
+    c = store.cases["phi3_spm"]
+    out = tmp_path / "phi3.gguf"
+    proc = store.lorafs.run("materialize", c.base, out, *gm.adapter_args(c.adapters), "--gguf", "F16")
+    assert proc.returncode != 0, proc.stdout
+    assert "Phi3ForCausalLM" in proc.stderr and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
+    assert gm_listing(tmp_path) == [], gm_listing(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = store.lorafs.mount(c.base, mnt, c.adapters, "--gguf", "F16")
+    try:
+        assert proc.returncode != 0, proc.stdout
+        assert "Phi3ForCausalLM" in proc.stderr and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        store.lorafs.unmount(mnt)
+
+
+def test_converter_runs_on_a_mount(store, mounter):
+    """What the refusal advises works: convert_hf_to_gguf.py on the mount of an architecture
+    lorafs does not convert writes what it writes from a materialized copy, but for the
+    keys it takes from the directory name."""
+    c = store.cases["phi3_spm"]
+    mnt = mounter(c.base, c.adapters)
+    out = store.root / "phi3-from-mount.gguf"
+    proc = STACK.convert(mnt, "f16", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = store.root / "phi3-from-materialized.gguf"
+    proc = STACK.convert(store.hf_dir("phi3_spm"), "f16", ref)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    excepted = assert_same_as_converter(out, ref)
+    assert set(excepted) == {"general.name"}, excepted
+
+
+def test_refuses_an_unknown_bpe_pre_tokenizer(store, tmp_path):
+    """A freshly trained BPE: the converter refuses it (the fixture is what it claims), and
+    lorafs refuses it too, naming the pre-tokenizer and the converter."""
+    c = store.cases["llama_fresh_bpe"]
+    proc = STACK.convert(store.hf_dir("llama_fresh_bpe"), "f16", tmp_path / "ref.gguf")
+    assert proc.returncode != 0 and "BPE pre-tokenizer was not recognized" in proc.stderr, proc.stderr[-2000:]
+    out = tmp_path / "out" / "fresh.gguf"
+    out.parent.mkdir()
+    proc = store.lorafs.run("materialize", c.base, out, *gm.adapter_args(c.adapters), "--gguf", "F16")
+    assert proc.returncode != 0, proc.stdout
+    assert "pre-tokenizer" in proc.stderr.lower() and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
+    assert gm_listing(out.parent) == []
