@@ -14,6 +14,9 @@ impl ModelFiles for Files {
     fn read(&self, name: &str) -> crate::Result<Option<Vec<u8>>> {
         Ok(self.0.get(name).map(|s| s.clone().into_bytes()))
     }
+    fn list(&self, _dir: &str) -> crate::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     fn root(&self) -> &Path {
         &self.1
     }
