@@ -35,7 +35,9 @@ pub(crate) struct MountArgs {
     pub(crate) read_ahead_kb: u32,
     /// Merge the whole model into the page cache in the background once mounted (with
     /// views: each view when a file of it is first opened): auto (when it fits in a
-    /// quarter of RAM), always or never.
+    /// quarter of RAM and no --gguf: which format a loader will read is not known, and
+    /// warming the other would only compete with it), always or never. GGUF files are
+    /// never warmed.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     pub(crate) warm: Warm,
     /// Stay attached and log to stderr; SIGINT or SIGTERM unmounts. Under systemd
@@ -131,7 +133,11 @@ fn open_filesystem(
     let warm = match warm {
         Warm::Always => true,
         Warm::Never => false,
-        Warm::Auto => !view.engine.direct_base_reads && view.total_bytes() <= total_ram() / 4,
+        Warm::Auto => {
+            view.gguf.is_empty()
+                && !view.engine.direct_base_reads
+                && view.total_bytes() <= total_ram() / 4
+        }
     };
     let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
     Ok((fs, None, warm.then_some(view)))

@@ -34,7 +34,12 @@ pub(crate) fn open_views(
     let warm = match warm {
         Warm::Always => true,
         Warm::Never => false,
-        Warm::Auto => !engine.direct_base_reads && engine.base_bytes() <= total_ram() / 4,
+        // With --gguf, which format a loader reads is not known: see MountArgs::warm.
+        Warm::Auto => {
+            inputs.gguf.is_empty()
+                && !engine.direct_base_reads
+                && engine.base_bytes() <= total_ram() / 4
+        }
     };
     let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree(), warm).with_gguf(&inputs.gguf));
     fs.attach(views.clone());

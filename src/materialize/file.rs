@@ -86,7 +86,6 @@ pub fn materialize_file(
     file_
         .set_permissions(Permissions::from_mode(mode))
         .map_err(|e| Error::io(temp.path(), e))?;
-    file_.sync_all().map_err(|e| Error::io(temp.path(), e))?;
     options.interrupt.check(out)?;
     let placed = if options.force {
         temp.persist(out)

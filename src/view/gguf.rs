@@ -36,6 +36,17 @@ pub(super) struct GgufTensor {
 }
 
 impl GgufTensor {
+    /// Whether the GGUF type is the source's dtype: widening to f32 and encoding back is
+    /// exact, so the bytes are the stored ones.
+    fn is_stored_as_is(&self) -> bool {
+        matches!(
+            (self.dtype, self.ty),
+            (DType::F32, GgmlType::F32)
+                | (DType::F16, GgmlType::F16)
+                | (DType::BF16, GgmlType::Bf16)
+        )
+    }
+
     /// The source row of output row `r`.
     fn source_row(&self, r: u64) -> u64 {
         match self.permute {
@@ -301,6 +312,15 @@ impl View {
 
     /// Bytes `within ..` of a GGUF tensor's data, computed from the rows they cover.
     pub(super) fn read_gguf(&self, t: &GgufTensor, within: u64, out: &mut [u8]) -> Result<()> {
+        if t.permute.is_none() && t.is_stored_as_is() {
+            // The bytes are the source tensor's, at the same offsets: read them in place.
+            let n = self.read_file(t.file, t.offset + within, out, false)?;
+            if n != out.len() {
+                let path = self.files[t.file].source_path();
+                return Err(Error::config(path, "ended before its header said"));
+            }
+            return Ok(());
+        }
         let row_bytes = t.ty.row_bytes(t.cols);
         let first = within / row_bytes;
         let end = (within + out.len() as u64).div_ceil(row_bytes);
@@ -341,7 +361,6 @@ impl View {
             let s = (t.source_row(row0 + k as u64) - lo) as usize;
             let src = &raw[s * src_row as usize..(s + 1) * src_row as usize];
             if same {
-                // Widening to f32 and encoding back is exact: the bytes are the stored ones.
                 dst.copy_from_slice(src);
                 continue;
             }
