@@ -20,10 +20,12 @@ use crate::model::BaseModel;
 
 mod bound;
 mod build;
+pub mod combine;
 mod realize;
 mod vocab;
 
 use build::{summary, Planner, Tally};
+pub use combine::{Combine, MajoritySign, Method};
 
 /// Architectures that build some layers with transformers' `Conv1D`, whose weight is stored
 /// (in, out), and those layers' names. PEFT decides the layout from the layer's type (a
