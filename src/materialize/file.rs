@@ -5,7 +5,6 @@
 //! an existing OUT is never replaced, even one that appears while the run writes.
 
 use std::fs::Permissions;
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Instant;
@@ -13,9 +12,6 @@ use std::time::Instant;
 use super::{adapters_readable, kept_bits, MaterializeOptions, Summary};
 use crate::error::{Error, Result};
 use crate::view::View;
-
-/// Bytes written per read of the view.
-const CHUNK: usize = 16 << 20;
 
 /// Write view file `file` to `out`. `inputs` are the base and adapter directories, which
 /// the output must not be inside.
@@ -57,26 +53,16 @@ pub fn materialize_file(
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(name);
     prefix.push(".lorafs-");
-    let mut temp = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix(&prefix)
         .tempfile_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
     let vf = &view.files[file];
-    let mut buf = vec![0u8; CHUNK.min(vf.size as usize).max(1)];
-    let mut offset = 0;
-    while offset < vf.size {
-        options.interrupt.check(out)?;
-        let n = view.read_at(file, offset, &mut buf)?;
-        if n == 0 {
-            return Err(Error::config(
-                vf.source_path(),
-                "the view ended before its size",
-            ));
-        }
-        temp.write_all(&buf[..n])
-            .map_err(|e| Error::io(temp.path(), e))?;
-        offset += n as u64;
-    }
+    let handle = (temp.as_file().try_clone()).map_err(|e| Error::io(temp.path(), e))?;
+    let mut handle = Some((handle, temp.path().to_path_buf()));
+    let open = |_| handle.take().ok_or_else(|| refuse("was opened twice"));
+    let hidden = indicatif::ProgressBar::hidden();
+    super::write::stream(view, &[file], open, &hidden, &options.interrupt, out)?;
     let group = std::fs::metadata(&parent)
         .map_err(|e| Error::io(&parent, e))?
         .gid();

@@ -33,9 +33,27 @@ pub(super) struct Sink<'a> {
     pub out: &'a Path,
 }
 
-/// Write every file under `sink.dir`: this thread merges a chunk (`read_at`) while a writer
-/// thread writes the previous one, so merging and writing overlap.
+/// Write every file under `sink.dir`.
 pub(super) fn write_files(view: &View, sink: &Sink) -> Result<()> {
+    let files: Vec<usize> = (0..view.files.len()).collect();
+    let open = |index: usize| {
+        let path = sink.dir.join(&view.files[index].rel);
+        Ok((create(&path, sink.modes[index])?, path))
+    };
+    stream(view, &files, open, sink.bar, sink.interrupt, sink.out)
+}
+
+/// Write view files `files`, in order, each into the file `open` gives for its index: this
+/// thread merges a chunk (`read_at`) while a writer thread writes the previous one, so
+/// merging and writing overlap. `interrupt` is checked per chunk.
+pub(super) fn stream(
+    view: &View,
+    files: &[usize],
+    mut open: impl FnMut(usize) -> Result<(File, PathBuf)> + Send,
+    bar: &ProgressBar,
+    interrupt: &Interrupt,
+    out: &Path,
+) -> Result<()> {
     // (file index, buffer, bytes used); a file of size 0 is sent once with 0 bytes.
     let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>, usize)>(1);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
@@ -47,8 +65,8 @@ pub(super) fn write_files(view: &View, sink: &Sink) -> Result<()> {
             let mut current: Option<(usize, File, PathBuf)> = None;
             for (index, buf, n) in full_rx {
                 if current.as_ref().map(|c| c.0) != Some(index) {
-                    let path = sink.dir.join(&view.files[index].rel);
-                    current = Some((index, create(&path, sink.modes[index])?, path));
+                    let (file, path) = open(index)?;
+                    current = Some((index, file, path));
                 }
                 let (_, file, path) = current.as_mut().expect("set above");
                 for piece in buf[..n].chunks(WRITE_BYTES) {
@@ -61,26 +79,28 @@ pub(super) fn write_files(view: &View, sink: &Sink) -> Result<()> {
             Ok(())
         });
         let produced = (|| -> Result<()> {
-            for (index, file) in view.files.iter().enumerate() {
-                sink.interrupt.check(sink.out)?;
+            for &index in files {
+                let file = &view.files[index];
+                interrupt.check(out)?;
                 if file.size == 0 && full_tx.send((index, Vec::new(), 0)).is_err() {
                     return Ok(()); // the writer stopped: its error is reported below
                 }
                 let mut offset = 0;
                 while offset < file.size {
-                    sink.interrupt.check(sink.out)?;
+                    interrupt.check(out)?;
                     let Ok(mut buf) = empty_rx.recv() else {
                         return Ok(());
                     };
                     let n = view.read_at(index, offset, &mut buf)?;
                     if n == 0 {
-                        break;
+                        let what = "the view ended before its size";
+                        return Err(Error::config(file.source_path(), what));
                     }
                     if full_tx.send((index, buf, n)).is_err() {
                         return Ok(());
                     }
                     offset += n as u64;
-                    sink.bar.inc(n as u64);
+                    bar.inc(n as u64);
                 }
             }
             Ok(())
