@@ -175,12 +175,8 @@ impl Combination {
 
     /// Read a tensor's factors and combine them module by module: one oriented part per
     /// module, whose term stands for the combined adapter (its first adapter's index).
-    pub(super) fn parts(
-        &self,
-        tensor: &str,
-        ops: &[Op],
-        adapters: &[Adapter],
-    ) -> Result<Vec<realize::Part>> {
+    pub(super) fn parts(&self, merge: &TensorMerge, adapters: &[Adapter]) -> Result<Vec<realize::Part>> {
+        let ops = &merge.ops;
         let c = &self.combine;
         let params = mix::Params {
             method: c.method,
@@ -188,7 +184,10 @@ impl Combination {
             majority_sign: c.majority_sign,
             new_rank: self.new_rank,
             seed: c.seed,
-            tensor,
+            tensor: &merge.name,
+            // PEFT's cat copies the factors into the new adapter's weights, which have the
+            // base layer's dtype (only adapters loaded by PeftModel are cast to f32).
+            factor_dtype: merge.w.dtype,
         };
         let terms: Vec<Term> = (ops.iter())
             .filter_map(|op| match op {

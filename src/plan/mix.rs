@@ -7,6 +7,7 @@
 //! module's delta is `B @ A` (transposed afterwards for Conv1D and embeddings).
 
 use super::combine::{MajoritySign, Method};
+use crate::dtype::DType;
 
 /// One adapter's factors of one module.
 pub(super) struct Lora {
@@ -38,30 +39,36 @@ pub(super) struct Params<'a> {
     pub seed: u64,
     /// Names the tensor in DARE's masks.
     pub tensor: &'a str,
+    /// The dtype `cat`'s factors are stored in (rounded to it).
+    pub factor_dtype: DType,
 }
 
 /// Combine one module's factors (every adapter that targets the module, in view order).
 pub(super) fn combine(p: &Params, loras: Vec<Lora>, a_cols: usize, b_rows: usize) -> Combined {
     match p.method {
-        Method::Cat => cat(loras, a_cols, b_rows),
+        Method::Cat => cat(loras, a_cols, b_rows, p.factor_dtype),
         Method::Svd => svd(&loras, a_cols, b_rows, p.new_rank),
         _ => task_arithmetic(p, loras),
     }
 }
 
 /// `A = [w₁s₁·A₁; w₂s₂·A₂; …]` (rounded after each product, as `A * w * s` in torch),
-/// `B = [B₁ | B₂ | …]`.
-fn cat(loras: Vec<Lora>, a_cols: usize, b_rows: usize) -> Combined {
+/// `B = [B₁ | B₂ | …]`, each value rounded to `dtype` (PEFT copies them into the combined
+/// adapter's weights, of the base layer's dtype).
+fn cat(loras: Vec<Lora>, a_cols: usize, b_rows: usize, dtype: DType) -> Combined {
+    let round = |x: f32| super::realize::round_to(dtype, x);
     let rank: usize = loras.iter().map(|l| l.rank).sum();
     let mut a = Vec::with_capacity(rank * a_cols);
     let mut b = vec![0f32; b_rows * rank];
     let mut offset = 0;
     for l in &loras {
         let (w, s) = (l.weight as f32, l.scaling as f32);
-        a.extend(l.a.iter().map(|&x| x * w * s));
+        a.extend(l.a.iter().map(|&x| round(x * w * s)));
         for i in 0..b_rows {
-            b[i * rank + offset..i * rank + offset + l.rank]
-                .copy_from_slice(&l.b[i * l.rank..(i + 1) * l.rank]);
+            let row = &l.b[i * l.rank..(i + 1) * l.rank];
+            for (to, &x) in b[i * rank + offset..].iter_mut().zip(row) {
+                *to = round(x);
+            }
         }
         offset += l.rank;
     }

@@ -8,7 +8,7 @@ use crate::adapter::Stored;
 use crate::plan::bound;
 
 /// `x` rounded to `dtype` (nearest even) and widened back.
-fn round_to(dtype: DType, x: f32) -> f32 {
+pub(super) fn round_to(dtype: DType, x: f32) -> f32 {
     let mut b = [0u8; 4];
     dtype.store(&mut b, 0, x);
     dtype.load(&b, 0)
@@ -200,7 +200,7 @@ impl TensorMerge {
         let Dims { rows, cols } = self.dims;
         let (mut parts, token_rows) = match &self.combination {
             // The plan refused trainable tokens and biases with a combination.
-            Some(c) => (c.parts(&self.name, &self.ops, adapters)?, BTreeMap::new()),
+            Some(c) => (c.parts(self, adapters)?, BTreeMap::new()),
             None => read_ops(&self.ops, adapters, cols, self.dtype)?,
         };
         check_delta(&self.name, self.dtype, &parts, adapters)?;
