@@ -41,9 +41,11 @@ pub(crate) fn open_views(
                 && engine.base_bytes() <= total_ram() / 4
         }
     };
-    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree(), warm)
+    let views = Arc::new(
+        Views::new(engine, inputs.dtype, fs.tree(), warm)
             .with_gguf(&inputs.gguf)
-            .with_combine(inputs.combine()?));
+            .with_combine(inputs.combine()?),
+    );
     fs.attach(views.clone());
     for (name, spec) in &args.views {
         let view = resolve_adapters(spec)
@@ -138,8 +140,8 @@ pub(crate) fn inspect_views(
                 inputs.dtype,
                 combine,
             )
-                .and_then(|view| view.realize_all().map(|()| view))
-                .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view));
+            .and_then(|view| view.realize_all().map(|()| view))
+            .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view));
             match view {
                 Ok(view) => views.push((name, view)),
                 // As a mount does: a directory that is not a valid adapter is skipped.

@@ -109,7 +109,12 @@ impl Views {
         adapters: &[(PathBuf, f64)],
         origin: &ViewSource,
     ) -> crate::Result<Arc<View>> {
-        let mut view = View::open(self.engine.clone(), adapters, self.dtype, self.combine.as_ref())?;
+        let mut view = View::open(
+            self.engine.clone(),
+            adapters,
+            self.dtype,
+            self.combine.as_ref(),
+        )?;
         if *origin == ViewSource::Named {
             view.realize_all()?;
         }

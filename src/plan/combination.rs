@@ -114,17 +114,24 @@ pub(super) fn resolve(
             ranks[0]
         }
     };
-    let n = new_rank as f64;
-    let scaling = if first.config.use_rslora {
-        n / n.sqrt()
-    } else {
-        n / n
-    };
+    let scaling = combined_scaling(new_rank, first.config.use_rslora);
     Ok(Combination {
         combine,
         new_rank,
         scaling,
     })
+}
+
+/// PEFT's `scaling` of the combined adapter, `lora_alpha / r` or `lora_alpha / √r` with
+/// `r = lora_alpha = new_rank` and the first adapter's `use_rslora`, in Python's f64.
+fn combined_scaling(new_rank: usize, use_rslora: bool) -> f64 {
+    let n = new_rank as f64;
+    if use_rslora {
+        n / n.sqrt()
+    } else {
+        // lora_alpha / r with lora_alpha == r.
+        1.0
+    }
 }
 
 /// The modules of a tensor's terms, each once, in order of first appearance.
@@ -175,7 +182,11 @@ impl Combination {
 
     /// Read a tensor's factors and combine them module by module: one oriented part per
     /// module, whose term stands for the combined adapter (its first adapter's index).
-    pub(super) fn parts(&self, merge: &TensorMerge, adapters: &[Adapter]) -> Result<Vec<realize::Part>> {
+    pub(super) fn parts(
+        &self,
+        merge: &TensorMerge,
+        adapters: &[Adapter],
+    ) -> Result<Vec<realize::Part>> {
         let ops = &merge.ops;
         let c = &self.combine;
         let params = mix::Params {
@@ -264,5 +275,17 @@ impl Combination {
             new_rank: self.new_rank,
             scaling: self.scaling.to_bits(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::combined_scaling;
+
+    #[test]
+    fn the_combined_adapter_merges_at_scale_one_or_sqrt_rank_with_rslora() {
+        assert_eq!(combined_scaling(8, false), 1.0);
+        assert_eq!(combined_scaling(16, true), 4.0);
+        assert_eq!(combined_scaling(8, true), 8.0 / 8f64.sqrt());
     }
 }

@@ -269,3 +269,212 @@ fn svd(loras: &[Lora], a_cols: usize, b_rows: usize, new_rank: usize) -> Combine
 pub(super) fn svd_rank(new_rank: usize, stacked: usize, b_rows: usize, a_cols: usize) -> usize {
     new_rank.min(stacked.min(b_rows)).min(stacked.min(a_cols))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random matrix of `n` values in (-1, 1).
+    fn values(n: usize, key: u64) -> Vec<f32> {
+        (0..n)
+            .map(|j| (uniform(key, j as u64) * 2.0 - 1.0) as f32)
+            .collect()
+    }
+
+    fn lora(rank: usize, a_cols: usize, b_rows: usize, weight: f64, key: u64) -> Lora {
+        Lora {
+            a: values(rank * a_cols, key),
+            b: values(b_rows * rank, key + 1),
+            rank,
+            weight,
+            scaling: 2.0,
+            adapter: key as usize,
+        }
+    }
+
+    fn params(method: Method, density: f64) -> Params<'static> {
+        Params {
+            method,
+            density,
+            majority_sign: MajoritySign::Total,
+            new_rank: 3,
+            seed: 7,
+            tensor: "t",
+            factor_dtype: DType::F32,
+        }
+    }
+
+    /// `B @ A` in f64.
+    fn product(c: &Combined, a_cols: usize, b_rows: usize) -> Vec<f64> {
+        let mut out = vec![0f64; b_rows * a_cols];
+        for i in 0..b_rows {
+            for k in 0..c.rank {
+                for j in 0..a_cols {
+                    out[i * a_cols + j] +=
+                        f64::from(c.b[i * c.rank + k]) * f64::from(c.a[k * a_cols + j]);
+                }
+            }
+        }
+        out
+    }
+
+    fn weighted_delta(loras: &[Lora], a_cols: usize, b_rows: usize) -> Vec<f64> {
+        let mut out = vec![0f64; b_rows * a_cols];
+        for l in loras {
+            let c = Combined {
+                a: l.a.clone(),
+                b: l.b.clone(),
+                rank: l.rank,
+            };
+            for (o, d) in out.iter_mut().zip(product(&c, a_cols, b_rows)) {
+                *o += l.weight * l.scaling * d;
+            }
+        }
+        out
+    }
+
+    fn max_abs_diff(x: &[f64], y: &[f64]) -> f64 {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn cat_is_the_weighted_sum_of_deltas() {
+        let loras = vec![lora(2, 5, 4, 0.5, 1), lora(3, 5, 4, -1.5, 3)];
+        let want = weighted_delta(&loras, 5, 4);
+        let got = combine(&params(Method::Cat, 1.0), loras, 5, 4);
+        assert_eq!(got.rank, 5);
+        assert!(max_abs_diff(&product(&got, 5, 4), &want) < 1e-5);
+    }
+
+    #[test]
+    fn linear_has_cross_terms_and_keeps_the_sign_on_a() {
+        // One adapter: (sign·√|ws|·A, √|ws|·B) multiply back to ws·B@A.
+        let one = vec![lora(2, 5, 4, -0.75, 1)];
+        let want = weighted_delta(&one, 5, 4);
+        let got = combine(&params(Method::Linear, 1.0), one, 5, 4);
+        assert!(max_abs_diff(&product(&got, 5, 4), &want) < 1e-5);
+        // Two: (Σ cᵢAᵢ)ᵀ-weighted B's: B@A has the cross terms c_Bj·c_Ai·B_j@A_i.
+        let two = vec![lora(2, 5, 4, 1.0, 1), lora(2, 5, 4, 0.5, 3)];
+        let (ca, cb): (Vec<f64>, Vec<f64>) = two
+            .iter()
+            .map(|l| ((l.weight * l.scaling).sqrt(), (l.weight * l.scaling).sqrt()))
+            .unzip();
+        let mut want = vec![0f64; 20];
+        for (i, li) in two.iter().enumerate() {
+            for (j, lj) in two.iter().enumerate() {
+                let c = Combined {
+                    a: li.a.clone(),
+                    b: lj.b.clone(),
+                    rank: 2,
+                };
+                for (o, d) in want.iter_mut().zip(product(&c, 5, 4)) {
+                    *o += ca[i] * cb[j] * d;
+                }
+            }
+        }
+        let got = combine(&params(Method::Linear, 1.0), two, 5, 4);
+        assert!(max_abs_diff(&product(&got, 5, 4), &want) < 1e-5);
+    }
+
+    #[test]
+    fn magnitude_pruning_keeps_the_largest_int_density_n() {
+        let mut x = vec![0.5, -3.0, 1.0, 0.25, -2.0, 0.75, 4.0];
+        prune_magnitude(&mut x, 0.5); // int(3.5) = 3 kept
+        assert_eq!(x, vec![0.0, -3.0, 0.0, 0.0, -2.0, 0.0, 4.0]);
+        let mut all = vec![1.0, -1.0];
+        prune_magnitude(&mut all, 1.0);
+        assert_eq!(all, vec![1.0, -1.0]);
+        let mut none = vec![1.0, -1.0];
+        prune_magnitude(&mut none, 0.0);
+        assert_eq!(none, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn ties_elects_the_sign_from_the_unweighted_values() {
+        // Column 0: total 1 - 3 = -2 elects -, frequency (one each) elects +.
+        // Column 1: both agree on +; the mean of the weighted values.
+        let xs = vec![vec![1.0, 2.0], vec![-3.0, 4.0]];
+        let weights = [10.0, 1.0];
+        let total = disjoint_merge(&xs, &weights, MajoritySign::Total);
+        assert_eq!(total, vec![-3.0, (20.0 + 4.0) / 2.0]);
+        let frequency = disjoint_merge(&xs, &weights, MajoritySign::Frequency);
+        assert_eq!(frequency, vec![10.0, 12.0]);
+        // All pruned: 0, not NaN (the count is clamped to 1).
+        assert_eq!(
+            disjoint_merge(&[vec![0.0]], &[1.0], MajoritySign::Total),
+            vec![0.0]
+        );
+    }
+
+    #[test]
+    fn dare_keeps_about_density_rescaled_exactly_and_reproducibly() {
+        let n = 100_000;
+        let x = values(n, 11);
+        for density in [0.1, 0.5, 0.9] {
+            let key = mask_key(3, "model.layers.0.mlp.up_proj.weight", 1, 'A');
+            let mut pruned = x.clone();
+            prune_random(&mut pruned, density, key);
+            let kept = pruned.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+            // 5 standard deviations of a binomial fraction.
+            let sd = (density * (1.0 - density) / n as f64).sqrt();
+            assert!((kept - density).abs() < 5.0 * sd, "{density}: kept {kept}");
+            for (p, v) in pruned.iter().zip(&x) {
+                assert!(*p == 0.0 || *p == *v / density as f32);
+            }
+            let mut again = x.clone();
+            prune_random(&mut again, density, key);
+            assert_eq!(pruned, again);
+            let mut other = x.clone();
+            prune_random(
+                &mut other,
+                density,
+                mask_key(4, "model.layers.0.mlp.up_proj.weight", 1, 'A'),
+            );
+            assert_ne!(pruned, other);
+        }
+        assert_ne!(mask_key(0, "t", 0, 'A'), mask_key(0, "t", 0, 'B'));
+        assert_ne!(mask_key(0, "t", 0, 'A'), mask_key(0, "t", 1, 'A'));
+    }
+
+    /// The truncation of `delta` (rows × cols) to `k` by nalgebra's dense SVD.
+    fn dense_truncation(delta: &[f64], rows: usize, cols: usize, k: usize) -> Vec<f64> {
+        let m = nalgebra::DMatrix::from_row_slice(rows, cols, delta);
+        let svd = m.svd(true, true);
+        let (u, vt) = (svd.u.unwrap(), svd.v_t.unwrap());
+        let mut out = nalgebra::DMatrix::<f64>::zeros(rows, cols);
+        for i in 0..k {
+            out += svd.singular_values[i] * u.column(i) * vt.row(i);
+        }
+        (0..rows)
+            .flat_map(|i| (0..cols).map(move |j| (i, j)))
+            .map(|(i, j)| out[(i, j)])
+            .collect()
+    }
+
+    #[test]
+    fn svd_from_the_factors_is_the_dense_truncation() {
+        let (a_cols, b_rows) = (9, 7);
+        for new_rank in [1, 3, 5, 20] {
+            let loras = vec![
+                lora(2, a_cols, b_rows, 0.5, 1),
+                lora(3, a_cols, b_rows, -1.25, 3),
+            ];
+            let delta = weighted_delta(&loras, a_cols, b_rows);
+            let mut p = params(Method::Svd, 1.0);
+            p.new_rank = new_rank;
+            let got = combine(&p, loras, a_cols, b_rows);
+            let k = svd_rank(new_rank, 5, b_rows, a_cols);
+            assert_eq!(got.rank, k);
+            let want = dense_truncation(&delta, b_rows, a_cols, k);
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            // The f32 rounding of the result's factors, relative to the delta's size.
+            assert!(
+                max_abs_diff(&product(&got, a_cols, b_rows), &want) < 1e-5 * scale,
+                "rank {new_rank}"
+            );
+        }
+    }
+}
