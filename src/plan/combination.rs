@@ -189,13 +189,13 @@ impl Combination {
     ) -> Result<Vec<realize::Part>> {
         let ops = &merge.ops;
         let c = &self.combine;
-        let params = mix::Params {
+        let every = mix::Params {
             method: c.method,
             density: c.density.unwrap_or(1.0),
             majority_sign: c.majority_sign,
             new_rank: self.new_rank,
             seed: c.seed,
-            tensor: &merge.name,
+            module: "",
             // PEFT's cat copies the factors into the new adapter's weights, which have the
             // base layer's dtype (only adapters loaded by PeftModel are cast to f32).
             factor_dtype: merge.w.dtype,
@@ -230,6 +230,9 @@ impl Combination {
                 });
             }
             let Some(mut term) = first else { continue };
+            // The module (not the tensor) seeds DARE: a tied lm_head and the embedding are
+            // two modules merged into one tensor, each with its own masks.
+            let params = mix::Params { module, ..every };
             let combined = mix::combine(&params, loras, a_cols, b_rows);
             let (u, v) = realize::orient(
                 (combined.a, a_cols),

@@ -37,8 +37,8 @@ pub(super) struct Params<'a> {
     /// `svd`'s rank (`svd_rank`, or the largest adapter rank).
     pub new_rank: usize,
     pub seed: u64,
-    /// Names the tensor in DARE's masks.
-    pub tensor: &'a str,
+    /// Names the module in DARE's masks.
+    pub module: &'a str,
     /// The dtype `cat`'s factors are stored in (rounded to it).
     pub factor_dtype: DType,
 }
@@ -105,7 +105,7 @@ fn one_factor(p: &Params, stack: Vec<(usize, Vec<f32>)>, weights: &[f32], which:
             match p.method {
                 Method::Ties | Method::MagnitudePrune => prune_magnitude(&mut x, p.density),
                 Method::DareLinear | Method::DareTies => {
-                    let key = mask_key(p.seed, p.tensor, adapter, which);
+                    let key = mask_key(p.seed, p.module, adapter, which);
                     prune_random(&mut x, p.density, key)
                 }
                 _ => {}
@@ -180,13 +180,13 @@ pub(super) fn prune_magnitude(x: &mut [f32], density: f64) {
     }
 }
 
-/// A stable 64-bit key for one factor's DARE mask (FNV-1a over the seed, the tensor, the
+/// A stable 64-bit key for one factor's DARE mask (FNV-1a over the seed, the module, the
 /// adapter's index and the factor), so a tensor's mask is the same whenever and in
 /// whatever order tensors are realized.
-pub(super) fn mask_key(seed: u64, tensor: &str, adapter: usize, which: char) -> u64 {
+pub(super) fn mask_key(seed: u64, module: &str, adapter: usize, which: char) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let bytes = (seed.to_le_bytes().into_iter())
-        .chain(tensor.bytes())
+        .chain(module.bytes())
         .chain([0xff])
         .chain((adapter as u64).to_le_bytes())
         .chain([which as u8]);
@@ -299,7 +299,7 @@ mod tests {
             majority_sign: MajoritySign::Total,
             new_rank: 3,
             seed: 7,
-            tensor: "t",
+            module: "m",
             factor_dtype: DType::F32,
         }
     }

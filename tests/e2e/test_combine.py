@@ -237,6 +237,18 @@ def test_mount_serves_the_combination(e2e, scratch, mounter):
         assert (mnt / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_views_apply_the_global_combine(e2e, scratch, mounter):
+    """--view NAME=SPEC with --combine: each view combined as materialize combines its spec."""
+    adapters = e2e.adapters(SAME_RANK)
+    extra = combine_args("dare_ties", density=0.7, seed=5)
+    out = scratch / "merged"
+    e2e.lorafs.materialize(e2e.base("bf16"), out, adapters, *extra)
+    spec = ",".join(f"{path}:{w!r}" for path, w in adapters)
+    mnt = mounter(e2e.base("bf16"), [], "--view", f"mix={spec}", *extra)
+    for p in sorted(out.glob("*.safetensors")):
+        assert (mnt / "mix" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
 @pytest.mark.parametrize(
     "spec,args,needle",
     [
