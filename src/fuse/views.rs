@@ -14,6 +14,7 @@ use crate::control::{ViewControl, ViewInfo, ViewSource};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::gguf::OutType;
+use crate::plan::Combine;
 use crate::tree::{self, Change};
 use crate::view::View;
 
@@ -31,6 +32,8 @@ pub struct Views {
     changing: Mutex<()>,
     /// GGUF files each view also serves (`--gguf`).
     gguf: Vec<OutType>,
+    /// How every view combines its adapters (`--combine`).
+    combine: Option<Combine>,
 }
 
 impl Views {
@@ -46,7 +49,14 @@ impl Views {
             warmed: Mutex::new(Vec::new()),
             changing: Mutex::new(()),
             gguf: Vec::new(),
+            combine: None,
         }
+    }
+
+    /// Every view combines its adapters this way.
+    pub fn with_combine(mut self, combine: Option<Combine>) -> Views {
+        self.combine = combine;
+        self
     }
 
     /// Every view also serves these GGUF files.
@@ -99,7 +109,12 @@ impl Views {
         adapters: &[(PathBuf, f64)],
         origin: &ViewSource,
     ) -> crate::Result<Arc<View>> {
-        let mut view = View::open(self.engine.clone(), adapters, self.dtype)?;
+        let mut view = View::open(
+            self.engine.clone(),
+            adapters,
+            self.dtype,
+            self.combine.as_ref(),
+        )?;
         if *origin == ViewSource::Named {
             view.realize_all()?;
         }

@@ -57,6 +57,8 @@ pub struct BaseInfo {
 pub struct ViewPlan {
     /// The `--dtype` floating tensors are stored in, `None` to keep the base's.
     pub dtype: Option<&'static str>,
+    /// `--combine` as applied, `None` when the deltas are summed.
+    pub combine: Option<CombineInfo>,
     pub adapters: Vec<AdapterInfo>,
     pub vocab_resize: Option<VocabResizeInfo>,
     /// Files served from an adapter directory in place of the base's (a tokenizer): the
@@ -69,6 +71,23 @@ pub struct ViewPlan {
     pub tensors: Option<Vec<TensorInfo>>,
     /// The GGUF files of `--gguf` (empty without it).
     pub gguf: Vec<GgufInfo>,
+}
+
+/// How the adapters are combined (`--combine`): PEFT's `add_weighted_adapter` arguments.
+#[derive(Serialize)]
+pub struct CombineInfo {
+    /// PEFT's `combination_type` as applied (`linear` for a single adapter).
+    pub method: &'static str,
+    pub density: Option<f64>,
+    /// `total` or `frequency` for ties and dare_ties, else null.
+    pub majority_sign: Option<String>,
+    /// The rank of the combined adapter (`r` and `lora_alpha`).
+    pub rank: usize,
+    /// The scale the combined adapter merges with: 1, or √rank when the first adapter
+    /// has use_rslora.
+    pub scaling: f64,
+    /// DARE's seed, else null.
+    pub seed: Option<u64>,
 }
 
 /// A GGUF file of the view.
@@ -263,6 +282,15 @@ fn view_plan(view: &View, tensors: bool) -> ViewPlan {
     let all = view.engine.base.num_params() + trainable;
     ViewPlan {
         dtype: plan.dtype.map(|d| d.name()),
+        combine: plan.combination.as_deref().map(|c| CombineInfo {
+            method: c.combine.method.name(),
+            density: c.combine.density,
+            majority_sign: (c.combine.method.elects_sign())
+                .then(|| c.combine.majority_sign.to_string()),
+            rank: c.new_rank,
+            scaling: c.scaling,
+            seed: c.combine.method.is_random().then_some(c.combine.seed),
+        }),
         adapters: plan.adapters.iter().map(adapter_info).collect(),
         vocab_resize: plan.vocab.map(|resize| {
             let VocabFiles {

@@ -71,6 +71,13 @@ fn write_view(s: &mut String, view: &View, tensors: bool) {
             dtype.name()
         );
     }
+    if let Some(c) = &plan.combination {
+        let _ = writeln!(
+            s,
+            "combine   {} (PEFT add_weighted_adapter: rank {}, merged with scale {})",
+            c.combine, c.new_rank, c.scaling
+        );
+    }
     for (i, a) in plan.adapters.iter().enumerate() {
         write_adapter(s, i, a);
     }
