@@ -26,6 +26,10 @@ pub(crate) fn open_views(
              under it: use one or the other (--adapter A --adapter B is --view NAME=A,B)"
         );
     }
+    // Read once before the base is opened, so a mistake in it is the error shown.
+    if let Some(path) = &args.views_file {
+        lorafs::viewsfile::load(path).map_err(anyhow::Error::msg)?;
+    }
     let mut engine = inputs.engine(MOUNT_CACHE)?;
     engine.factors = lorafs::cache::Cache::new(args.factor_cache);
     let engine = Arc::new(engine);

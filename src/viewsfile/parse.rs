@@ -31,7 +31,7 @@ const VIEW_KEYS: [&str; 8] = [
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ViewToml {
-    adapters: Vec<toml::Value>,
+    adapters: Option<Vec<toml::Value>>,
     dtype: Option<String>,
     gguf: Option<Vec<String>>,
     combine: Option<String>,
@@ -95,13 +95,14 @@ fn parse_view(name: &str, view: toml::Value, dir: &Path) -> Result<ViewSpec, Str
             ));
         }
     }
-    let view: ViewToml = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| e.message().trim().replace('\n', "; "))?;
-    if view.adapters.is_empty() {
+    let view = read_view(table)?;
+    let Some(listed) = &view.adapters else {
+        return Err("adapters is missing: adapters = [\"DIR[:WEIGHT]\", ...]".into());
+    };
+    if listed.is_empty() {
         return Err("adapters is empty: a view merges at least one adapter".into());
     }
-    let adapters = (view.adapters.iter().enumerate())
+    let adapters = (listed.iter().enumerate())
         .map(|(i, a)| parse_adapter(a, dir).map_err(|e| format!("adapters[{i}]: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = view.dtype.as_deref().map(DType::parse).transpose()?;
@@ -114,6 +115,24 @@ fn parse_view(name: &str, view: toml::Value, dir: &Path) -> Result<ViewSpec, Str
         gguf,
         combine: parse_combine(&view)?,
     })
+}
+
+/// The table of a view as its struct. serde's message for a value of the wrong type does
+/// not say which key held it: then each key is read alone to find it.
+fn read_view(table: toml::Table) -> Result<ViewToml, String> {
+    let one_line = |e: toml::de::Error| e.message().trim().replace('\n', "; ");
+    match toml::Value::Table(table.clone()).try_into() {
+        Ok(view) => Ok(view),
+        Err(e) => {
+            for (key, value) in table {
+                let alone = toml::Table::from_iter([(key.clone(), value)]);
+                if let Err(e) = toml::Value::Table(alone).try_into::<ViewToml>() {
+                    return Err(format!("{key}: {}", one_line(e)));
+                }
+            }
+            Err(one_line(e))
+        }
+    }
 }
 
 fn parse_gguf(text: &str) -> Result<OutType, String> {

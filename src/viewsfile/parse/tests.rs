@@ -95,7 +95,7 @@ fn bad_names_and_values_are_refused() {
         assert!(e.contains("view name"), "{name}: {e}");
     }
     let cases = [
-        ("[views.v]\ndtype = \"f16\"", "adapters"),
+        ("[views.v]\ndtype = \"f16\"", "adapters is missing"),
         ("[views.v]\nadapters = []", "at least one adapter"),
         ("[views.v]\nadapters = [\"/a\"]\ndtype = \"f8\"", "unknown dtype"),
         ("[views.v]\nadapters = [\"/a\"]\ngguf = [\"Q4\"]", "unknown GGUF type"),
@@ -103,7 +103,8 @@ fn bad_names_and_values_are_refused() {
         ("[views.v]\nadapters = [{ weight = 1 }]", "path is missing"),
         ("[views.v]\nadapters = [{ path = \"/a\", weight = nan }]", "finite"),
         ("[views.v]\nadapters = [\"/a:inf\"]", "finite"),
-        ("[views.v]\nadapters = \"/a\"", "view \"v\""),
+        ("[views.v]\nadapters = \"/a\"", "view \"v\": adapters: "),
+        ("[views.v]\nadapters = [\"/a\"]\nsvd_rank = \"8\"", "svd_rank: "),
         ("[views.v\nadapters = 1", "line 1, column"),
         ("views = 3", "table of tables"),
         ("[views]\nv = 3", "expected a table"),
@@ -124,7 +125,7 @@ fn combination_parameters_are_checked() {
         ("combine = \"linear\"\ndensity = 0.5", "density does not apply"),
         ("combine = \"cat\"\nsvd_rank = 4", "svd_rank does not apply"),
         ("combine = \"svd\"\nsvd_rank = 0", "svd_rank must be at least 1"),
-        ("combine = \"svd\"\nsvd_rank = -1", "view \"v\""),
+        ("combine = \"svd\"\nsvd_rank = -1", "svd_rank: "),
         ("combine = \"linear\"\nmajority_sign = \"frequency\"", "majority_sign"),
         ("combine = \"ties\"\ndensity = 0.5\nmajority_sign = \"most\"", "unknown majority"),
         ("combine = \"ties\"\ndensity = 0.5\nseed = 3", "seed does not apply"),
