@@ -38,7 +38,7 @@ pub use spec::{check_view_name, format_spec, parse_spec, ViewSpec};
 
 /// What a [`ViewControl`] answers when its mount has no view registry (a single `--adapter`
 /// merge); the command then says the mount was made without views.
-pub const NO_VIEWS: &str = "this mount was made without views (--view/--catalog)";
+pub const NO_VIEWS: &str = "this mount was made without views (--view/--views/--catalog)";
 
 /// Where a view comes from: named on the command line or by `view add` (`Named`), found
 /// in a catalog directory (`Catalog`), or an entry of the `--views` file (`File`).

@@ -56,6 +56,8 @@ fn a_views_file_serves_its_views_and_follows_its_edits() {
     for view in listed.as_array().unwrap() {
         assert_eq!(view["source"], "file", "{out}");
     }
+    let (_, out, _) = view_cmd(&["ls", &arg(&m)]);
+    assert!(out.lines().all(|l| l.ends_with("  (views file)")), "{out}");
 
     // Edited: a weight changed, a view removed, one added.
     save(
