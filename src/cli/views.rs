@@ -57,7 +57,9 @@ pub(crate) fn open_views(
             .map_err(|e| anyhow::anyhow!("view {}: {e}", name.display()))?;
     }
     let file = match &args.views_file {
-        Some(path) => Some(lorafs::viewsfile::FileSync::open(path, &*views).map_err(anyhow::Error::msg)?),
+        Some(path) => {
+            Some(lorafs::viewsfile::FileSync::open(path, &*views).map_err(anyhow::Error::msg)?)
+        }
         None => None,
     };
     let catalog = match &args.catalog {
@@ -159,7 +161,10 @@ pub(crate) fn inspect_views(
                 .and_then(|mut view| view.add_gguf(gguf).map(|()| view))
                 .with_context(|| format!("views file {}: view {name}", path.display()))?;
             if views.iter().any(|(n, _)| *n == name) {
-                anyhow::bail!("view {name} is both a --view and in the views file {}", path.display());
+                anyhow::bail!(
+                    "view {name} is both a --view and in the views file {}",
+                    path.display()
+                );
             }
             views.push((name, view));
         }

@@ -104,8 +104,8 @@ impl Views {
             ));
         }
         let dtype = spec.dtype.or(self.dtype);
-        let mut view = View::open(self.engine.clone(), &spec.adapters, dtype)
-            .map_err(|e| e.to_string())?;
+        let mut view =
+            View::open(self.engine.clone(), &spec.adapters, dtype).map_err(|e| e.to_string())?;
         if *origin != ViewSource::Catalog {
             view.realize_all().map_err(|e| e.to_string())?;
         }

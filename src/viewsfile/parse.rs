@@ -136,9 +136,8 @@ fn read_view(table: toml::Table) -> Result<ViewToml, String> {
 }
 
 fn parse_gguf(text: &str) -> Result<OutType, String> {
-    OutType::parse(text).ok_or_else(|| {
-        format!("gguf: unknown GGUF type {text:?} (use F32, F16, BF16 or Q8_0)")
-    })
+    OutType::parse(text)
+        .ok_or_else(|| format!("gguf: unknown GGUF type {text:?} (use F32, F16, BF16 or Q8_0)"))
 }
 
 /// An adapter: `"DIR"`, `"DIR:WEIGHT"` (as `--adapter`) or `{ path = "DIR", weight = W }`,
@@ -147,7 +146,10 @@ fn parse_adapter(value: &toml::Value, dir: &Path) -> Result<(PathBuf, f64), Stri
     let (path, weight) = match value {
         toml::Value::String(text) => split_weight(text, dir)?,
         toml::Value::Table(table) => {
-            if let Some(key) = table.keys().find(|k| !["path", "weight"].contains(&k.as_str())) {
+            if let Some(key) = table
+                .keys()
+                .find(|k| !["path", "weight"].contains(&k.as_str()))
+            {
                 return Err(format!("unknown key {key:?}; the keys are path, weight"));
             }
             let path = match table.get("path") {
@@ -163,11 +165,7 @@ fn parse_adapter(value: &toml::Value, dir: &Path) -> Result<(PathBuf, f64), Stri
             };
             (path, weight)
         }
-        _ => {
-            return Err(
-                "expected \"DIR[:WEIGHT]\" or { path = \"DIR\", weight = W }".to_string(),
-            )
-        }
+        _ => return Err("expected \"DIR[:WEIGHT]\" or { path = \"DIR\", weight = W }".to_string()),
     };
     if path.is_empty() {
         return Err("the adapter path is empty".into());

@@ -58,7 +58,11 @@ impl Version {
     fn now(spec: &ViewSpec) -> Version {
         Version {
             spec: spec.clone(),
-            adapters: spec.adapters.iter().map(|(d, _)| adapter_stamp(d)).collect(),
+            adapters: spec
+                .adapters
+                .iter()
+                .map(|(d, _)| adapter_stamp(d))
+                .collect(),
         }
     }
 }
@@ -82,15 +86,19 @@ impl FileSync {
     /// Read the file at `path` and apply every view of it; any error (the file, a view that
     /// cannot be built or whose name is taken) is returned, for the mount to refuse.
     pub fn open(path: &Path, registry: &dyn Registry) -> Result<FileSync, String> {
-        let path = std::path::absolute(path)
-            .map_err(|e| format!("views file {}: {e}", path.display()))?;
+        let path =
+            std::path::absolute(path).map_err(|e| format!("views file {}: {e}", path.display()))?;
         let file = stamp(&path);
         let entries = load(&path)?;
         let mut served = BTreeMap::new();
         for (name, spec) in &entries {
             let version = Version::now(spec);
             (registry.apply(name, Some(spec))).map_err(|e| {
-                format!("views file {}: view {}: {e}", path.display(), name.display())
+                format!(
+                    "views file {}: view {}: {e}",
+                    path.display(),
+                    name.display()
+                )
             })?;
             served.insert(name.clone(), version);
         }
@@ -179,8 +187,7 @@ impl FileSync {
         self.refused.retain(|name, _| entries.contains_key(name));
         for (name, spec) in &entries {
             let version = Version::now(spec);
-            if self.served.get(name) == Some(&version) || self.refused.get(name) == Some(&version)
-            {
+            if self.served.get(name) == Some(&version) || self.refused.get(name) == Some(&version) {
                 continue;
             }
             match registry.apply(name, Some(spec)) {

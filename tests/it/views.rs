@@ -36,7 +36,12 @@ pub(crate) fn fixture() -> Fixture {
 }
 
 /// `lorafs materialize` of `adapters` (`DIR[:W]` arguments) with `extra` flags.
-pub(crate) fn materialized(f: &Fixture, name: &str, adapters: &[String], extra: &[&str]) -> PathBuf {
+pub(crate) fn materialized(
+    f: &Fixture,
+    name: &str,
+    adapters: &[String],
+    extra: &[&str],
+) -> PathBuf {
     let out = f.tmp.path().join(format!("out-{}", name.replace('/', "-")));
     let mut args: Vec<OsString> = vec![
         "materialize".into(),

@@ -49,7 +49,10 @@ fn a_views_file_serves_its_views_and_follows_its_edits() {
     let want_one = materialized(&f, "one", std::slice::from_ref(&a), &[]);
     assert_same_tree(&m.join("one"), &want_one);
     let mix = [format!("{a}:0.5"), format!("{c}:-1.25")];
-    assert_same_tree(&m.join("mix/x"), &materialized(&f, "mix", &mix, &["--dtype", "f16"]));
+    assert_same_tree(
+        &m.join("mix/x"),
+        &materialized(&f, "mix", &mix, &["--dtype", "f16"]),
+    );
     let (ok, out, err) = view_cmd(&["ls", "--json", &arg(&m)]);
     assert!(ok, "{err}");
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -74,7 +77,10 @@ fn a_views_file_serves_its_views_and_follows_its_edits() {
     let mix = [format!("{a}:0.25"), format!("{c}:-1.25")];
     let want_mix = materialized(&f, "mix2", &mix, &["--dtype", "f16"]);
     assert_same_tree(&m.join("mix/x"), &want_mix);
-    assert_same_tree(&m.join("two"), &materialized(&f, "two", &[b.clone()], &[]));
+    assert_same_tree(
+        &m.join("two"),
+        &materialized(&f, "two", std::slice::from_ref(&b), &[]),
+    );
 
     // An invalid edit keeps the views, with a log line saying why.
     save(&file, "[views.two]\nadapters = [\"b\"]\nwieght = 2\n");
@@ -95,7 +101,7 @@ fn a_views_file_serves_its_views_and_follows_its_edits() {
     eventually("the view of the copy", || {
         !m.join("mix").exists() && m.join("two/config.json").exists()
     });
-    let want_c = materialized(&f, "c", &[c.clone()], &[]);
+    let want_c = materialized(&f, "c", std::slice::from_ref(&c), &[]);
     for name in ["adapter_model.safetensors", "adapter_config.json"] {
         let staged = copy.join(format!("{name}.new"));
         std::fs::copy(f.adapters[2].join(name), &staged).unwrap();
@@ -121,8 +127,14 @@ fn a_bad_views_file_mounts_nothing() {
         run_lorafs(args)
     };
     let cases = [
-        (format!("[views.v]\nadapters = [\"{a}\"]\ndensty = 1"), "\"densty\""),
-        (format!("[views.\"../v\"]\nadapters = [\"{a}\"]"), "view name"),
+        (
+            format!("[views.v]\nadapters = [\"{a}\"]\ndensty = 1"),
+            "\"densty\"",
+        ),
+        (
+            format!("[views.\"../v\"]\nadapters = [\"{a}\"]"),
+            "view name",
+        ),
         ("[views.v]\nadapters = [\"missing\"]".to_string(), "missing"),
         (
             format!("[views.v]\nadapters = [\"{a}\"]\ncombine = \"ties\""),
@@ -147,4 +159,30 @@ fn a_bad_views_file_mounts_nothing() {
         std::fs::read_dir(&mnt).unwrap().next().is_none(),
         "nothing mounted"
     );
+}
+
+#[test]
+fn inspect_shows_the_views_of_a_file_each_with_its_dtype() {
+    let f = fixture();
+    let file = f.tmp.path().join("views.toml");
+    std::fs::write(
+        &file,
+        "[views.half]\nadapters = [\"a\"]\ndtype = \"f16\"\n\n[views.full]\nadapters = [\"b:0.5\"]\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run_lorafs([
+        "inspect",
+        &arg(&f.base),
+        "--views",
+        &arg(&file),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(ok, "{err}");
+    let full = out.find("\nview full\n").expect("view full listed");
+    let half = out.find("\nview half\n").expect("view half listed");
+    assert!(full < half, "{out}");
+    assert!(out[full..half].contains("dtype     F32"), "{out}");
+    assert!(out[half..].contains("dtype     F16"), "{out}");
+    assert!(out[full..half].contains("(weight 0.5)"), "{out}");
 }

@@ -31,7 +31,10 @@ fn a_good_file() {
     "#;
     let entries = parse(text, Path::new("/files")).unwrap();
     assert_eq!(
-        entries.keys().map(|k| k.to_str().unwrap()).collect::<Vec<_>>(),
+        entries
+            .keys()
+            .map(|k| k.to_str().unwrap())
+            .collect::<Vec<_>>(),
         ["dare", "mix/a", "plain", "svd"]
     );
     let mix = &entries[Path::new("mix/a")];
@@ -68,7 +71,10 @@ fn an_existing_path_with_a_colon_is_taken_whole() {
     let entries = parse("[views.v]\nadapters = [\"ad:2\", \"ad:2:0.5\"]", tmp.path()).unwrap();
     assert_eq!(
         entries[Path::new("v")].adapters,
-        [(tmp.path().join("ad:2"), 1.0), (tmp.path().join("ad:2"), 0.5)]
+        [
+            (tmp.path().join("ad:2"), 1.0),
+            (tmp.path().join("ad:2"), 0.5)
+        ]
     );
 }
 
@@ -97,14 +103,26 @@ fn bad_names_and_values_are_refused() {
     let cases = [
         ("[views.v]\ndtype = \"f16\"", "adapters is missing"),
         ("[views.v]\nadapters = []", "at least one adapter"),
-        ("[views.v]\nadapters = [\"/a\"]\ndtype = \"f8\"", "unknown dtype"),
-        ("[views.v]\nadapters = [\"/a\"]\ngguf = [\"Q4\"]", "unknown GGUF type"),
+        (
+            "[views.v]\nadapters = [\"/a\"]\ndtype = \"f8\"",
+            "unknown dtype",
+        ),
+        (
+            "[views.v]\nadapters = [\"/a\"]\ngguf = [\"Q4\"]",
+            "unknown GGUF type",
+        ),
         ("[views.v]\nadapters = [1]", "expected \"DIR[:WEIGHT]\""),
         ("[views.v]\nadapters = [{ weight = 1 }]", "path is missing"),
-        ("[views.v]\nadapters = [{ path = \"/a\", weight = nan }]", "finite"),
+        (
+            "[views.v]\nadapters = [{ path = \"/a\", weight = nan }]",
+            "finite",
+        ),
         ("[views.v]\nadapters = [\"/a:inf\"]", "finite"),
         ("[views.v]\nadapters = \"/a\"", "view \"v\": adapters: "),
-        ("[views.v]\nadapters = [\"/a\"]\nsvd_rank = \"8\"", "svd_rank: "),
+        (
+            "[views.v]\nadapters = [\"/a\"]\nsvd_rank = \"8\"",
+            "svd_rank: ",
+        ),
         ("[views.v\nadapters = 1", "line 1, column"),
         ("views = 3", "table of tables"),
         ("[views]\nv = 3", "expected a table"),
@@ -122,13 +140,28 @@ fn combination_parameters_are_checked() {
     let cases = [
         ("combine = \"ties\"", "combine = ties needs density"),
         ("combine = \"ties\"\ndensity = 1.5", "not between 0 and 1"),
-        ("combine = \"linear\"\ndensity = 0.5", "density does not apply"),
+        (
+            "combine = \"linear\"\ndensity = 0.5",
+            "density does not apply",
+        ),
         ("combine = \"cat\"\nsvd_rank = 4", "svd_rank does not apply"),
-        ("combine = \"svd\"\nsvd_rank = 0", "svd_rank must be at least 1"),
+        (
+            "combine = \"svd\"\nsvd_rank = 0",
+            "svd_rank must be at least 1",
+        ),
         ("combine = \"svd\"\nsvd_rank = -1", "svd_rank: "),
-        ("combine = \"linear\"\nmajority_sign = \"frequency\"", "majority_sign"),
-        ("combine = \"ties\"\ndensity = 0.5\nmajority_sign = \"most\"", "unknown majority"),
-        ("combine = \"ties\"\ndensity = 0.5\nseed = 3", "seed does not apply"),
+        (
+            "combine = \"linear\"\nmajority_sign = \"frequency\"",
+            "majority_sign",
+        ),
+        (
+            "combine = \"ties\"\ndensity = 0.5\nmajority_sign = \"most\"",
+            "unknown majority",
+        ),
+        (
+            "combine = \"ties\"\ndensity = 0.5\nseed = 3",
+            "seed does not apply",
+        ),
         ("combine = \"ties_svd\"", "not supported"),
         ("combine = \"average\"", "unknown combination"),
         ("density = 0.5", "density is a parameter of combine"),
@@ -136,6 +169,9 @@ fn combination_parameters_are_checked() {
     ];
     for (extra, want) in cases {
         let e = err(&view(extra));
-        assert!(e.contains("view \"v\"") && e.contains(want), "{extra:?}: {e}");
+        assert!(
+            e.contains("view \"v\"") && e.contains(want),
+            "{extra:?}: {e}"
+        );
     }
 }
