@@ -19,7 +19,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernel::Kernel;
 use crate::model::{BaseModel, INDEX_FILE};
-use crate::plan::{Realized, TensorId, WSource};
+use crate::plan::{CombinationKey, Realized, TensorId, WSource};
 
 /// Counters of an engine's work, for logs and the mount's stats.
 #[derive(Default, Debug)]
@@ -69,8 +69,11 @@ pub struct Recipe {
     pub tensor: TensorId,
     pub w: WSource,
     pub dtype: DType,
-    /// The adapters it reads, in the order the view lists them.
+    /// The adapters it reads, in the order the view lists them (all of the view's with a
+    /// combination, whose rank and scale depend on every adapter's config).
     pub adapters: Vec<AdapterVersion>,
+    /// The view's `--combine` and every parameter of it (the seed too).
+    pub combination: Option<CombinationKey>,
 }
 
 pub struct Engine {

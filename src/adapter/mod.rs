@@ -7,7 +7,7 @@
 //! costs nothing before it is refused.
 
 mod config;
-mod json;
+pub(crate) mod json;
 mod pair;
 mod pattern;
 mod table;

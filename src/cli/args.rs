@@ -39,6 +39,24 @@ pub(crate) struct MergeArgs {
     /// in .gguf writes just that file (one TYPE).
     #[arg(long, value_name = "TYPE[,TYPE...]", value_delimiter = ',', value_parser = parse_gguf)]
     pub(crate) gguf: Vec<lorafs::gguf::OutType>,
+    /// Combine the adapters as PEFT's add_weighted_adapter(combination_type=TYPE) then
+    /// merge_and_unload: cat, linear, ties, dare_linear, dare_ties, magnitude_prune, svd
+    /// (docs/SEMANTICS.md, "Combining adapters"). Without it, the weighted deltas are summed.
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) combine: Option<lorafs::plan::Method>,
+    /// The fraction of each factor's values kept (ties, dare_*, magnitude_prune; 1 keeps all).
+    #[arg(long, value_name = "D", requires = "combine")]
+    pub(crate) density: Option<f64>,
+    /// How ties and dare_ties elect each value's sign: total (the sign of the sum) or
+    /// frequency (the more frequent sign).
+    #[arg(long, value_name = "METHOD", requires = "combine")]
+    pub(crate) majority_sign: Option<lorafs::plan::MajoritySign>,
+    /// The rank svd truncates to (default: the largest adapter rank).
+    #[arg(long, value_name = "N", requires = "combine")]
+    pub(crate) svd_rank: Option<usize>,
+    /// Seeds DARE's random masks: the same seed gives the same bytes.
+    #[arg(long, value_name = "S", requires = "combine", default_value_t = 0)]
+    pub(crate) seed: u64,
 }
 
 pub(crate) fn parse_gguf(arg: &str) -> Result<lorafs::gguf::OutType, String> {
@@ -121,6 +139,22 @@ pub(crate) fn total_ram() -> u64 {
 }
 
 impl MergeArgs {
+    /// The `--combine` method with its parameters, checked.
+    pub(crate) fn combine(&self) -> anyhow::Result<Option<lorafs::plan::Combine>> {
+        let Some(method) = self.combine else {
+            return Ok(None);
+        };
+        let combine = lorafs::plan::Combine {
+            method,
+            density: self.density,
+            majority_sign: self.majority_sign.unwrap_or_default(),
+            svd_rank: self.svd_rank,
+            seed: self.seed,
+        };
+        combine.check().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(combine))
+    }
+
     /// Open the engine; `default_cache` is the cache budget unless --cache-size says.
     /// The engine over the base (O_DIRECT chosen by the base's size).
     pub(crate) fn engine(&self, default_cache: usize) -> anyhow::Result<Engine> {
@@ -148,7 +182,8 @@ impl MergeArgs {
         }
         let engine = Arc::new(self.engine(default_cache)?);
         let adapters = resolve_adapters(&self.adapters)?;
-        let mut view = View::open(engine, &adapters, self.dtype)?;
+        let combine = self.combine()?;
+        let mut view = View::open(engine, &adapters, self.dtype, combine.as_ref())?;
         view.realize_all()?;
         view.add_gguf(&self.gguf)?;
         Ok(view)

@@ -45,7 +45,11 @@ pub(crate) fn open_views(
                 && engine.base_bytes() <= total_ram() / 4
         }
     };
-    let views = Arc::new(Views::new(engine, inputs.dtype, fs.tree(), warm).with_gguf(&inputs.gguf));
+    let views = Arc::new(
+        Views::new(engine, inputs.dtype, fs.tree(), warm)
+            .with_gguf(&inputs.gguf)
+            .with_combine(inputs.combine()?),
+    );
     fs.attach(views.clone());
     for (name, spec) in &args.views {
         let adapters = resolve_adapters(spec).with_context(|| format!("view {name}"))?;
@@ -136,10 +140,12 @@ pub(crate) fn inspect_views(
         );
     }
     let engine = Arc::new(inputs.engine(0)?);
+    let combine = inputs.combine()?;
+    let combine = combine.as_ref();
     let mut views = Vec::new();
     for (name, spec) in &args.views {
         let view = resolve_adapters(spec)
-            .and_then(|adapters| View::open(engine.clone(), &adapters, inputs.dtype))
+            .and_then(|adapters| View::open(engine.clone(), &adapters, inputs.dtype, combine))
             .and_then(|view| view.realize_all().map(|()| view))
             .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view))
             .with_context(|| format!("view {name}"))?;
@@ -148,15 +154,10 @@ pub(crate) fn inspect_views(
     if let Some(path) = &args.views_file {
         for (name, spec) in lorafs::viewsfile::load(path).map_err(anyhow::Error::msg)? {
             let name = name.display().to_string();
-            if spec.combine.is_some() {
-                anyhow::bail!(
-                    "views file {}: view {name}: combination methods are not wired into the \
-                     merge of this build yet",
-                    path.display()
-                );
-            }
             let gguf = spec.gguf.as_deref().unwrap_or(&inputs.gguf);
-            let view = View::open(engine.clone(), &spec.adapters, spec.dtype.or(inputs.dtype))
+            let dtype = spec.dtype.or(inputs.dtype);
+            let combine = spec.combine.as_ref().or(combine);
+            let view = View::open(engine.clone(), &spec.adapters, dtype, combine)
                 .and_then(|view| view.realize_all().map(|()| view))
                 .and_then(|mut view| view.add_gguf(gguf).map(|()| view))
                 .with_context(|| format!("views file {}: view {name}", path.display()))?;
@@ -175,9 +176,14 @@ pub(crate) fn inspect_views(
             .with_context(|| format!("catalog {}", dir.display()))?;
         for found in lorafs::catalog::scan(&root)? {
             let name = found.name.display().to_string();
-            let view = View::open(engine.clone(), &[(found.dir.clone(), 1.0)], inputs.dtype)
-                .and_then(|view| view.realize_all().map(|()| view))
-                .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view));
+            let view = View::open(
+                engine.clone(),
+                &[(found.dir.clone(), 1.0)],
+                inputs.dtype,
+                combine,
+            )
+            .and_then(|view| view.realize_all().map(|()| view))
+            .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view));
             match view {
                 Ok(view) => views.push((name, view)),
                 // As a mount does: a directory that is not a valid adapter is skipped.

@@ -14,6 +14,7 @@ use crate::control::{ViewControl, ViewInfo, ViewSource, ViewSpec};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::gguf::OutType;
+use crate::plan::Combine;
 use crate::tree::{self, Change};
 use crate::view::View;
 
@@ -31,6 +32,8 @@ pub struct Views {
     changing: Mutex<()>,
     /// GGUF files each view also serves (`--gguf`).
     gguf: Vec<OutType>,
+    /// How every view combines its adapters (`--combine`).
+    combine: Option<Combine>,
 }
 
 impl Views {
@@ -46,7 +49,14 @@ impl Views {
             warmed: Mutex::new(Vec::new()),
             changing: Mutex::new(()),
             gguf: Vec::new(),
+            combine: None,
         }
+    }
+
+    /// Every view combines its adapters this way.
+    pub fn with_combine(mut self, combine: Option<Combine>) -> Views {
+        self.combine = combine;
+        self
     }
 
     /// Every view also serves these GGUF files.
@@ -94,18 +104,12 @@ impl Views {
     /// Open the view of `spec`. A named or file view reads and checks every factor now, so
     /// a bad adapter is refused here; a catalog view reads its factors when first read (its
     /// headers and configs are checked now), so a catalog of many checkpoints mounts fast.
-    /// Options the spec leaves out are the mount's (`--dtype`, `--gguf`).
+    /// Options the spec leaves out are the mount's (`--dtype`, `--gguf`, `--combine`).
     pub fn open(&self, spec: &ViewSpec, origin: &ViewSource) -> Result<Arc<View>, String> {
-        if let Some(combine) = &spec.combine {
-            return Err(format!(
-                "combine = \"{}\": combination methods are not wired into the merge of this \
-                 build yet; leave combine out to merge the weighted sum of the deltas",
-                combine.method
-            ));
-        }
         let dtype = spec.dtype.or(self.dtype);
-        let mut view =
-            View::open(self.engine.clone(), &spec.adapters, dtype).map_err(|e| e.to_string())?;
+        let combine = spec.combine.as_ref().or(self.combine.as_ref());
+        let mut view = View::open(self.engine.clone(), &spec.adapters, dtype, combine)
+            .map_err(|e| e.to_string())?;
         if *origin != ViewSource::Catalog {
             view.realize_all().map_err(|e| e.to_string())?;
         }

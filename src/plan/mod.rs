@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::adapter::Adapter;
 use crate::dtype::DType;
@@ -20,11 +21,14 @@ use crate::model::BaseModel;
 
 mod bound;
 mod build;
+mod combination;
 pub mod combine;
+mod mix;
 mod realize;
 mod vocab;
 
 use build::{summary, Planner, Tally};
+pub use combination::{Combination, CombinationKey};
 pub use combine::{Combine, MajoritySign, Method};
 
 /// Architectures that build some layers with transformers' `Conv1D`, whose weight is stored
@@ -133,6 +137,9 @@ pub struct TensorMerge {
     /// Rows of `W` replaced by trainable tokens.
     pub token_rows: usize,
     pub replaced: Option<ReplacedBy>,
+    /// The view's `--combine`: the terms' factors are combined module by module, and
+    /// `rank` is the combined factors' rank.
+    pub combination: Option<Arc<Combination>>,
     /// What `realize` reads, in the order PEFT applies it.
     ops: Vec<build::Op>,
 }
@@ -266,6 +273,8 @@ pub struct MergePlan {
     /// Files served from an adapter directory instead of the base (tokenizer), by relative
     /// name; the last adapter that has one wins.
     pub extra_files: BTreeMap<PathBuf, PathBuf>,
+    /// How the adapters are combined (`--combine`), `None`: each delta summed exactly.
+    pub combination: Option<Arc<Combination>>,
 }
 
 /// `vocab_size` of the base and of the merged model when a replacement resizes the
@@ -298,11 +307,13 @@ fn view(shape: &[usize]) -> Option<(usize, usize)> {
 impl MergePlan {
     /// Plan the merge. Every adapter is checked against the base from the headers alone
     /// (shapes, ranks, scales, vocabulary, the memory the factors will take); no factor is
-    /// read: [`TensorMerge::realize`] reads a tensor's when it is first needed.
+    /// read: [`TensorMerge::realize`] reads a tensor's when it is first needed. With
+    /// `combine`, the adapters are combined as PEFT's `add_weighted_adapter` does.
     pub fn build(
         base: &BaseModel,
         loaded: Vec<Adapter>,
         dtype: Option<DType>,
+        combine: Option<&Combine>,
     ) -> Result<MergePlan> {
         let adapters = &loaded[..];
         let mut planner = Planner::new(base, dtype);
@@ -317,7 +328,17 @@ impl MergePlan {
         }
         let vocab = planner.vocab_resize(adapters)?;
         planner.check_memory(adapters, physical_memory())?;
-        let merges = planner.finish(adapters)?;
+        let mut merges = planner.finish(adapters)?;
+        let combination = match combine {
+            Some(c) => Some(Arc::new(combination::resolve(c, adapters, &summaries)?)),
+            None => None,
+        };
+        if let Some(c) = &combination {
+            for merge in &mut merges {
+                merge.rank = c.tensor_rank(merge, adapters)?;
+                merge.combination = Some(c.clone());
+            }
+        }
 
         let mut extra_files = BTreeMap::new();
         for adapter in adapters {
@@ -334,6 +355,7 @@ impl MergePlan {
             loaded,
             vocab,
             extra_files,
+            combination,
         })
     }
 

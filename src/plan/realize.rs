@@ -46,16 +46,16 @@ fn gib(bytes: u128) -> String {
 }
 
 /// One term of a tensor being realized: the term, its U and V, and a DoRA magnitude.
-struct Part {
-    term: Term,
-    u: Vec<f32>,
-    v: Vec<f32>,
-    magnitude: Option<Vec<f32>>,
+pub(super) struct Part {
+    pub term: Term,
+    pub u: Vec<f32>,
+    pub v: Vec<f32>,
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// (U, V) for one term: `U = s·B`, `V = A`, or transposed `U = s·Aᵀ`, `V = Bᵀ`. `a` is
 /// (r × a_cols), `b` is (b_rows × r).
-fn orient(
+pub(super) fn orient(
     (a, a_cols): (Vec<f32>, usize),
     (b, b_rows): (Vec<f32>, usize),
     r: usize,
@@ -182,6 +182,7 @@ impl Planner<'_> {
                     dims: Dims { rows, cols },
                     rank: terms.iter().map(|t| t.rank).sum(),
                     terms,
+                    combination: None,
                     token_rows,
                     replaced: p.replaced,
                     ops: p.ops,
@@ -197,7 +198,11 @@ impl TensorMerge {
     /// Refuses values that are not finite and deltas that could overflow.
     pub fn realize(&self, adapters: &[Adapter]) -> Result<Realized> {
         let Dims { rows, cols } = self.dims;
-        let (mut parts, token_rows) = read_ops(&self.ops, adapters, cols, self.dtype)?;
+        let (mut parts, token_rows) = match &self.combination {
+            // The plan refused trainable tokens and biases with a combination.
+            Some(c) => (c.parts(&self.name, &self.ops, adapters)?, BTreeMap::new()),
+            None => read_ops(&self.ops, adapters, cols, self.dtype)?,
+        };
         check_delta(&self.name, self.dtype, &parts, adapters)?;
         let any_dora = parts.iter().any(|part| part.term.kind == TermKind::Dora);
         let (u, v) = concat_ranks(rows, self.rank, cols, &mut parts);

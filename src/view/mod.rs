@@ -27,7 +27,7 @@ use crate::baseio::{Identity, SourceFile};
 use crate::dtype::DType;
 use crate::engine::{AdapterVersion, Engine, EngineOptions, Recipe};
 use crate::error::{Error, Result};
-use crate::plan::MergePlan;
+use crate::plan::{Combine, MergePlan};
 
 pub use merged::BLOCK_BYTES;
 
@@ -130,6 +130,7 @@ impl View {
         engine: Arc<Engine>,
         adapters: &[(PathBuf, f64)],
         dtype: Option<DType>,
+        combine: Option<&Combine>,
     ) -> Result<View> {
         // Before the adapters are read: what they are read from must be what is served.
         let recorded: HashMap<PathBuf, Identity> = adapters
@@ -141,7 +142,7 @@ impl View {
             .iter()
             .map(|(dir, weight)| Adapter::load(dir, *weight))
             .collect::<Result<Vec<_>>>()?;
-        let plan = MergePlan::build(&engine.base, loaded, dtype)?;
+        let plan = MergePlan::build(&engine.base, loaded, dtype, combine)?;
         let open_recorded = |path: &Path| SourceFile::open(path, recorded.get(path).copied());
         let adapter_weights = (plan.loaded.iter())
             .map(|a| open_recorded(&a.file))
@@ -171,10 +172,11 @@ impl View {
         base_dir: &Path,
         adapters: &[(PathBuf, f64)],
         dtype: Option<DType>,
+        combine: Option<&Combine>,
         options: EngineOptions,
     ) -> Result<View> {
         let engine = Arc::new(Engine::open(base_dir, options)?);
-        let view = View::open(engine, adapters, dtype)?;
+        let view = View::open(engine, adapters, dtype, combine)?;
         view.realize_all()?;
         Ok(view)
     }
@@ -182,11 +184,17 @@ impl View {
     /// Everything merge `i`'s bytes are computed from.
     fn recipe(&self, i: usize) -> Recipe {
         let m = &self.plan.merges[i];
+        let combination = self.plan.combination.as_ref().map(|c| c.key());
+        let used = match combination {
+            Some(_) => (0..self.plan.loaded.len()).collect(),
+            None => m.adapters(),
+        };
         Recipe {
             tensor: m.tensor,
             w: m.w,
             dtype: m.dtype,
-            adapters: (m.adapters().into_iter())
+            combination,
+            adapters: (used.into_iter())
                 .map(|a| AdapterVersion {
                     weights: self.adapter_weights[a].identity().version(),
                     config: self.adapter_configs[a].identity().version(),

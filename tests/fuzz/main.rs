@@ -36,7 +36,7 @@ fn open(base: &Path, adapters: &[PathBuf]) -> lorafs::Result<View> {
         cache_bytes: 1 << 20,
         ..Default::default()
     };
-    View::open_single(base, &adapters, None, options)
+    View::open_single(base, &adapters, None, None, options)
 }
 
 /// What the commands do with inputs they accept: open, print the plan (`inspect

@@ -471,6 +471,7 @@ pub fn open_engine(base: &Path, adapters: &[(&Path, f64)]) -> lorafs::Result<lor
         base,
         &list,
         None,
+        None,
         lorafs::EngineOptions {
             cache_bytes: 1 << 20,
             ..Default::default()

@@ -31,7 +31,7 @@ fn fixture(dtype: Dtype) -> Fixture {
     write_adapter(&tmp.path().join("a"), &AdapterSpec::new(&spec, 8, ""));
     let base = tmp.path().join("base");
     let adapters = vec![(tmp.path().join("a"), 1.0)];
-    let engine = View::open_single(&base, &adapters, None, EngineOptions::default()).unwrap();
+    let engine = View::open_single(&base, &adapters, None, None, EngineOptions::default()).unwrap();
     let out = tmp.path().join("out");
     materialize(
         &engine,
@@ -60,7 +60,7 @@ fn engine_with(f: &Fixture, cache_bytes: usize, direct_base_reads: bool) -> View
     };
     let mut engine = lorafs::Engine::open(&f.base, options).unwrap();
     engine.direct_base_reads = direct_base_reads;
-    let view = View::open(std::sync::Arc::new(engine), &f.adapters, None).unwrap();
+    let view = View::open(std::sync::Arc::new(engine), &f.adapters, None, None).unwrap();
     view.realize_all().unwrap();
     view
 }

@@ -186,3 +186,57 @@ fn inspect_shows_the_views_of_a_file_each_with_its_dtype() {
     assert!(out[half..].contains("dtype     F16"), "{out}");
     assert!(out[full..half].contains("(weight 0.5)"), "{out}");
 }
+
+#[test]
+fn a_views_file_view_with_combine_equals_materialize_with_combine() {
+    if !can_mount() {
+        return eprintln!("skipped: this machine cannot mount FUSE (no /dev/fuse or not root)");
+    }
+    let f = fixture();
+    let [a, b, c] = [0, 1, 2].map(|i| arg(&f.adapters[i]));
+    let views: [(&str, Vec<String>, &str, Vec<&str>); 3] = [
+        (
+            "cat",
+            vec![format!("{a}:0.5"), b.clone(), format!("{c}:-1.25")],
+            "combine = \"cat\"",
+            vec!["--combine", "cat"],
+        ),
+        (
+            "svd",
+            vec![a.clone(), format!("{b}:0.5")],
+            "combine = \"svd\"\nsvd_rank = 2",
+            vec!["--combine", "svd", "--svd-rank", "2"],
+        ),
+        (
+            "dare",
+            vec![format!("{a}:0.7"), format!("{a}:0.3")],
+            "combine = \"dare_ties\"\ndensity = 0.5\nmajority_sign = \"frequency\"\nseed = 3",
+            vec![
+                "--combine",
+                "dare_ties",
+                "--density",
+                "0.5",
+                "--majority-sign",
+                "frequency",
+                "--seed",
+                "3",
+            ],
+        ),
+    ];
+    let mut text = String::new();
+    for (name, adapters, combine, _) in &views {
+        let listed: Vec<String> = adapters.iter().map(|a| format!("{a:?}")).collect();
+        text += &format!(
+            "[views.{name}]\nadapters = [{}]\n{combine}\n\n",
+            listed.join(", ")
+        );
+    }
+    let file = f.tmp.path().join("views.toml");
+    std::fs::write(&file, text).unwrap();
+    let mnt = f.tmp.path().join("mnt");
+    let guard = mount(&f, &mnt, &["--views".into(), arg(&file)]);
+    for (name, adapters, _, flags) in &views {
+        let want = materialized(&f, name, adapters, flags);
+        assert_same_tree(&guard.mountpoint.join(name), &want);
+    }
+}
