@@ -152,6 +152,17 @@ fn a_bad_views_file_mounts_nothing() {
     std::fs::write(&file, format!("[views.v]\nadapters = [\"{a}\"]")).unwrap();
     let (ok, _, err) = mount_with(&["--view", &format!("v={a}")]);
     assert!(!ok && err.contains("a view named v exists"), "{err}");
+    let catalog = f.tmp.path().join("catalog");
+    let in_catalog = catalog.join("v");
+    std::fs::create_dir_all(&in_catalog).unwrap();
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(f.adapters[1].join(name), in_catalog.join(name)).unwrap();
+    }
+    let (ok, _, err) = mount_with(&["--catalog", catalog.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("also a view of the views file"),
+        "{err}"
+    );
     std::fs::remove_file(&file).unwrap();
     let (ok, _, err) = mount_with(&[]);
     assert!(!ok && err.contains("views file"), "{err}");
