@@ -53,6 +53,17 @@ impl DType {
         }
     }
 
+    /// A dtype as `--dtype` and a views file name it: f16, bf16 or f32 (or float16, fp16,
+    /// bfloat16, float32, fp32), any case.
+    pub fn parse(text: &str) -> Result<DType, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "f16" | "float16" | "fp16" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "f32" | "float32" | "fp32" => Ok(DType::F32),
+            _ => Err(format!("unknown dtype {text:?} (use f16, bf16 or f32)")),
+        }
+    }
+
     /// Widen element `i` of a little-endian buffer of this dtype to f32 (exact).
     #[inline]
     pub fn load(self, bytes: &[u8], i: usize) -> f32 {

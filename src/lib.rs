@@ -29,6 +29,7 @@ pub mod sd_notify;
 pub mod stats;
 pub mod tree;
 pub mod view;
+pub mod viewsfile;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};

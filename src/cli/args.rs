@@ -76,6 +76,13 @@ pub(crate) struct ViewArgs {
     /// relative to DIR; DIR is watched, and views appear, change and go with it.
     #[arg(long, value_name = "DIR")]
     pub(crate) catalog: Option<PathBuf>,
+    /// A TOML file of named views, each with its adapters and weights and optionally its
+    /// dtype, GGUF types and combination method (format in docs/CLI.md). Read when
+    /// mounting (a bad file mounts nothing) and again whenever it or an adapter it names
+    /// changes (a bad version keeps the views as they were, with a log line). Its names
+    /// must not be those of --view views or catalog views.
+    #[arg(long = "views", value_name = "FILE")]
+    pub(crate) views_file: Option<PathBuf>,
     /// Bytes of factors to keep for the views (e.g. 2GiB): the least recently used views'
     /// factors are dropped beyond it and read again when needed.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB")]
@@ -84,7 +91,7 @@ pub(crate) struct ViewArgs {
 
 impl ViewArgs {
     pub(crate) fn any(&self) -> bool {
-        !self.views.is_empty() || self.catalog.is_some()
+        !self.views.is_empty() || self.catalog.is_some() || self.views_file.is_some()
     }
 }
 
@@ -98,13 +105,7 @@ pub(crate) fn parse_view(arg: &str) -> Result<(String, Vec<(PathBuf, f64)>), Str
 }
 
 pub(crate) fn parse_dtype(arg: &str) -> Result<lorafs::dtype::DType, String> {
-    use lorafs::dtype::DType;
-    match arg.to_ascii_lowercase().as_str() {
-        "f16" | "float16" | "fp16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f32" | "float32" | "fp32" => Ok(DType::F32),
-        _ => Err(format!("unknown dtype {arg:?} (use f16, bf16 or f32)")),
-    }
+    lorafs::dtype::DType::parse(arg)
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

@@ -66,7 +66,8 @@ pub(crate) enum Command {
         #[arg(long)]
         lazy: bool,
     },
-    /// List or change the views of a mount made with --view or --catalog, while it serves.
+    /// List or change the views of a mount made with --view, --views or --catalog, while it
+    /// serves.
     ///
     /// Only the user who mounted and root may use them.
     View {
@@ -106,10 +107,12 @@ pub(crate) enum Command {
 
 #[derive(Subcommand)]
 pub(crate) enum ViewCommand {
-    /// List the views: `NAME  SPEC`, one a line, sorted by name.
+    /// List the views: `NAME  SPEC`, one a line, sorted by name, then `(catalog)` or
+    /// `(views file)` for a view from there.
     Ls {
         mountpoint: PathBuf,
-        /// A JSON array of {name, spec, adapters: [{dir, weight}], source: named|catalog}.
+        /// A JSON array of {name, spec, adapters: [{dir, weight}], source:
+        /// named|catalog|file}.
         #[arg(long)]
         json: bool,
     },

@@ -1,4 +1,4 @@
-//! Mounts and plans of views: `--view` and `--catalog`.
+//! Mounts and plans of views: `--view`, `--views FILE` and `--catalog`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,13 +18,17 @@ pub(crate) fn open_views(
     mountpoint: &Path,
     warm: Warm,
 ) -> anyhow::Result<(lorafs::fuse::LorafsFs, lorafs::fuse::Live)> {
-    use lorafs::control::ViewSource;
+    use lorafs::control::{ViewSource, ViewSpec};
     use lorafs::fuse::views::Views;
     if !inputs.adapters.is_empty() {
         anyhow::bail!(
             "--adapter merges one model at the mount point, --view and --catalog serve views \
              under it: use one or the other (--adapter A --adapter B is --view NAME=A,B)"
         );
+    }
+    // Read once before the base is opened, so a mistake in it is the error shown.
+    if let Some(path) = &args.views_file {
+        lorafs::viewsfile::load(path).map_err(anyhow::Error::msg)?;
     }
     let mut engine = inputs.engine(MOUNT_CACHE)?;
     engine.factors = lorafs::cache::Cache::new(args.factor_cache);
@@ -48,14 +52,20 @@ pub(crate) fn open_views(
     );
     fs.attach(views.clone());
     for (name, spec) in &args.views {
-        let view = resolve_adapters(spec)
-            .and_then(|adapters| views.open(&adapters, &ViewSource::Named))
-            .with_context(|| format!("view {name}"))?;
+        let adapters = resolve_adapters(spec).with_context(|| format!("view {name}"))?;
+        let view = (views.open(&ViewSpec::of_adapters(adapters), &ViewSource::Named))
+            .map_err(|e| anyhow::anyhow!("view {name}: {e}"))?;
         let name = Path::new(name);
         views
             .insert(name, view, ViewSource::Named)
             .map_err(|e| anyhow::anyhow!("view {}: {e}", name.display()))?;
     }
+    let file = match &args.views_file {
+        Some(path) => {
+            Some(lorafs::viewsfile::FileSync::open(path, &*views).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
     let catalog = match &args.catalog {
         Some(dir) => Some(open_catalog(dir, mountpoint, &views)?),
         None => None,
@@ -63,6 +73,10 @@ pub(crate) fn open_views(
     let registry = views.clone();
     let start = Box::new(move || {
         let mut services: Vec<Box<dyn std::any::Any>> = Vec::new();
+        if let Some(file) = file {
+            let watcher = lorafs::viewsfile::watch(file, registry.clone())?;
+            services.push(Box::new(watcher));
+        }
         if let Some((root, found)) = catalog {
             let views = registry.clone();
             let watcher =
@@ -96,6 +110,15 @@ pub(crate) fn open_catalog(
     let found =
         lorafs::catalog::scan(&root).with_context(|| format!("catalog {}", root.display()))?;
     for f in &found {
+        if views.origin(&f.name) == Some(lorafs::control::ViewSource::File) {
+            anyhow::bail!(
+                "catalog {}: {} is also a view of the views file; rename one of them",
+                root.display(),
+                f.name.display()
+            );
+        }
+    }
+    for f in &found {
         views.add_found(f);
     }
     log::info!(
@@ -127,6 +150,25 @@ pub(crate) fn inspect_views(
             .and_then(|mut view| view.add_gguf(&inputs.gguf).map(|()| view))
             .with_context(|| format!("view {name}"))?;
         views.push((name.clone(), view));
+    }
+    if let Some(path) = &args.views_file {
+        for (name, spec) in lorafs::viewsfile::load(path).map_err(anyhow::Error::msg)? {
+            let name = name.display().to_string();
+            let gguf = spec.gguf.as_deref().unwrap_or(&inputs.gguf);
+            let dtype = spec.dtype.or(inputs.dtype);
+            let combine = spec.combine.as_ref().or(combine);
+            let view = View::open(engine.clone(), &spec.adapters, dtype, combine)
+                .and_then(|view| view.realize_all().map(|()| view))
+                .and_then(|mut view| view.add_gguf(gguf).map(|()| view))
+                .with_context(|| format!("views file {}: view {name}", path.display()))?;
+            if views.iter().any(|(n, _)| *n == name) {
+                anyhow::bail!(
+                    "view {name} is both a --view and in the views file {}",
+                    path.display()
+                );
+            }
+            views.push((name, view));
+        }
     }
     if let Some(dir) = &args.catalog {
         let root = dir

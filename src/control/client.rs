@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::protocol::{self, AdapterEntry, LineError, Request, Response, ViewEntry};
 use super::spec::{check_view_name, parse_spec};
+use super::ViewSource;
 use crate::mountinfo::{find_mount, mount_target};
 
 /// How long the command waits for the answer. An `add` or `set` opens and checks adapters
@@ -19,7 +20,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum Error {
     #[error("{} is not a lorafs mount ({why})", .mountpoint.display())]
     NotLorafs { mountpoint: PathBuf, why: String },
-    #[error("{} was mounted without views (--view/--catalog)", .0.display())]
+    #[error("{} was mounted without views (--view/--views/--catalog)", .0.display())]
     NoViews(PathBuf),
     #[error(
         "permission denied: only the user who mounted {} ({}) or root may {action} its views",
@@ -201,7 +202,14 @@ fn listing(views: &[ViewEntry], json: bool) -> String {
     }
     views
         .iter()
-        .map(|view| format!("{}  {}\n", view.name, view.spec))
+        .map(|view| {
+            let source = match view.source {
+                ViewSource::Named => "",
+                ViewSource::Catalog => "  (catalog)",
+                ViewSource::File => "  (views file)",
+            };
+            format!("{}  {}{source}\n", view.name, view.spec)
+        })
         .collect()
 }
 

@@ -34,19 +34,20 @@ use serde::{Deserialize, Serialize};
 pub use client::{request, request_at, view_add, view_ls, view_rm, view_set, Error};
 pub use protocol::{AdapterEntry, Request, Response, ViewEntry};
 pub use server::{serve, serve_at, ControlServer};
-pub use spec::{check_view_name, format_spec, parse_spec};
+pub use spec::{check_view_name, format_spec, parse_spec, ViewSpec};
 
 /// What a [`ViewControl`] answers when its mount has no view registry (a single `--adapter`
 /// merge); the command then says the mount was made without views.
-pub const NO_VIEWS: &str = "this mount was made without views (--view/--catalog)";
+pub const NO_VIEWS: &str = "this mount was made without views (--view/--views/--catalog)";
 
-/// Where a view comes from: named on the command line or by `view add` (`Named`), or
-/// found in a catalog directory (`Catalog`).
+/// Where a view comes from: named on the command line or by `view add` (`Named`), found
+/// in a catalog directory (`Catalog`), or an entry of the `--views` file (`File`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ViewSource {
     Named,
     Catalog,
+    File,
 }
 
 /// One view as the server's registry lists it.

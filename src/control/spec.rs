@@ -2,6 +2,34 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::dtype::DType;
+use crate::gguf::OutType;
+use crate::plan::combine::Combine;
+
+/// What a view merges and how: its adapters and weights, and the options a views file may
+/// set per view. `None` options are the mount's (`--dtype`, `--gguf`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewSpec {
+    /// Adapter directories (resolved) and their weights, in merge order.
+    pub adapters: Vec<(PathBuf, f64)>,
+    pub dtype: Option<DType>,
+    pub gguf: Option<Vec<OutType>>,
+    /// How the adapters are combined; `None`: the weighted sum of their deltas.
+    pub combine: Option<Combine>,
+}
+
+impl ViewSpec {
+    /// The view of `adapters` with the mount's options.
+    pub fn of_adapters(adapters: Vec<(PathBuf, f64)>) -> ViewSpec {
+        ViewSpec {
+            adapters,
+            dtype: None,
+            gguf: None,
+            combine: None,
+        }
+    }
+}
+
 /// Components in a view name at most: enough for `family/task/version` and then some.
 const MAX_NAME_COMPONENTS: usize = 8;
 /// Bytes per component at most: the usual NAME_MAX, as a view shows as a directory.

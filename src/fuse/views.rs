@@ -10,7 +10,7 @@ use fuser::{FileAttr, INodeNo, Notifier};
 
 use super::{inodes, SharedTree};
 use crate::catalog::{Event, Found};
-use crate::control::{ViewControl, ViewInfo, ViewSource};
+use crate::control::{ViewControl, ViewInfo, ViewSource, ViewSpec};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::gguf::OutType;
@@ -101,24 +101,20 @@ impl Views {
         }
     }
 
-    /// Open the view of `adapters`. A named view reads and checks every factor now, so a
-    /// bad adapter is refused here; a catalog view reads its factors when first read (its
+    /// Open the view of `spec`. A named or file view reads and checks every factor now, so
+    /// a bad adapter is refused here; a catalog view reads its factors when first read (its
     /// headers and configs are checked now), so a catalog of many checkpoints mounts fast.
-    pub fn open(
-        &self,
-        adapters: &[(PathBuf, f64)],
-        origin: &ViewSource,
-    ) -> crate::Result<Arc<View>> {
-        let mut view = View::open(
-            self.engine.clone(),
-            adapters,
-            self.dtype,
-            self.combine.as_ref(),
-        )?;
-        if *origin == ViewSource::Named {
-            view.realize_all()?;
+    /// Options the spec leaves out are the mount's (`--dtype`, `--gguf`, `--combine`).
+    pub fn open(&self, spec: &ViewSpec, origin: &ViewSource) -> Result<Arc<View>, String> {
+        let dtype = spec.dtype.or(self.dtype);
+        let combine = spec.combine.as_ref().or(self.combine.as_ref());
+        let mut view = View::open(self.engine.clone(), &spec.adapters, dtype, combine)
+            .map_err(|e| e.to_string())?;
+        if *origin != ViewSource::Catalog {
+            view.realize_all().map_err(|e| e.to_string())?;
         }
-        view.add_gguf(&self.gguf)?;
+        let gguf = spec.gguf.as_deref().unwrap_or(&self.gguf);
+        view.add_gguf(gguf).map_err(|e| e.to_string())?;
         Ok(Arc::new(view))
     }
 
@@ -232,6 +228,10 @@ impl Views {
                 "catalog: {} changed, but the view of that name was named by hand: kept",
                 name.display()
             ),
+            (Some(ViewSource::File), _) => log::info!(
+                "catalog: {} changed, but the view of that name is the views file's: kept",
+                name.display()
+            ),
             (Some(ViewSource::Catalog), None) => {
                 if let Err(e) = self.delete(name) {
                     log::warn!("catalog: {}: {e}", name.display());
@@ -252,8 +252,8 @@ impl Views {
         let name = (found.name.to_str())
             .ok_or_else(|| "its path is not UTF-8".to_string())
             .and_then(tree::check_view_name)?;
-        let view = (self.open(&[(found.dir.clone(), 1.0)], &ViewSource::Catalog))
-            .map_err(|e| e.to_string())?;
+        let spec = ViewSpec::of_adapters(vec![(found.dir.clone(), 1.0)]);
+        let view = self.open(&spec, &ViewSource::Catalog)?;
         self.put(&name, view, ViewSource::Catalog, replace)
     }
 
@@ -303,9 +303,7 @@ impl ViewControl for Views {
         if self.origin(&name).is_some() {
             return Err(format!("a view named {} exists", name.display()));
         }
-        let view = self
-            .open(&adapters, &ViewSource::Named)
-            .map_err(|e| e.to_string())?;
+        let view = self.open(&ViewSpec::of_adapters(adapters), &ViewSource::Named)?;
         self.insert(&name, view, ViewSource::Named)
     }
 
@@ -314,14 +312,39 @@ impl ViewControl for Views {
         if self.origin(&name).is_none() {
             return Err(format!("no view named {}", name.display()));
         }
-        let view = self
-            .open(&adapters, &ViewSource::Named)
-            .map_err(|e| e.to_string())?;
+        let view = self.open(&ViewSpec::of_adapters(adapters), &ViewSource::Named)?;
         self.replace(&name, view, ViewSource::Named)
     }
 
     fn remove(&self, name: &str) -> Result<(), String> {
         self.delete(&tree::check_view_name(name)?)
+    }
+}
+
+/// The views of `--views FILE`: each checked in full before it is swapped in; views from
+/// elsewhere are never changed or removed by the file.
+impl crate::viewsfile::Registry for Views {
+    fn apply(&self, name: &Path, spec: Option<&ViewSpec>) -> Result<(), String> {
+        let origin = self.origin(name);
+        let Some(spec) = spec else {
+            return match origin {
+                Some(ViewSource::File) => self.delete(name),
+                _ => Ok(()),
+            };
+        };
+        let holder = match origin {
+            Some(ViewSource::Named) => " (from --view or `lorafs view add|set`)",
+            Some(ViewSource::Catalog) => " (from the catalog)",
+            Some(ViewSource::File) | None => "",
+        };
+        if !holder.is_empty() {
+            return Err(format!("a view named {} exists{holder}", name.display()));
+        }
+        let view = self.open(spec, &ViewSource::File)?;
+        match origin {
+            Some(_) => self.replace(name, view, ViewSource::File),
+            None => self.insert(name, view, ViewSource::File),
+        }
     }
 }
 

@@ -15,3 +15,4 @@ mod output;
 mod read_at;
 mod system;
 mod views;
+mod views_file;

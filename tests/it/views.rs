@@ -12,13 +12,13 @@ use crate::common::*;
 use crate::mount::{can_mount, MountGuard};
 
 /// A base and three adapters on different modules and ranks.
-struct Fixture {
-    tmp: tempfile::TempDir,
-    base: PathBuf,
-    adapters: Vec<PathBuf>,
+pub(crate) struct Fixture {
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) base: PathBuf,
+    pub(crate) adapters: Vec<PathBuf>,
 }
 
-fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     let (tmp, spec, base, a) = small_model();
     let mut adapters = vec![a];
     for (name, r, filter, seed) in [("b", 8, "v_proj", 11), ("c", 3, "mlp", 12)] {
@@ -36,7 +36,12 @@ fn fixture() -> Fixture {
 }
 
 /// `lorafs materialize` of `adapters` (`DIR[:W]` arguments) with `extra` flags.
-fn materialized(f: &Fixture, name: &str, adapters: &[String], extra: &[&str]) -> PathBuf {
+pub(crate) fn materialized(
+    f: &Fixture,
+    name: &str,
+    adapters: &[String],
+    extra: &[&str],
+) -> PathBuf {
     let out = f.tmp.path().join(format!("out-{}", name.replace('/', "-")));
     let mut args: Vec<OsString> = vec![
         "materialize".into(),
@@ -54,7 +59,7 @@ fn materialized(f: &Fixture, name: &str, adapters: &[String], extra: &[&str]) ->
 
 /// Compare every file of `dir` with `want` through whole reads, random preads from four
 /// threads, and mmap.
-fn assert_same_tree(dir: &Path, want: &Path) {
+pub(crate) fn assert_same_tree(dir: &Path, want: &Path) {
     let (got, want) = (read_tree(dir), read_tree(want));
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
@@ -95,12 +100,12 @@ fn assert_same_tree(dir: &Path, want: &Path) {
     }
 }
 
-fn mount(f: &Fixture, mnt: &Path, args: &[String]) -> MountGuard {
+pub(crate) fn mount(f: &Fixture, mnt: &Path, args: &[String]) -> MountGuard {
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
     MountGuard::new(&f.base, mnt, &args)
 }
 
-fn arg(p: &Path) -> String {
+pub(crate) fn arg(p: &Path) -> String {
     p.display().to_string()
 }
 
@@ -293,7 +298,7 @@ fn inspect_shows_each_views_plan() {
 }
 
 /// Wait up to 20 s for `cond`.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !cond() {
         assert!(
@@ -480,7 +485,7 @@ fn catalog_views_read_their_factors_when_first_read_within_the_factor_budget() {
 }
 
 /// `lorafs view ARGS...`: (success, stdout, stderr).
-fn view_cmd(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn view_cmd(args: &[&str]) -> (bool, String, String) {
     let mut all = vec!["view"];
     all.extend_from_slice(args);
     run_lorafs(all)
