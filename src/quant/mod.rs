@@ -25,6 +25,8 @@ use crate::layout::Layout;
 pub mod dequant;
 mod read;
 mod state;
+#[cfg(test)]
+mod tests;
 
 pub use dequant::Scheme;
 
