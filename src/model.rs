@@ -168,7 +168,8 @@ impl BaseModel {
     /// Number of values in all the base tensors (a quantized weight's logical count, its
     /// quantization state left out).
     pub fn num_params(&self) -> usize {
-        let dropped = |loc: &(usize, usize)| self.quant.as_ref().is_some_and(|q| q.dropped.contains(loc));
+        let dropped =
+            |loc: &(usize, usize)| self.quant.as_ref().is_some_and(|q| q.dropped.contains(loc));
         self.tensors
             .values()
             .filter(|loc| !dropped(loc))

@@ -52,7 +52,9 @@ const FP4_RAW: [f32; 16] = [
     0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
 ];
 
-/// `1/127` as bitsandbytes writes it; torch multiplies an f32 tensor by it in f32.
+/// `1/127` as bitsandbytes writes it; torch multiplies an f32 tensor by it in f32, i.e. by
+/// this literal rounded to f32, as Rust rounds it (the literal is kept as written).
+#[allow(clippy::excessive_precision)]
 const INT8_SCALE: f32 = 7.874_015_718_698_502e-3;
 
 /// The 16 values of a 4-bit scheme.
@@ -84,7 +86,7 @@ pub fn dequant4(
     for (i, o) in out.iter_mut().enumerate() {
         let e = e0 + i;
         let byte = packed[e / 2 - b0];
-        let nibble = if e % 2 == 0 { byte >> 4 } else { byte & 0xF };
+        let nibble = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0xF };
         *o = code[nibble as usize] * scales[e / blocksize - k0];
     }
 }

@@ -19,7 +19,7 @@ fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)])
         );
     }
     let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -42,7 +42,12 @@ fn base(dir: &Path, absmax: usize, state: serde_json::Value, method: &str) -> St
             (w, "U8", vec![32, 1], vec![0x7F; 32]),
             ("m.weight.absmax", "F32", vec![absmax], vec![0; 4 * absmax]),
             ("m.weight.quant_map", "F32", vec![16], vec![0; 64]),
-            ("m.weight.quant_state.bitsandbytes__nf4", "U8", vec![blob.len()], blob),
+            (
+                "m.weight.quant_state.bitsandbytes__nf4",
+                "U8",
+                vec![blob.len()],
+                blob,
+            ),
         ],
     );
     match BaseModel::open(dir) {
@@ -66,10 +71,16 @@ fn a_well_formed_state_is_read() {
 fn sizes_that_disagree_with_the_state_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let got = base(dir.path(), 2, state(json!([4, 16])), "bitsandbytes");
-    assert!(got.contains("m.weight.absmax") && got.contains("needs 1 values"), "{got}");
+    assert!(
+        got.contains("m.weight.absmax") && got.contains("needs 1 values"),
+        "{got}"
+    );
     // 64 values are 32 bytes of codes; [4, 32] would need 64.
     let got = base(dir.path(), 1, state(json!([4, 32])), "bitsandbytes");
-    assert!(got.contains("`m.weight`") && got.contains("64 uint8 values"), "{got}");
+    assert!(
+        got.contains("`m.weight`") && got.contains("64 uint8 values"),
+        "{got}"
+    );
     // A shape whose product overflows.
     let huge = json!([u64::MAX / 2, 4]);
     let got = base(dir.path(), 1, state(huge), "bitsandbytes");
@@ -90,7 +101,10 @@ fn bad_fields_are_refused_by_name() {
     s["nested_dtype"] = json!("float32");
     s["nested_offset"] = json!(0.5);
     let got = base(dir.path(), 1, s, "bitsandbytes");
-    assert!(got.contains("m.weight.absmax") && got.contains("U8"), "{got}");
+    assert!(
+        got.contains("m.weight.absmax") && got.contains("U8"),
+        "{got}"
+    );
 }
 
 #[test]
@@ -98,6 +112,9 @@ fn other_quantization_methods_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     for method in ["gptq", "awq"] {
         let got = base(dir.path(), 1, state(json!([4, 16])), method);
-        assert!(got.contains(method) && got.contains("use the 16-bit base"), "{got}");
+        assert!(
+            got.contains(method) && got.contains("use the 16-bit base"),
+            "{got}"
+        );
     }
 }
