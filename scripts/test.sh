@@ -49,6 +49,14 @@ echo "== the llama.cpp stack for the GGUF tests (scripts/gguf-env.sh)"
 export LORAFS_GGUF_ENV
 LORAFS_GGUF_ENV=$(bash scripts/gguf-env.sh)
 
+# The QLoRA tests (tests/e2e/test_bnb.py) make 4-bit and 8-bit bases with bitsandbytes and
+# compare with transformers' dequantize(): bitsandbytes is installed once, with --no-deps, in
+# a folder of its own that only those tests put on sys.path (the other tests, and the loads
+# of a mount, run without it). With LORAFS_BNB_ENV set, a missing install fails them.
+echo "== bitsandbytes for the QLoRA tests (scripts/bnb-env.sh)"
+export LORAFS_BNB_ENV
+LORAFS_BNB_ENV=$(bash scripts/bnb-env.sh)
+
 # From here on the end-to-end tests run the installed package and its binary, as a user of
 # the wheel would (test_python_api.py checks that they do).
 echo "== end-to-end tests (transformers, peft), against the installed wheel"

@@ -138,11 +138,12 @@ impl Layout {
     /// The header of this file with tensor `i` given shape `shapes[i]` and dtype
     /// `dtypes[i]` (same tensor order, same `__metadata__`), and every tensor's new absolute
     /// (offset, len). Like the safetensors writer, the JSON is padded with spaces to a
-    /// multiple of 8 bytes.
+    /// multiple of 8 bytes. Tensors with `dropped[i]` are left out (their range is empty).
     pub fn header_with(
         &self,
         shapes: &[Vec<usize>],
         dtypes: &[safetensors::Dtype],
+        dropped: &[bool],
     ) -> Result<(Vec<u8>, Vec<TensorRange>)> {
         use serde_json::{json, Map, Value};
         let old: Map<String, Value> = serde_json::from_slice(&self.header[8..])
@@ -153,7 +154,14 @@ impl Layout {
         }
         let mut lens = Vec::with_capacity(self.tensors.len());
         let mut pos = 0usize;
-        for ((t, shape), &dtype) in self.tensors.iter().zip(shapes).zip(dtypes) {
+        for (((t, shape), &dtype), &drop) in
+            self.tensors.iter().zip(shapes).zip(dtypes).zip(dropped)
+        {
+            if drop {
+                // Left out of the header; its range is empty.
+                lens.push(0);
+                continue;
+            }
             // Sizes stay below i64::MAX, so the change of a file's size is an i64 too.
             let len = byte_size(shape, dtype)
                 .filter(|&len| {

@@ -25,6 +25,7 @@ pub mod materialize;
 pub mod model;
 pub mod mountinfo;
 pub mod plan;
+pub mod quant;
 pub mod sd_notify;
 pub mod stats;
 pub mod tree;

@@ -55,6 +55,8 @@ pub struct BaseModel {
     pub tensors: HashMap<String, (usize, usize)>,
     /// `config.json`, if present.
     pub config: Option<Value>,
+    /// The bitsandbytes quantization of a QLoRA base (`quantization_config`).
+    pub quant: Option<crate::quant::Quantization>,
 }
 
 impl BaseModel {
@@ -151,6 +153,7 @@ impl BaseModel {
         } else {
             None
         };
+        let quant = crate::quant::scan(dir, config.as_ref(), &layouts, &tensors)?;
         Ok(BaseModel {
             dir: dir.to_path_buf(),
             files,
@@ -158,15 +161,36 @@ impl BaseModel {
             layouts,
             tensors,
             config,
+            quant,
         })
     }
 
-    /// Number of values in all the base tensors.
+    /// Number of values in all the base tensors (a quantized weight's logical count, its
+    /// quantization state left out).
     pub fn num_params(&self) -> usize {
+        let dropped =
+            |loc: &(usize, usize)| self.quant.as_ref().is_some_and(|q| q.dropped.contains(loc));
         self.tensors
             .values()
-            .map(|&(li, ti)| self.layouts[li].tensors[ti].numel())
+            .filter(|loc| !dropped(loc))
+            .map(|&loc| match self.quantized(loc) {
+                Some(q) => q.numel(),
+                None => self.layouts[loc.0].tensors[loc.1].numel(),
+            })
             .fold(0, usize::saturating_add)
+    }
+
+    /// The quantized weight at `loc`, if it is one.
+    pub fn quantized(&self, loc: (usize, usize)) -> Option<&crate::quant::QuantTensor> {
+        self.quant.as_ref()?.tensors.get(&loc)
+    }
+
+    /// The shape the model gives tensor `loc`: a quantized weight's logical shape.
+    pub fn shape(&self, loc: (usize, usize)) -> &[usize] {
+        match self.quantized(loc) {
+            Some(q) => &q.shape,
+            None => &self.layouts[loc.0].tensors[loc.1].shape,
+        }
     }
 
     /// `model_type` from `config.json`.

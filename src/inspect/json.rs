@@ -50,6 +50,19 @@ pub struct BaseInfo {
     pub safetensors_files: usize,
     pub tensors: usize,
     pub parameters: usize,
+    /// A bitsandbytes-quantized base (served dequantized); `None` (null) for a plain one.
+    pub quantization: Option<QuantInfo>,
+}
+
+/// How the base is quantized: each scheme and how many weights use it.
+#[derive(Serialize)]
+pub struct QuantInfo {
+    pub method: &'static str,
+    /// `[scheme, weights]` pairs: "nf4", "fp4" (each possibly "(double quantization)"),
+    /// "int8".
+    pub schemes: Vec<(String, usize)>,
+    /// The dtypes the quantized weights are served in.
+    pub served_as: Vec<&'static str>,
 }
 
 /// One merged model.
@@ -273,6 +286,7 @@ fn base_info(view: &View) -> BaseInfo {
         safetensors_files: super::safetensors_files(view),
         tensors: base.tensors.len(),
         parameters: base.num_params(),
+        quantization: super::quant_info(view),
     }
 }
 

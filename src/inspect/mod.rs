@@ -41,7 +41,35 @@ fn write_base(s: &mut String, view: &View) {
         safetensors_files(view),
         view.engine.base.tensors.len()
     );
+    if let Some(q) = quant_info(view) {
+        let schemes: Vec<String> = (q.schemes.iter())
+            .map(|(scheme, n)| format!("{scheme} × {n}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "quantized {}: {}; served dequantized as {}",
+            q.method,
+            schemes.join(", "),
+            q.served_as.join(", ")
+        );
+    }
     let _ = writeln!(s, "kernel    {}", view.engine.kernel.name());
+}
+
+/// The base's quantization (bitsandbytes), for the text and the JSON.
+fn quant_info(view: &View) -> Option<json::QuantInfo> {
+    let quant = view.engine.base.quant.as_ref()?;
+    let mut served_as: Vec<&'static str> = (view.plan.merges.iter())
+        .filter(|m| m.w.quant.is_some())
+        .map(|m| m.dtype.name())
+        .collect();
+    served_as.sort_unstable();
+    served_as.dedup();
+    Some(json::QuantInfo {
+        method: crate::quant::BITSANDBYTES,
+        schemes: quant.describe(),
+        served_as,
+    })
 }
 
 /// How many base files are safetensors files.

@@ -171,7 +171,7 @@ pub(super) struct Planner<'a> {
 
 impl<'a> Planner<'a> {
     pub(super) fn new(base: &'a BaseModel, dtype: Option<DType>) -> Planner<'a> {
-        Planner {
+        let mut planner = Planner {
             base,
             dtype,
             pending: BTreeMap::new(),
@@ -179,7 +179,12 @@ impl<'a> Planner<'a> {
                 .model_type()
                 .is_some_and(|t| CONV1D_MODEL_TYPES.contains(&t)),
             tied_embedding: tied_embedding(base),
+        };
+        // A quantized weight is served dequantized whether or not an adapter changes it.
+        for (&loc, q) in base.quant.iter().flat_map(|quant| &quant.tensors) {
+            planner.slot(loc, q.dtype);
         }
+        planner
     }
 
     /// The base tensor an adapter key's target names, and whether it was found through
@@ -205,6 +210,9 @@ impl<'a> Planner<'a> {
 
     /// The dtype of a base tensor that is to change, if lorafs can merge into it.
     fn base_dtype(&self, loc: (usize, usize), target: &str) -> Result<DType> {
+        if let Some(q) = self.base.quantized(loc) {
+            return Ok(q.dtype);
+        }
         let entry = &self.base.layouts[loc.0].tensors[loc.1];
         DType::from_safetensors(entry.dtype).ok_or_else(|| {
             Error::tensor(
@@ -237,11 +245,27 @@ impl<'a> Planner<'a> {
         let (base, out) = (self.base, self.dtype);
         self.pending.entry(loc).or_insert_with(|| {
             let entry = &base.layouts[loc.0].tensors[loc.1];
+            if let Some(q) = base.quantized(loc) {
+                // Dequantized to f32, the deltas added, rounded once into the model's dtype.
+                return Pending {
+                    w: WSource {
+                        file: WFile::Base,
+                        offset: q.codes.offset,
+                        dtype: DType::F32,
+                        quant: Some(q.scheme),
+                    },
+                    shape: q.shape.clone(),
+                    dtype: out.unwrap_or(q.dtype),
+                    replaced: None,
+                    ops: Vec::new(),
+                };
+            }
             Pending {
                 w: WSource {
                     file: WFile::Base,
                     offset: entry.offset,
                     dtype,
+                    quant: None,
                 },
                 shape: entry.shape.clone(),
                 dtype: out.unwrap_or(dtype),
@@ -263,6 +287,15 @@ impl<'a> Planner<'a> {
         for r in &adapter.replacements {
             let (loc, tied) = self.lookup(adapter, &r.key, &r.target)?;
             tally.note_tied(tied, &r.key);
+            if self.base.quantized(loc).is_some() {
+                return Err(Error::unsupported(
+                    &adapter.file,
+                    format!(
+                        "`{}` replaces `{}`, a bitsandbytes-quantized weight of the base;                          replacing a quantized weight is not supported: use the 16-bit base",
+                        r.key, r.target
+                    ),
+                ));
+            }
             let dtype = self.base_dtype(loc, &r.target)?;
             let entry = &self.base.layouts[loc.0].tensors[loc.1];
             let src = match DType::from_safetensors(r.dtype) {
@@ -307,6 +340,7 @@ impl<'a> Planner<'a> {
                 file: WFile::Adapter(ai),
                 offset: r.offset,
                 dtype: src,
+                quant: None,
             };
             p.replaced = Some(ReplacedBy {
                 adapter: ai,

@@ -86,6 +86,9 @@ pub struct WSource {
     pub file: WFile,
     pub offset: u64,
     pub dtype: DType,
+    /// A bitsandbytes-quantized base weight: its rows are dequantized to f32 (`dtype`)
+    /// from the codes at `offset` and the scales the base's quantization lists.
+    pub quant: Option<crate::quant::Scheme>,
 }
 
 /// A tensor of the base: its file's index in [`BaseModel::layouts`] and its index in that

@@ -69,7 +69,7 @@ impl Planner<'_> {
         let mut resize: Option<(usize, usize, (usize, usize))> = None;
         for (&loc, p) in &self.pending {
             let entry = &base.layouts[loc.0].tensors[loc.1];
-            let (Some(old), Some(new)) = (rows(&entry.shape), rows(&p.shape)) else {
+            let (Some(old), Some(new)) = (rows(base.shape(loc)), rows(&p.shape)) else {
                 continue;
             };
             match resize {
@@ -100,8 +100,8 @@ impl Planner<'_> {
             .collect();
         vocab.sort();
         for (tensor, loc) in vocab {
-            let shape = &base.layouts[loc.0].tensors[loc.1].shape;
-            let now = self.pending.get(&loc).map_or(shape, |p| &p.shape);
+            let shape = base.shape(loc);
+            let now = self.pending.get(&loc).map_or(shape, |p| p.shape.as_slice());
             if rows(shape) == Some(old) && rows(now) != Some(new) {
                 return Err(Error::unsupported(
                     self.replacer(adapters, first),

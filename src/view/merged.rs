@@ -112,6 +112,13 @@ impl View {
             let row0 = b * rows;
             let n = rows.min(m.dims.rows - row0);
             let mut data = blocks.buffer(n * m.row_bytes());
+            if m.w.quant.is_some() {
+                // W dequantized to f32, the deltas added, rounded once.
+                let mut raw = vec![0u8; n * m.dims.cols * 4];
+                self.read_quantized(m, row0, &mut raw)?;
+                self.merge_converting(m, &realized, row0, &raw, &mut data)?;
+                return Ok(data);
+            }
             if m.w.dtype == m.dtype {
                 self.read_w(vf, m, row0, &mut data)?;
                 self.merge_in_place(m, &realized, row0, &mut data)?;
@@ -156,6 +163,32 @@ impl View {
             WFile::Base => self.read_source(vf, buf, at),
             WFile::Adapter(i) => self.adapter_weights[i].read_exact_at(buf, at, false),
         }
+    }
+
+    /// Rows `row0 ..` of a quantized base weight, dequantized into `buf` as f32 (as many
+    /// as it holds): only the codes and scales of their blocks are read.
+    fn read_quantized(&self, m: &TensorMerge, row0: usize, buf: &mut [u8]) -> Result<()> {
+        let base = &self.engine.base;
+        let loc = (m.tensor.layout, m.tensor.tensor);
+        let q = base
+            .quantized(loc)
+            .expect("a quantized merge's weight is quantized");
+        let files: Vec<&Arc<crate::baseio::SourceFile>> = (base.files.iter())
+            .zip(&self.engine.base_files)
+            .filter(|(f, _)| f.layout.is_some())
+            .map(|(_, s)| s)
+            .collect();
+        let mut values = vec![0f32; buf.len() / 4];
+        q.read(
+            &files,
+            self.engine.direct_base_reads,
+            row0 * m.dims.cols,
+            &mut values,
+        )?;
+        for (chunk, v) in buf.chunks_exact_mut(4).zip(values) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
     }
 
     /// Merge rows `row0 ..` of `m` into `data`, which holds them in the output dtype, the

@@ -49,17 +49,22 @@ fn lay_out(engine: &Engine, plan: &MergePlan) -> Result<Vec<VirtualFile>> {
         }
         files.push(vf);
     }
-    // Files derived from the changes: the shard index (total_size) when the data's size
-    // changes, config.json when the vocabulary or the dtype does.
+    // Files derived from the changes: the shard index (total_size, and without the tensors
+    // left out) when the data's size changes, config.json when the vocabulary, the dtype or
+    // the quantization does.
+    let dropped: Vec<&str> = (base.quant.iter().flat_map(|q| &q.dropped))
+        .map(|&(li, ti)| base.layouts[li].tensors[ti].name.as_str())
+        .collect();
     for vf in &mut files {
         let rewritten = if vf.rel == Path::new(INDEX_FILE) && data_delta != 0 {
-            Some(rewrite_index(&vf.source.path, data_delta)?)
+            Some(rewrite_index(&vf.source.path, data_delta, &dropped)?)
         } else if vf.rel == Path::new("config.json")
-            && (plan.vocab.is_some() || plan.dtype.is_some())
+            && (plan.vocab.is_some() || plan.dtype.is_some() || base.quant.is_some())
         {
             Some(rewrite_config(
                 base.config.clone().unwrap_or_default(),
                 plan,
+                base.quant.is_some(),
             ))
         } else {
             None
@@ -97,6 +102,10 @@ struct Laid {
 /// or dtype, the header is regenerated and the tensors after it move.
 fn safetensors_segments(engine: &Engine, li: usize, plan: &MergePlan) -> Result<Laid> {
     let layout = &engine.base.layouts[li];
+    // A quantized base's companion tensors (scales, maps, states) are not served.
+    let dropped: Vec<bool> = (0..layout.tensors.len())
+        .map(|ti| is_dropped(engine, (li, ti)))
+        .collect();
     let merge_of = |ti: usize| {
         let id = TensorId {
             layout: li,
@@ -122,15 +131,16 @@ fn safetensors_segments(engine: &Engine, li: usize, plan: &MergePlan) -> Result<
             ),
         })
         .unzip();
-    let unchanged = (layout.tensors.iter().zip(shapes.iter().zip(&dtypes)))
-        .all(|(t, (shape, &dtype))| shape == &t.shape && dtype == t.dtype);
+    let unchanged = !dropped.contains(&true)
+        && (layout.tensors.iter().zip(shapes.iter().zip(&dtypes)))
+            .all(|(t, (shape, &dtype))| shape == &t.shape && dtype == t.dtype);
     let (header, ranges): (Arc<[u8]>, Vec<(u64, u64)>) = if unchanged {
         (
             Arc::from(layout.header.as_slice()),
             layout.tensors.iter().map(|t| (t.offset, t.len)).collect(),
         )
     } else {
-        let (header, ranges) = layout.header_with(&shapes, &dtypes)?;
+        let (header, ranges) = layout.header_with(&shapes, &dtypes, &dropped)?;
         (Arc::from(header), ranges)
     };
     let mut segments = vec![Segment {
@@ -139,6 +149,9 @@ fn safetensors_segments(engine: &Engine, li: usize, plan: &MergePlan) -> Result<
         source: Source::Bytes(header),
     }];
     for (ti, (t, &(start, len))) in layout.tensors.iter().zip(&ranges).enumerate() {
+        if dropped[ti] {
+            continue;
+        }
         let source = match (merge_of(ti), converted(t.dtype)) {
             (Some(merge), _) => {
                 let m = &plan.merges[merge];
@@ -172,6 +185,11 @@ fn safetensors_segments(engine: &Engine, li: usize, plan: &MergePlan) -> Result<
         size,
         data_delta: data as i64 - before as i64,
     })
+}
+
+/// Whether tensor `loc` of the base is a quantization companion, not served.
+fn is_dropped(engine: &Engine, loc: (usize, usize)) -> bool {
+    (engine.base.quant.as_ref()).is_some_and(|q| q.dropped.contains(&loc))
 }
 
 /// Append `next`, joining it to the last segment when both are base bytes that follow on
@@ -211,9 +229,15 @@ fn passthrough(rel: &Path, source: Arc<SourceFile>) -> VirtualFile {
     }
 }
 
-/// `model.safetensors.index.json` with `metadata.total_size` changed by `delta` bytes.
-fn rewrite_index(path: &Path, delta: i64) -> Result<Vec<u8>> {
+/// `model.safetensors.index.json` with `metadata.total_size` changed by `delta` bytes and
+/// the `dropped` tensors out of its `weight_map`.
+fn rewrite_index(path: &Path, delta: i64, dropped: &[&str]) -> Result<Vec<u8>> {
     let mut index: serde_json::Value = crate::error::read_json(path)?;
+    if let Some(map) = index.get_mut("weight_map").and_then(|m| m.as_object_mut()) {
+        for name in dropped {
+            map.remove(*name);
+        }
+    }
     if let Some(total) = index
         .get_mut("metadata")
         .and_then(|m| m.get_mut("total_size"))
@@ -236,9 +260,13 @@ fn rewrite_index(path: &Path, delta: i64) -> Result<Vec<u8>> {
 /// The base's `config.json` with `vocab_size` (top level, and in a `text_config`) set to the
 /// merged vocabulary's where it was the base's, and the dtype set to `--dtype`'s: under
 /// `dtype`, the key transformers 5 writes, and `torch_dtype` too where the base has it
-/// (older transformers read that one).
-fn rewrite_config(mut config: serde_json::Value, plan: &MergePlan) -> Vec<u8> {
+/// (older transformers read that one). Without `quantization_config` when the base is
+/// quantized: the view serves it dequantized.
+fn rewrite_config(mut config: serde_json::Value, plan: &MergePlan, dequantized: bool) -> Vec<u8> {
     let set = |v: &mut serde_json::Value| {
+        if let (true, Some(object)) = (dequantized, v.as_object_mut()) {
+            object.remove("quantization_config");
+        }
         if let Some(resize) = plan.vocab {
             if let Some(size) = v.get_mut("vocab_size") {
                 if size.as_u64() == Some(resize.base as u64) {
