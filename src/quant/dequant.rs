@@ -86,7 +86,11 @@ pub fn dequant4(
     for (i, o) in out.iter_mut().enumerate() {
         let e = e0 + i;
         let byte = packed[e / 2 - b0];
-        let nibble = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0xF };
+        let nibble = if e.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0xF
+        };
         *o = code[nibble as usize] * scales[e / blocksize - k0];
     }
 }
