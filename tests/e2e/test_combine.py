@@ -11,12 +11,14 @@ generator: it is tested by its statistics and by reproducibility."""
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import F32_EPS, load_model, load_safetensors_dir, ulp_distance, ulp_of
+from conftest import F32_EPS, generated, load_model, load_safetensors_dir, ulp_distance, ulp_of
 
 SVD_RTOL = 1e-4
 
@@ -247,6 +249,100 @@ def test_views_apply_the_global_combine(e2e, scratch, mounter):
     mnt = mounter(e2e.base("bf16"), [], "--view", f"mix={spec}", *extra)
     for p in sorted(out.glob("*.safetensors")):
         assert (mnt / "mix" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def svd_error(got: dict, want: dict, base: dict) -> float:
+    """The worst relative Frobenius error of the deltas (merged - base), tensor by tensor."""
+    worst = 0.0
+    for name, t in got.items():
+        d_got, d_want = t.double() - base[name].double(), want[name].double() - base[name].double()
+        norm = float(d_want.norm())
+        if norm == 0.0:
+            assert float(d_got.norm()) == 0.0, name
+            continue
+        worst = max(worst, float((d_got - d_want).norm()) / norm)
+    return worst
+
+
+def test_views_file_views_match_peft(e2e, scratch, mounter):
+    """Each view of a `--views` file, with its own method, read through the mount, against
+    PEFT's add_weighted_adapter + merge_and_unload of the same adapters and weights."""
+    views = {
+        "ties": (SAME_RANK, "ties", {"density": 0.5}),
+        "prune": (SAME_RANK, "magnitude_prune", {"density": 0.6}),
+        "cat": (MIXED_RANK, "cat", {}),
+        "svd": (MIXED_RANK, "svd", {"svd_rank": 6}),
+    }
+    lines = []
+    for name, (spec, method, kw) in views.items():
+        entries = ", ".join(f'{{ path = "{p}", weight = {w!r} }}' for p, w in e2e.adapters(spec))
+        lines += [f"[views.{name}]", f"adapters = [{entries}]", f'combine = "{method}"']
+        lines += [f"{k} = {v!r}" for k, v in kw.items()] + [""]
+    views_file = scratch / "views.toml"
+    views_file.write_text("\n".join(lines))
+    mnt = mounter(e2e.base("f32"), [], "--views", str(views_file))
+    base = load_safetensors_dir(e2e.base("f32"))
+    for name, (spec, method, kw) in views.items():
+        got = load_safetensors_dir(mnt / name)
+        peft_kw = {PEFT_KW[k]: v for k, v in kw.items()}
+        want, magnitude = peft_combined(e2e.base("f32"), torch.float32, e2e.adapters(spec), method, **peft_kw)
+        if method == "svd":
+            err = svd_error(got, want, base)
+            assert err <= SVD_RTOL, f"view {name}: relative error {err:.3e}"
+        else:
+            check_exact(got, want, magnitude, base)
+
+
+def test_inspect_shows_the_combination(e2e):
+    """`inspect` (text and JSON) names the method, its parameters, the new rank and scale."""
+    adapters = e2e.adapters(SAME_RANK)
+    args = ["inspect", e2e.base("bf16"), *e2e.lorafs.adapter_args(adapters)]
+    args += combine_args("dare_ties", density=0.7, majority_sign="frequency", seed=9)
+    text = e2e.lorafs.run(*args, check=True).stdout
+    assert "combine   dare_ties" in text, text
+    info = json.loads(e2e.lorafs.run(*args, "--json", check=True).stdout)
+    combine = info["combine"] if "combine" in info else info["views"][0]["combine"]
+    rank = json.loads((e2e.adapter("ckpt1") / "adapter_config.json").read_text())["r"]
+    assert combine == {
+        "method": "dare_ties",
+        "density": 0.7,
+        "majority_sign": "frequency",
+        "rank": rank,
+        "scaling": 1.0,
+        "seed": 9,
+    }, combine
+    assert f"rank {rank}," in text, text
+    plain = json.loads(e2e.lorafs.run("inspect", e2e.base("bf16"), *e2e.lorafs.adapter_args(adapters), "--json", check=True).stdout)
+    assert (plain.get("combine") if "combine" in plain else plain["views"][0]["combine"]) is None
+
+
+@pytest.fixture(scope="module")
+def feat():
+    """The fixtures of test_features.py: GPT-2 bases with a Conv1D and an embedding LoRA."""
+    with generated("generate_features", "lorafs-e2e-features-") as manifest:
+        yield manifest
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+def test_conv1d_and_embedding_loras_combine_as_peft(e2e, feat, scratch, method):
+    """GPT-2: Conv1D (fan_in_fan_out, stored transposed) and an embedding LoRA. linear needs
+    one rank: the Conv1D adapter twice with different weights."""
+    if method == "linear":
+        spec = [("gpt2_conv1d", 0.6), ("gpt2_conv1d", -1.1)]
+    else:
+        spec = [("gpt2_conv1d", 0.6), ("gpt2_embed", -1.1)]
+    adapters = [(Path(feat["adapters"][name]["path"]), w) for name, w in spec]
+    base_dir = Path(feat["bases"]["gpt2_f32"]["path"])
+    out = scratch / "merged"
+    e2e.lorafs.materialize(base_dir, out, adapters, "--combine", method)
+    got = load_safetensors_dir(out)
+    base = load_safetensors_dir(base_dir)
+    want, magnitude = peft_combined(base_dir, torch.float32, adapters, method)
+    if method == "svd":
+        err = svd_error(got, want, base)
+        assert err <= SVD_RTOL, f"relative error {err:.3e}"
+    else:
+        check_exact(got, want, magnitude, base)
 
 
 @pytest.mark.parametrize(
