@@ -24,7 +24,10 @@ CASES = {
     "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False),
     "int8": dict(load_in_8bit=True),
+    # Saved in shards of 20 KB: a weight's quant-state tensors can sit in another shard.
+    "nf4-dq-sharded": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
 }
+SHARD_SIZE = {"nf4-dq-sharded": "20KB"}
 INPUT_IDS = [[1, 5, 9, 33, 2, 17, 60, 4]]
 
 
@@ -70,7 +73,7 @@ def main(root: Path):
         q = AutoModelForCausalLM.from_pretrained(
             root / "base16", quantization_config=BitsAndBytesConfig(**kwargs), device_map="cpu"
         )
-        q.save_pretrained(out / "base")
+        q.save_pretrained(out / "base", max_shard_size=SHARD_SIZE.get(case, "5GB"))
         q = AutoModelForCausalLM.from_pretrained(out / "base", device_map="cpu")
         save_file(w32(q), out / "w32.safetensors")
         q = q.dequantize()

@@ -52,7 +52,7 @@ def bnb_env() -> Path | None:
     return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
 
 
-CASES = ["nf4-dq", "nf4", "fp4-dq", "fp4", "int8"]
+CASES = ["nf4-dq", "nf4", "fp4-dq", "fp4", "int8", "nf4-dq-sharded"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,15 @@ def check_served(got: dict, case_dir: Path, lora: Path):
         assert int(ulp_distance(L, P)[no_cancel].max()) <= 1, name
 
 
+def test_the_sharded_base_has_quantized_weights_in_several_shards(fixtures):
+    """The premise of the nf4-dq-sharded case: packed weights and their quant state spread
+    over several shards (transformers keeps each weight's state in its shard)."""
+    index = json.loads((fixtures / "nf4-dq-sharded" / "base" / "model.safetensors.index.json").read_text())
+    where = index["weight_map"]
+    shards = {where[k] for k in where if k + ".absmax" in where}
+    assert len(shards) > 1, shards
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_materialize_matches_dequantize_then_peft(fixtures, lorafs, scratch, case):
     out = scratch / "out"
@@ -147,7 +156,7 @@ def test_f32_is_bitsandbytes_dequantization_exactly(fixtures, lorafs, scratch, c
             assert torch.equal(got[name].view(torch.int32), w.view(torch.int32)), name
 
 
-@pytest.mark.parametrize("case", ["nf4-dq", "fp4", "int8"])
+@pytest.mark.parametrize("case", ["nf4-dq", "fp4", "int8", "nf4-dq-sharded"])
 def test_mount_loads_without_bitsandbytes(fixtures, lorafs, mounter, case):
     mnt = mounter(fixtures / case / "base", [(fixtures / "lora", 1.0)])
     config = json.loads((mnt / "config.json").read_text())
