@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Where a mount's read path spends its cycles (issue: loads at the speed of the disk).
+#
+# Makes the ~1 GB Llama of the benchmarks (examples/synth_model.rs, rank-16 LoRA on every
+# linear layer), puts the base in the page cache, mounts it with an empty cache and no
+# warm-up, and reads the merged shard with `dd bs=4M` under `perf record` of the whole
+# system. Prints: the read's time against `cat` of the base from the page cache (same run),
+# the cycles by thread (FUSE workers, rayon merge/prefetch pool, dd, kernel threads), and
+# the top symbols of each (perf's figures come from a second read, of a fresh mount). Needs root (mount, perf) and Debian's linux-perf.
+#
+# Usage: bash scripts/profile_read.sh [DIR]   (DIR: a new scratch directory, removed after)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dir="${1:-/tmp/lorafs-profile}"
+if [ -e "$dir" ] && [ ! -f "$dir/.lorafs-bench" ]; then
+    echo "$dir exists and was not made by a lorafs benchmark: name a new DIR" >&2
+    exit 1
+fi
+mkdir -p "$dir" && touch "$dir/.lorafs-bench"
+mnt="$dir/mnt"
+cleanup() {
+    mountpoint -q "$mnt" && "$repo/target/release/lorafs" unmount "$mnt" || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet --manifest-path "$repo/Cargo.toml" --example synth_model --bin lorafs
+"$repo/target/release/examples/synth_model" "$dir" --layers 8 > /dev/null
+shard=$(cd "$dir/base" && ls -- *.safetensors | head -n 1)
+cat "$dir/base/$shard" > /dev/null # into the page cache
+t0=$(date +%s.%N); cat "$dir/base/$shard" > /dev/null; t1=$(date +%s.%N)
+base_s=$(echo "$t1 - $t0" | bc -l)
+
+mkdir -p "$mnt"
+mount_fresh() {
+    mountpoint -q "$mnt" && "$repo/target/release/lorafs" unmount "$mnt"
+    "$repo/target/release/lorafs" mount "$dir/base" "$mnt" --adapter "$dir/adapter" --warm never
+}
+# Timed without perf (its sampling slows the read), then read again under perf from a new
+# mount, so both reads start from an empty merged cache and no merged pages.
+mount_fresh
+t0=$(date +%s.%N); dd if="$mnt/$shard" of=/dev/null bs=4M status=none; t1=$(date +%s.%N)
+mount_s=$(echo "$t1 - $t0" | bc -l)
+mount_fresh
+perf record -q -a -g -o "$dir/perf.data" -- \
+    dd if="$mnt/$shard" of=/dev/null bs=4M status=none 2> /dev/null
+size=$(stat -c %s "$dir/base/$shard")
+printf 'shard %s: %.2f GB\n' "$shard" "$(echo "$size / 1000000000" | bc -l)"
+printf 'cat of the base (page cache): %.3f s; dd bs=4M of a fresh mount: %.3f s (%.2fx)\n' \
+    "$base_s" "$mount_s" "$(echo "$mount_s / $base_s" | bc -l)"
+echo
+echo "== cycles by thread (comm)"
+perf report -i "$dir/perf.data" --no-children --sort comm --stdio 2> /dev/null \
+    | grep -E '^ +[0-9]' | head -n 12
+echo
+echo "== top symbols (thread, symbol)"
+perf report -i "$dir/perf.data" --no-children --sort comm,sym --stdio 2> /dev/null \
+    | grep -E '^ +[0-9]' | head -n 30
