@@ -5,10 +5,14 @@
 //! cargo run --release --example synth_model -- OUT [--layers 8] [--hidden 2048]
 //!     [--intermediate 5632] [--vocab 32000] [--heads 16] [--kv-heads 4] [--rank 16]
 //!     [--dtype f16|bf16] [--shard-gib 2] [--adapters 1]
+//!     [--targets q_proj,k_proj,...] [--target-layers N] [--adapter-only]
 //!
 //! OUT/base is a transformers-loadable LlamaForCausalLM; OUT/adapter a PEFT LoRA adapter.
 //! `--adapters N` also writes OUT/adapter-2 ... OUT/adapter-N: the same configuration with
-//! other random factors, like the checkpoints of one training run.
+//! other random factors, like the checkpoints of one training run. `--targets` (module names,
+//! default all seven) and `--target-layers N` (the first N layers, default all) narrow what
+//! the adapters change; `--adapter-only` skips the base, for an adapter (with other random
+//! factors) on a base written before with the same shape arguments.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,7 +33,20 @@ struct Args {
     dtype: Dtype,
     shard_bytes: usize,
     adapters: usize,
+    targets: Vec<String>,
+    target_layers: usize,
+    adapter_only: bool,
 }
+
+const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 fn parse() -> Args {
     let mut a = Args {
@@ -44,6 +61,9 @@ fn parse() -> Args {
         dtype: Dtype::F16,
         shard_bytes: 2 << 30,
         adapters: 1,
+        targets: MODULES.iter().map(|m| m.to_string()).collect(),
+        target_layers: usize::MAX,
+        adapter_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +77,9 @@ fn parse() -> Args {
             "--kv-heads" => a.kv_heads = value().parse().unwrap(),
             "--rank" => a.rank = value().parse().unwrap(),
             "--adapters" => a.adapters = value().parse().unwrap(),
+            "--targets" => a.targets = value().split(',').map(str::to_string).collect(),
+            "--target-layers" => a.target_layers = value().parse().unwrap(),
+            "--adapter-only" => a.adapter_only = true,
             "--shard-gib" => {
                 a.shard_bytes = (value().parse::<f64>().unwrap() * (1u64 << 30) as f64) as usize
             }
@@ -117,7 +140,6 @@ fn write(path: &Path, tensors: &[(String, Vec<usize>, Dtype, Vec<u8>)]) {
 fn main() {
     let a = parse();
     let base = a.out.join("base");
-    std::fs::create_dir_all(&base).unwrap();
     let (h, i, kv) = (a.hidden, a.intermediate, a.hidden / a.heads * a.kv_heads);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
@@ -138,12 +160,47 @@ fn main() {
             ("mlp.down_proj", h, i),
         ] {
             shapes.push((format!("{p}.{m}.weight"), vec![out, inp]));
-            linear.push((format!("{p}.{m}"), out, inp));
+            let short = m.rsplit('.').next().unwrap();
+            if l < a.target_layers && a.targets.iter().any(|t| t == short) {
+                linear.push((format!("{p}.{m}"), out, inp));
+            }
         }
     }
     shapes.push(("model.norm.weight".into(), vec![h]));
     shapes.push(("lm_head.weight".into(), vec![a.vocab, h]));
 
+    if !a.targets.iter().all(|t| MODULES.contains(&t.as_str())) {
+        panic!("--targets {:?}: use names among {MODULES:?}", a.targets);
+    }
+    let total = if a.adapter_only {
+        0
+    } else {
+        write_base(&a, &base, shapes, &mut rng)
+    };
+
+    // Each adapter continues the same random stream, so OUT/adapter is the same with or
+    // without --adapters and the others differ from it.
+    for k in 1..=a.adapters {
+        let name = if k == 1 {
+            "adapter".to_string()
+        } else {
+            format!("adapter-{k}")
+        };
+        write_adapter(&a.out.join(name), &a, &linear, &base, &mut rng);
+    }
+    eprintln!(
+        "base: {} ({:.2} GB); adapters: {} in {}",
+        base.display(),
+        total as f64 / 1e9,
+        a.adapters,
+        a.out.display()
+    );
+}
+
+/// The base's shards, index and config.json at `base`; returns the bytes of weights written.
+fn write_base(a: &Args, base: &Path, shapes: Vec<(String, Vec<usize>)>, rng: &mut Rng) -> usize {
+    std::fs::create_dir_all(base).unwrap();
+    let (h, i) = (a.hidden, a.intermediate);
     // Group tensors into shards of about shard_bytes, then write each shard.
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![vec![]];
     let mut size = 0;
@@ -170,7 +227,7 @@ fn main() {
             .map(|(name, shape)| {
                 let numel = shape.iter().product();
                 let scale = if shape.len() == 1 { 1.0 } else { 0.02 };
-                let data = values(&mut rng, numel, a.dtype, scale);
+                let data = values(rng, numel, a.dtype, scale);
                 total += data.len();
                 weight_map.insert(name.clone(), json!(file));
                 (name, shape, a.dtype, data)
@@ -206,26 +263,10 @@ fn main() {
     )
     .unwrap();
 
-    // Each adapter continues the same random stream, so OUT/adapter is the same with or
-    // without --adapters and the others differ from it.
-    for k in 1..=a.adapters {
-        let name = if k == 1 {
-            "adapter".to_string()
-        } else {
-            format!("adapter-{k}")
-        };
-        write_adapter(&a.out.join(name), &a, &linear, &base, &mut rng);
-    }
-    eprintln!(
-        "base: {} ({:.2} GB); adapters: {} in {}",
-        base.display(),
-        total as f64 / 1e9,
-        a.adapters,
-        a.out.display()
-    );
+    total
 }
 
-/// A PEFT LoRA adapter at `dir` with random factors on every linear layer of `base`.
+/// A PEFT LoRA adapter at `dir` with random factors on the `linear` layers of `base`.
 fn write_adapter(
     dir: &Path,
     a: &Args,
@@ -253,7 +294,7 @@ fn write_adapter(
     write(&dir.join("adapter_model.safetensors"), &factors);
     let config = json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": a.rank, "lora_alpha": 2 * a.rank,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "target_modules": a.targets,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false, "use_rslora": false,
         "init_lora_weights": false, "base_model_name_or_path": base.display().to_string(),
     });
