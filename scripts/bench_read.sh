@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The benchmark of issue #15 (loads at the speed of the disk): four readings through lorafs,
+# each against a baseline measured in the same run, printed as ratios.
+#
+# 1. cold load: a Llama-7B-shaped F16 model of FRACTION of RAM (examples/synth_model.rs,
+#    rank-16 LoRA on every linear layer) read whole with `dd bs=4M` through a fresh default
+#    mount, against `dd bs=4M` of the base from disk; page cache dropped before each.
+# 2. page cache: the ~1 GB shard of the 8-layer model of the other benchmarks, base in the
+#    page cache, `dd bs=4M` of the merged shard through a fresh mount (--warm never, so no
+#    background merge races the reader), against `cat` of the base shard; and against a copy
+#    of the base shard into new tmpfs pages (the floor of any file whose pages are new).
+# 3. pass-through ceiling: the same through a fresh mount whose adapter merges one 2048x2048
+#    tensor (q_proj of layer 0), against `cat`: what the FUSE path costs without merging.
+# 4. from_pretrained of model 1 (float16, low_cpu_mem_usage) in a new Python process, through
+#    a fresh default mount against a `lorafs materialize`d copy, page cache dropped before
+#    each. Timed twice in the process: the call alone, and the call plus a first touch of
+#    every page of every weight (from_pretrained maps safetensors files and leaves the pages
+#    to be read when first used, so the call alone reads little). Needs scripts/venv.sh.
+# Prints the machine first (CPU, flags that matter, kernel, RAM, lorafs's merge kernel).
+# Needs root (mount, drop_caches). Everything is written under DIR and removed after.
+#
+# Usage: [MOUNT_ARGS='--threads 4'] [SKIP_PRETRAINED=1] bash scripts/bench_read.sh [DIR] [FRACTION_OF_RAM]
+#        (defaults: /tmp/lorafs-read 0.6; DIR must be new; MOUNT_ARGS: options of every mount,
+#        not --warm, which 2 and 3 set)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dir="${1:-/tmp/lorafs-read}"
+fraction="${2:-0.6}"
+if [ -e "$dir" ] && [ ! -f "$dir/.lorafs-bench" ]; then
+    echo "$dir exists and was not made by a lorafs benchmark: name a new DIR" >&2
+    exit 1
+fi
+mkdir -p "$dir/mnt" && touch "$dir/.lorafs-bench"
+dir="$(cd "$dir" && pwd)"
+mnt="$dir/mnt"
+lorafs="$repo/target/release/lorafs"
+synth="$repo/target/release/examples/synth_model"
+cleanup() {
+    if mountpoint -q "$mnt"; then "$lorafs" unmount "$mnt" || umount -l "$mnt"; fi
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet --manifest-path "$repo/Cargo.toml" --example synth_model --bin lorafs
+ram=$(awk '/MemTotal/ {print $2 * 1024}' /proc/meminfo)
+echo "cpu: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
+echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx2|fma|f16c' | xargs)"
+echo "linux: $(uname -r); RAM: $(awk -v r="$ram" 'BEGIN {printf "%.1f GB", r / 1e9}')"
+echo "lorafs: $("$lorafs" --version)"
+echo "MOUNT_ARGS: ${MOUNT_ARGS:-(none)}"
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+mount_fresh() { # mount_fresh BASE ADAPTER [OPTION...]: a new mount at $mnt
+    mountpoint -q "$mnt" && "$lorafs" unmount "$mnt"
+    # shellcheck disable=SC2086 # MOUNT_ARGS: extra mount options, split on spaces
+    "$lorafs" mount "$1" "$mnt" --adapter "$2" "${@:3}" ${MOUNT_ARGS:-}
+}
+secs() { # secs COMMAND...: its wall time in seconds, its output discarded
+    local t0 t1
+    t0=$(date +%s.%N); "$@" > /dev/null; t1=$(date +%s.%N)
+    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}'
+}
+dd4m() { dd if="$1" of=/dev/null bs=4M status=none; }
+read_all() { for f in "$1"/*.safetensors; do dd4m "$f"; done; }
+report() { # report NAME LORAFS_S BASELINE_S NOTE
+    awk -v n="$1" -v a="$2" -v b="$3" -v t="$4" \
+        'BEGIN {printf "%s: lorafs %.3f s, baseline %.3f s, ratio %.2fx (%s)\n", n, a, b, a / b, t}'
+}
+
+# 2 and 3: the 1 GB shard, base in the page cache.
+"$synth" "$dir/small" --layers 8 2> /dev/null
+"$synth" "$dir/one" --layers 8 --targets q_proj --target-layers 1 --adapter-only 2> /dev/null
+shards=("$dir"/small/base/*.safetensors)
+base_shard="${shards[0]}"
+shard="$(basename "$base_shard")"
+echo "shard: $(stat -c %s "$base_shard" | awk '{printf "%.2f GB", $1 / 1e9}')," \
+    "base in the page cache, fresh mounts with --warm never"
+cat "$base_shard" > /dev/null
+cat_s=$(secs cat "$base_shard")
+shm=$(mktemp /dev/shm/lorafs-read.XXXXXX)
+new_s=$(secs dd if="$base_shard" of="$shm" bs=4M status=none)
+rm -f "$shm"
+mount_fresh "$dir/small/base" "$dir/small/adapter" --warm never
+merged_s=$(secs dd4m "$mnt/$shard")
+mount_fresh "$dir/small/base" "$dir/one/adapter" --warm never
+pass_s=$(secs dd4m "$mnt/$shard")
+"$lorafs" unmount "$mnt"
+report "page cache (dd of the merged shard vs cat of the base)" "$merged_s" "$cat_s" "target ≤ 3x"
+report "page cache vs new tmpfs pages (copy of the base)" "$merged_s" "$new_s" "the first-touch floor"
+report "pass-through ceiling (one small tensor merged, vs cat)" "$pass_s" "$cat_s" "no merging"
+rm -rf "$dir/small" "$dir/one"
+
+# 1: the large model, cold. Llama-7B shapes: a layer is 202 M parameters of 2 bytes,
+# embeddings and head 262 M.
+layers=$(awk -v r="$ram" -v f="$fraction" 'BEGIN {n = (r * f / 2 - 262e6) / 202e6; n = int(n + 0.5); print n < 1 ? 1 : n}')
+"$synth" "$dir/large" --layers "$layers" --hidden 4096 --intermediate 11008 --heads 32 \
+    --kv-heads 32 --rank 16 --shard-gib 4 2> /dev/null
+size=$(du -cb "$dir"/large/base/*.safetensors | tail -n 1 | cut -f1)
+echo "large model: $layers layers, $(awk -v s="$size" -v r="$ram" \
+    'BEGIN {printf "%.2f GB = %.0f %% of RAM", s / 1e9, s / r * 100}')"
+drop_caches
+disk_s=$(secs read_all "$dir/large/base")
+drop_caches
+mount_fresh "$dir/large/base" "$dir/large/adapter"
+mount_s=$(secs read_all "$mnt")
+"$lorafs" unmount "$mnt"
+report "cold load (dd of the mount vs dd of the base from disk)" "$mount_s" "$disk_s" "target ≤ 1.3x"
+
+# 4: from_pretrained, cold, through a fresh default mount and from a materialized copy.
+if [ "${SKIP_PRETRAINED:-0}" != 0 ]; then exit 0; fi
+py="$(bash "$repo/scripts/venv.sh")/bin/python"
+load_s() { # load_s DIR: seconds of from_pretrained(DIR), then with every weight touched
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$py" - "$1" << 'EOF' | tail -n 1
+import sys, time
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging
+logging.disable_progress_bar()
+t0 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16, low_cpu_mem_usage=True)
+t1 = time.perf_counter()
+for p in model.parameters():  # one byte of every page
+    p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+print(f"{t1 - t0:.3f} {time.perf_counter() - t0:.3f}")
+EOF
+}
+"$lorafs" materialize "$dir/large/base" --adapter "$dir/large/adapter" "$dir/merged" > /dev/null
+drop_caches
+read -r copy_s copy_all_s <<< "$(load_s "$dir/merged")"
+rm -rf "$dir/merged"
+drop_caches
+mount_fresh "$dir/large/base" "$dir/large/adapter"
+read -r fp_s fp_all_s <<< "$(load_s "$mnt")"
+"$lorafs" unmount "$mnt"
+report "from_pretrained (fresh mount vs materialized copy, cold)" "$fp_s" "$copy_s" "target ≤ 1.3x"
+report "from_pretrained + every weight touched (same)" "$fp_all_s" "$copy_all_s" "target ≤ 1.3x"
