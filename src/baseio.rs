@@ -376,29 +376,92 @@ fn read_direct(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let start = offset - offset % ALIGN as u64;
     let skip = (offset - start) as usize;
     let want = skip + buf.len();
-    let span = want.div_ceil(ALIGN) * ALIGN;
     DIRECT_BUF.with_borrow_mut(|raw| {
+        let aligned = AlignedBuf::carve(raw, want);
+        read_aligned(file, aligned, start, want)?;
+        buf.copy_from_slice(&aligned[skip..want]);
+        Ok(())
+    })
+}
+
+/// Fill the first `want` bytes of `aligned` (an ALIGN-aligned buffer of a whole number of
+/// ALIGN blocks) from `start` (aligned too) with O_DIRECT reads.
+fn read_aligned(file: &File, aligned: &mut [u8], start: u64, want: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < want {
+        // `done` stays a multiple of ALIGN: only the last read (at EOF) is short.
+        match file.read_at(&mut aligned[done..], start + done as u64) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if done % ALIGN != 0 && done < want {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+    }
+    Ok(())
+}
+
+/// A buffer whose bytes start at an ALIGN boundary, as O_DIRECT reads need: reused from
+/// read to read, so it is allocated (and its pages touched) once.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// The aligned part of `raw` for `len` bytes, rounded up to whole ALIGN blocks (`raw`
+    /// grown if need be).
+    fn carve(raw: &mut Vec<u8>, len: usize) -> &mut [u8] {
+        let span = len.div_ceil(ALIGN) * ALIGN;
         if raw.len() < span + ALIGN {
             raw.resize(span + ALIGN, 0);
         }
         let pad = raw.as_ptr().align_offset(ALIGN);
-        let aligned = &mut raw[pad..pad + span];
-        let mut done = 0;
-        while done < want {
-            // `done` stays a multiple of ALIGN: only the last read (at EOF) is short.
-            match file.read_at(&mut aligned[done..], start + done as u64) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-            if done % ALIGN != 0 && done < want {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-            }
-        }
-        buf.copy_from_slice(&aligned[skip..want]);
+        &mut raw[pad..pad + span]
+    }
+
+    /// The bytes last read into it.
+    pub fn bytes(&self) -> &[u8] {
+        let pad = self.raw.as_ptr().align_offset(ALIGN);
+        &self.raw[pad..pad + self.len]
+    }
+}
+
+impl SourceFile {
+    /// Fill `buf` with bytes `start .. start + len`, around the page cache if `bypass_cache`
+    /// (and possible), checked like [`SourceFile::read_exact_at`]. `start` must be a
+    /// multiple of 4096 (the O_DIRECT alignment), so the bytes go straight into `buf`.
+    pub fn read_span(
+        &self,
+        buf: &mut AlignedBuf,
+        start: u64,
+        len: usize,
+        bypass_cache: bool,
+    ) -> Result<()> {
+        debug_assert_eq!(start % ALIGN as u64, 0);
+        self.unchanged()?;
+        buf.len = 0;
+        let aligned = AlignedBuf::carve(&mut buf.raw, len);
+        let direct = match &self.held {
+            Some(file) if bypass_cache => self.direct(file),
+            _ => None,
+        };
+        let result = match (direct, &self.held) {
+            (Some(direct), _) => read_aligned(direct, aligned, start, len),
+            (None, Some(file)) => file.read_exact_at(&mut aligned[..len], start),
+            (None, None) => self.open_again()?.read_exact_at(&mut aligned[..len], start),
+        };
+        self.check()?;
+        result.map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Error::io(&self.path, io::Error::from(e.kind())),
+            _ => Error::io(&self.path, e),
+        })?;
+        buf.len = len;
         Ok(())
-    })
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use crate::ahead::{AheadOptions, ReadAhead};
 use crate::baseio::{SourceFile, Version};
 use crate::cache::{BlockCache, Cache};
 use crate::dtype::DType;
@@ -43,6 +44,8 @@ pub struct EngineOptions {
     /// Bytes of factors to keep; the least recently used are dropped beyond it and read
     /// again when needed.
     pub factor_bytes: usize,
+    /// Reading the base ahead of sequential readers.
+    pub ahead: AheadOptions,
 }
 
 impl Default for EngineOptions {
@@ -50,6 +53,7 @@ impl Default for EngineOptions {
         EngineOptions {
             cache_bytes: 256 << 20,
             factor_bytes: usize::MAX,
+            ahead: AheadOptions::default(),
         }
     }
 }
@@ -88,6 +92,8 @@ pub struct Engine {
     /// Read the base with `O_DIRECT`, around the page cache (see [`crate::baseio`]): for
     /// models over half of RAM, whose base pages would evict the merged ones.
     pub direct_base_reads: bool,
+    /// Base bytes read ahead of sequential readers.
+    pub ahead: ReadAhead,
     pub stats: EngineStats,
 }
 
@@ -119,6 +125,7 @@ impl Engine {
             factors: Cache::new(options.factor_bytes),
             recipes: Mutex::new(HashMap::new()),
             direct_base_reads: false,
+            ahead: ReadAhead::new(options.ahead),
             stats: EngineStats::default(),
         })
     }

@@ -9,6 +9,7 @@
 //! the views of a mount while it serves.
 
 pub mod adapter;
+pub mod ahead;
 pub mod args;
 pub mod cache;
 pub mod catalog;

@@ -36,6 +36,13 @@ pub struct Stats {
     pub factor_budget: u64,
     /// Tensors whose factors were read from the adapter files.
     pub factors_loaded: u64,
+    /// Base bytes read ahead of readers held now (staged or being read), and their budget.
+    pub read_ahead_bytes: u64,
+    pub read_ahead_budget: u64,
+    /// Base bytes read ahead, and of them taken by readers; ranges dropped unread.
+    pub read_ahead_staged: u64,
+    pub read_ahead_served: u64,
+    pub read_ahead_dropped: u64,
     /// The merge kernel in use.
     pub kernel: String,
     /// The server's process id.
@@ -98,7 +105,12 @@ macro_rules! integer_fields {
             bytes_converted,
             factor_bytes,
             factor_budget,
-            factors_loaded
+            factors_loaded,
+            read_ahead_bytes,
+            read_ahead_budget,
+            read_ahead_staged,
+            read_ahead_served,
+            read_ahead_dropped
         )
     };
 }
@@ -249,7 +261,9 @@ mod tests {
     const TEXT: &str = "cache_hits 5\ncache_misses 3\ncache_waits 2\ncache_evictions 0\n\
         cache_bytes 1024\ncache_budget 268435456\nbytes_computed 4096\nbytes_read 8192\n\
         bytes_merged 4096\nbytes_passthrough 4096\nbytes_replaced 0\nbytes_converted 0\n\
-        factor_bytes 100\nfactor_budget 200\nfactors_loaded 7\nkernel avx2\npid 42\n\
+        factor_bytes 100\nfactor_budget 200\nfactors_loaded 7\n\
+        read_ahead_bytes 0\nread_ahead_budget 67108864\nread_ahead_staged 0\nread_ahead_served 0\n\
+        read_ahead_dropped 0\nkernel avx2\npid 42\n\
         panics_caught 0\n";
 
     #[test]

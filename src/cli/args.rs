@@ -23,6 +23,10 @@ pub(crate) struct MergeArgs {
     /// 32MiB for materialize, which streams and reads each block once.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub(crate) cache_size: Option<usize>,
+    /// Bytes of the base a mount reads ahead of a sequential reader, several reads in
+    /// flight, so the disk stays busy while blocks are merged (0: read only what is asked).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+    pub(crate) base_read_ahead: usize,
     /// Read base files with O_DIRECT, keeping them out of the page cache: auto (when the
     /// model is over half of RAM, so base and merged pages do not evict each other), always
     /// or never.
@@ -160,6 +164,10 @@ impl MergeArgs {
     pub(crate) fn engine(&self, default_cache: usize) -> anyhow::Result<Engine> {
         let options = EngineOptions {
             cache_bytes: self.cache_size.unwrap_or(default_cache),
+            ahead: lorafs::ahead::AheadOptions {
+                budget: self.base_read_ahead as u64,
+                ..Default::default()
+            },
             ..EngineOptions::default()
         };
         let base = lorafs::hub::resolve(&self.base)?;

@@ -117,6 +117,7 @@ const VALUED: &[(&str, &str)] = &[
     ("view", "--view"),
     ("catalog", "--catalog"),
     ("cache_size", "--cache-size"),
+    ("base_read_ahead", "--base-read-ahead"),
     ("factor_cache", "--factor-cache"),
     ("dtype", "--dtype"),
     ("direct_io", "--direct-io"),

@@ -244,6 +244,16 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
                 s.factors_loaded
             ),
         ),
+        (
+            "base read ahead",
+            format!(
+                "{} ({} taken by readers, {} ranges dropped unread), {} held",
+                size(s.read_ahead_staged),
+                size(s.read_ahead_served),
+                s.read_ahead_dropped,
+                held(s.read_ahead_bytes, s.read_ahead_budget)
+            ),
+        ),
         ("panics caught", s.panics_caught.to_string()),
     ];
     if let Some(rates) = rates {

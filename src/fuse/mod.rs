@@ -169,6 +169,10 @@ impl LorafsFs {
             previous == Some(offset)
         };
         if sequential {
+            // The base bytes further ahead are read first (half the read-ahead budget, so
+            // a second stream fits beside), then the next blocks merged from them.
+            let ahead = view.engine.ahead.budget() / 2;
+            view.read_ahead(file, offset + len, ahead);
             view.prefetch(file, offset + len, PREFETCH_BYTES);
         }
     }
@@ -269,10 +273,13 @@ impl LorafsFs {
 pub fn stats_text(engine: &Engine) -> String {
     let c = &engine.blocks.stats;
     let s = &engine.stats;
+    let a = engine.ahead.stats();
     format!(
         "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
          bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nbytes_converted {}\n\
-         factor_bytes {}\nfactor_budget {}\nfactors_loaded {}\nkernel {}\npid {}\npanics_caught {}\n",
+         factor_bytes {}\nfactor_budget {}\nfactors_loaded {}\n\
+         read_ahead_bytes {}\nread_ahead_budget {}\nread_ahead_staged {}\nread_ahead_served {}\nread_ahead_dropped {}\n\
+         kernel {}\npid {}\npanics_caught {}\n",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
@@ -288,6 +295,11 @@ pub fn stats_text(engine: &Engine) -> String {
         engine.factors.bytes(),
         engine.factors.budget(),
         s.factors_loaded.load(Ordering::Relaxed),
+        engine.ahead.bytes(),
+        engine.ahead.budget(),
+        a.staged.load(Ordering::Relaxed),
+        a.served.load(Ordering::Relaxed),
+        a.dropped.load(Ordering::Relaxed),
         engine.kernel.name(),
         std::process::id(),
         panics::caught_count(),

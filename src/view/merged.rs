@@ -37,12 +37,12 @@ fn store_token_rows(
 }
 
 /// Bytes of one block of `m` (all blocks but the last of a tensor).
-fn block_bytes(m: &TensorMerge) -> u64 {
+pub(super) fn block_bytes(m: &TensorMerge) -> u64 {
     (block_rows(m) * m.row_bytes()) as u64
 }
 
 /// Rows per block of a merged tensor.
-fn block_rows(m: &TensorMerge) -> usize {
+pub(super) fn block_rows(m: &TensorMerge) -> usize {
     (BLOCK_BYTES / m.row_bytes().max(1)).max(1)
 }
 

@@ -13,6 +13,7 @@
 //! directory. Another format (a GGUF file of the same merged model) is another way of
 //! turning the same plan into segments; `read_at`, the caches and the mount serve any.
 
+mod ahead;
 mod gguf;
 mod merged;
 mod safetensors;
@@ -351,10 +352,11 @@ impl View {
         self.adapter_weights.iter().chain(&self.adapter_configs)
     }
 
-    /// Read bytes of the file behind `vf`, around the page cache if so configured.
+    /// Read bytes of the file behind `vf` (those read ahead from memory), around the page
+    /// cache if so configured.
     fn read_source(&self, vf: &VirtualFile, buf: &mut [u8], offset: u64) -> Result<()> {
-        vf.source
-            .read_exact_at(buf, offset, self.engine.direct_base_reads)
+        let engine = &self.engine;
+        (engine.ahead).read(&vf.source, buf, offset, engine.direct_base_reads)
     }
 
     /// Total bytes of the merged directory's files.

@@ -256,6 +256,60 @@ fn tiny_and_zero_caches_still_return_correct_bytes() {
     }
 }
 
+/// The stats file's counter `key`.
+fn counter(mnt: &Path, key: &str) -> u64 {
+    let stats = std::fs::read_to_string(mnt.join(".lorafs-stats")).unwrap();
+    (stats.lines())
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {stats}"))
+}
+
+#[test]
+fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
+    let Some(s) = setup() else { return };
+    for (i, (budget, direct)) in [("2MiB", "never"), ("2MiB", "always"), ("0", "never")]
+        .into_iter()
+        .enumerate()
+    {
+        let mnt = s.tmp.path().join(format!("mnt{i}"));
+        let extra = [
+            "--base-read-ahead",
+            budget,
+            "--direct-io",
+            direct,
+            "--warm",
+            "never",
+            "--cache-size",
+            "1MiB",
+            // The kernel's 128 KiB: these files are a few MiB, and reads of 4 MiB would
+            // leave nothing ahead to read.
+            "--read-ahead-kb",
+            "0",
+        ];
+        let guard = MountGuard::new(&s.base, &mnt, &args(&s, &extra));
+        for (rel, want) in &s.expected {
+            let path = guard.mountpoint.join(rel);
+            assert!(read_sequential(&path, 65_536) == *want, "{rel:?} {extra:?}");
+        }
+        let (staged, served) = (
+            counter(&guard.mountpoint, "read_ahead_staged"),
+            counter(&guard.mountpoint, "read_ahead_served"),
+        );
+        let held = counter(&guard.mountpoint, "read_ahead_bytes");
+        if budget == "0" {
+            assert_eq!((staged, served, held), (0, 0, 0), "{extra:?}");
+        } else {
+            // Readers took most of what was read ahead, and no more than was read.
+            assert!(
+                served > 0 && served <= staged,
+                "{staged} {served} {extra:?}"
+            );
+            assert!(held <= 2 << 20, "{held} {extra:?}");
+        }
+    }
+}
+
 #[test]
 fn the_mount_is_read_only_and_the_base_untouched() {
     let Some(s) = setup() else { return };

@@ -1,0 +1,586 @@
+//! Reading the base ahead of its readers.
+//!
+//! A disk is fast only with several reads in flight. A mount's readers (FUSE requests, the
+//! prefetch of merged blocks) each read a block's base rows and then merge them: one read
+//! at a time per thread, and the disk idle while they merge. So while a client streams
+//! through a file, the view names the base bytes it will need next ([`ReadAhead::schedule`]),
+//! a few threads of their own read them into staged buffers (with `O_DIRECT` where the engine
+//! reads around the page cache), and readers take them from there ([`ReadAhead::read`])
+//! instead of from the disk.
+//!
+//! The staged bytes are bounded (the budget); the oldest are dropped first when it is full.
+//! A reader that asks for a range still waiting in the queue reads it at once itself, so a
+//! queue never makes a read slower than reading. Staged bytes are read like any other: the
+//! file is checked against the version lorafs opened after they are in the buffer, and they
+//! are not served once a change of the file was seen.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::baseio::{AlignedBuf, SourceFile, Version};
+use crate::error::Result;
+
+/// The O_DIRECT alignment (see [`crate::baseio`]): staged ranges start and end on it.
+const ALIGN: u64 = 4096;
+
+/// Spare buffers kept for the next staged reads, at most.
+const SPARES: usize = 16;
+
+/// Tuning of a [`ReadAhead`].
+#[derive(Debug, Clone, Copy)]
+pub struct AheadOptions {
+    /// Bytes staged or being read, at most.
+    pub budget: u64,
+    /// Threads reading: the reads in flight.
+    pub threads: usize,
+}
+
+impl Default for AheadOptions {
+    fn default() -> Self {
+        AheadOptions {
+            budget: 64 << 20,
+            threads: 8,
+        }
+    }
+}
+
+/// Counters, readable while in use.
+#[derive(Default, Debug)]
+pub struct AheadStats {
+    /// Bytes read ahead into staged buffers.
+    pub staged: AtomicU64,
+    /// Bytes readers took from staged buffers.
+    pub served: AtomicU64,
+    /// Staged ranges dropped unread to make room.
+    pub dropped: AtomicU64,
+}
+
+/// Where one staged range stands.
+enum Fill {
+    Queued,
+    Reading,
+    Ready(Arc<AlignedBuf>),
+    /// The read failed: readers read the range themselves, and meet the error there.
+    Failed,
+}
+
+struct Chunk {
+    end: u64,
+    fill: Fill,
+    /// When it was scheduled (tells it from a later range at the same offset).
+    seq: u64,
+    /// Read around the page cache.
+    bypass: bool,
+}
+
+struct Job {
+    file: Arc<SourceFile>,
+    start: u64,
+    end: u64,
+    seq: u64,
+    bypass: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Staged ranges by file version and start offset. Keyed by version, not by `SourceFile`:
+    /// two opens of one version hold the same bytes, and a new version never finds old ones.
+    files: HashMap<Version, BTreeMap<u64, Chunk>>,
+    /// Bytes of the ranges in `files`.
+    bytes: u64,
+    /// Ranges in the order they were scheduled: (file, start, seq).
+    order: VecDeque<(Version, u64, u64)>,
+    queue: VecDeque<Job>,
+    spares: Vec<AlignedBuf>,
+    next_seq: u64,
+    started: usize,
+    closed: bool,
+}
+
+struct Shared {
+    options: AheadOptions,
+    state: Mutex<State>,
+    /// Signalled when a range is filled (readers wait on it).
+    filled: Condvar,
+    /// Signalled when a job is queued or the engine goes away (reading threads wait on it).
+    queued: Condvar,
+    stats: AheadStats,
+}
+
+/// Base bytes read ahead of their readers: see the module's documentation.
+pub struct ReadAhead {
+    shared: Arc<Shared>,
+}
+
+/// What a reader found at an offset.
+enum Piece {
+    /// `n` bytes at `at` of a staged buffer.
+    Staged {
+        data: Arc<AlignedBuf>,
+        at: usize,
+        n: usize,
+    },
+    /// `n` bytes nobody staged: read them.
+    Missing { n: usize },
+}
+
+impl ReadAhead {
+    pub fn new(options: AheadOptions) -> ReadAhead {
+        ReadAhead {
+            shared: Arc::new(Shared {
+                options,
+                state: Mutex::new(State::default()),
+                filled: Condvar::new(),
+                queued: Condvar::new(),
+                stats: AheadStats::default(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &AheadStats {
+        &self.shared.stats
+    }
+
+    /// Bytes staged or being read now.
+    pub fn bytes(&self) -> u64 {
+        self.shared.lock().bytes
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.shared.options.budget
+    }
+
+    /// Fill `buf` with the bytes of `file` at `offset`: from staged ranges where there are
+    /// some, read now where not.
+    pub fn read(
+        &self,
+        file: &Arc<SourceFile>,
+        buf: &mut [u8],
+        offset: u64,
+        bypass: bool,
+    ) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let out = &mut buf[(pos - offset) as usize..];
+            match self.shared.take(file, pos, end)? {
+                Piece::Staged { data, at, n } => {
+                    out[..n].copy_from_slice(&data.bytes()[at..at + n]);
+                    self.shared
+                        .stats
+                        .served
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.shared.recycle(data);
+                    pos += n as u64;
+                }
+                Piece::Missing { n } => {
+                    file.read_exact_at(&mut out[..n], pos, bypass)?;
+                    pos += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read bytes `start .. end` of `file` in the background, unless they are staged or
+    /// queued already or the budget is full of ranges still to be read.
+    pub fn schedule(&self, file: &Arc<SourceFile>, start: u64, end: u64, bypass: bool) {
+        let start = start - start % ALIGN;
+        let end = end.div_ceil(ALIGN).saturating_mul(ALIGN).min(file.size());
+        let shared = &self.shared;
+        if start >= end || end - start > shared.options.budget / 4 {
+            return;
+        }
+        let version = file.identity().version();
+        let mut state = shared.lock();
+        // A range at the same start that does not cover this one is left as it is: rare
+        // (ranges of neighbouring tensors meeting in one aligned block), and readers read
+        // the rest themselves.
+        if state.closed || state.starts_at(&version, start) || state.covers(&version, start, end) {
+            return;
+        }
+        if !state.make_room(end - start, shared) {
+            return;
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let fill = Fill::Queued;
+        let chunks = state.files.entry(version).or_default();
+        chunks.insert(
+            start,
+            Chunk {
+                end,
+                fill,
+                seq,
+                bypass,
+            },
+        );
+        state.bytes += end - start;
+        state.order.push_back((version, start, seq));
+        let file = Arc::clone(file);
+        state.queue.push_back(Job {
+            file,
+            start,
+            end,
+            seq,
+            bypass,
+        });
+        if state.started < shared.options.threads {
+            state.started += 1;
+            let worker = Arc::clone(shared);
+            let spawned = std::thread::Builder::new()
+                .name("lorafs-read".into())
+                .spawn(move || worker.work());
+            if let Err(err) = spawned {
+                // Readers read what nobody reads ahead: slower, never wrong.
+                state.started -= 1;
+                log::warn!("could not start a read-ahead thread: {err}");
+            }
+        }
+        shared.queued.notify_one();
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.queued.notify_all();
+    }
+}
+
+impl State {
+    /// Whether one staged range holds all of `start .. end`.
+    fn covers(&self, version: &Version, start: u64, end: u64) -> bool {
+        let Some(chunks) = self.files.get(version) else {
+            return false;
+        };
+        (chunks.range(..=start).next_back()).is_some_and(|(_, c)| c.end >= end)
+    }
+
+    fn starts_at(&self, version: &Version, start: u64) -> bool {
+        (self.files.get(version)).is_some_and(|chunks| chunks.contains_key(&start))
+    }
+
+    /// Drop the oldest ranges until `len` more bytes fit the budget; false if the ranges in
+    /// the way are being read.
+    fn make_room(&mut self, len: u64, shared: &Shared) -> bool {
+        while self.bytes + len > shared.options.budget {
+            let Some(&(version, start, seq)) = self.order.front() else {
+                return false;
+            };
+            let chunks = self.files.get_mut(&version);
+            let chunk = chunks.and_then(|c| c.get(&start)).filter(|c| c.seq == seq);
+            if chunk.is_some_and(|c| matches!(c.fill, Fill::Reading)) {
+                return false;
+            }
+            self.order.pop_front();
+            if chunk.is_some() {
+                self.remove(&version, start);
+                shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    fn remove(&mut self, version: &Version, start: u64) {
+        let Some(chunks) = self.files.get_mut(version) else {
+            return;
+        };
+        let removed = chunks.remove(&start);
+        if chunks.is_empty() {
+            self.files.remove(version);
+        }
+        if let Some(chunk) = removed {
+            self.bytes -= chunk.end - start;
+            if let Fill::Ready(data) = chunk.fill {
+                if let Some(buf) = Arc::into_inner(data) {
+                    self.keep_spare(buf);
+                }
+            }
+        }
+    }
+
+    fn keep_spare(&mut self, buf: AlignedBuf) {
+        if self.spares.len() < SPARES {
+            self.spares.push(buf);
+        }
+    }
+
+    /// The staged range that holds `pos`: its start.
+    fn holding(&self, version: &Version, pos: u64) -> Option<u64> {
+        let chunks = self.files.get(version)?;
+        let (&start, chunk) = chunks.range(..=pos).next_back()?;
+        (chunk.end > pos).then_some(start)
+    }
+
+    /// The start of the first staged range after `pos`.
+    fn next_after(&self, version: &Version, pos: u64) -> Option<u64> {
+        let chunks = self.files.get(version)?;
+        chunks.range(pos + 1..).next().map(|(&start, _)| start)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the maps consistent (every update is one
+        // step), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a reader of `pos .. end` of `file` finds at `pos`, waiting for a range being
+    /// read, and reading a queued one itself.
+    fn take(&self, file: &Arc<SourceFile>, pos: u64, end: u64) -> Result<Piece> {
+        let version = file.identity().version();
+        let mut state = self.lock();
+        loop {
+            let Some(start) = state.holding(&version, pos) else {
+                let next = state.next_after(&version, pos).unwrap_or(end);
+                return Ok(Piece::Missing {
+                    n: (next.min(end) - pos) as usize,
+                });
+            };
+            let chunk = &state.files[&version][&start];
+            let (chunk_end, seq, bypass) = (chunk.end, chunk.seq, chunk.bypass);
+            let n = (chunk_end.min(end) - pos) as usize;
+            match &chunk.fill {
+                Fill::Reading => state = self.filled.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Fill::Queued => {
+                    let job = Job {
+                        file: Arc::clone(file),
+                        start,
+                        end: chunk_end,
+                        seq,
+                        bypass,
+                    };
+                    state = self.run(state, job);
+                }
+                Fill::Failed => {
+                    state.remove(&version, start);
+                    return Ok(Piece::Missing { n });
+                }
+                Fill::Ready(data) => {
+                    let data = Arc::clone(data);
+                    // A reader streaming through the range is done with it at its end.
+                    if chunk_end - (pos + n as u64) < ALIGN {
+                        state.remove(&version, start);
+                    }
+                    drop(state);
+                    // Read before: the file must still be that version now (one `fstat`).
+                    file.check()?;
+                    let at = (pos - start) as usize;
+                    return Ok(Piece::Staged { data, at, n });
+                }
+            }
+        }
+    }
+
+    /// Read `job`'s range into a buffer (the lock released meanwhile) and file it, if it is
+    /// still queued; returns the lock.
+    fn run<'a>(&'a self, mut state: MutexGuard<'a, State>, job: Job) -> MutexGuard<'a, State> {
+        let version = job.file.identity().version();
+        let chunks = state.files.get_mut(&version);
+        let Some(chunk) = chunks.and_then(|c| c.get_mut(&job.start)) else {
+            return state;
+        };
+        if chunk.seq != job.seq || !matches!(chunk.fill, Fill::Queued) {
+            return state;
+        }
+        chunk.fill = Fill::Reading;
+        let mut buf = state.spares.pop().unwrap_or_default();
+        drop(state);
+        let len = (job.end - job.start) as usize;
+        let read = job.file.read_span(&mut buf, job.start, len, job.bypass);
+        let mut state = self.lock();
+        let fill = match read {
+            Ok(()) => {
+                self.stats.staged.fetch_add(len as u64, Ordering::Relaxed);
+                Fill::Ready(Arc::new(buf))
+            }
+            Err(err) => {
+                log::debug!("read-ahead of {} failed: {err}", job.file.path.display());
+                state.keep_spare(buf);
+                Fill::Failed
+            }
+        };
+        // A range being read is never dropped, so it is still there.
+        let chunks = state.files.get_mut(&version);
+        if let Some(chunk) = chunks.and_then(|c| c.get_mut(&job.start)) {
+            debug_assert_eq!(chunk.seq, job.seq);
+            chunk.fill = fill;
+        }
+        self.filled.notify_all();
+        state
+    }
+
+    /// A reading thread: runs queued jobs until the engine goes away.
+    fn work(&self) {
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return;
+            }
+            match state.queue.pop_front() {
+                Some(job) => state = self.run(state, job),
+                None => state = self.queued.wait(state).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+
+    /// Give a buffer a reader is done with back for the next staged read, if nobody else
+    /// holds it.
+    fn recycle(&self, data: Arc<AlignedBuf>) {
+        if let Some(buf) = Arc::into_inner(data) {
+            self.lock().keep_spare(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    fn source(dir: &Path, data: &[u8]) -> Arc<SourceFile> {
+        let path = dir.join("data");
+        std::fs::write(&path, data).unwrap();
+        Arc::new(SourceFile::open(&path, None).unwrap())
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len as u32).map(|i| (i * 31 + i / 4099) as u8).collect()
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        // /var/tmp is disk-backed where /tmp may be tmpfs (which refuses O_DIRECT).
+        tempfile::tempdir_in("/var/tmp")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap()
+    }
+
+    /// Wait until `bytes` were staged.
+    fn wait_staged(ahead: &ReadAhead, bytes: u64) {
+        let start = Instant::now();
+        while ahead.stats().staged.load(Ordering::Relaxed) < bytes {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "read-ahead stalled"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn staged_bytes_are_the_files_at_any_offset() {
+        let dir = tempdir();
+        let data = data(3 << 20);
+        let file = source(dir.path(), &data);
+        for bypass in [false, true] {
+            let ahead = ReadAhead::new(AheadOptions {
+                budget: 16 << 20,
+                threads: 3,
+            });
+            // Ranges that do not start or end on the alignment, overlapping, to the end.
+            for (start, end) in [(100, 700_000), (650_000, 2_000_000), (1_999_999, 3 << 20)] {
+                ahead.schedule(&file, start, end, bypass);
+            }
+            wait_staged(&ahead, 3 << 20);
+            for (offset, len) in [(0, 10), (5, 1 << 20), (699_000, 5000), (2_500_000, 645_728)] {
+                let mut buf = vec![0u8; len];
+                ahead.read(&file, &mut buf, offset, bypass).unwrap();
+                assert_eq!(
+                    buf,
+                    data[offset as usize..offset as usize + len],
+                    "{offset}+{len}"
+                );
+            }
+            assert!(ahead.stats().served.load(Ordering::Relaxed) > 0);
+        }
+    }
+
+    #[test]
+    fn a_reader_reads_what_is_still_queued_and_never_waits_on_nobody() {
+        let dir = tempdir();
+        let data = data(2 << 20);
+        let file = source(dir.path(), &data);
+        // One thread, many ranges queued: readers of later ones read them themselves.
+        let ahead = ReadAhead::new(AheadOptions {
+            budget: 64 << 20,
+            threads: 1,
+        });
+        for start in (0..2 << 20).step_by(64 << 10) {
+            ahead.schedule(&file, start, start + (64 << 10), true);
+        }
+        let mut buf = vec![0u8; 2 << 20];
+        ahead.read(&file, &mut buf, 0, true).unwrap();
+        assert_eq!(buf, data);
+    }
+
+    #[test]
+    fn the_budget_bounds_what_is_held() {
+        let dir = tempdir();
+        let data = data(8 << 20);
+        let file = source(dir.path(), &data);
+        let ahead = ReadAhead::new(AheadOptions {
+            budget: 2 << 20,
+            threads: 2,
+        });
+        for start in (0..8 << 20).step_by(256 << 10) {
+            ahead.schedule(&file, start, start + (256 << 10), false);
+            assert!(ahead.bytes() <= 2 << 20);
+        }
+        // Too large a range for the budget is not read ahead at all.
+        ahead.schedule(&file, 0, 1 << 20, false);
+        assert!(ahead.bytes() <= 2 << 20);
+        let mut buf = vec![0u8; 8 << 20];
+        ahead.read(&file, &mut buf, 0, false).unwrap();
+        assert_eq!(buf, data);
+        // Read through to their ends, the ranges are let go.
+        assert_eq!(ahead.bytes(), 0);
+    }
+
+    #[test]
+    fn staged_bytes_of_a_file_changed_since_are_refused() {
+        let dir = tempdir();
+        let data = data(1 << 20);
+        let file = source(dir.path(), &data);
+        let ahead = ReadAhead::new(AheadOptions::default());
+        ahead.schedule(&file, 0, 1 << 20, false);
+        wait_staged(&ahead, 1 << 20);
+        // Same size, same inode, new bytes (a tick later, so the times differ).
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file.path, vec![7u8; 1 << 20]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let err = ahead.read(&file, &mut buf, 0, false).unwrap_err();
+        assert!(matches!(err, crate::Error::Changed { .. }), "{err}");
+    }
+
+    #[test]
+    fn many_readers_and_schedulers_agree_with_the_file() {
+        let dir = tempdir();
+        let data = data(4 << 20);
+        let file = source(dir.path(), &data);
+        let ahead = ReadAhead::new(AheadOptions {
+            budget: 1 << 20,
+            threads: 4,
+        });
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (ahead, file, data) = (&ahead, &file, &data);
+                s.spawn(move || {
+                    let step = 100_000 + t * 7919;
+                    let mut offset = t * 12_345;
+                    while offset + step < 4 << 20 {
+                        ahead.schedule(file, offset + step, offset + 3 * step, t % 2 == 0);
+                        let mut buf = vec![0u8; step as usize];
+                        ahead.read(file, &mut buf, offset, t % 2 == 0).unwrap();
+                        assert_eq!(buf, data[offset as usize..(offset + step) as usize]);
+                        offset += step;
+                    }
+                });
+            }
+        });
+        assert!(ahead.bytes() <= 1 << 20);
+    }
+}

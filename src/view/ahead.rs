@@ -1,0 +1,76 @@
+//! Which base bytes a range of a view's file is made from: what to read ahead of a reader.
+
+use std::sync::Arc;
+
+use super::merged::{block_bytes, block_rows};
+use super::{Source, View};
+use crate::plan::WFile;
+
+/// Pass-through bytes are read ahead in ranges of this size, on a grid of the base file's
+/// offsets (merged tensors: one block's rows at a time).
+const CHUNK_BYTES: u64 = 1 << 20;
+
+impl View {
+    /// Read, in the background, the base bytes that bytes `offset .. offset + len` of file
+    /// `file` are made from, unless they are at hand already (merged blocks cached or being
+    /// computed); see [`crate::ahead`].
+    pub fn read_ahead(self: &Arc<Self>, file: usize, offset: u64, len: u64) {
+        let Some(vf) = self.files.get(file) else {
+            return;
+        };
+        let end = (offset + len).min(vf.size);
+        let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
+        for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {
+            let lo = offset.max(seg.start) - seg.start;
+            let hi = end.min(seg.start + seg.len) - seg.start;
+            match &seg.source {
+                Source::Base { offset } => self.ahead_span(file, offset + lo, offset + hi),
+                &Source::Converted { offset, from, to } => {
+                    let (from, to) = (from.size() as u64, to.size() as u64);
+                    self.ahead_span(file, offset + lo / to * from, offset + hi / to * from);
+                }
+                &Source::Merged { merge } => self.ahead_merged(file, merge, lo, hi),
+                Source::Gguf(tensor) => {
+                    let (source_offset, source_len) = tensor.source_bytes(lo, hi);
+                    self.read_ahead(tensor.file, source_offset, source_len);
+                }
+                Source::Bytes(_) | Source::Adapter { .. } => {}
+            }
+        }
+    }
+
+    /// Read bytes `start .. end` of file `file`'s source ahead, in ranges on a grid cut
+    /// to the span (so a reader of the span reaches the end of each range, and lets it go).
+    fn ahead_span(&self, file: usize, start: u64, end: u64) {
+        let source = &self.files[file].source;
+        let mut at = start - start % CHUNK_BYTES;
+        while at < end {
+            let next = at + CHUNK_BYTES;
+            let direct = self.engine.direct_base_reads;
+            (self.engine.ahead).schedule(source, at.max(start), next.min(end), direct);
+            at = next;
+        }
+    }
+
+    /// Read ahead the rows of `W` of merged tensor `merge` that bytes `lo .. hi` of it are
+    /// made from, one block's rows per range, skipping blocks cached or being computed.
+    fn ahead_merged(&self, file: usize, merge: usize, lo: u64, hi: u64) {
+        let m = &self.plan.merges[merge];
+        if m.w.file != WFile::Base || m.w.quant.is_some() {
+            return;
+        }
+        let block_bytes = block_bytes(m);
+        let w_row = (m.dims.cols * m.w.dtype.size()) as u64;
+        for b in lo / block_bytes..hi.div_ceil(block_bytes) {
+            if (self.engine.blocks).present_or_pending((self.recipes[merge], b as u32)) {
+                continue;
+            }
+            let row0 = (b as usize * block_rows(m)) as u64;
+            let rows = (block_rows(m) as u64).min(m.dims.rows as u64 - row0);
+            let start = m.w.offset + row0 * w_row;
+            let source = &self.files[file].source;
+            let direct = self.engine.direct_base_reads;
+            (self.engine.ahead).schedule(source, start, start + rows * w_row, direct);
+        }
+    }
+}
