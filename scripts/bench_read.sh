@@ -4,7 +4,8 @@
 #
 # 1. cold load: a Llama-7B-shaped F16 model of FRACTION of RAM (examples/synth_model.rs,
 #    rank-16 LoRA on every linear layer) read whole with `dd bs=4M` through a fresh default
-#    mount, against `dd bs=4M` of the base from disk; page cache dropped before each.
+#    mount, against `dd bs=4M` of the base from disk, and against the same with
+#    `iflag=direct` (the disk without the page cache); page cache dropped before each.
 # 2. page cache: the ~1 GB shard of the 8-layer model of the other benchmarks, base in the
 #    page cache, `dd bs=4M` of the merged shard through a fresh mount (--warm never, so no
 #    background merge races the reader), against `cat` of the base shard (best of 3); and
@@ -60,8 +61,8 @@ secs() { # secs COMMAND...: its wall time in seconds, its output discarded
     t0=$(date +%s.%N); "$@" > /dev/null; t1=$(date +%s.%N)
     awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}'
 }
-dd4m() { dd if="$1" of=/dev/null bs=4M status=none; }
-read_all() { for f in "$1"/*.safetensors; do dd4m "$f"; done; }
+dd4m() { dd if="$1" of=/dev/null bs=4M status=none "${@:2}"; }
+read_all() { for f in "$1"/*.safetensors; do dd4m "$f" "${@:2}"; done; }
 report() { # report NAME LORAFS_S BASELINE_S NOTE
     awk -v n="$1" -v a="$2" -v b="$3" -v t="$4" \
         'BEGIN {printf "%s: lorafs %.3f s, baseline %.3f s, ratio %.2fx (%s)\n", n, a, b, a / b, t}'
@@ -101,10 +102,13 @@ echo "large model: $layers layers, $(awk -v s="$size" -v r="$ram" \
 drop_caches
 disk_s=$(secs read_all "$dir/large/base")
 drop_caches
+direct_s=$(secs read_all "$dir/large/base" iflag=direct)
+drop_caches
 mount_fresh "$dir/large/base" "$dir/large/adapter"
 mount_s=$(secs read_all "$mnt")
 "$lorafs" unmount "$mnt"
 report "cold load (dd of the mount vs dd of the base from disk)" "$mount_s" "$disk_s" "target ≤ 1.3x"
+report "cold load vs dd iflag=direct of the base (the disk without the page cache)" "$mount_s" "$direct_s" "the device's speed"
 
 # 4: from_pretrained, cold, through a fresh default mount and from a materialized copy.
 if [ "${SKIP_PRETRAINED:-0}" != 0 ]; then exit 0; fi

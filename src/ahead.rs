@@ -164,7 +164,7 @@ impl ReadAhead {
         let mut pos = offset;
         while pos < end {
             let out = &mut buf[(pos - offset) as usize..];
-            match self.shared.take(file, pos, end)? {
+            match self.shared.take(file, pos, end, false)? {
                 Piece::Staged { data, at, n } => {
                     out[..n].copy_from_slice(&data.bytes()[at..at + n]);
                     self.shared
@@ -181,6 +181,31 @@ impl ReadAhead {
             }
         }
         Ok(())
+    }
+
+    /// Run `f` on bytes `offset .. offset + len` of `file` if one staged range holds them
+    /// all (waiting for it if it is being read, reading it now if it is queued), and let
+    /// the range go; `None` (nothing taken) if none does.
+    pub fn with_staged<R>(
+        &self,
+        file: &Arc<SourceFile>,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
+        let end = offset + len as u64;
+        match self.shared.take(file, offset, end, true)? {
+            Piece::Staged { data, at, n } => {
+                let result = f(&data.bytes()[at..at + n]);
+                self.shared
+                    .stats
+                    .served
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.shared.recycle(data);
+                Ok(Some(result))
+            }
+            Piece::Missing { .. } => Ok(None),
+        }
     }
 
     /// Read bytes `start .. end` of `file` in the background, unless they are staged or
@@ -329,8 +354,9 @@ impl Shared {
     }
 
     /// What a reader of `pos .. end` of `file` finds at `pos`, waiting for a range being
-    /// read, and reading a queued one itself.
-    fn take(&self, file: &Arc<SourceFile>, pos: u64, end: u64) -> Result<Piece> {
+    /// read, and reading a queued one itself. With `whole`, a staged range that ends before
+    /// `end` is left alone and reported missing.
+    fn take(&self, file: &Arc<SourceFile>, pos: u64, end: u64, whole: bool) -> Result<Piece> {
         let version = file.identity().version();
         let mut state = self.lock();
         loop {
@@ -357,6 +383,9 @@ impl Shared {
                 }
                 Fill::Failed => {
                     state.remove(&version, start);
+                    return Ok(Piece::Missing { n });
+                }
+                Fill::Ready(_) if whole && chunk_end < end => {
                     return Ok(Piece::Missing { n });
                 }
                 Fill::Ready(data) => {
@@ -515,6 +544,28 @@ mod tests {
         let mut buf = vec![0u8; 2 << 20];
         ahead.read(&file, &mut buf, 0, true).unwrap();
         assert_eq!(buf, data);
+    }
+
+    #[test]
+    fn a_whole_range_is_lent_only_from_one_staged_range() {
+        let dir = tempdir();
+        let data = data(1 << 20);
+        let file = source(dir.path(), &data);
+        let ahead = ReadAhead::new(AheadOptions::default());
+        ahead.schedule(&file, 4096, 500_000, true);
+        wait_staged(&ahead, 500_000 - 4096);
+        let sum = |w: &[u8]| w.iter().map(|&b| b as u64).sum::<u64>();
+        let want = |lo: usize, hi: usize| sum(&data[lo..hi]);
+        // Past the staged range's end: nothing lent, nothing let go.
+        assert_eq!(ahead.with_staged(&file, 5000, 600_000, sum).unwrap(), None);
+        assert_eq!(ahead.with_staged(&file, 0, 5000, sum).unwrap(), None);
+        assert!(ahead.bytes() > 0);
+        let lent = ahead.with_staged(&file, 5000, 400_000, sum).unwrap();
+        assert_eq!(lent, Some(want(5000, 405_000)));
+        // Lent up to its end, the range is let go.
+        let lent = ahead.with_staged(&file, 405_000, 95_000, sum).unwrap();
+        assert_eq!(lent, Some(want(405_000, 500_000)));
+        assert_eq!(ahead.bytes(), 0);
     }
 
     #[test]

@@ -120,6 +120,9 @@ impl View {
                 return Ok(data);
             }
             if m.w.dtype == m.dtype {
+                if self.merge_staged(vf, m, &realized, row0, &mut data)? {
+                    return Ok(data);
+                }
                 self.read_w(vf, m, row0, &mut data)?;
                 self.merge_in_place(m, &realized, row0, &mut data)?;
                 return Ok(data);
@@ -189,6 +192,31 @@ impl View {
             chunk.copy_from_slice(&v.to_le_bytes());
         }
         Ok(())
+    }
+
+    /// Merge rows `row0 ..` of `m` into `data` straight from the base bytes read ahead, if
+    /// they are (no copy of `W` first); false, with nothing done, where they are not, or
+    /// where `W` is changed before the deltas (token rows, DoRA) or not at all.
+    fn merge_staged(
+        &self,
+        vf: &VirtualFile,
+        m: &TensorMerge,
+        realized: &Realized,
+        row0: usize,
+        data: &mut [u8],
+    ) -> Result<bool> {
+        let f = &realized.factors;
+        let n = data.len() / m.row_bytes().max(1);
+        let tokens = (realized.rows.iter()).any(|r| (row0..row0 + n).contains(&r.index));
+        if m.w.file != WFile::Base || realized.dora.is_some() || f.rank == 0 || tokens {
+            return Ok(false);
+        }
+        let at = m.w.offset + (row0 * m.row_bytes()) as u64;
+        let (engine, dtype, len) = (&self.engine, m.dtype, data.len());
+        let merge = |w: &[u8]| engine.kernel.merge_into(dtype, w, dtype, data, f, row0);
+        Ok((engine.ahead)
+            .with_staged(&vf.source, at, len, merge)?
+            .is_some())
     }
 
     /// Merge rows `row0 ..` of `m` into `data`, which holds them in the output dtype, the
