@@ -5,11 +5,13 @@
 # 1. cold load: a Llama-7B-shaped F16 model of FRACTION of RAM (examples/synth_model.rs,
 #    rank-16 LoRA on every linear layer) read whole with `dd bs=4M` through a fresh default
 #    mount, against `dd bs=4M` of the base from disk, and against the same with
-#    `iflag=direct` (the disk without the page cache); page cache dropped before each.
+#    `iflag=direct` (the disk without the page cache); page cache dropped before each;
+#    RUNS rounds (default 3), interleaved, medians compared.
 # 2. page cache: the ~1 GB shard of the 8-layer model of the other benchmarks, base in the
 #    page cache, `dd bs=4M` of the merged shard through a fresh mount (--warm never, so no
 #    background merge races the reader), against `cat` of the base shard (best of 3); and
 #    against a copy of the base shard into new tmpfs pages (the floor of a file of new pages).
+#    Medians of 3 fresh mounts.
 # 3. pass-through ceiling: the same through a fresh mount whose adapter merges one 2048x2048
 #    tensor (q_proj of layer 0), against `cat`: what the FUSE path costs without merging.
 # 4. from_pretrained of model 1 (float16, low_cpu_mem_usage) in a new Python process, through
@@ -20,7 +22,7 @@
 # Prints the machine first (CPU, flags that matter, kernel, RAM, lorafs's merge kernel).
 # Needs root (mount, drop_caches). Everything is written under DIR and removed after.
 #
-# Usage: [MOUNT_ARGS='--threads 4'] [SKIP_PRETRAINED=1] bash scripts/bench_read.sh [DIR] [FRACTION_OF_RAM]
+# Usage: [MOUNT_ARGS='--threads 4'] [SKIP_PRETRAINED=1] [RUNS=3] bash scripts/bench_read.sh [DIR] [FRACTION_OF_RAM]
 #        (defaults: /tmp/lorafs-read 0.6; DIR must be new; MOUNT_ARGS: options of every mount,
 #        not --warm, which 2 and 3 set)
 set -euo pipefail
@@ -63,6 +65,7 @@ secs() { # secs COMMAND...: its wall time in seconds, its output discarded
 }
 dd4m() { dd if="$1" of=/dev/null bs=4M status=none "${@:2}"; }
 read_all() { for f in "$1"/*.safetensors; do dd4m "$f" "${@:2}"; done; }
+median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 report() { # report NAME LORAFS_S BASELINE_S NOTE
     awk -v n="$1" -v a="$2" -v b="$3" -v t="$4" \
         'BEGIN {printf "%s: lorafs %.3f s, baseline %.3f s, ratio %.2fx (%s)\n", n, a, b, a / b, t}'
@@ -78,14 +81,19 @@ echo "shard: $(stat -c %s "$base_shard" | awk '{printf "%.2f GB", $1 / 1e9}')," 
     "base in the page cache, fresh mounts with --warm never"
 cat "$base_shard" > /dev/null
 cat_s=$(for _ in 1 2 3; do secs cat "$base_shard"; echo; done | sort -n | head -n 1) # the best of 3
-shm=$(mktemp /dev/shm/lorafs-read.XXXXXX)
-new_s=$(secs dd if="$base_shard" of="$shm" bs=4M status=none)
-rm -f "$shm"
-mount_fresh "$dir/small/base" "$dir/small/adapter" --warm never
-merged_s=$(secs dd4m "$mnt/$shard")
-mount_fresh "$dir/small/base" "$dir/one/adapter" --warm never
-pass_s=$(secs dd4m "$mnt/$shard")
-"$lorafs" unmount "$mnt"
+for _ in 1 2 3; do # medians of 3, fresh mounts each time
+    shm=$(mktemp /dev/shm/lorafs-read.XXXXXX)
+    echo "new $(secs dd if="$base_shard" of="$shm" bs=4M status=none)"
+    rm -f "$shm"
+    mount_fresh "$dir/small/base" "$dir/small/adapter" --warm never
+    echo "merged $(secs dd4m "$mnt/$shard")"
+    mount_fresh "$dir/small/base" "$dir/one/adapter" --warm never
+    echo "pass $(secs dd4m "$mnt/$shard")"
+    "$lorafs" unmount "$mnt"
+done > "$dir/cached"
+new_s=$(awk '$1 == "new" {print $2}' "$dir/cached" | median)
+merged_s=$(awk '$1 == "merged" {print $2}' "$dir/cached" | median)
+pass_s=$(awk '$1 == "pass" {print $2}' "$dir/cached" | median)
 report "page cache (dd of the merged shard vs cat of the base)" "$merged_s" "$cat_s" "target ≤ 3x"
 report "page cache vs new tmpfs pages (copy of the base)" "$merged_s" "$new_s" "the first-touch floor"
 report "pass-through ceiling (one small tensor merged, vs cat)" "$pass_s" "$cat_s" "no merging"
@@ -99,15 +107,25 @@ layers=$(awk -v r="$ram" -v f="$fraction" 'BEGIN {n = (r * f / 2 - 262e6) / 202e
 size=$(du -cb "$dir"/large/base/*.safetensors | tail -n 1 | cut -f1)
 echo "large model: $layers layers, $(awk -v s="$size" -v r="$ram" \
     'BEGIN {printf "%.2f GB = %.0f %% of RAM", s / 1e9, s / r * 100}')"
-drop_caches
-disk_s=$(secs read_all "$dir/large/base")
-drop_caches
-direct_s=$(secs read_all "$dir/large/base" iflag=direct)
-drop_caches
-mount_fresh "$dir/large/base" "$dir/large/adapter"
-mount_s=$(secs read_all "$mnt")
-"$lorafs" unmount "$mnt"
-report "cold load (dd of the mount vs dd of the base from disk)" "$mount_s" "$disk_s" "target ≤ 1.3x"
+# RUNS rounds, each: dd of the base, dd of the base with O_DIRECT, dd of a fresh mount.
+# Interleaved, and the median of each: on a VM the disk and first-touched memory vary
+# between runs by up to 2x.
+for _ in $(seq "${RUNS:-3}"); do
+    drop_caches
+    echo "disk $(secs read_all "$dir/large/base")"
+    drop_caches
+    echo "direct $(secs read_all "$dir/large/base" iflag=direct)"
+    drop_caches
+    mount_fresh "$dir/large/base" "$dir/large/adapter"
+    echo "mount $(secs read_all "$mnt")"
+    "$lorafs" unmount "$mnt"
+done > "$dir/cold"
+runs() { awk -v k="$1" '$1 == k {printf "%s%s", sep, $2; sep = " "}' "$dir/cold"; }
+echo "cold runs (s): dd $(runs disk); dd iflag=direct $(runs direct); mount $(runs mount)"
+disk_s=$(awk '$1 == "disk" {print $2}' "$dir/cold" | median)
+direct_s=$(awk '$1 == "direct" {print $2}' "$dir/cold" | median)
+mount_s=$(awk '$1 == "mount" {print $2}' "$dir/cold" | median)
+report "cold load, medians (dd of the mount vs dd of the base from disk)" "$mount_s" "$disk_s" "target ≤ 1.3x"
 report "cold load vs dd iflag=direct of the base (the disk without the page cache)" "$mount_s" "$direct_s" "the device's speed"
 
 # 4: from_pretrained, cold, through a fresh default mount and from a materialized copy.

@@ -187,6 +187,7 @@ def mount(
     views: Optional[Mapping[str, Adapters]] = None,
     catalog: Optional[PathArg] = None,
     cache_size: Optional[Size] = None,
+    base_read_ahead: Optional[Size] = None,
     factor_cache: Optional[Size] = None,
     dtype: Any = None,
     direct_io: Union[str, bool, None] = None,
@@ -214,6 +215,8 @@ def mount(
             relative path, watched while mounted (``--catalog``).
         cache_size: bytes of merged blocks kept in memory, an int or a string like
             ``"2GiB"`` (default 256MiB).
+        base_read_ahead: bytes of the base read ahead of a sequential reader, as
+            ``cache_size`` (default 64MiB; 0 reads only what is asked).
         factor_cache: bytes of adapter factors kept for the views (default 4GiB).
         dtype: store floating tensors as ``"f16"``, ``"bf16"`` or ``"f32"`` (or a
             ``torch.dtype``); default: as in the base.
@@ -237,6 +240,8 @@ def mount(
     if (views or catalog is not None) and cmd.adapter_list(adapters):
         raise ValueError("adapters= makes one model at the mount point; give views= or catalog= instead")
     args += cmd.merge_options(cache_size, None, dtype)
+    if base_read_ahead is not None:
+        args += ["--base-read-ahead", cmd.size_arg(base_read_ahead, "base_read_ahead")]
     args += _mount_options(direct_io, warm, threads, allow_other, read_ahead_kb, log_file)
     path, created = _mountpoint(mountpoint)
     try:

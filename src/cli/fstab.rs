@@ -288,13 +288,14 @@ mod tests {
             "m",
             "-o",
             "catalog=/c,factor_cache=1GiB,dtype=bf16,direct_io=never,warm=always,threads=3,\
-             allow_other,read_ahead_kb=0,log_file=/var/log/l,view=v=/a",
+             allow_other,read_ahead_kb=0,base_read_ahead=8MiB,log_file=/var/log/l,view=v=/a",
         ])
         .unwrap();
         assert_eq!(
             argv[2..].join(" "),
             "--catalog /c --factor-cache 1GiB --dtype bf16 --direct-io never --warm always \
-             --threads 3 --allow-other --read-ahead-kb 0 --log-file /var/log/l --view v=/a -- b m"
+             --threads 3 --allow-other --read-ahead-kb 0 --base-read-ahead 8MiB \
+             --log-file /var/log/l --view v=/a -- b m"
         );
     }
 

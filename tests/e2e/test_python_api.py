@@ -133,6 +133,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         mnt,
         adapters=[adapters[0][0]],
         cache_size=1 << 20,
+        base_read_ahead="8MiB",
         dtype=torch.float32,
         direct_io=False,
         warm="never",
@@ -146,6 +147,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         assert load_model(m.path).dtype == torch.float32
         options = next(line for line in open("/proc/self/mountinfo") if f" {m.path} " in line)
         assert "allow_other" in options, options
+        assert m.stats()["read_ahead_budget"] == 8 << 20
     assert not mnt.exists()
     assert log.stat().st_size > 0, "the server logged nothing to log_file"
 
