@@ -91,6 +91,10 @@ pub(super) fn stream(
                     let Ok(mut buf) = empty_rx.recv() else {
                         return Ok(());
                     };
+                    // The base of the chunks after this one is read meanwhile: a cold
+                    // base keeps the disk busy while this one is merged.
+                    let ahead = view.engine.ahead.budget() / 2;
+                    view.read_ahead(index, offset + CHUNK as u64, ahead);
                     let n = view.read_at(index, offset, &mut buf)?;
                     if n == 0 {
                         let what = "the view ended before its size";

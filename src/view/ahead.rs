@@ -1,7 +1,5 @@
 //! Which base bytes a range of a view's file is made from: what to read ahead of a reader.
 
-use std::sync::Arc;
-
 use super::merged::{block_bytes, block_rows};
 use super::{Source, View};
 use crate::plan::WFile;
@@ -14,7 +12,7 @@ impl View {
     /// Read, in the background, the base bytes that bytes `offset .. offset + len` of file
     /// `file` are made from, unless they are at hand already (merged blocks cached or being
     /// computed); see [`crate::ahead`].
-    pub fn read_ahead(self: &Arc<Self>, file: usize, offset: u64, len: u64) {
+    pub fn read_ahead(&self, file: usize, offset: u64, len: u64) {
         let Some(vf) = self.files.get(file) else {
             return;
         };
