@@ -7,6 +7,7 @@
 //! and the lazy tensor data live in [`file`].
 
 pub mod arch;
+pub mod card;
 pub mod encode;
 pub mod header;
 pub mod metadata;
@@ -24,12 +25,29 @@ pub trait ModelFiles {
     /// The bytes of file `name` (relative to the directory root), or `None` if there is no
     /// such file.
     fn read(&self, name: &str) -> crate::Result<Option<Vec<u8>>>;
+    /// As [`ModelFiles::read`], but an error (naming the file) without reading it whole if
+    /// it holds more than `cap` bytes.
+    fn read_capped(&self, name: &str, cap: u64) -> crate::Result<Option<Vec<u8>>> {
+        match self.read(name)? {
+            Some(bytes) if bytes.len() as u64 > cap => Err(too_large(self.root().join(name), cap)),
+            other => Ok(other),
+        }
+    }
     /// The names of the files in subdirectory `dir` (relative to the root), in any order;
     /// empty if there is no such directory. (The converter globs
     /// `additional_chat_templates/*.jinja`.)
     fn list(&self, dir: &str) -> crate::Result<Vec<String>>;
     /// The directory's path, for error messages.
     fn root(&self) -> &Path;
+}
+
+/// The error of a file larger than [`ModelFiles::read_capped`]'s cap.
+pub fn too_large(path: PathBuf, cap: u64) -> crate::Error {
+    let what = format!("larger than {} MiB; refusing to read it whole", cap >> 20);
+    crate::Error::Io {
+        path,
+        source: std::io::Error::other(what),
+    }
 }
 
 /// A plain directory.
@@ -42,6 +60,15 @@ impl ModelFiles for DirFiles {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(crate::Error::Io { path, source }),
+        }
+    }
+
+    fn read_capped(&self, name: &str, cap: u64) -> crate::Result<Option<Vec<u8>>> {
+        let path = self.0.join(name);
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(crate::Error::Io { path, source }),
+            Ok(_) => crate::baseio::read_small(&path, cap).map(Some),
         }
     }
 

@@ -106,6 +106,14 @@ impl ModelFiles for ViewFiles<'_> {
         Ok(Some(self.view.read_whole(i, 0, vf.size)?))
     }
 
+    fn read_capped(&self, name: &str, cap: u64) -> Result<Option<Vec<u8>>> {
+        let big = (self.view.files.iter()).find(|f| f.rel == Path::new(name) && f.size > cap);
+        if let Some(vf) = big {
+            return Err(crate::gguf::too_large(vf.source_path().to_path_buf(), cap));
+        }
+        self.read(name)
+    }
+
     fn list(&self, dir: &str) -> Result<Vec<String>> {
         let dir = Path::new(dir);
         Ok((self.view.files.iter())

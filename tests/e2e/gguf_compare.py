@@ -18,7 +18,8 @@ from pathlib import Path
 # the mount point; lorafs cannot know either when it builds the header. Every other key
 # must be equal in type, value and order. (general.size_label is not an exception: the
 # converter computes it from the parameter count, "144K", even for a directory named
-# "Acme-Llama-7B-Instruct-v1.5".)
+# "Acme-Llama-7B-Instruct-v1.5".) When the model card (README.md) gives these keys, they
+# are equal: test_gguf.py's model-card tests check them apart from this list.
 GGUF_KEY_EXCEPTIONS = frozenset(
     {
         "general.name",  # the directory name, e.g. "Materialized" or "Mnt"

@@ -292,3 +292,150 @@ def test_refuses_an_unknown_bpe_pre_tokenizer(store, tmp_path):
     assert proc.returncode != 0, proc.stdout
     assert "pre-tokenizer" in proc.stderr.lower() and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
     assert gm_listing(out.parent) == []
+
+
+# --------------------------------------------------------------------------------------
+# the model card: README.md's YAML front matter, read by the converter's gguf.Metadata
+
+# name: (README.md of the base, keys the converter must write from it). The base is a copy
+# of llama_spm's with this README; the adapter keeps its own README (PEFT's card), which
+# neither a materialized copy nor the GGUF view uses.
+CARDS = {
+    # license with name and link, tags plus pipeline_tag, languages as a list (with the
+    # "Norway problem": `- no`), keys the converter ignores
+    "license_tags_languages": (
+        "---\nlicense: other\nlicense_name: acme-research\nlicense_link: https://example.org/LICENSE\n"
+        "tags:\n- text-generation\n- lora\npipeline_tag: text-generation\nlanguage:\n- en\n- fr\n- no\n"
+        "library_name: transformers\ninference: false\n---\n\n# A model\n\nSome text with --- in it.\n",
+        {"general.license", "general.license.name", "general.license.link", "general.tags", "general.languages"},
+    ),
+    # single strings: a language, a tag, a base model `org/name`, a dataset id
+    "strings": (
+        "---\nlicense: apache-2.0\nlanguage: en\ntags: chat\nbase_model: meta-llama/Llama-3.2-1B-Instruct\n"
+        "datasets: HuggingFaceH4/ultrachat_200k\n---\n",
+        {"general.license", "general.languages", "general.tags", "general.base_model.count",
+         "general.base_model.0.name", "general.base_model.0.organization", "general.base_model.0.repo_url",
+         "general.dataset.count", "general.dataset.0.name", "general.dataset.0.repo_url"},
+    ),
+    # lists of base models and datasets: ids with versions, Hugging Face and other URLs,
+    # mappings, an entry the converter cannot read (counted, empty); the card's name,
+    # author, description, version and source URL; a license list
+    "lists_and_names": (
+        "---\nmodel_name: Acme Tiny Chat\nmodel_creator: Acme Labs\ndescription: 'A tiny model: for tests'\n"
+        "version: v2.1\nurl: https://acme.example/tiny\ndoi: 10.1234/tiny\nlicense: [mit, apache-2.0]\n"
+        "base_model:\n- mistralai/Mistral-7B-Instruct-v0.2\n- https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct\n"
+        "- https://example.org/models/other\n- {name: Own Base, author: Someone, url: 'https://own.example'}\n"
+        "- 42\ndatasets:\n- https://huggingface.co/datasets/tatsu-lab/alpaca\n- org/data-v3\n"
+        "- {name: Private, organization: Acme}\nlanguage: [en, de]\n---\nbody\n",
+        {"general.name", "general.author", "general.description", "general.version", "general.source.url",
+         "general.source.doi", "general.license", "general.base_model.count", "general.base_model.0.version",
+         "general.base_model.1.organization", "general.base_model.2.repo_url", "general.base_model.3.author",
+         "general.dataset.count", "general.dataset.1.version", "general.dataset.2.organization",
+         "general.languages"},
+    ),
+    # YAML 1.1 as PyYAML reads it: `yes`/`on` booleans, ints, a quoted number, anchors and
+    # a merge key, a card size label, tabs (the converter turns them into spaces), CRLF
+    "yaml_1_1": (
+        "---\r\nlicense: &lic mit\r\nlicense_name: *lic\r\ntags: [1, 2, 3]\r\nlanguage:\r\n\t- en\r\n"
+        "size_label: 7B\r\nbase_model:\r\n- <<: {name: Merged, version: '1.0'}\r\n  author: Someone\r\n"
+        "datasets:\r\n- on\r\n---\r\n",
+        {"general.license", "general.license.name", "general.tags", "general.languages", "general.size_label",
+         "general.base_model.count", "general.base_model.0.name", "general.base_model.0.version",
+         "general.base_model.0.author", "general.dataset.count"},
+    ),
+    # no front matter; front matter that is not a mapping; an empty one: only the name
+    "no_front_matter": ("# Model\n\nlicense: mit\n---\ntags: [a]\n---\n", set()),
+    "not_a_mapping": ("---\n- license\n- mit\n---\n", set()),
+    "empty_front_matter": ("---\n---\n# Model\n", set()),
+}
+
+CARD_KEYS = ("general.author", "general.description", "general.license", "general.source", "general.base_model",
+             "general.dataset", "general.tags", "general.languages", "general.version", "general.organization",
+             "general.size_label")
+
+
+def card_base(store, name: str, readme: str) -> Path:
+    """llama_spm's base copied, with `readme` as its README.md."""
+    base = store.root / "cards" / name
+    if not base.exists():
+        shutil.copytree(store.cases["llama_spm"].base, base)
+        (base / "README.md").write_bytes(readme.encode())
+    return base
+
+
+def card_keys(path: Path) -> dict:
+    return {k.name: k.value for k in gc.parse_gguf(path).keys if k.name.startswith(CARD_KEYS) or k.name == "general.name"}
+
+
+@pytest.mark.parametrize("card", list(CARDS))
+def test_model_card_keys_match_converter(store, mounter, card):
+    """The keys the converter takes from README.md's front matter, through materialize and
+    a mount: same keys, types, values and order as its file (general.name too when the card
+    names the model), the card's keys really there, and the mount's file equal to
+    materialize's byte for byte."""
+    readme, want_keys = CARDS[card]
+    c = store.cases["llama_spm"]
+    base = card_base(store, card, readme)
+    hf = store.root / "cards-materialized" / card
+    hf.parent.mkdir(parents=True, exist_ok=True)
+    store.lorafs.materialize(base, hf, c.adapters)
+    assert (hf / "README.md").read_bytes() == (base / "README.md").read_bytes(), "a materialized copy has the base's card"
+    ref = store.root / "cards-reference" / f"{card}.gguf"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    proc = STACK.convert(hf, "F16", ref)
+    if proc.returncode != 0:
+        pytest.fail(f"convert_hf_to_gguf.py on {card} failed:\n{proc.stderr[-4000:]}")
+    ref_keys = card_keys(ref)
+    missing = {k for k in want_keys if k not in ref_keys}
+    assert not missing, f"the converter did not write {missing} (the fixture is not what it claims): {ref_keys}"
+    out = store.root / "cards-lorafs" / card / f"{card}.gguf"
+    out.parent.mkdir(parents=True)
+    store.lorafs.materialize(base, out, c.adapters, "--gguf", "F16")
+    excepted = assert_same_as_converter(out, ref)
+    assert set(excepted) <= gc.GGUF_KEY_EXCEPTIONS, excepted
+    # The card's keys, with their values, even those the comparison leaves out when they come
+    # from the directory name (general.name, general.version): from a card they are equal.
+    got_keys = card_keys(out)
+    if "general.name" not in want_keys:
+        got_keys.pop("general.name", None), ref_keys.pop("general.name", None)
+    assert got_keys == ref_keys
+    mnt = mounter(base, c.adapters, "--gguf", "F16")
+    assert_same_as_converter(mnt / "model-F16.gguf", ref)
+    assert_same_bytes(mnt / "model-F16.gguf", out.read_bytes(), seed=7)
+
+
+@pytest.mark.parametrize(
+    "readme, why, converter_error",
+    [
+        ("---\nlicense: [mit\ntags: a\n---\n", "YAML", "yaml.parser.ParserError"),  # malformed YAML
+        ("---\nversion: 1.5\n---\n", "version", "TypeError"),  # a number where the converter writes text
+        ("---\ntags: [a, 1]\n---\n", "tags", "same type"),  # a list of mixed types
+    ],
+    ids=["malformed_yaml", "number_as_text", "mixed_list"],
+)
+def test_model_card_the_converter_fails_on_is_refused(store, tmp_path, readme, why, converter_error):
+    """A card the converter raises on: lorafs refuses the GGUF view, naming README.md,
+    through materialize and mount; nothing written, nothing mounted."""
+    c = store.cases["llama_spm"]
+    base = card_base(store, f"bad-{why}", readme)
+    hf = tmp_path / "hf"
+    store.lorafs.materialize(base, hf, c.adapters)
+    proc = STACK.convert(hf, "F16", tmp_path / "ref.gguf")
+    assert proc.returncode != 0, f"the converter accepted the card: {proc.stderr[-2000:]}"
+    assert converter_error in proc.stderr, proc.stderr[-2000:]
+    out = tmp_path / "out" / "card.gguf"
+    out.parent.mkdir()
+    proc = store.lorafs.run("materialize", base, out, *gm.adapter_args(c.adapters), "--gguf", "F16")
+    assert proc.returncode != 0, proc.stdout
+    assert "README.md" in proc.stderr and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
+    assert why in proc.stderr, proc.stderr
+    assert gm_listing(out.parent) == []
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = store.lorafs.mount(base, mnt, c.adapters, "--gguf", "F16")
+    try:
+        assert proc.returncode != 0, proc.stdout
+        assert "README.md" in proc.stderr, proc.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        store.lorafs.unmount(mnt)

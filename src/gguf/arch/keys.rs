@@ -6,29 +6,33 @@ use serde_json::{Map, Value as Json};
 
 use super::hparams::Hparams;
 use super::Family;
+use crate::gguf::card::Card;
 use crate::gguf::{Metadata, OutType, Value};
 
 /// `GGML_QUANT_VERSION` of gguf-py.
 const QUANT_VERSION: u32 = 2;
 
-/// `general.*` up to the size label: architecture, type, the sampling defaults of
-/// `generation_config.json`, the name and the size label.
+/// `general.*` before the architecture's keys, as `set_gguf_meta_model` writes them:
+/// architecture, type, the sampling defaults of `generation_config.json`, the name (the
+/// card's, else `model_name`), the card's authorship fields, the size label (the card's,
+/// else computed), then the card's license, sources, base models, datasets, tags and
+/// languages. An error for a card value the converter fails on.
 pub fn general(
     md: &mut Metadata,
     arch: &str,
     generation: Option<&Map<String, Json>>,
     model_name: &str,
     total_params: u64,
-) {
+    card: &Card,
+) -> Result<(), String> {
     md.set("general.architecture", Value::Text(arch.into()));
     md.set("general.type", Value::Text("model".into()));
     if let Some(gen) = generation {
         sampling(md, gen);
     }
-    md.set("general.name", Value::Text(model_name.into()));
-    if total_params > 0 {
-        md.set("general.size_label", Value::Text(size_label(total_params)));
-    }
+    let computed = (total_params > 0).then(|| size_label(total_params));
+    card.write_names(md, model_name, computed)?;
+    card.write_rest(md)
 }
 
 /// `Metadata.load`'s sampling fields from `generation_config.json`, typed as the writer's

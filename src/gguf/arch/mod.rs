@@ -11,7 +11,7 @@ mod tests;
 
 use serde_json::Value as Json;
 
-use super::{GgmlType, Metadata, ModelFiles, OutType};
+use super::{card, GgmlType, Metadata, ModelFiles, OutType};
 use crate::dtype::DType;
 
 /// A tensor of the Hugging Face model, with the safetensors file (`part`) that holds it: the
@@ -162,8 +162,30 @@ pub fn plan(
         .iter()
         .map(|t| t.shape.iter().product::<u64>())
         .sum();
+    let readme = files.read_capped("README.md", card::MAX_README)?;
+    let card = match &readme {
+        Some(bytes) => card::load(bytes, total).map_err(|e| crate::Error::NoGguf {
+            path: files.root().join("README.md"),
+            what: format!(
+                "{e}; llama.cpp's convert_hf_to_gguf.py fails on this model card too (it \
+                 reads its YAML front matter): fix the card"
+            ),
+        })?,
+        None => card::Card::default(),
+    };
     let mut metadata = Metadata::new();
-    keys::general(&mut metadata, arch, generation.as_ref(), model_name, total);
+    keys::general(
+        &mut metadata,
+        arch,
+        generation.as_ref(),
+        model_name,
+        total,
+        &card,
+    )
+    .map_err(|e| crate::Error::NoGguf {
+        path: files.root().join("README.md"),
+        what: format!("{e}: fix the card"),
+    })?;
     keys::parameters(&mut metadata, &hp, family, arch, out).map_err(bad)?;
     let vocab = match family {
         Family::Llama => VocabFamily::Llama,
@@ -225,7 +247,7 @@ fn refuse_variants(
             "{arch} with a sentence-transformers modules.json (pooling)"
         )));
     }
-    let readme = files.read("README.md")?.unwrap_or_default();
+    let readme = (files.read_capped("README.md", card::MAX_README)?).unwrap_or_default();
     let readme = String::from_utf8_lossy(&readme);
     if family == Family::Qwen3 {
         let hints = [
