@@ -4,7 +4,8 @@
 #              with --no-deps for the main virtualenv's Python (add it to PYTHONPATH), and
 #   llama.cpp/ the sdist's vendored llama.cpp sources: convert_hf_to_gguf.py, conversion/,
 #              gguf-py/ and models/ggml-vocab-*.gguf (the converter the GGUF view must match).
-# Usage: bash scripts/gguf-env.sh     (needs scripts/venv.sh's virtualenv; prints the folder)
+# Usage: bash scripts/gguf-env.sh [--dir]   (needs scripts/venv.sh's virtualenv; prints the
+#        folder; with --dir, builds nothing)
 #
 # Keyed by the hash of scripts/requirements-gguf.txt and of the main requirements, like
 # scripts/venv.sh, in the same cache folder.
@@ -12,9 +13,19 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 req=$here/requirements-gguf.txt
 venv=$(bash "$here/venv.sh")
-key=$(cat "$req" "$here/requirements.txt" | sha256sum | cut -c1-16)
+# llama.cpp built for AVX2 + FMA + F16C, not for the building CPU (GGML_NATIVE): the same
+# code on every x86-64 machine CI may run on, and a cached build never meets a CPU that
+# lacks what it was compiled for. (Built native on an AVX-512 Xeon, this llama.cpp crashed
+# with SIGSEGV generating from Q8_0 files, the converter's own included.)
+cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+[ "$(uname -m)" = x86_64 ] || cmake_args=""
+key=$( (cat "$req" "$here/requirements.txt"; echo "$cmake_args") | sha256sum | cut -c1-16)
 cache=${LORAFS_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafs}
 env="$cache/gguf-$key"
+if [ "${1:-}" = --dir ]; then # where it is (or would be), nothing built
+    echo "$env"
+    exit 0
+fi
 # One build at a time: a second caller (scripts/test.sh while a developer's run builds)
 # waits for the first instead of deleting its half-built folder.
 mkdir -p "$cache"
@@ -44,7 +55,7 @@ PY
     mv "$env/sdist/llama_cpp_python-$version/vendor/llama.cpp" "$env/llama.cpp.tmp"
     # Build llama-cpp-python from that same tarball (--find-links), with cmake and ninja
     # from PyPI through build isolation.
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-deps \
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-deps \
         --target "$env/site" --find-links "$env/sdist" -r "$req" >&2
     rm -rf "$env/sdist/llama_cpp_python-$version"
     mv "$env/llama.cpp.tmp" "$env/llama.cpp"

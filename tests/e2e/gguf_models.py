@@ -38,20 +38,12 @@ TYPES = ("F32", "F16", "BF16", "Q8_0")  # lorafs --gguf TYPE; the converter's --
 # the llama.cpp stack (scripts/gguf-env.sh)
 
 
-def _stack_key() -> str:
-    """The cache key of scripts/gguf-env.sh: sha256 of requirements-gguf.txt then
-    requirements.txt, first 16 hex digits."""
-    h = hashlib.sha256()
-    for name in ("requirements-gguf.txt", "requirements.txt"):
-        h.update((REPO / "scripts" / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("LORAFS_VENV_CACHE"):
-        return Path(os.environ["LORAFS_VENV_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "lorafs"
+def _stack_dir() -> Path:
+    """Where scripts/gguf-env.sh keeps the stack (its cache key is the script's to compute:
+    the requirements and the build options), asked without building anything."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "gguf-env.sh"), "--dir"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
 
 
 @dataclasses.dataclass
@@ -144,7 +136,7 @@ def locate_stack() -> tuple[GgufStack | None, str]:
     """(stack, "") or (None, why not). $LORAFS_GGUF_ENV names it (scripts/test.sh sets it);
     otherwise the folder gguf-env.sh would print, if it has been built."""
     given = os.environ.get("LORAFS_GGUF_ENV")
-    root = Path(given) if given else _cache_dir() / f"gguf-{_stack_key()}"
+    root = Path(given) if given else _stack_dir()
     stack = GgufStack(root)
     problems = stack.problems()
     if problems:
