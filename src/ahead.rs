@@ -419,14 +419,21 @@ impl Shared {
         let mut buf = state.spares.pop().unwrap_or_default();
         drop(state);
         let len = (job.end - job.start) as usize;
-        let read = job.file.read_span(&mut buf, job.start, len, job.bypass);
+        // A panic must not leave the range `Reading`: its readers would wait for ever.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            job.file.read_span(&mut buf, job.start, len, job.bypass)
+        }));
         let mut state = self.lock();
         let fill = match read {
-            Ok(()) => {
+            Err(_) => {
+                log::error!("read-ahead of {} panicked", job.file.path.display());
+                Fill::Failed
+            }
+            Ok(Ok(())) => {
                 self.stats.staged.fetch_add(len as u64, Ordering::Relaxed);
                 Fill::Ready(Arc::new(buf))
             }
-            Err(err) => {
+            Ok(Err(err)) => {
                 log::debug!("read-ahead of {} failed: {err}", job.file.path.display());
                 state.keep_spare(buf);
                 Fill::Failed
