@@ -15,11 +15,13 @@ req=$here/requirements-gguf.txt
 venv=$(bash "$here/venv.sh")
 # llama.cpp built for AVX2 + FMA + F16C, not for the building CPU (GGML_NATIVE): the same
 # code on every x86-64 machine CI may run on, and a cached build never meets a CPU that
-# lacks what it was compiled for. (Built native on an AVX-512 Xeon, this llama.cpp crashed
-# with SIGSEGV generating from Q8_0 files, the converter's own included.)
+# lacks what it was compiled for. (Built native on a Xeon with AMX, this llama.cpp crashed
+# with SIGSEGV in its AMX matrix multiply generating from Q8_0 files, the converter's own
+# included.) Built without pip's wheel cache, which would hand back a wheel built with
+# other options from the same sdist.
 cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 [ "$(uname -m)" = x86_64 ] || cmake_args=""
-key=$( (cat "$req" "$here/requirements.txt"; echo "$cmake_args") | sha256sum | cut -c1-16)
+key=$( (cat "$req" "$here/requirements.txt"; echo "$cmake_args --no-cache-dir") | sha256sum | cut -c1-16)
 cache=${LORAFS_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafs}
 env="$cache/gguf-$key"
 if [ "${1:-}" = --dir ]; then # where it is (or would be), nothing built
@@ -55,7 +57,7 @@ PY
     mv "$env/sdist/llama_cpp_python-$version/vendor/llama.cpp" "$env/llama.cpp.tmp"
     # Build llama-cpp-python from that same tarball (--find-links), with cmake and ninja
     # from PyPI through build isolation.
-    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-deps \
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install --quiet --no-deps --no-cache-dir \
         --target "$env/site" --find-links "$env/sdist" -r "$req" >&2
     rm -rf "$env/sdist/llama_cpp_python-$version"
     mv "$env/llama.cpp.tmp" "$env/llama.cpp"
