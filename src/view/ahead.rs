@@ -11,11 +11,16 @@ const CHUNK_BYTES: u64 = 1 << 20;
 impl View {
     /// Read, in the background, the base bytes that bytes `offset .. offset + len` of file
     /// `file` are made from, unless they are at hand already (merged blocks cached or being
-    /// computed); see [`crate::ahead`].
+    /// computed); see [`crate::ahead`]. Only where the base is read with `O_DIRECT`: through
+    /// the page cache, the kernel's own read-ahead of the base file does it without the
+    /// copy into a staged buffer (`scripts/tune_read.sh` measured staging slower there).
     pub fn read_ahead(&self, file: usize, offset: u64, len: u64) {
         let Some(vf) = self.files.get(file) else {
             return;
         };
+        if !self.engine.direct_base_reads {
+            return;
+        }
         let end = (offset + len).min(vf.size);
         let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
         for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {

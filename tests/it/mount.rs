@@ -268,7 +268,7 @@ fn counter(mnt: &Path, key: &str) -> u64 {
 #[test]
 fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
     let Some(s) = setup() else { return };
-    for (i, (budget, direct)) in [("2MiB", "never"), ("2MiB", "always"), ("0", "never")]
+    for (i, (budget, direct)) in [("2MiB", "always"), ("2MiB", "never"), ("0", "always")]
         .into_iter()
         .enumerate()
     {
@@ -297,7 +297,8 @@ fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
             counter(&guard.mountpoint, "read_ahead_served"),
         );
         let held = counter(&guard.mountpoint, "read_ahead_bytes");
-        if budget == "0" {
+        if budget == "0" || direct == "never" {
+            // Through the page cache the kernel reads the base ahead; lorafs does not.
             assert_eq!((staged, served, held), (0, 0, 0), "{extra:?}");
         } else {
             // Readers took most of what was read ahead, and no more than was read.
