@@ -21,11 +21,7 @@ impl View {
         if !self.engine.direct_base_reads {
             return;
         }
-        let end = (offset + len).min(vf.size);
-        let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
-        for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {
-            let lo = offset.max(seg.start) - seg.start;
-            let hi = end.min(seg.start + seg.len) - seg.start;
+        for (seg, lo, hi) in vf.segments_in(offset, len) {
             match &seg.source {
                 Source::Base { offset } => self.ahead_span(file, offset + lo, offset + hi),
                 &Source::Converted { offset, from, to } => {

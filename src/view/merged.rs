@@ -291,11 +291,7 @@ impl View {
         if len > blocks.budget() as u64 / 4 || offset >= vf.size {
             return;
         }
-        let end = (offset + len).min(vf.size);
-        let first = vf.segments.partition_point(|s| s.start + s.len <= offset);
-        for seg in vf.segments[first..].iter().take_while(|s| s.start < end) {
-            let lo = offset.max(seg.start) - seg.start;
-            let hi = end.min(seg.start + seg.len) - seg.start;
+        for (seg, lo, hi) in vf.segments_in(offset, len) {
             if let Source::Gguf(tensor) = &seg.source {
                 // A GGUF tensor's rows come from its source tensor's: prefetch those.
                 let (source_offset, source_len) = tensor.source_bytes(lo, hi);

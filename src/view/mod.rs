@@ -79,6 +79,20 @@ pub struct VirtualFile {
 }
 
 impl VirtualFile {
+    /// The segments that bytes `offset .. offset + len` of the file fall in, each with the
+    /// part of it they cover (`lo .. hi`, offsets within the segment).
+    fn segments_in(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Segment, u64, u64)> {
+        let end = (offset + len).min(self.size);
+        let first = self.segments.partition_point(|s| s.start + s.len <= offset);
+        let segments = self.segments[first..]
+            .iter()
+            .take_while(move |s| s.start < end);
+        segments.map(move |seg| {
+            let lo = offset.max(seg.start) - seg.start;
+            (seg, lo, end.min(seg.start + seg.len) - seg.start)
+        })
+    }
+
     /// The `stat` of the file behind it, taken before anything was read from it: its
     /// permissions and owner are what the mount serves and `materialize` keeps.
     pub fn source(&self) -> Identity {
