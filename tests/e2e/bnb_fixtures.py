@@ -31,6 +31,30 @@ SHARD_SIZE = {"nf4-dq-sharded": "20KB"}
 INPUT_IDS = [[1, 5, 9, 33, 2, 17, 60, 4]]
 
 
+def use_bnb_reference_dequantize():
+    """Make bitsandbytes dequantize 4-bit weights on the CPU with its own pure-torch code
+    (backends/default). Its native CPU kernel (0.50.2) disagrees with that code on AVX-512
+    CPUs when a 64-value block crosses a row (these fixtures' rows are 48 and 96 values):
+    seen on an Intel Xeon on 2026-12-06, up to 0.04 on values of 0.27, and lorafs agreed
+    bit for bit with the pure-torch code and with a plain decoding of the codes. The stored
+    codes, absmax and quant map are the same either way. One difference of the pure-torch
+    code is kept out: its FP4 table decodes code 8 as +0.0 where the native kernels give
+    -0.0 (sign bit set, magnitude 0), which these fixtures keep."""
+    import torch
+    from bitsandbytes._ops import register_kernel
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    @register_kernel("bitsandbytes::dequantize_4bit", "cpu")
+    def _(A, absmax, blocksize, quant_type, shape, dtype):
+        A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        code = _get_4bit_code(quant_type, A.device)
+        if quant_type == "fp4":
+            code = code.clone()
+            code[8] = -0.0
+        return _dequantize_4bit_compute(A.reshape(-1), absmax, code, blocksize, shape, dtype)
+
+
 def w32(model) -> dict:
     """Each quantized weight dequantized by bitsandbytes into float32 (its quant_state's
     dtype changed to float32: the f32 values before any rounding to the model's dtype)."""
@@ -55,6 +79,7 @@ def main(root: Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     warnings.simplefilter("ignore")
+    use_bnb_reference_dequantize()
     torch.manual_seed(0)
     # Row lengths of 48 and 96: several 64-value blocks per row, blocks across rows.
     cfg = LlamaConfig(
