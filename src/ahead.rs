@@ -21,8 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use crate::baseio::{AlignedBuf, SourceFile, Version};
 use crate::error::Result;
 
-/// The O_DIRECT alignment (see [`crate::baseio`]): staged ranges start and end on it.
-const ALIGN: u64 = 4096;
+/// Staged ranges start and end on the O_DIRECT alignment.
+const ALIGN: u64 = crate::baseio::ALIGN as u64;
 
 /// Spare buffers kept for the next staged reads, at most.
 const SPARES: usize = 16;
@@ -74,12 +74,12 @@ struct Chunk {
     bypass: bool,
 }
 
+/// A range to read: its chunk (found by file and start, told from a later one by `seq`)
+/// holds the rest.
 struct Job {
     file: Arc<SourceFile>,
     start: u64,
-    end: u64,
     seq: u64,
-    bypass: bool,
 }
 
 #[derive(Default)]
@@ -166,12 +166,8 @@ impl ReadAhead {
             let out = &mut buf[(pos - offset) as usize..];
             match self.shared.take(file, pos, end, false)? {
                 Piece::Staged { data, at, n } => {
-                    out[..n].copy_from_slice(&data.bytes()[at..at + n]);
-                    self.shared
-                        .stats
-                        .served
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    self.shared.recycle(data);
+                    let copy = |staged: &[u8]| out[..n].copy_from_slice(staged);
+                    self.shared.lend(data, at, n, copy);
                     pos += n as u64;
                 }
                 Piece::Missing { n } => {
@@ -195,15 +191,7 @@ impl ReadAhead {
     ) -> Result<Option<R>> {
         let end = offset + len as u64;
         match self.shared.take(file, offset, end, true)? {
-            Piece::Staged { data, at, n } => {
-                let result = f(&data.bytes()[at..at + n]);
-                self.shared
-                    .stats
-                    .served
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                self.shared.recycle(data);
-                Ok(Some(result))
-            }
+            Piece::Staged { data, at, n } => Ok(Some(self.shared.lend(data, at, n, f))),
             Piece::Missing { .. } => Ok(None),
         }
     }
@@ -244,13 +232,7 @@ impl ReadAhead {
         state.bytes += end - start;
         state.order.push_back((version, start, seq));
         let file = Arc::clone(file);
-        state.queue.push_back(Job {
-            file,
-            start,
-            end,
-            seq,
-            bypass,
-        });
+        state.queue.push_back(Job { file, start, seq });
         if state.started < shared.options.threads {
             state.started += 1;
             let worker = Arc::clone(shared);
@@ -367,19 +349,13 @@ impl Shared {
                 });
             };
             let chunk = &state.files[&version][&start];
-            let (chunk_end, seq, bypass) = (chunk.end, chunk.seq, chunk.bypass);
+            let (chunk_end, seq) = (chunk.end, chunk.seq);
             let n = (chunk_end.min(end) - pos) as usize;
             match &chunk.fill {
                 Fill::Reading => state = self.filled.wait(state).unwrap_or_else(|p| p.into_inner()),
                 Fill::Queued => {
-                    let job = Job {
-                        file: Arc::clone(file),
-                        start,
-                        end: chunk_end,
-                        seq,
-                        bypass,
-                    };
-                    state = self.run(state, job);
+                    let file = Arc::clone(file);
+                    state = self.run(state, Job { file, start, seq });
                 }
                 Fill::Failed => {
                     state.remove(&version, start);
@@ -416,12 +392,12 @@ impl Shared {
             return state;
         }
         chunk.fill = Fill::Reading;
+        let (len, bypass) = ((chunk.end - job.start) as usize, chunk.bypass);
         let mut buf = state.spares.pop().unwrap_or_default();
         drop(state);
-        let len = (job.end - job.start) as usize;
         // A panic must not leave the range `Reading`: its readers would wait for ever.
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            job.file.read_span(&mut buf, job.start, len, job.bypass)
+            job.file.read_span(&mut buf, job.start, len, bypass)
         }));
         let mut state = self.lock();
         let fill = match read {
@@ -463,12 +439,15 @@ impl Shared {
         }
     }
 
-    /// Give a buffer a reader is done with back for the next staged read, if nobody else
-    /// holds it.
-    fn recycle(&self, data: Arc<AlignedBuf>) {
+    /// Run `f` on `n` staged bytes at `at` of `data`, count them served, and give the
+    /// buffer back for the next staged read if nobody else holds it.
+    fn lend<R>(&self, data: Arc<AlignedBuf>, at: usize, n: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        let result = f(&data.bytes()[at..at + n]);
+        self.stats.served.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(buf) = Arc::into_inner(data) {
             self.lock().keep_spare(buf);
         }
+        result
     }
 }
 

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 
 /// O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
 /// 4096 covers every common device.
-const ALIGN: usize = 4096;
+pub const ALIGN: usize = 4096;
 
 thread_local! {
     /// One aligned-read buffer per thread, grown as needed and reused.
@@ -217,11 +217,16 @@ impl SourceFile {
         // After the read: a change that could have reached `buf` is visible now. A short
         // read is most likely a truncation, which this names.
         self.verify(file)?;
-        result.map_err(|e| match e.kind() {
-            // Both read paths say it the same way (std's "failed to fill whole buffer").
+        result.map_err(|e| self.read_error(e))
+    }
+
+    /// A failed read of this file. Every read path says a short read the same way (std's
+    /// "failed to fill whole buffer").
+    fn read_error(&self, e: io::Error) -> Error {
+        match e.kind() {
             io::ErrorKind::UnexpectedEof => Error::io(&self.path, io::Error::from(e.kind())),
             _ => Error::io(&self.path, e),
-        })
+        }
     }
 
     /// Whether the file is still the version opened: its flag, then its identity now.
@@ -455,10 +460,7 @@ impl SourceFile {
             (None, None) => self.open_again()?.read_exact_at(&mut aligned[..len], start),
         };
         self.check()?;
-        result.map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => Error::io(&self.path, io::Error::from(e.kind())),
-            _ => Error::io(&self.path, e),
-        })?;
+        result.map_err(|e| self.read_error(e))?;
         buf.len = len;
         Ok(())
     }

@@ -169,10 +169,9 @@ impl LorafsFs {
             previous == Some(offset)
         };
         if sequential {
-            // The base bytes further ahead are read first (half the read-ahead budget, so
-            // a second stream fits beside), then the next blocks merged from them.
-            let ahead = view.engine.ahead.budget() / 2;
-            view.read_ahead(file, offset + len, ahead);
+            // The base bytes further ahead are read first, then the next blocks merged
+            // from them.
+            view.read_ahead(file, offset + len);
             view.prefetch(file, offset + len, PREFETCH_BYTES);
         }
     }

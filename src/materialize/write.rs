@@ -93,8 +93,7 @@ pub(super) fn stream(
                     };
                     // The base of the chunks after this one is read meanwhile: a cold
                     // base keeps the disk busy while this one is merged.
-                    let ahead = view.engine.ahead.budget() / 2;
-                    view.read_ahead(index, offset + CHUNK as u64, ahead);
+                    view.read_ahead(index, offset + CHUNK as u64);
                     let n = view.read_at(index, offset, &mut buf)?;
                     if n == 0 {
                         let what = "the view ended before its size";

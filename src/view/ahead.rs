@@ -9,18 +9,29 @@ use crate::plan::WFile;
 const CHUNK_BYTES: u64 = 1 << 20;
 
 impl View {
-    /// Read, in the background, the base bytes that bytes `offset .. offset + len` of file
-    /// `file` are made from, unless they are at hand already (merged blocks cached or being
-    /// computed); see [`crate::ahead`]. Only where the base is read with `O_DIRECT`: through
-    /// the page cache, the kernel's own read-ahead of the base file does it without the
-    /// copy into a staged buffer (`scripts/tune_read.sh` measured staging slower there).
-    pub fn read_ahead(&self, file: usize, offset: u64, len: u64) {
+    /// Whether this view reads the base ahead of its readers: only where the base is read
+    /// with `O_DIRECT`. Through the page cache, the kernel's own read-ahead of the base file
+    /// does it without the copy into a staged buffer (`scripts/tune_read.sh` measured
+    /// staging slower there).
+    pub(super) fn reads_ahead(&self) -> bool {
+        self.engine.direct_base_reads && self.engine.ahead.budget() > 0
+    }
+
+    /// Read, in the background, the base bytes that file `file` is made from after `offset`
+    /// (half the read-ahead budget's worth, so that a second stream fits beside), unless
+    /// they are at hand already (merged blocks cached or being computed); see
+    /// [`crate::ahead`]. For a reader that streams through the file.
+    pub fn read_ahead(&self, file: usize, offset: u64) {
+        if self.reads_ahead() {
+            self.ahead_range(file, offset, self.engine.ahead.budget() / 2);
+        }
+    }
+
+    /// Read ahead the base bytes of bytes `offset .. offset + len` of file `file`.
+    fn ahead_range(&self, file: usize, offset: u64, len: u64) {
         let Some(vf) = self.files.get(file) else {
             return;
         };
-        if !self.engine.direct_base_reads {
-            return;
-        }
         for (seg, lo, hi) in vf.segments_in(offset, len) {
             match &seg.source {
                 Source::Base { offset } => self.ahead_span(file, offset + lo, offset + hi),
@@ -31,7 +42,7 @@ impl View {
                 &Source::Merged { merge } => self.ahead_merged(file, merge, lo, hi),
                 Source::Gguf(tensor) => {
                     let (source_offset, source_len) = tensor.source_bytes(lo, hi);
-                    self.read_ahead(tensor.file, source_offset, source_len);
+                    self.ahead_range(tensor.file, source_offset, source_len);
                 }
                 Source::Bytes(_) | Source::Adapter { .. } => {}
             }
@@ -41,12 +52,10 @@ impl View {
     /// Read bytes `start .. end` of file `file`'s source ahead, in ranges on a grid cut
     /// to the span (so a reader of the span reaches the end of each range, and lets it go).
     fn ahead_span(&self, file: usize, start: u64, end: u64) {
-        let source = &self.files[file].source;
         let mut at = start - start % CHUNK_BYTES;
         while at < end {
             let next = at + CHUNK_BYTES;
-            let direct = self.engine.direct_base_reads;
-            (self.engine.ahead).schedule(source, at.max(start), next.min(end), direct);
+            self.schedule(file, at.max(start), next.min(end));
             at = next;
         }
     }
@@ -67,9 +76,13 @@ impl View {
             let row0 = (b as usize * block_rows(m)) as u64;
             let rows = (block_rows(m) as u64).min(m.dims.rows as u64 - row0);
             let start = m.w.offset + row0 * w_row;
-            let source = &self.files[file].source;
-            let direct = self.engine.direct_base_reads;
-            (self.engine.ahead).schedule(source, start, start + rows * w_row, direct);
+            self.schedule(file, start, start + rows * w_row);
         }
+    }
+
+    /// Have bytes `start .. end` of file `file`'s source read ahead, around the page cache.
+    fn schedule(&self, file: usize, start: u64, end: u64) {
+        let source = &self.files[file].source;
+        (self.engine.ahead).schedule(source, start, end, self.engine.direct_base_reads);
     }
 }

@@ -208,7 +208,8 @@ impl View {
         let f = &realized.factors;
         let n = data.len() / m.row_bytes().max(1);
         let tokens = (realized.rows.iter()).any(|r| (row0..row0 + n).contains(&r.index));
-        if m.w.file != WFile::Base || realized.dora.is_some() || f.rank == 0 || tokens {
+        let plain = m.w.file == WFile::Base && realized.dora.is_none() && f.rank > 0 && !tokens;
+        if !plain || !self.reads_ahead() {
             return Ok(false);
         }
         let at = m.w.offset + (row0 * m.row_bytes()) as u64;

@@ -369,8 +369,11 @@ impl View {
     /// Read bytes of the file behind `vf` (those read ahead from memory), around the page
     /// cache if so configured.
     fn read_source(&self, vf: &VirtualFile, buf: &mut [u8], offset: u64) -> Result<()> {
-        let engine = &self.engine;
-        (engine.ahead).read(&vf.source, buf, offset, engine.direct_base_reads)
+        let (engine, direct) = (&self.engine, self.engine.direct_base_reads);
+        match self.reads_ahead() {
+            true => engine.ahead.read(&vf.source, buf, offset, direct),
+            false => vf.source.read_exact_at(buf, offset, direct),
+        }
     }
 
     /// Total bytes of the merged directory's files.
