@@ -26,25 +26,11 @@
 #        (defaults: /tmp/lorafs-read 0.6; DIR must be new; MOUNT_ARGS: options of every mount,
 #        not --warm, which 2 and 3 set)
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dir="${1:-/tmp/lorafs-read}"
+# shellcheck source=scripts/bench-scratch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-scratch.sh"
 fraction="${2:-0.6}"
-if [ -e "$dir" ] && [ ! -f "$dir/.lorafs-bench" ]; then
-    echo "$dir exists and was not made by a lorafs benchmark: name a new DIR" >&2
-    exit 1
-fi
-mkdir -p "$dir/mnt" && touch "$dir/.lorafs-bench"
-dir="$(cd "$dir" && pwd)"
-mnt="$dir/mnt"
-lorafs="$repo/target/release/lorafs"
+bench_scratch "${1:-/tmp/lorafs-read}"
 synth="$repo/target/release/examples/synth_model"
-cleanup() {
-    if mountpoint -q "$mnt"; then "$lorafs" unmount "$mnt" || umount -l "$mnt"; fi
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-
-cargo build --release --quiet --manifest-path "$repo/Cargo.toml" --example synth_model --bin lorafs
 ram=$(awk '/MemTotal/ {printf "%.0f", $2 * 1024}' /proc/meminfo)
 echo "cpu: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
 echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx2|fma|f16c' | xargs)"
@@ -52,7 +38,6 @@ echo "linux: $(uname -r); RAM: $(awk -v r="$ram" 'BEGIN {printf "%.1f GB", r / 1
 echo "lorafs: $("$lorafs" --version)"
 echo "MOUNT_ARGS: ${MOUNT_ARGS:-(none)}"
 
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 mount_fresh() { # mount_fresh BASE ADAPTER [OPTION...]: a new mount at $mnt
     mountpoint -q "$mnt" && "$lorafs" unmount "$mnt"
     # shellcheck disable=SC2086 # MOUNT_ARGS: extra mount options, split on spaces
@@ -65,7 +50,6 @@ secs() { # secs COMMAND...: its wall time in seconds, its output discarded
 }
 dd4m() { dd if="$1" of=/dev/null bs=4M status=none "${@:2}"; }
 read_all() { for f in "$1"/*.safetensors; do dd4m "$f" "${@:2}"; done; }
-median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 report() { # report NAME LORAFS_S BASELINE_S NOTE
     awk -v n="$1" -v a="$2" -v b="$3" -v t="$4" \
         'BEGIN {printf "%s: lorafs %.3f s, baseline %.3f s, ratio %.2fx (%s)\n", n, a, b, a / b, t}'

@@ -13,21 +13,9 @@
 # Usage: [MOUNT_ARGS='--threads 4'] bash scripts/profile_read.sh [DIR]
 #        (DIR: a new scratch directory, removed after; MOUNT_ARGS: options of the mount)
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dir="${1:-/tmp/lorafs-profile}"
-if [ -e "$dir" ] && [ ! -f "$dir/.lorafs-bench" ]; then
-    echo "$dir exists and was not made by a lorafs benchmark: name a new DIR" >&2
-    exit 1
-fi
-mkdir -p "$dir" && touch "$dir/.lorafs-bench"
-mnt="$dir/mnt"
-cleanup() {
-    mountpoint -q "$mnt" && "$repo/target/release/lorafs" unmount "$mnt" || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-
-cargo build --release --quiet --manifest-path "$repo/Cargo.toml" --example synth_model --bin lorafs
+# shellcheck source=scripts/bench-scratch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-scratch.sh"
+bench_scratch "${1:-/tmp/lorafs-profile}"
 "$repo/target/release/examples/synth_model" "$dir" --layers 8 > /dev/null
 shard=$(cd "$dir/base" && ls -- *.safetensors | head -n 1)
 cat "$dir/base/$shard" > /dev/null # into the page cache
@@ -43,9 +31,9 @@ new_s=$(echo "$t1 - $t0" | bc -l)
 
 mkdir -p "$mnt"
 mount_fresh() {
-    mountpoint -q "$mnt" && "$repo/target/release/lorafs" unmount "$mnt"
+    mountpoint -q "$mnt" && "$lorafs" unmount "$mnt"
     # shellcheck disable=SC2086 # MOUNT_ARGS: extra mount options, split on spaces
-    "$repo/target/release/lorafs" mount "$dir/base" "$mnt" --adapter "$dir/adapter" \
+    "$lorafs" mount "$dir/base" "$mnt" --adapter "$dir/adapter" \
         --warm never ${MOUNT_ARGS:-}
 }
 # Timed without perf (its sampling slows the read), then read again under perf from a new

@@ -12,30 +12,16 @@
 #
 # Usage: [RUNS=3] [LAYERS=16] bash scripts/tune_read.sh [DIR]   (DIR: new; default /tmp/lorafs-tune)
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dir="${1:-/tmp/lorafs-tune}"
-if [ -e "$dir" ] && [ ! -f "$dir/.lorafs-bench" ]; then
-    echo "$dir exists and was not made by a lorafs benchmark: name a new DIR" >&2
-    exit 1
-fi
-mkdir -p "$dir/mnt" && touch "$dir/.lorafs-bench"
-dir="$(cd "$dir" && pwd)"
-mnt="$dir/mnt"
-lorafs="$repo/target/release/lorafs"
-cleanup() {
-    if mountpoint -q "$mnt"; then "$lorafs" unmount "$mnt" || umount -l "$mnt"; fi
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-
-cargo build --release --quiet --manifest-path "$repo/Cargo.toml" --example synth_model --bin lorafs
+# shellcheck source=scripts/bench-scratch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-scratch.sh"
+bench_scratch "${1:-/tmp/lorafs-tune}"
 "$repo/target/release/examples/synth_model" "$dir/model" --layers "${LAYERS:-16}" --hidden 4096 \
     --intermediate 11008 --heads 32 --kv-heads 32 --rank 16 --shard-gib 2 2> /dev/null
 echo "model: $(du -sb "$dir/model/base" | awk '{printf "%.1f GB", $1 / 1e9}'); $(nproc) CPUs;" \
     "$("$lorafs" --version)"
 
 read_through() { # read_through CASE OPTION...: seconds of one read of every shard, fresh mount
-    if [ "$1" = cold ]; then sync; echo 3 > /proc/sys/vm/drop_caches; else cat "$dir"/model/base/*.safetensors > /dev/null; fi
+    if [ "$1" = cold ]; then drop_caches; else cat "$dir"/model/base/*.safetensors > /dev/null; fi
     "$lorafs" mount "$dir/model/base" "$mnt" --adapter "$dir/model/adapter" --warm never "${@:2}"
     local t0 t1
     t0=$(date +%s.%N)
@@ -44,7 +30,6 @@ read_through() { # read_through CASE OPTION...: seconds of one read of every sha
     "$lorafs" unmount "$mnt"
     awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f\n", b - a}'
 }
-median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
 sweep() { # sweep CASE OPTION VALUE...
     local case=$1 option=$2 value best="" best_s=""

@@ -518,12 +518,16 @@ impl Card {
             Some(name) => put_text(md, "general.name", Some(name))?,
             None => md.set("general.name", Value::Text(default_name.into())),
         }
-        put_text(md, "general.author", self.author.as_ref())?;
-        put_text(md, "general.version", self.version.as_ref())?;
-        put_text(md, "general.organization", self.organization.as_ref())?;
-        put_text(md, "general.finetune", self.finetune.as_ref())?;
-        put_text(md, "general.basename", self.basename.as_ref())?;
-        put_text(md, "general.description", self.description.as_ref())?;
+        for (key, value) in [
+            ("general.author", &self.author),
+            ("general.version", &self.version),
+            ("general.organization", &self.organization),
+            ("general.finetune", &self.finetune),
+            ("general.basename", &self.basename),
+            ("general.description", &self.description),
+        ] {
+            put_text(md, key, value.as_ref())?;
+        }
         match &self.size_label {
             Some(label) => put_text(md, "general.size_label", Some(label))?,
             None => {
@@ -551,12 +555,16 @@ impl Card {
             }
             other => put_text(md, "general.license", other.as_ref())?,
         }
-        put_text(md, "general.license.name", self.license_name.as_ref())?;
-        put_text(md, "general.license.link", self.license_link.as_ref())?;
-        put_text(md, "general.source.url", self.source_url.as_ref())?;
-        put_text(md, "general.source.doi", self.source_doi.as_ref())?;
-        put_text(md, "general.source.uuid", self.source_uuid.as_ref())?;
-        put_text(md, "general.source.repo_url", self.source_repo_url.as_ref())?;
+        for (key, value) in [
+            ("general.license.name", &self.license_name),
+            ("general.license.link", &self.license_link),
+            ("general.source.url", &self.source_url),
+            ("general.source.doi", &self.source_doi),
+            ("general.source.uuid", &self.source_uuid),
+            ("general.source.repo_url", &self.source_repo_url),
+        ] {
+            put_text(md, key, value.as_ref())?;
+        }
         for (what, entries) in [
             ("base_model", &self.base_models),
             ("dataset", &self.datasets),
