@@ -428,10 +428,31 @@ impl AlignedBuf {
         &mut raw[pad..pad + span]
     }
 
+    /// `len` zero bytes (filled by the caller through [`AlignedBuf::bytes_mut`]), as the
+    /// buffers of O_DIRECT writes.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let mut buf = AlignedBuf::default();
+        AlignedBuf::carve(&mut buf.raw, len);
+        buf.len = len;
+        buf
+    }
+
     /// The bytes last read into it.
     pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[]; // `raw` may be empty: no aligned address inside it
+        }
         let pad = self.raw.as_ptr().align_offset(ALIGN);
         &self.raw[pad..pad + self.len]
+    }
+
+    /// The same bytes, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        let pad = self.raw.as_ptr().align_offset(ALIGN);
+        &mut self.raw[pad..pad + self.len]
     }
 }
 

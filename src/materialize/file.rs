@@ -79,6 +79,7 @@ pub fn materialize_file(
         temp.persist_noclobber(out)
     };
     placed.map_err(|e| Error::io(out, e.error))?;
+    super::fsops::sync_dir(&parent)?; // the new name on disk too (the data was synced)
     Ok(Summary {
         files: 1,
         tensors_merged: view.plan.merges.len(),

@@ -110,3 +110,11 @@ pub(super) fn exchange(a: &Path, b: &Path) -> io::Result<bool> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// Make `dir`'s entries durable: after its files were written and synced, or after a rename
+/// into it, so that the output's names are on disk when the run says it is done.
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(dir, flags, Mode::empty()).map_err(|e| fail(dir, e))?;
+    rustix::fs::fsync(&fd).map_err(|e| fail(dir, e))
+}

@@ -10,6 +10,7 @@ mod file;
 mod fsops;
 mod interrupt;
 mod marker;
+mod output;
 mod run;
 mod target;
 mod write;
@@ -112,9 +113,16 @@ pub fn materialize(
     let written = write::write_files(view, &sink);
     bar.finish_and_clear();
     written?;
+    // The files were synced as they were finished; now their names (before the modes, which
+    // may take the read bit a directory's open needs), and after the rename OUT's own.
+    for dir in view.dirs().iter().rev().map(|d| tree.join(d)) {
+        fsops::sync_dir(&dir)?;
+    }
+    fsops::sync_dir(&tree)?;
     modes.apply_to_dirs(view, &tree)?;
     options.interrupt.check(out)?;
     run.place(&target, &inputs, options.force)?;
+    fsops::sync_dir(&target.parent)?;
     drop(run); // removes the replaced OUT (--force) and the run's owner file
     Ok(Summary {
         files: view.files.len(),

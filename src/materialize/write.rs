@@ -1,7 +1,6 @@
 //! Streaming the merged files into the run's directory.
 
 use std::fs::{File, OpenOptions, Permissions};
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -9,17 +8,14 @@ use std::sync::mpsc;
 use indicatif::ProgressBar;
 
 use super::interrupt::Interrupt;
+use super::output::Output;
+use crate::baseio::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::view::View;
 
 /// Bytes per `read_at` call: several blocks, so that merging uses every core, and small
 /// enough that memory stays bounded (one chunk plus the cache, whatever the model size).
 const CHUNK: usize = 16 << 20;
-
-/// Bytes per `write`. On this project's VMs, 1 MiB or larger writes of a new file sometimes
-/// run five times slower (large page-cache folios the host faults in); 256 KiB writes do not
-/// (BENCHMARKS.md, "Against PEFT", says how to see it).
-const WRITE_BYTES: usize = 256 << 10;
 
 /// Where the files go and what to watch while writing them.
 pub(super) struct Sink<'a> {
@@ -55,34 +51,40 @@ pub(super) fn stream(
     out: &Path,
 ) -> Result<()> {
     // (file index, buffer, bytes used); a file of size 0 is sent once with 0 bytes.
-    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>, usize)>(1);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, AlignedBuf, usize)>(1);
+    let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
     for _ in 0..2 {
-        empty_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
+        empty_tx
+            .send(AlignedBuf::zeroed(CHUNK))
+            .expect("receiver alive");
     }
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<()> {
-            let mut current: Option<(usize, File, PathBuf)> = None;
+            let mut current: Option<(usize, Output)> = None;
             for (index, buf, n) in full_rx {
                 if current.as_ref().map(|c| c.0) != Some(index) {
+                    if let Some((_, done)) = current.take() {
+                        done.finish()?;
+                    }
                     let (file, path) = open(index)?;
-                    current = Some((index, file, path));
+                    current = Some((index, Output::new(file, path)));
                 }
-                let (_, file, path) = current.as_mut().expect("set above");
-                for piece in buf[..n].chunks(WRITE_BYTES) {
-                    file.write_all(piece).map_err(|e| Error::io(&*path, e))?;
-                }
-                if buf.len() == CHUNK {
+                let (_, output) = current.as_mut().expect("set above");
+                if n > 0 {
+                    output.write(&buf.bytes()[..n])?;
                     let _ = empty_tx.send(buf); // back to the producer
                 }
             }
-            Ok(())
+            match current {
+                Some((_, last)) => last.finish(),
+                None => Ok(()),
+            }
         });
         let produced = (|| -> Result<()> {
             for &index in files {
                 let file = &view.files[index];
                 interrupt.check(out)?;
-                if file.size == 0 && full_tx.send((index, Vec::new(), 0)).is_err() {
+                if file.size == 0 && full_tx.send((index, AlignedBuf::default(), 0)).is_err() {
                     return Ok(()); // the writer stopped: its error is reported below
                 }
                 let mut offset = 0;
@@ -94,7 +96,7 @@ pub(super) fn stream(
                     // The base of the chunks after this one is read meanwhile: a cold
                     // base keeps the disk busy while this one is merged.
                     view.read_ahead(index, offset + CHUNK as u64);
-                    let n = view.read_at(index, offset, &mut buf)?;
+                    let n = view.read_at(index, offset, buf.bytes_mut())?;
                     if n == 0 {
                         let what = "the view ended before its size";
                         return Err(Error::config(file.source_path(), what));
