@@ -198,12 +198,19 @@ impl View {
                         Error::config(self.base_dir(), format!("no tensor `{source}`"))
                     })?;
                     let info = infos.last().expect("pushed above");
+                    // A permuted 1-D tensor (Llama's q_proj/k_proj biases) has its elements
+                    // moved as the rows of a weight are: it is served as rows of one element
+                    // (F32, as every 1-D tensor is, so the bytes are the same).
+                    let (rows, cols) = match (&permute, info.shape.as_slice()) {
+                        (Some(_), &[n]) if t.ty == GgmlType::F32 => (n, 1),
+                        _ => (info.rows(), info.cols()),
+                    };
                     Source::Gguf(Arc::new(GgufTensor {
                         file,
                         offset,
                         dtype,
-                        rows: info.rows(),
-                        cols: info.cols(),
+                        rows,
+                        cols,
                         ty: t.ty,
                         permute,
                     }))
