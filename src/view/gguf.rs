@@ -198,12 +198,13 @@ impl View {
                         Error::config(self.base_dir(), format!("no tensor `{source}`"))
                     })?;
                     let info = infos.last().expect("pushed above");
+                    let (rows, cols) = row_layout(info, permute);
                     Source::Gguf(Arc::new(GgufTensor {
                         file,
                         offset,
                         dtype,
-                        rows: info.rows(),
-                        cols: info.cols(),
+                        rows,
+                        cols,
                         ty: t.ty,
                         permute,
                     }))
@@ -413,6 +414,16 @@ fn weight_files(files: &ViewFiles) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The (rows, columns) a GGUF tensor's data is computed in. A permuted 1-D tensor (Llama's
+/// `q_proj`/`k_proj` biases) has its elements moved as the rows of a weight are: it is served
+/// as rows of one element (F32, as every 1-D tensor is, so the bytes are the same).
+fn row_layout(info: &TensorInfo, permute: Option<Permute>) -> (u64, u64) {
+    match (permute, info.shape.as_slice()) {
+        (Some(_), &[n]) if info.ty == GgmlType::F32 => (n, 1),
+        _ => (info.rows(), info.cols()),
+    }
+}
+
 /// `values` encoded as `ty` (a computed tensor such as `rope_freqs`).
 fn encoded(ty: GgmlType, values: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; ty.row_bytes(values.len() as u64) as usize];
@@ -436,5 +447,49 @@ impl TensorEntry {
             "F32" => Some(DType::F32),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: Vec<u64>, ty: GgmlType, permute: Option<Permute>) -> GgufTensor {
+        let info = TensorInfo {
+            name: "t".into(),
+            shape,
+            ty,
+        };
+        let (rows, cols) = row_layout(&info, permute);
+        GgufTensor {
+            file: 0,
+            offset: 0,
+            dtype: DType::BF16,
+            rows,
+            cols,
+            ty,
+            permute,
+        }
+    }
+
+    #[test]
+    fn a_permuted_bias_is_permuted_element_by_element() {
+        // q_proj.bias of 4 heads of 4: each head's two halves interleaved, as the weight's rows.
+        let p = Some(Permute { heads: 4 });
+        let bias = tensor(vec![16], GgmlType::F32, p);
+        assert_eq!((bias.rows, bias.cols), (16, 1));
+        let order: Vec<u64> = (0..16).map(|r| bias.source_row(r)).collect();
+        assert_eq!(
+            order,
+            [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15]
+        );
+        // Element 5 (bytes 20..24) comes from the second head's elements.
+        assert_eq!(bias.source_span(5, 1), (4, 8));
+        assert_eq!(bias.source_bytes(20, 24), (8, 8));
+        // A weight keeps its rows; an unpermuted bias is one row.
+        let weight = tensor(vec![16, 8], GgmlType::F16, p);
+        assert_eq!((weight.rows, weight.cols), (16, 8));
+        let plain = tensor(vec![16], GgmlType::F32, None);
+        assert_eq!((plain.rows, plain.cols), (1, 16));
     }
 }

@@ -376,6 +376,12 @@ CASE_SPECS = {
     ),
     # a BPE pre-tokenizer no table knows: refused by the converter and by lorafs
     "llama_fresh_bpe": ("LlamaForCausalLM", "fresh-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
+    # q/k/v/o and MLP biases: the converter permutes q_proj.bias and k_proj.bias like the
+    # rows of their weights (1-D tensors, F32 in every type)
+    "llama_bias_spm": (
+        "LlamaForCausalLM", "spm", "bfloat16", False, dict(intermediate_size=128, attention_bias=True, mlp_bias=True),
+        [({}, 1.0)],
+    ),
 }
 
 # Special tokens added to a case's tokenizer after its base vocabulary (ids from the
@@ -395,7 +401,7 @@ def write_added_tokens_decoder(tok, base: Path):
     }
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe")
+SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm")
 
 
 def _config(arch: str, vocab_size: int, tied: bool, tok, extra: dict):

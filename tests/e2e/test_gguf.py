@@ -11,9 +11,10 @@ Needs the llama.cpp stack: $LORAFS_GGUF_ENV (scripts/test.sh builds it and sets 
 folder scripts/gguf-env.sh caches it in. When LORAFS_GGUF_ENV is set, a missing stack is a
 failure; without it the module is skipped, saying why.
 
-Fixtures (gguf_models.CASE_SPECS): tiny Llama, Mistral, Qwen2 (tied embeddings, two
-adapters), Qwen3 bases with SentencePiece or real BPE (Llama 3, Qwen2) tokenizers; Phi3 (not
-converted by lorafs) and a Llama with a freshly trained BPE (pre-tokenizer unknown).
+Fixtures (gguf_models.CASE_SPECS): tiny Llama (one with attention and MLP biases), Mistral,
+Qwen2 (tied embeddings, two adapters), Qwen3 bases with SentencePiece or real BPE (Llama 3,
+Qwen2) tokenizers; Phi3 (not converted by lorafs) and a Llama with a freshly trained BPE
+(pre-tokenizer unknown).
 The converter's output is made once per (case, type) per session and shared.
 """
 

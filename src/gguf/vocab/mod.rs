@@ -93,9 +93,9 @@ fn llama_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
         let mut special =
             special::SpecialVocab::load(dir, false, &["prefix", "suffix", "middle", "eot"], None)?;
         for (kind, id) in [("prefix", 32007), ("suffix", 32008), ("middle", 32009)] {
-            special.set_special_token(dir, kind, &Json::from(id))?;
+            special.set_special_token(dir, "config.json", kind, &Json::from(id))?;
         }
-        special.set_special_token(dir, "eot", &Json::from(32010))?;
+        special.set_special_token(dir, "config.json", "eot", &Json::from(32010))?;
         special.add_to(meta);
     }
     // Granite's small models.

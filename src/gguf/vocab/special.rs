@@ -132,15 +132,25 @@ impl SpecialVocab {
     }
 
     /// `_set_special_token`: the first id of a type wins; ids past the vocabulary are
-    /// skipped; a value that is not an integer is ignored.
-    pub(crate) fn set_special_token(&mut self, dir: &Dir, kind: &str, id: &Json) -> Result<()> {
+    /// skipped; a value that is not an integer is ignored. `file` is where the id was read
+    /// (for the error on a negative or oversized one).
+    pub(crate) fn set_special_token(
+        &mut self,
+        dir: &Dir,
+        file: &str,
+        kind: &str,
+        id: &Json,
+    ) -> Result<()> {
         let Some(id) = id.as_i64().or_else(|| id.as_u64().map(|_| i64::MAX)) else {
             return Ok(());
         };
         if id < 0 {
             return Err(dir.bad(
-                "tokenizer_config.json",
-                format!("invalid value for special token type {kind}: {id}"),
+                file,
+                format!(
+                    "invalid value for special token type {kind}: {id} (llama.cpp's \
+                     convert_hf_to_gguf.py fails on it too)"
+                ),
             ));
         }
         if self.n_vocab.is_none_or(|n| (id as u64) < n as u64) {
@@ -149,7 +159,7 @@ impl SpecialVocab {
             }
             let id = u32::try_from(id).map_err(|_| {
                 dir.bad(
-                    "config.json",
+                    file,
                     format!("special token {kind} id {id} does not fit in 32 bits"),
                 )
             })?;
@@ -188,7 +198,7 @@ impl SpecialVocab {
                     id = text.get(&key).cloned().unwrap_or(Json::Null);
                 }
             }
-            self.set_special_token(dir, kind, &id)?;
+            self.set_special_token(dir, "config.json", kind, &id)?;
         }
         Ok(())
     }

@@ -357,6 +357,37 @@ fn special_tokens_from_the_template_post_processor_and_config() {
     );
 }
 
+#[test]
+fn a_negative_special_token_id_is_an_error_naming_its_file() {
+    // `"pad_token_id": -1` in config.json (some converted Llama checkpoints): the converter
+    // raises on it; the error names config.json, not the tokenizer files.
+    let files = MemFiles::new(&[]);
+    let config = json!({"pad_token_id": -1});
+    let dir = Dir::new(&files, &config).unwrap();
+    let err = SpecialVocab::load(&dir, false, &DEFAULT_TYPES, Some(100))
+        .err()
+        .expect("a negative id is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("/models/m/config.json"), "{msg}");
+    assert!(msg.contains("pad: -1"), "{msg}");
+    // The same id found in tokenizer.json's added tokens names tokenizer.json.
+    let tokenizer = json!({"added_tokens": [{"id": -2, "content": "<pad>"}]}).to_string();
+    let tc = json!({"pad_token": "<pad>"}).to_string();
+    let files = MemFiles::new(&[
+        ("tokenizer.json", tokenizer.into_bytes()),
+        ("tokenizer_config.json", tc.into_bytes()),
+    ]);
+    let config = json!({});
+    let dir = Dir::new(&files, &config).unwrap();
+    let err = SpecialVocab::load(&dir, false, &DEFAULT_TYPES, Some(100))
+        .err()
+        .expect("a negative id is refused");
+    assert!(
+        err.to_string().contains("/models/m/tokenizer.json"),
+        "{err}"
+    );
+}
+
 /// A byte-level BPE tokenizer.json with three tokens and one merge.
 fn tiny_bpe() -> Vec<u8> {
     json!({

@@ -81,7 +81,7 @@ impl SpecialVocab {
                 .and_then(|t| t.get("id"))
                 .cloned()
                 .unwrap_or(Json::Null);
-            self.set_special_token(dir, kind, &id)?;
+            self.set_special_token(dir, "tokenizer.json", kind, &id)?;
         }
         Ok(())
     }
