@@ -112,9 +112,43 @@ pub(super) fn exchange(a: &Path, b: &Path) -> io::Result<bool> {
 }
 
 /// Make `dir`'s entries durable: after its files were written and synced, or after a rename
-/// into it, so that the output's names are on disk when the run says it is done.
+/// into it, so that the output's names are on disk when the run says it is done. What cannot
+/// be asked of the system is skipped, not failed after the whole run's work: a directory the
+/// user may write into but not read (no descriptor to sync), and filesystems that do not sync
+/// directories (`EINVAL`, `EOPNOTSUPP`: some FUSE and network filesystems). A failed sync
+/// (`EIO`) fails the run.
 pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let fd = rustix::fs::open(dir, flags, Mode::empty()).map_err(|e| fail(dir, e))?;
-    rustix::fs::fsync(&fd).map_err(|e| fail(dir, e))
+    let fd = match rustix::fs::open(dir, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ACCESS) => {
+            log::debug!("{}: not readable, its entries not synced", dir.display());
+            return Ok(());
+        }
+        Err(e) => return Err(fail(dir, e)),
+    };
+    match rustix::fs::fsync(&fd) {
+        Err(e @ (Errno::INVAL | Errno::OPNOTSUPP)) => {
+            log::debug!(
+                "{}: the filesystem does not sync directories ({e})",
+                dir.display()
+            );
+            Ok(())
+        }
+        done => done.map_err(|e| fail(dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_dir_syncs_a_directory_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        sync_dir(dir.path()).unwrap();
+        let missing = dir.path().join("gone");
+        let err = sync_dir(&missing).unwrap_err().to_string();
+        assert!(err.contains("gone"), "{err}");
+    }
 }
