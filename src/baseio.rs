@@ -448,11 +448,8 @@ impl AlignedBuf {
 
     /// The same bytes, to fill.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        if self.len == 0 {
-            return &mut [];
-        }
-        let pad = self.raw.as_ptr().align_offset(ALIGN);
-        &mut self.raw[pad..pad + self.len]
+        let len = self.len;
+        &mut AlignedBuf::carve(&mut self.raw, len)[..len]
     }
 }
 

@@ -28,7 +28,7 @@ const WRITE_BYTES: usize = 256 << 10;
 /// An output file being written from its start, in order.
 pub(super) struct Output {
     file: File,
-    pub path: PathBuf,
+    path: PathBuf,
     /// Where the next bytes go.
     offset: u64,
     /// The descriptor has `O_DIRECT` set.
