@@ -13,6 +13,7 @@ use lorafs::View;
 use super::args::*;
 use super::daemon::*;
 use super::views::open_views;
+use lorafs::fuse::Transport;
 
 /// Mount the merged model read-only at MOUNTPOINT (FUSE).
 #[derive(Args)]
@@ -45,12 +46,22 @@ pub(crate) struct MountArgs {
     /// unmounts.
     #[arg(long)]
     pub(crate) foreground: bool,
+    /// How requests travel between the kernel and lorafs: uring (FUSE over io_uring: Linux
+    /// 6.14+ with the fuse module's enable_uring on, and root), dev (/dev/fuse), or auto
+    /// (uring where it can be had, else dev, saying why in the log).
+    #[arg(long, value_name = "HOW", default_value = "auto", env = "LORAFS_TRANSPORT",
+          value_parser = parse_transport)]
+    pub(crate) transport: Transport,
     /// In the background, append logs to this file (default: discard them).
     #[arg(long, value_name = "PATH")]
     pub(crate) log_file: Option<PathBuf>,
     /// Internal: the background server started by `mount` without --foreground.
     #[arg(long, hide = true)]
     pub(crate) daemon_child: bool,
+}
+
+fn parse_transport(name: &str) -> Result<Transport, String> {
+    Transport::parse(name).ok_or_else(|| format!("one of {}", Transport::NAMES.join(", ")))
 }
 
 /// Run `lorafs mount`: in the background unless --foreground (returning once mounted), or
@@ -66,6 +77,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         read_ahead_kb,
         warm,
         foreground,
+        transport,
         log_file,
         daemon_child,
     } = args;
@@ -100,6 +112,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
         warm: warm_view,
         notify: notify.map(Arc::new),
+        transport,
     };
     lorafs::fuse::mount(fs, live, &mountpoint, &options, || {
         if daemon_child {

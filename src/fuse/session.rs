@@ -4,14 +4,17 @@
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use super::dev::DevFs;
+use super::transport::{self, Transport};
 use super::views::Views;
-use super::LorafsFs;
+use super::{ring, LorafsFs};
 use crate::mountinfo::{find_mount, mount_target, FS_NAME};
 use crate::sd_notify::ServiceNotifier;
 use crate::tree;
@@ -33,6 +36,8 @@ pub struct MountOptions {
     /// STOPPING=1 when it starts to unmount. Only for the process systemd started: a
     /// background server is not the unit's main process.
     pub notify: Option<Arc<ServiceNotifier>>,
+    /// How requests travel between the kernel and the server.
+    pub transport: Transport,
 }
 
 /// What a mount of views needs once the mount exists: the registry, told the kernel's
@@ -60,6 +65,12 @@ pub fn mount(
     let mountpoint = mountpoint.canonicalize()?;
     let engine = fs.engine.clone();
     let tree = fs.tree();
+    let fsname = format!(
+        "{FS_NAME}:{}",
+        (engine.base.dir.canonicalize())
+            .unwrap_or_else(|_| engine.base.dir.clone())
+            .display()
+    );
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -68,12 +79,7 @@ pub fn mount(
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
-        MountOption::FSName(format!(
-            "{FS_NAME}:{}",
-            (engine.base.dir.canonicalize())
-                .unwrap_or_else(|_| engine.base.dir.clone())
-                .display()
-        )),
+        MountOption::FSName(fsname.clone()),
         MountOption::Subtype(FS_NAME.into()),
     ];
     if options.allow_other {
@@ -81,13 +87,49 @@ pub fn mount(
     }
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let mut session = Session::new(fs, &mountpoint, &config).map_err(|e| {
+    let plan = transport::choose(options.transport, options.threads)?;
+    let fs = Arc::new(fs);
+    let ring_agreed = Arc::new(AtomicBool::new(false));
+    let dev_fs = DevFs {
+        fs: fs.clone(),
+        ring: plan.is_some(),
+        ring_agreed: ring_agreed.clone(),
+    };
+    let failed = |e: io::Error| {
         io::Error::new(
             e.kind(),
             format!("mounting {} failed: {e}", mountpoint.display()),
         )
-    })?;
-
+    };
+    let own_mount = plan.is_some();
+    let (mut session, _ring) = match plan {
+        None => (
+            Session::new(dev_fs, &mountpoint, &config).map_err(failed)?,
+            None,
+        ),
+        Some(plan) => {
+            let request = transport::MountRequest {
+                mountpoint: &mountpoint,
+                fsname: &fsname,
+                allow_other: options.allow_other,
+            };
+            let dev = transport::mount(&request).map_err(failed)?;
+            let ring_dev = Arc::new(dev.try_clone()?);
+            let session = Session::from_fd(dev_fs, dev, config.acl, config.clone())
+                .inspect_err(|_| drop(umount(&mountpoint, libc::MNT_DETACH)))
+                .map_err(failed)?;
+            let users = ring::Users {
+                owner: (!options.allow_other).then(super::euid),
+            };
+            let ring = if ring_agreed.load(Ordering::Acquire) {
+                Some(ring::serve(plan, ring_dev, fs.clone(), users)?)
+            } else {
+                log::info!("FUSE over io_uring not offered at INIT: serving through /dev/fuse");
+                None
+            };
+            (session, ring)
+        }
+    };
     if let Some(view) = &options.warm {
         spawn_warm(
             view.clone(),
@@ -115,7 +157,10 @@ pub fn mount(
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
     }
-    let mut unmounter = session.unmount_callable();
+    let mut unmounter = match own_mount {
+        false => Unmounter::Fuser(session.unmount_callable()),
+        true => Unmounter::Own(mountpoint.clone()),
+    };
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
     let watched_engine = engine.clone();
@@ -169,9 +214,29 @@ pub fn mount(
     if let Some(notify) = &options.notify {
         notify.stopping("unmounted");
     }
+    if served.is_err() && own_mount {
+        // fuser unmounts its own mounts when its session fails; this one is lorafs's.
+        let _ = umount(&mountpoint, libc::MNT_DETACH);
+    }
     served?;
     log::info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Unmounts the mount being served, on a signal: fuser's own mount, or the one lorafs made
+/// for FUSE over io_uring.
+enum Unmounter {
+    Fuser(fuser::SessionUnmounter),
+    Own(PathBuf),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> io::Result<()> {
+        match self {
+            Unmounter::Fuser(unmounter) => unmounter.unmount(),
+            Unmounter::Own(mountpoint) => umount(mountpoint, 0),
+        }
+    }
 }
 
 /// Warm `view`, served at `dir` with its root at inode `root`, on a thread of its own.

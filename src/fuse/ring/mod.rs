@@ -1,0 +1,338 @@
+//! FUSE over io_uring (Linux 6.14+, where the fuse module's `enable_uring` is on; the
+//! protocol is the kernel's `Documentation/filesystems/fuse-io-uring.rst`): instead of
+//! reading each request from `/dev/fuse` and writing each reply back (two system calls), a
+//! server registers ring entries, each a header buffer and a payload buffer, on one queue
+//! per CPU; the kernel writes a request into an entry of the queue of the CPU it came from
+//! and completes that entry's command; the server writes the reply into the same buffers and
+//! commits it, fetching the next request in the same call.
+//!
+//! Here each serving thread owns one io_uring with one entry on one queue, so a thread
+//! serves one request at a time, as a `/dev/fuse` thread does, and waits in one system call
+//! per request. Every queue gets `threads` of them. fuser's session still negotiates INIT and
+//! reads `/dev/fuse`, which the kernel keeps using for FORGET and INTERRUPT.
+//!
+//! Once INIT agreed to the ring, the kernel holds every request until each queue has an
+//! entry; if a registration fails it gives up on the ring and serves `/dev/fuse`
+//! instead. So the ring is asked for only after [`Plan::probe`] showed this process can run
+//! one, and a failed registration is logged once and leaves the mount to `/dev/fuse`.
+
+mod abi;
+mod dispatch;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use fuser::Errno;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::{panics, LorafsFs};
+pub(super) use dispatch::Users;
+
+/// The smallest payload buffer a ring entry may have (the kernel's `FUSE_MIN_READ_BUFFER`
+/// is smaller; one request of 1 MiB, what lorafs asks the kernel for, is larger).
+const MIN_PAYLOAD: usize = 1 << 20;
+
+/// More queues than this means a machine with many possible CPUs; a thread per queue and
+/// serving thread would cost more than the ring saves, so it is not used there.
+const MAX_QUEUES: usize = 256;
+
+/// How the ring is laid out on this machine.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Plan {
+    /// One per possible CPU, as the kernel makes them.
+    pub queues: usize,
+    /// Serving threads (each with one entry) per queue.
+    pub threads: usize,
+    /// Bytes of each entry's payload buffer: the largest request or reply the kernel may send.
+    pub payload: usize,
+}
+
+impl Plan {
+    /// The plan for `threads` serving threads per queue, if this process can run a ring:
+    /// the CPUs the kernel makes queues for are known, and an io_uring with 128-byte entries
+    /// (the FUSE command's size) can be set up.
+    pub fn probe(threads: usize) -> Result<Plan, String> {
+        let queues = possible_cpus().map_err(|e| format!("possible CPUs unknown: {e}"))?;
+        if queues == 0 || queues > MAX_QUEUES {
+            return Err(format!("{queues} possible CPUs (queues)"));
+        }
+        new_ring().map_err(|e| format!("io_uring unavailable: {e}"))?;
+        Ok(Plan {
+            queues,
+            threads: threads.max(1),
+            payload: max_payload(),
+        })
+    }
+}
+
+/// The running ring: told when its threads should stop registering again (the mount ends).
+pub(super) struct Ring {
+    stopping: Arc<AtomicBool>,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Start serving `fs` on the ring of `dev` (the mount's `/dev/fuse`, after INIT agreed to the
+/// ring). Each thread registers its entry and serves; a registration the kernel refuses is
+/// logged, and the mount is served through `/dev/fuse`.
+pub(super) fn serve(
+    plan: Plan,
+    dev: Arc<OwnedFd>,
+    fs: Arc<LorafsFs>,
+    users: Users,
+) -> io::Result<Ring> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicBool::new(false));
+    fs.uring.store(true, Ordering::Relaxed);
+    for qid in 0..plan.queues {
+        for t in 0..plan.threads {
+            let queue = Queue {
+                qid: qid as u16,
+                dev: dev.clone(),
+                fs: fs.clone(),
+                users,
+                stopping: stopping.clone(),
+                refused: refused.clone(),
+            };
+            let payload = plan.payload;
+            std::thread::Builder::new()
+                .name(format!("lorafs-ring-{qid}.{t}"))
+                .spawn(move || queue.run(payload))?;
+        }
+    }
+    log::info!(
+        "serving through FUSE over io_uring: {} queues x {} threads, {} KiB payload buffers",
+        plan.queues,
+        plan.threads,
+        plan.payload >> 10
+    );
+    Ok(Ring { stopping })
+}
+
+/// A serving thread's place in the ring.
+struct Queue {
+    qid: u16,
+    dev: Arc<OwnedFd>,
+    fs: Arc<LorafsFs>,
+    users: Users,
+    stopping: Arc<AtomicBool>,
+    /// Set by the first thread whose registration the kernel refused: the others stay quiet.
+    refused: Arc<AtomicBool>,
+}
+
+/// A ring entry's buffers, registered with the kernel and valid as long as the ring.
+struct Entry {
+    header: Box<[u8; abi::HEADER_BYTES]>,
+    payload: Vec<u8>,
+    iov: Box<[libc::iovec; 2]>,
+}
+
+impl Entry {
+    fn new(payload: usize) -> Entry {
+        let mut header = Box::new([0u8; abi::HEADER_BYTES]);
+        let mut payload = vec![0u8; payload];
+        let iov = Box::new([
+            libc::iovec {
+                iov_base: header.as_mut_ptr().cast(),
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: payload.as_mut_ptr().cast(),
+                iov_len: payload.len(),
+            },
+        ]);
+        Entry {
+            header,
+            payload,
+            iov,
+        }
+    }
+}
+
+impl Queue {
+    fn run(self, payload: usize) {
+        // Declared before the ring, so dropped after it: the kernel may use the buffers
+        // until the ring is gone.
+        let mut entry = Entry::new(payload);
+        let mut ring = match new_ring() {
+            Ok(ring) => ring,
+            Err(e) => return log::error!("ring queue {}: io_uring setup failed: {e}", self.qid),
+        };
+        let mut next = register(self.dev.as_raw_fd(), self.qid, &entry);
+        let mut registering = true;
+        loop {
+            // SAFETY: the entry's buffers and iovecs, which the command points to, live in
+            // `entry`, declared before `ring` and so dropped after it.
+            if let Err(e) = unsafe { ring.submission().push(&next) } {
+                return log::error!("ring queue {}: submission queue full: {e}", self.qid);
+            }
+            if let Err(e) = submit_and_wait(&mut ring) {
+                return log::error!("ring queue {}: io_uring_enter failed: {e}", self.qid);
+            }
+            let Some(cqe) = ring.completion().next() else {
+                continue;
+            };
+            if cqe.result() < 0 {
+                let err = io::Error::from_raw_os_error(-cqe.result());
+                if !self.recover(err, registering) {
+                    return;
+                }
+                next = register(self.dev.as_raw_fd(), self.qid, &entry);
+                registering = true;
+                continue;
+            }
+            registering = false;
+            let commit_id = abi::commit_id(&entry.header);
+            self.serve_one(&mut entry);
+            next = commit(self.dev.as_raw_fd(), self.qid, commit_id);
+        }
+    }
+
+    /// After the kernel completed this thread's command with `err`: whether to register
+    /// the entry again. The end of the mount ends the thread quietly; a refused first
+    /// registration leaves the mount to `/dev/fuse` (logged once); any other failure costs
+    /// the entry, which is registered again.
+    fn recover(&self, err: io::Error, registering: bool) -> bool {
+        let ended = matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED)
+        );
+        if ended || self.stopping.load(Ordering::Relaxed) {
+            log::debug!("ring queue {}: stopped ({err})", self.qid);
+            return false;
+        }
+        if registering {
+            self.fs.uring.store(false, Ordering::Relaxed);
+            if !self.refused.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "FUSE over io_uring: the kernel refused a ring entry ({err}); \
+                     serving through /dev/fuse"
+                );
+            }
+            return false;
+        }
+        log::error!(
+            "ring queue {}: a commit failed ({err}); registering again",
+            self.qid
+        );
+        true
+    }
+
+    /// Answer the request in `entry` and write the reply over it. A bug costs the request
+    /// (EIO), not the thread.
+    fn serve_one(&self, entry: &mut Entry) {
+        let Entry {
+            header, payload, ..
+        } = entry;
+        let unique = abi::unique(header);
+        let result = match abi::Request::parse(header, payload) {
+            None => {
+                log::error!("ring request {unique}: payload size past the buffer; EIO");
+                Err(Errno::EIO)
+            }
+            Some(req) => {
+                let answered =
+                    panics::catch(|| dispatch::answer(&self.fs, self.users, &req, payload));
+                answered.unwrap_or_else(|| {
+                    let op = req.header.opcode;
+                    log::error!("FUSE opcode {op} panicked; the request got EIO");
+                    Err(Errno::EIO)
+                })
+            }
+        };
+        match result {
+            Ok(n) => abi::set_reply(header, unique, 0, n),
+            Err(errno) => abi::set_reply(header, unique, -i32::from(errno), 0),
+        }
+    }
+}
+
+fn new_ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
+    IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(2)
+}
+
+fn submit_and_wait(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>) -> io::Result<()> {
+    loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            other => return other.map(drop),
+        }
+    }
+}
+
+/// The command registering `entry` on queue `qid` of `dev`.
+fn register(dev: RawFd, qid: u16, entry: &Entry) -> squeue::Entry128 {
+    let mut sqe = opcode::UringCmd80::new(types::Fd(dev), abi::CMD_REGISTER)
+        .cmd(abi::cmd_req(0, qid))
+        .addr(Some(entry.iov.as_ptr() as u64))
+        .build();
+    // FUSE takes the number of iovecs in the SQE's `len`, which io-uring's builder has no
+    // setter for.
+    // SAFETY: `Entry128` is `#[repr(C)]` and starts with the kernel's `struct io_uring_sqe`,
+    // whose `__u32 len` is at byte 24 (include/uapi/linux/io_uring.h); the write stays
+    // within the 128-byte value.
+    unsafe {
+        let sqe_bytes = (&mut sqe as *mut squeue::Entry128).cast::<u8>();
+        sqe_bytes.add(24).cast::<u32>().write_unaligned(2);
+    }
+    sqe
+}
+
+/// The command committing the reply to request `commit_id` and fetching the next.
+fn commit(dev: RawFd, qid: u16, commit_id: u64) -> squeue::Entry128 {
+    opcode::UringCmd80::new(types::Fd(dev), abi::CMD_COMMIT_AND_FETCH)
+        .cmd(abi::cmd_req(commit_id, qid))
+        .build()
+}
+
+/// The number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-1` or
+/// `0-3,8`): the kernel makes one queue for each.
+fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    count_cpus(text.trim()).ok_or_else(|| io::Error::other(format!("unreadable: {text:?}")))
+}
+
+fn count_cpus(list: &str) -> Option<usize> {
+    let mut count = 0;
+    for range in list.split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        let (first, last): (usize, usize) = (first.parse().ok()?, last.parse().ok()?);
+        count += last.checked_sub(first)? + 1;
+    }
+    Some(count)
+}
+
+/// The payload the kernel requires of each entry: its largest request, `max_pages` pages
+/// (capped by `fs.fuse.max_pages_limit`), or the 1 MiB `max_write` lorafs sets.
+fn max_payload() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let limit = std::fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(256);
+    (limit.min(65535) * page).max(MIN_PAYLOAD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(count_cpus("0"), Some(1));
+        assert_eq!(count_cpus("0-1"), Some(2));
+        assert_eq!(count_cpus("0-3,8,10-11"), Some(7));
+        assert_eq!(count_cpus("3-1"), None);
+        assert_eq!(count_cpus(""), None);
+    }
+}
