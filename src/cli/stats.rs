@@ -211,12 +211,21 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
     let mut rows: Vec<(&str, String)> = vec![
         (
             "mount",
-            format!(
-                "{} (pid {}, kernel {})",
-                mountpoint.display(),
-                s.pid,
-                s.kernel
-            ),
+            match s.other.get("transport") {
+                // Servers before FUSE over io_uring had one transport and no line for it.
+                Some(transport) => format!(
+                    "{} (pid {}, kernel {}, transport {transport})",
+                    mountpoint.display(),
+                    s.pid,
+                    s.kernel
+                ),
+                None => format!(
+                    "{} (pid {}, kernel {})",
+                    mountpoint.display(),
+                    s.pid,
+                    s.kernel
+                ),
+            },
         ),
         ("bytes read", size(s.bytes_read)),
         ("  merged", size(s.bytes_merged)),

@@ -207,7 +207,7 @@ fn stats_json_counts_what_was_read() {
     for line in text.lines() {
         let (name, value) = line.split_once(' ').unwrap();
         match name {
-            "kernel" => assert_eq!(after[name], value),
+            "kernel" | "transport" => assert_eq!(after[name], value),
             _ => assert!(after[name].is_u64(), "{name}: {after}"),
         }
     }
@@ -217,6 +217,8 @@ fn stats_json_counts_what_was_read() {
         table.contains("bytes read") && table.contains("hit rate"),
         "{table}"
     );
+    let transport = after["transport"].as_str().unwrap();
+    assert!(table.contains(&format!("transport {transport}")), "{table}");
     assert!(table.contains("KiB"), "sizes in units: {table}");
 }
 

@@ -14,5 +14,6 @@ mod mount_trust;
 mod output;
 mod read_at;
 mod system;
+mod transport;
 mod views;
 mod views_file;
