@@ -195,6 +195,7 @@ def mount(
     threads: Optional[int] = None,
     allow_other: bool = False,
     read_ahead_kb: Optional[int] = None,
+    transport: Optional[str] = None,
     log_file: Optional[PathArg] = None,
 ) -> Mount:
     """Mount ``base`` merged with ``adapters`` (or as ``views``) read-only, as
@@ -227,6 +228,8 @@ def mount(
         threads: threads serving requests (default: the number of cores, at least 2).
         allow_other: let other users read the mount.
         read_ahead_kb: kernel read-ahead of the mount in KiB (root only; 0 keeps 128 KiB).
+        transport: how requests reach the server: ``"auto"`` (default: FUSE over io_uring
+            where the kernel offers it, else ``/dev/fuse``), ``"uring"`` or ``"dev"``.
         log_file: where the server appends its log (default: discarded).
 
     Raises:
@@ -243,6 +246,8 @@ def mount(
     if base_read_ahead is not None:
         args += ["--base-read-ahead", cmd.size_arg(base_read_ahead, "base_read_ahead")]
     args += _mount_options(direct_io, warm, threads, allow_other, read_ahead_kb, log_file)
+    if transport is not None:
+        args += ["--transport", _transport_arg(transport)]
     path, created = _mountpoint(mountpoint)
     try:
         cmd.run(["mount", base_arg, str(path), *args])
@@ -280,6 +285,17 @@ def _mount_options(
     if log_file is not None:
         args += ["--log-file", os.path.abspath(cmd.path_arg(log_file, "log_file"))]
     return args
+
+
+TRANSPORTS = ("auto", "uring", "dev")
+
+
+def _transport_arg(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"transport must be one of {TRANSPORTS}, not {type(value).__name__}")
+    if value not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, not {value!r}")
+    return value
 
 
 def _mountpoint(mountpoint: Optional[PathArg]) -> "tuple[Path, bool]":

@@ -124,6 +124,7 @@ const VALUED: &[(&str, &str)] = &[
     ("warm", "--warm"),
     ("threads", "--threads"),
     ("read_ahead_kb", "--read-ahead-kb"),
+    ("transport", "--transport"),
     ("log_file", "--log-file"),
 ];
 
@@ -288,14 +289,15 @@ mod tests {
             "m",
             "-o",
             "catalog=/c,factor_cache=1GiB,dtype=bf16,direct_io=never,warm=always,threads=3,\
-             allow_other,read_ahead_kb=0,base_read_ahead=8MiB,log_file=/var/log/l,view=v=/a",
+             allow_other,read_ahead_kb=0,transport=uring,base_read_ahead=8MiB,log_file=/var/log/l,\
+             view=v=/a",
         ])
         .unwrap();
         assert_eq!(
             argv[2..].join(" "),
             "--catalog /c --factor-cache 1GiB --dtype bf16 --direct-io never --warm always \
-             --threads 3 --allow-other --read-ahead-kb 0 --base-read-ahead 8MiB \
-             --log-file /var/log/l --view v=/a -- b m"
+             --threads 3 --allow-other --read-ahead-kb 0 --transport uring \
+             --base-read-ahead 8MiB --log-file /var/log/l --view v=/a -- b m"
         );
     }
 

@@ -140,6 +140,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         threads=2,
         allow_other=True,
         read_ahead_kb=0,
+        transport="dev",
         log_file=log,
     ) as m:
         assert m.path == mnt and m.created_mountpoint
@@ -148,6 +149,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         options = next(line for line in open("/proc/self/mountinfo") if f" {m.path} " in line)
         assert "allow_other" in options, options
         assert m.stats()["read_ahead_budget"] == 8 << 20
+        assert m.stats()["transport"] == "dev"
     assert not mnt.exists()
     assert log.stat().st_size > 0, "the server logged nothing to log_file"
 

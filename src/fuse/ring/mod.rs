@@ -254,6 +254,8 @@ impl Queue {
 }
 
 fn new_ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
+    // As libfuse sets its rings up: one thread submits, and the kernel's work for it runs
+    // when that thread waits (no interrupt to run it earlier).
     IoUring::<squeue::Entry128, cqueue::Entry>::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
