@@ -172,14 +172,12 @@ impl Queue {
             if let Err(e) = unsafe { ring.submission().push(&next) } {
                 return log::error!("ring queue {}: submission queue full: {e}", self.qid);
             }
-            if let Err(e) = submit_and_wait(&mut ring) {
-                return log::error!("ring queue {}: io_uring_enter failed: {e}", self.qid);
-            }
-            let Some(cqe) = ring.completion().next() else {
-                continue;
+            let result = match completion(&mut ring) {
+                Ok(result) => result,
+                Err(e) => return log::error!("ring queue {}: io_uring_enter: {e}", self.qid),
             };
-            if cqe.result() < 0 {
-                let err = io::Error::from_raw_os_error(-cqe.result());
+            if result < 0 {
+                let err = io::Error::from_raw_os_error(-result);
                 if !self.recover(err, registering) {
                     return;
                 }
@@ -262,11 +260,16 @@ fn new_ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
         .build(2)
 }
 
-fn submit_and_wait(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>) -> io::Result<()> {
+/// Submit what is queued and wait for the one command in flight to complete: its result.
+fn completion(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>) -> io::Result<i32> {
     loop {
         match ring.submit_and_wait(1) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            other => return other.map(drop),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        if let Some(cqe) = ring.completion().next() {
+            return Ok(cqe.result());
         }
     }
 }
