@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Choose the mount's read options on this machine by measuring them: the kernel read-ahead
-# (--read-ahead-kb), the FUSE threads (--threads) and the base read-ahead
-# (--base-read-ahead), each value read through fresh mounts of a Llama-shaped model
+# (--read-ahead-kb), the FUSE threads (--threads), the kernel's background requests in flight
+# (--max-background), the transport (--transport, where the kernel has FUSE over io_uring on)
+# and the base read-ahead (--base-read-ahead), each value read through fresh mounts of a Llama-shaped model
 # (examples/synth_model.rs, rank-16 LoRA on every linear layer), the other options at
 # their defaults. Two cases: the base in the page cache (`cached`: what a loader sees once
 # the base was read before) and the base cold from disk (`cold`: page cache dropped before
@@ -45,8 +46,15 @@ sweep() { # sweep CASE OPTION VALUE...
     echo "  fastest: $option $best ($best_s s)"
 }
 
+# The transports only where the kernel offers FUSE over io_uring (scripts/bench_transport.sh
+# compares them in more detail).
+transports=dev
+if grep -qx Y /sys/module/fuse/parameters/enable_uring 2> /dev/null; then transports="dev uring"; fi
 for case in cached cold; do
     sweep "$case" --read-ahead-kb 1024 4096 16384
     sweep "$case" --threads 2 4 8
+    sweep "$case" --max-background 16 64 256
+    # shellcheck disable=SC2086 # the list of transports, split on spaces
+    sweep "$case" --transport $transports
     sweep "$case" --base-read-ahead 0 32MiB 64MiB 256MiB
 done

@@ -195,6 +195,7 @@ def mount(
     threads: Optional[int] = None,
     allow_other: bool = False,
     read_ahead_kb: Optional[int] = None,
+    max_background: Optional[int] = None,
     transport: Optional[str] = None,
     log_file: Optional[PathArg] = None,
 ) -> Mount:
@@ -228,6 +229,8 @@ def mount(
         threads: threads serving requests (default: the number of cores, at least 2).
         allow_other: let other users read the mount.
         read_ahead_kb: kernel read-ahead of the mount in KiB (root only; 0 keeps 128 KiB).
+        max_background: FUSE's ``max_background``, background requests the kernel keeps
+            in flight (default 64).
         transport: how requests reach the server: ``"auto"`` (default: FUSE over io_uring
             where the kernel offers it, else ``/dev/fuse``), ``"uring"`` or ``"dev"``.
         log_file: where the server appends its log (default: discarded).
@@ -246,6 +249,8 @@ def mount(
     if base_read_ahead is not None:
         args += ["--base-read-ahead", cmd.size_arg(base_read_ahead, "base_read_ahead")]
     args += _mount_options(direct_io, warm, threads, allow_other, read_ahead_kb, log_file)
+    if max_background is not None:
+        args += ["--max-background", cmd.count_arg(max_background, "max_background", 1)]
     if transport is not None:
         args += ["--transport", _transport_arg(transport)]
     path, created = _mountpoint(mountpoint)

@@ -236,6 +236,10 @@ pub(crate) const MATERIALIZE_CACHE: usize = 32 << 20;
 /// default 128 KiB run about a third as fast as at 1-8 MiB (BENCHMARKS.md, "Mount").
 pub(crate) const DEFAULT_READ_AHEAD_KB: u32 = 4096;
 
+/// FUSE's `max_background` for the mount: more reads in flight than the kernel's default 12
+/// (readahead of several files at once, and threads of a loader, each keep some outstanding).
+pub(crate) const DEFAULT_MAX_BACKGROUND: u16 = 64;
+
 pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(2, |n| n.get())

@@ -124,6 +124,7 @@ const VALUED: &[(&str, &str)] = &[
     ("warm", "--warm"),
     ("threads", "--threads"),
     ("read_ahead_kb", "--read-ahead-kb"),
+    ("max_background", "--max-background"),
     ("transport", "--transport"),
     ("log_file", "--log-file"),
 ];
@@ -289,14 +290,15 @@ mod tests {
             "m",
             "-o",
             "catalog=/c,factor_cache=1GiB,dtype=bf16,direct_io=never,warm=always,threads=3,\
-             allow_other,read_ahead_kb=0,transport=uring,base_read_ahead=8MiB,log_file=/var/log/l,\
+             allow_other,read_ahead_kb=0,max_background=32,transport=uring,base_read_ahead=8MiB,\
+             log_file=/var/log/l,\
              view=v=/a",
         ])
         .unwrap();
         assert_eq!(
             argv[2..].join(" "),
             "--catalog /c --factor-cache 1GiB --dtype bf16 --direct-io never --warm always \
-             --threads 3 --allow-other --read-ahead-kb 0 --transport uring \
+             --threads 3 --allow-other --read-ahead-kb 0 --max-background 32 --transport uring \
              --base-read-ahead 8MiB --log-file /var/log/l --view v=/a -- b m"
         );
     }

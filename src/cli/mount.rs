@@ -46,6 +46,11 @@ pub(crate) struct MountArgs {
     /// unmounts.
     #[arg(long)]
     pub(crate) foreground: bool,
+    /// Requests the kernel may have in flight in the background (read-ahead and
+    /// asynchronous reads) before it makes readers wait: FUSE's `max_background`.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_BACKGROUND,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) max_background: u16,
     /// How requests travel between the kernel and lorafs: uring (FUSE over io_uring: Linux
     /// 6.14+ with the fuse module's enable_uring on, and root), dev (/dev/fuse), or auto
     /// (uring where it can be had, else dev, saying why in the log).
@@ -77,6 +82,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         read_ahead_kb,
         warm,
         foreground,
+        max_background,
         transport,
         log_file,
         daemon_child,
@@ -112,6 +118,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
         warm: warm_view,
         notify: notify.map(Arc::new),
+        max_background,
         transport,
     };
     lorafs::fuse::mount(fs, live, &mountpoint, &options, || {

@@ -25,6 +25,8 @@ pub(super) struct DevFs {
     pub fs: Arc<LorafsFs>,
     pub ring: bool,
     pub ring_agreed: Arc<AtomicBool>,
+    /// FUSE's `max_background`, asked for at INIT.
+    pub max_background: u16,
 }
 
 /// Each callback runs its body under [`caught`]: a bug costs that request (EIO), not the
@@ -32,11 +34,10 @@ pub(super) struct DevFs {
 /// kernel options.
 impl Filesystem for DevFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // More reads in flight than the default 16: readahead of several files at once and
-        // threads of a loader each keep some outstanding.
-        match config.set_max_background(64) {
-            Ok(_) => log::info!("kernel accepted max_background 64"),
-            Err(max) => log::info!("kernel refused max_background 64 (max {max})"),
+        let n = self.max_background;
+        match config.set_max_background(n) {
+            Ok(_) => log::info!("kernel accepted max_background {n}"),
+            Err(max) => log::info!("kernel refused max_background {n} (max {max})"),
         }
         match config.set_max_readahead(u32::MAX) {
             Ok(_) => {}

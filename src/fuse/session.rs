@@ -36,6 +36,8 @@ pub struct MountOptions {
     /// STOPPING=1 when it starts to unmount. Only for the process systemd started: a
     /// background server is not the unit's main process.
     pub notify: Option<Arc<ServiceNotifier>>,
+    /// FUSE's `max_background`: background requests in flight before readers wait.
+    pub max_background: u16,
     /// How requests travel between the kernel and the server.
     pub transport: Transport,
 }
@@ -94,6 +96,7 @@ pub fn mount(
         fs: fs.clone(),
         ring: plan.is_some(),
         ring_agreed: ring_agreed.clone(),
+        max_background: options.max_background,
     };
     let failed = |e: io::Error| {
         io::Error::new(

@@ -140,6 +140,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         threads=2,
         allow_other=True,
         read_ahead_kb=0,
+        max_background=32,
         transport="dev",
         log_file=log,
     ) as m:

@@ -29,6 +29,46 @@ fn transport_of(mountpoint: &Path) -> String {
     line.expect("a transport line").to_string()
 }
 
+/// `lorafs mount --foreground`, its log (stderr, at info level) written to `log`, once the
+/// mount is there. In the foreground, because a background server's lines from before it
+/// detaches go to the `lorafs mount` that started it.
+fn mount_in_foreground(
+    base: &Path,
+    mnt: &Path,
+    adapter: &Path,
+    extra: &[&str],
+    log: &Path,
+) -> std::process::Child {
+    let mut extra = extra.to_vec();
+    extra.push("--foreground");
+    let child = Command::new(lorafs_bin())
+        .arg("mount")
+        .arg(base)
+        .arg(mnt)
+        .args(mount_args(adapter, &extra))
+        .env("LORAFS_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !is_mounted(mnt) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "mount did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Unmount a foreground mount (SIGTERM): its log.
+fn stop(mut child: std::process::Child, log: &Path) -> String {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(log).unwrap()
+}
+
 fn names_in(dir: &Path) -> Vec<OsString> {
     let entries = std::fs::read_dir(dir).unwrap();
     let mut names: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
@@ -111,37 +151,13 @@ fn without_the_kernels_ring_auto_falls_back_in_one_log_line_and_uring_is_refused
         return;
     }
     let (tmp, _spec, base, adapter) = small_model();
-    // In the foreground, with stderr (the log) kept: a background server's lines from
-    // before it detaches go to the `lorafs mount` that started it.
     let log = tmp.path().join("mount.log");
     let mnt = tmp.path().join("auto");
     std::fs::create_dir(&mnt).unwrap();
     let mnt = mnt.canonicalize().unwrap();
-    let mut child = Command::new(lorafs_bin())
-        .arg("mount")
-        .arg(&base)
-        .arg(&mnt)
-        .args(mount_args(
-            &adapter,
-            &["--transport", "auto", "--foreground"],
-        ))
-        .env("LORAFS_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !is_mounted(&mnt) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "mount did not appear"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = mount_in_foreground(&base, &mnt, &adapter, &["--transport", "auto"], &log);
     assert_eq!(transport_of(&mnt), "dev");
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = stop(child, &log);
     let said = text
         .lines()
         .filter(|l| l.contains("io_uring"))
@@ -185,4 +201,22 @@ fn with_the_kernels_ring_auto_uses_it() {
         &mount_args(&adapter, &extra),
     );
     assert_eq!(transport_of(&guard.mountpoint), "uring");
+}
+
+#[test]
+fn max_background_is_asked_of_the_kernel() {
+    if !can_mount() {
+        return;
+    }
+    let (tmp, _spec, base, adapter) = small_model();
+    let log = tmp.path().join("mount.log");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let child = mount_in_foreground(&base, &mnt, &adapter, &["--max-background", "17"], &log);
+    assert!(std::fs::read(mnt.join("config.json")).is_ok());
+    let text = stop(child, &log);
+    assert!(text.contains("kernel accepted max_background 17"), "{text}");
+    let (ok, _, err) = run_lorafs(["mount", "b", "m", "--max-background", "0"]);
+    assert!(!ok && err.contains("max-background"), "{err}");
 }
