@@ -67,72 +67,11 @@ pub fn mount(
     let mountpoint = mountpoint.canonicalize()?;
     let engine = fs.engine.clone();
     let tree = fs.tree();
-    let fsname = format!(
-        "{FS_NAME}:{}",
-        (engine.base.dir.canonicalize())
-            .unwrap_or_else(|_| engine.base.dir.clone())
-            .display()
-    );
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        // The kernel checks each access against the mode and owner each node takes from its
-        // source (see `inodes`), so `--allow-other` shares no more than the source does.
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::FSName(fsname.clone()),
-        MountOption::Subtype(FS_NAME.into()),
-    ];
-    if options.allow_other {
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = true;
-    let plan = transport::choose(options.transport, options.threads)?;
-    let fs = Arc::new(fs);
-    let ring_agreed = Arc::new(AtomicBool::new(false));
-    let dev_fs = DevFs {
-        fs: fs.clone(),
-        ring: plan.is_some(),
-        ring_agreed: ring_agreed.clone(),
-        max_background: options.max_background,
-    };
-    let failed = |e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!("mounting {} failed: {e}", mountpoint.display()),
-        )
-    };
-    let own_mount = plan.is_some();
-    let (mut session, _ring) = match plan {
-        None => (
-            Session::new(dev_fs, &mountpoint, &config).map_err(failed)?,
-            None,
-        ),
-        Some(plan) => {
-            let request = transport::MountRequest {
-                mountpoint: &mountpoint,
-                fsname: &fsname,
-                allow_other: options.allow_other,
-            };
-            let dev = transport::mount(&request).map_err(failed)?;
-            let ring_dev = Arc::new(dev.try_clone()?);
-            let session = Session::from_fd(dev_fs, dev, config.acl, config.clone())
-                .inspect_err(|_| drop(umount(&mountpoint, libc::MNT_DETACH)))
-                .map_err(failed)?;
-            let users = ring::Users {
-                owner: (!options.allow_other).then(super::euid),
-            };
-            let ring = if ring_agreed.load(Ordering::Acquire) {
-                Some(ring::serve(plan, ring_dev, fs.clone(), users)?)
-            } else {
-                log::info!("FUSE over io_uring not offered at INIT: serving through /dev/fuse");
-                None
-            };
-            (session, ring)
-        }
-    };
+    let Served {
+        mut session,
+        ring: _ring,
+        own_mount,
+    } = serve(fs, &mountpoint, options)?;
     if let Some(view) = &options.warm {
         spawn_warm(
             view.clone(),
@@ -224,6 +163,93 @@ pub fn mount(
     served?;
     log::info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// A mount's session, and the ring serving it beside `/dev/fuse` if any.
+struct Served {
+    session: Session<DevFs>,
+    ring: Option<ring::Ring>,
+    /// Mounted by lorafs itself (for the ring), not by fuser: lorafs unmounts it.
+    own_mount: bool,
+}
+
+/// Mount `fs` at `mountpoint` (canonical) through the transport `options` choose: fuser
+/// mounts for `/dev/fuse`; for the ring lorafs mounts, lets fuser negotiate INIT on the
+/// descriptor, and starts the ring's threads.
+fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<Served> {
+    let fsname = format!(
+        "{FS_NAME}:{}",
+        (fs.engine.base.dir.canonicalize())
+            .unwrap_or_else(|_| fs.engine.base.dir.clone())
+            .display()
+    );
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        // The kernel checks each access against the mode and owner each node takes from its
+        // source (see `inodes`), so `--allow-other` shares no more than the source does.
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::FSName(fsname.clone()),
+        MountOption::Subtype(FS_NAME.into()),
+    ];
+    if options.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    let plan = transport::choose(options.transport, options.threads)?;
+    let fs = Arc::new(fs);
+    let ring_agreed = Arc::new(AtomicBool::new(false));
+    let dev_fs = DevFs {
+        fs: fs.clone(),
+        ring: plan.is_some(),
+        ring_agreed: ring_agreed.clone(),
+        max_background: options.max_background,
+    };
+    let failed = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("mounting {} failed: {e}", mountpoint.display()),
+        )
+    };
+    let Some(plan) = plan else {
+        let session = Session::new(dev_fs, mountpoint, &config).map_err(failed)?;
+        return Ok(Served {
+            session,
+            ring: None,
+            own_mount: false,
+        });
+    };
+    let request = transport::MountRequest {
+        mountpoint,
+        fsname: &fsname,
+        allow_other: options.allow_other,
+    };
+    let dev = transport::mount(&request).map_err(failed)?;
+    // Once INIT agreed to the ring, every request waits for it: a failure from here on
+    // must not leave the mount behind.
+    let detach = |e: io::Error| {
+        let _ = umount(mountpoint, libc::MNT_DETACH);
+        failed(e)
+    };
+    let ring_dev = Arc::new(dev.try_clone().map_err(detach)?);
+    let session = Session::from_fd(dev_fs, dev, config.acl, config.clone()).map_err(detach)?;
+    let ring = if ring_agreed.load(Ordering::Acquire) {
+        let users = ring::Users {
+            owner: (!options.allow_other).then(super::euid),
+        };
+        Some(ring::serve(plan, ring_dev, fs, users).map_err(detach)?)
+    } else {
+        log::info!("FUSE over io_uring not offered at INIT: serving through /dev/fuse");
+        None
+    };
+    Ok(Served {
+        session,
+        ring,
+        own_mount: true,
+    })
 }
 
 /// Unmounts the mount being served, on a signal: fuser's own mount, or the one lorafs made
