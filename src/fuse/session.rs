@@ -4,18 +4,15 @@
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use fuser::{Config, MountOption, Session, SessionACL};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-use super::dev::DevFs;
 use super::transport::{self, Transport};
 use super::views::Views;
-use super::{ring, LorafsFs};
-use crate::mountinfo::{find_mount, mount_target, FS_NAME};
+use super::LorafsFs;
+use crate::mountinfo::{find_mount, mount_target};
 use crate::sd_notify::ServiceNotifier;
 use crate::tree;
 use crate::view::View;
@@ -67,11 +64,11 @@ pub fn mount(
     let mountpoint = mountpoint.canonicalize()?;
     let engine = fs.engine.clone();
     let tree = fs.tree();
-    let Served {
+    let transport::Served {
         mut session,
         ring: _ring,
         own_mount,
-    } = serve(fs, &mountpoint, options)?;
+    } = transport::serve(fs, &mountpoint, options)?;
     if let Some(view) = &options.warm {
         spawn_warm(
             view.clone(),
@@ -100,8 +97,8 @@ pub fn mount(
         set_read_ahead(&mountpoint, kb);
     }
     let mut unmounter = match own_mount {
-        false => Unmounter::Fuser(session.unmount_callable()),
-        true => Unmounter::Own(mountpoint.clone()),
+        false => transport::Unmounter::Fuser(session.unmount_callable()),
+        true => transport::Unmounter::Own(mountpoint.clone()),
     };
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
@@ -163,109 +160,6 @@ pub fn mount(
     served?;
     log::info!("unmounted {}", mountpoint.display());
     Ok(())
-}
-
-/// A mount's session, and the ring serving it beside `/dev/fuse` if any.
-struct Served {
-    session: Session<DevFs>,
-    ring: Option<ring::Ring>,
-    /// Mounted by lorafs itself (for the ring), not by fuser: lorafs unmounts it.
-    own_mount: bool,
-}
-
-/// Mount `fs` at `mountpoint` (canonical) through the transport `options` choose: fuser
-/// mounts for `/dev/fuse`; for the ring lorafs mounts, lets fuser negotiate INIT on the
-/// descriptor, and starts the ring's threads.
-fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<Served> {
-    let fsname = format!(
-        "{FS_NAME}:{}",
-        (fs.engine.base.dir.canonicalize())
-            .unwrap_or_else(|_| fs.engine.base.dir.clone())
-            .display()
-    );
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        // The kernel checks each access against the mode and owner each node takes from its
-        // source (see `inodes`), so `--allow-other` shares no more than the source does.
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::FSName(fsname.clone()),
-        MountOption::Subtype(FS_NAME.into()),
-    ];
-    if options.allow_other {
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = true;
-    let plan = transport::choose(options.transport, options.threads)?;
-    let fs = Arc::new(fs);
-    let ring_agreed = Arc::new(AtomicBool::new(false));
-    let dev_fs = DevFs {
-        fs: fs.clone(),
-        ring: plan.is_some(),
-        ring_agreed: ring_agreed.clone(),
-        max_background: options.max_background,
-    };
-    let failed = |e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!("mounting {} failed: {e}", mountpoint.display()),
-        )
-    };
-    let Some(plan) = plan else {
-        let session = Session::new(dev_fs, mountpoint, &config).map_err(failed)?;
-        return Ok(Served {
-            session,
-            ring: None,
-            own_mount: false,
-        });
-    };
-    let request = transport::MountRequest {
-        mountpoint,
-        fsname: &fsname,
-        allow_other: options.allow_other,
-    };
-    let dev = transport::mount(&request).map_err(failed)?;
-    // Once INIT agreed to the ring, every request waits for it: a failure from here on
-    // must not leave the mount behind.
-    let detach = |e: io::Error| {
-        let _ = umount(mountpoint, libc::MNT_DETACH);
-        failed(e)
-    };
-    let ring_dev = Arc::new(dev.try_clone().map_err(detach)?);
-    let session = Session::from_fd(dev_fs, dev, config.acl, config.clone()).map_err(detach)?;
-    let ring = if ring_agreed.load(Ordering::Acquire) {
-        let users = ring::Users {
-            owner: (!options.allow_other).then(super::euid),
-        };
-        Some(ring::serve(plan, ring_dev, fs, users).map_err(detach)?)
-    } else {
-        log::info!("FUSE over io_uring not offered at INIT: serving through /dev/fuse");
-        None
-    };
-    Ok(Served {
-        session,
-        ring,
-        own_mount: true,
-    })
-}
-
-/// Unmounts the mount being served, on a signal: fuser's own mount, or the one lorafs made
-/// for FUSE over io_uring.
-enum Unmounter {
-    Fuser(fuser::SessionUnmounter),
-    Own(PathBuf),
-}
-
-impl Unmounter {
-    fn unmount(&mut self) -> io::Result<()> {
-        match self {
-            Unmounter::Fuser(unmounter) => unmounter.unmount(),
-            Unmounter::Own(mountpoint) => umount(mountpoint, 0),
-        }
-    }
 }
 
 /// Warm `view`, served at `dir` with its root at inode `root`, on a thread of its own.
@@ -413,7 +307,7 @@ fn umount_retrying_busy(path: &Path) -> io::Result<()> {
     umount(path, 0)
 }
 
-fn umount(path: &Path, flags: i32) -> io::Result<()> {
+pub(super) fn umount(path: &Path, flags: i32) -> io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {

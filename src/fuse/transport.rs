@@ -1,16 +1,24 @@
 //! Which transport a mount serves through, and the mount itself: fuser mounts for the
 //! `/dev/fuse` transport; for FUSE over io_uring lorafs mounts with mount(2) itself (as
 //! fuser does for root), because the ring is registered on the mount's `/dev/fuse`
-//! descriptor, which fuser keeps to itself.
+//! descriptor, which fuser keeps to itself, and unmounts it itself.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use super::ring::Plan;
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use super::dev::DevFs;
+use super::ring::{self, Plan};
+use super::session::{umount, MountOptions};
+use super::LorafsFs;
+use crate::mountinfo::FS_NAME;
 
 /// How requests travel between the kernel and lorafs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,4 +126,107 @@ pub(super) fn mount(req: &MountRequest) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(dev)
+}
+
+/// A mount's session, and the ring serving it beside `/dev/fuse` if any.
+pub(super) struct Served {
+    pub session: Session<DevFs>,
+    pub ring: Option<ring::Ring>,
+    /// Mounted by lorafs itself (for the ring), not by fuser: lorafs unmounts it.
+    pub own_mount: bool,
+}
+
+/// Mount `fs` at `mountpoint` (canonical) through the transport `options` choose: fuser
+/// mounts for `/dev/fuse`; for the ring lorafs mounts, lets fuser negotiate INIT on the
+/// descriptor, and starts the ring's threads.
+pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> io::Result<Served> {
+    let fsname = format!(
+        "{FS_NAME}:{}",
+        (fs.engine.base.dir.canonicalize())
+            .unwrap_or_else(|_| fs.engine.base.dir.clone())
+            .display()
+    );
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        // The kernel checks each access against the mode and owner each node takes from its
+        // source (see `inodes`), so `--allow-other` shares no more than the source does.
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::FSName(fsname.clone()),
+        MountOption::Subtype(FS_NAME.into()),
+    ];
+    if options.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    let plan = choose(options.transport, options.threads)?;
+    let fs = Arc::new(fs);
+    let ring_agreed = Arc::new(AtomicBool::new(false));
+    let dev_fs = DevFs {
+        fs: fs.clone(),
+        ring: plan.is_some(),
+        ring_agreed: ring_agreed.clone(),
+        max_background: options.max_background,
+    };
+    let failed = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("mounting {} failed: {e}", mountpoint.display()),
+        )
+    };
+    let Some(plan) = plan else {
+        let session = Session::new(dev_fs, mountpoint, &config).map_err(failed)?;
+        return Ok(Served {
+            session,
+            ring: None,
+            own_mount: false,
+        });
+    };
+    let request = MountRequest {
+        mountpoint,
+        fsname: &fsname,
+        allow_other: options.allow_other,
+    };
+    let dev = mount(&request).map_err(failed)?;
+    // Once INIT agreed to the ring, every request waits for it: a failure from here on
+    // must not leave the mount behind.
+    let detach = |e: io::Error| {
+        let _ = umount(mountpoint, libc::MNT_DETACH);
+        failed(e)
+    };
+    let ring_dev = Arc::new(dev.try_clone().map_err(detach)?);
+    let session = Session::from_fd(dev_fs, dev, config.acl, config.clone()).map_err(detach)?;
+    let ring = if ring_agreed.load(Ordering::Acquire) {
+        let users = ring::Users {
+            owner: (!options.allow_other).then(super::euid),
+        };
+        Some(ring::serve(plan, ring_dev, fs, users).map_err(detach)?)
+    } else {
+        log::info!("FUSE over io_uring not offered at INIT: serving through /dev/fuse");
+        None
+    };
+    Ok(Served {
+        session,
+        ring,
+        own_mount: true,
+    })
+}
+
+/// Unmounts the mount being served, on a signal: fuser's own mount, or the one lorafs made
+/// for FUSE over io_uring.
+pub(super) enum Unmounter {
+    Fuser(fuser::SessionUnmounter),
+    Own(PathBuf),
+}
+
+impl Unmounter {
+    pub fn unmount(&mut self) -> io::Result<()> {
+        match self {
+            Unmounter::Fuser(unmounter) => unmounter.unmount(),
+            Unmounter::Own(mountpoint) => umount(mountpoint, 0),
+        }
+    }
 }
