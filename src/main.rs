@@ -95,6 +95,7 @@ fn start(cli: &Cli) {
         "warn"
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LORAFS_LOG", default_level))
+        .target(env_logger::Target::Pipe(Box::new(cli::LogSink)))
         .init();
     raise_open_files_limit();
 }

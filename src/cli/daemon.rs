@@ -8,6 +8,36 @@ use anyhow::Context;
 /// The line a background server prints on stdout once its mount is usable.
 pub(crate) const READY: &str = "lorafs-ready";
 
+/// The background server's `--log-file`, once open.
+static LOG_FILE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+/// Set once the server's stderr is the log file (or `/dev/null`).
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where log lines go: stderr, and a background server's `--log-file` from the moment it is
+/// open, so that what the server says while it starts (the transport it serves through,
+/// the kernel's settings, warnings about its inputs) is in the log file too. Until the
+/// server detaches, stderr is the pipe to the `lorafs mount` that started it, which shows
+/// the last lines when the server fails; afterwards it is the log file itself, written once.
+pub(crate) struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let detached = DETACHED.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(mut file) = LOG_FILE.get() {
+            file.write_all(line)?;
+            if detached {
+                return Ok(line.len());
+            }
+        }
+        std::io::stderr().write_all(line)?;
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// The server allocates about 1 MiB blocks from several threads; with glibc's default of
 /// one arena per thread, freed blocks stay spread over arenas and resident memory ends tens
 /// of MiB above the cache budget. One arena is enough at this allocation rate.
@@ -175,6 +205,9 @@ pub(crate) fn open_log_file(path: &Path, mountpoint: &Path) -> anyhow::Result<st
             libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
     }
+    if let Ok(logger_copy) = file.try_clone() {
+        let _ = LOG_FILE.set(logger_copy);
+    }
     Ok(file)
 }
 
@@ -200,6 +233,7 @@ pub(crate) fn detach_from_parent(log: Option<&std::fs::File>) {
         }
     };
     redirect(2);
+    DETACHED.store(true, std::sync::atomic::Ordering::Release);
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{READY}");
     let _ = out.flush();

@@ -9,6 +9,7 @@ mod mount_helper;
 mod stats;
 mod views;
 
+pub(crate) use daemon::LogSink;
 pub(crate) use fstab::invoked_as_helper;
 pub(crate) use mount_helper::run_mount_helper;
 

@@ -203,6 +203,7 @@ fn with_the_kernels_ring_auto_uses_it() {
     assert_eq!(transport_of(&guard.mountpoint), "uring");
 }
 
+/// Also: what a background server logs while it starts is in its `--log-file`.
 #[test]
 fn max_background_is_asked_of_the_kernel() {
     if !can_mount() {
@@ -210,13 +211,18 @@ fn max_background_is_asked_of_the_kernel() {
     }
     let (tmp, _spec, base, adapter) = small_model();
     let log = tmp.path().join("mount.log");
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mnt = mnt.canonicalize().unwrap();
-    let child = mount_in_foreground(&base, &mnt, &adapter, &["--max-background", "17"], &log);
-    assert!(std::fs::read(mnt.join("config.json")).is_ok());
-    let text = stop(child, &log);
+    let log_arg = log.to_str().unwrap();
+    let extra = ["--max-background", "17", "--log-file", log_arg];
+    let guard = MountGuard::new(
+        &base,
+        &tmp.path().join("mnt"),
+        &mount_args(&adapter, &extra),
+    );
+    assert!(std::fs::read(guard.mountpoint.join("config.json")).is_ok());
+    drop(guard);
+    let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("kernel accepted max_background 17"), "{text}");
+    assert!(text.contains("mounted "), "{text}");
     let (ok, _, err) = run_lorafs(["mount", "b", "m", "--max-background", "0"]);
     assert!(!ok && err.contains("max-background"), "{err}");
 }
