@@ -15,6 +15,11 @@ use super::ops::{STATFS_BSIZE, STATFS_NAMELEN};
 use super::panics::caught;
 use super::LorafsFs;
 
+/// `max_write`, the largest write the kernel may send. Nothing is ever written to a
+/// read-only mount; fuser's default (16 MiB) would make the kernel ask each io_uring entry
+/// for a payload buffer that large.
+pub(super) const MAX_WRITE: u32 = 1 << 20;
+
 thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -46,9 +51,7 @@ impl Filesystem for DevFs {
                 Err(e) => log::info!("kernel refused max_readahead {max}: {e}"),
             },
         }
-        // Nothing is ever written to a read-only mount; fuser's default (16 MiB) would make
-        // the kernel ask each io_uring entry for a payload buffer that large.
-        if let Err(e) = config.set_max_write(1 << 20) {
+        if let Err(e) = config.set_max_write(MAX_WRITE) {
             log::info!("kernel refused max_write 1 MiB: {e}");
         }
         if self.ring {

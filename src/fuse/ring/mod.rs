@@ -27,12 +27,16 @@ use std::sync::Arc;
 use fuser::Errno;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::dev::MAX_WRITE;
 use super::{panics, LorafsFs};
 pub(super) use dispatch::Users;
 
-/// The smallest payload buffer a ring entry may have (the kernel's `FUSE_MIN_READ_BUFFER`
-/// is smaller; one request of 1 MiB, what lorafs asks the kernel for, is larger).
-const MIN_PAYLOAD: usize = 1 << 20;
+/// Each entry's payload buffer: the kernel requires the largest request or reply it may
+/// send, `max_write` or `max_pages` pages. lorafs sets `max_write` to 1 MiB, and fuser asks
+/// for the pages of max(`max_write`, `max_readahead`), the latter 128 KiB as the kernel
+/// offers it at INIT; a kernel wanting more refuses the registration, and the mount falls
+/// back to `/dev/fuse` (logged).
+const PAYLOAD: usize = MAX_WRITE as usize;
 
 /// More queues than this means a machine with many possible CPUs; a thread per queue and
 /// serving thread would cost more than the ring saves, so it is not used there.
@@ -62,7 +66,7 @@ impl Plan {
         Ok(Plan {
             queues,
             threads: threads.max(1),
-            payload: max_payload(),
+            payload: PAYLOAD,
         })
     }
 }
@@ -314,18 +318,6 @@ fn count_cpus(list: &str) -> Option<usize> {
         count += last.checked_sub(first)? + 1;
     }
     Some(count)
-}
-
-/// The payload the kernel requires of each entry: its largest request, `max_pages` pages
-/// (capped by `fs.fuse.max_pages_limit`), or the 1 MiB `max_write` lorafs sets.
-fn max_payload() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let limit = std::fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-        .unwrap_or(256);
-    (limit.min(65535) * page).max(MIN_PAYLOAD)
 }
 
 #[cfg(test)]
