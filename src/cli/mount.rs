@@ -24,7 +24,8 @@ pub(crate) struct MountArgs {
     pub(crate) views: ViewArgs,
     /// An existing, empty directory.
     pub(crate) mountpoint: PathBuf,
-    /// Threads serving FUSE requests.
+    /// Threads serving FUSE requests (over FUSE over io_uring: on each CPU's queue, at most
+    /// 64 in all).
     #[arg(long, default_value_t = default_threads())]
     pub(crate) threads: usize,
     /// Let users other than the one mounting read the mount (needs `user_allow_other`

@@ -38,9 +38,13 @@ pub(super) use dispatch::Users;
 /// back to `/dev/fuse` (logged).
 const PAYLOAD: usize = MAX_WRITE as usize;
 
-/// More queues than this means a machine with many possible CPUs; a thread per queue and
-/// serving thread would cost more than the ring saves, so it is not used there.
+/// More queues than this means a machine with many possible CPUs; a thread per queue
+/// would cost more than the ring saves, so it is not used there.
 const MAX_QUEUES: usize = 256;
+
+/// Serving threads in all, at most (but one per queue at least): `--threads` per queue
+/// would be the square of the cores on a large machine.
+const MAX_THREADS: usize = 64;
 
 /// How the ring is laid out on this machine.
 #[derive(Clone, Copy, Debug)]
@@ -54,7 +58,8 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    /// The plan for `threads` serving threads per queue, if this process can run a ring:
+    /// The plan for `threads` serving threads per queue (fewer where the queues are many:
+    /// [`MAX_THREADS`]), if this process can run a ring:
     /// the CPUs the kernel makes queues for are known, and an io_uring with 128-byte entries
     /// (the FUSE command's size) can be set up.
     pub fn probe(threads: usize) -> Result<Plan, String> {
@@ -65,7 +70,7 @@ impl Plan {
         new_ring().map_err(|e| format!("io_uring unavailable: {e}"))?;
         Ok(Plan {
             queues,
-            threads: threads.max(1),
+            threads: threads.clamp(1, (MAX_THREADS / queues).max(1)),
             payload: PAYLOAD,
         })
     }
