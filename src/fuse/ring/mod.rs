@@ -70,7 +70,7 @@ impl Plan {
         new_ring().map_err(|e| format!("io_uring unavailable: {e}"))?;
         Ok(Plan {
             queues,
-            threads: threads.clamp(1, (MAX_THREADS / queues).max(1)),
+            threads: threads_per_queue(threads, queues),
             payload: PAYLOAD,
         })
     }
@@ -308,6 +308,10 @@ fn commit(dev: RawFd, qid: u16, commit_id: u64) -> squeue::Entry128 {
         .build()
 }
 
+fn threads_per_queue(threads: usize, queues: usize) -> usize {
+    threads.clamp(1, (MAX_THREADS / queues).max(1))
+}
+
 /// The number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-1` or
 /// `0-3,8`): the kernel makes one queue for each.
 fn possible_cpus() -> io::Result<usize> {
@@ -328,6 +332,15 @@ fn count_cpus(list: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serving_threads_per_queue() {
+        assert_eq!(threads_per_queue(2, 2), 2);
+        assert_eq!(threads_per_queue(0, 2), 1);
+        assert_eq!(threads_per_queue(16, 16), 4);
+        assert_eq!(threads_per_queue(64, 64), 1);
+        assert_eq!(threads_per_queue(8, 200), 1, "one a queue, however many");
+    }
 
     #[test]
     fn cpu_lists() {
