@@ -94,8 +94,15 @@ fn start(cli: &Cli) {
     } else {
         "warn"
     };
+    // Through `LogSink` (a background server's log file, and stderr): colours only where
+    // stderr is a terminal, as env_logger would choose for stderr itself.
+    let style = match std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        true => env_logger::WriteStyle::Always,
+        false => env_logger::WriteStyle::Never,
+    };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LORAFS_LOG", default_level))
         .target(env_logger::Target::Pipe(Box::new(cli::LogSink)))
+        .write_style(style)
         .init();
     raise_open_files_limit();
 }
