@@ -29,9 +29,8 @@ fn transport_of(mountpoint: &Path) -> String {
     line.expect("a transport line").to_string()
 }
 
-/// `lorafs mount --foreground`, its log (stderr, at info level) written to `log`, once the
-/// mount is there. In the foreground, because a background server's lines from before it
-/// detaches go to the `lorafs mount` that started it.
+/// `lorafs mount --foreground`, once the mount is there, its log (stderr, at info level)
+/// written to `log`: every line it logs, from the start.
 fn mount_in_foreground(
     base: &Path,
     mnt: &Path,
