@@ -116,6 +116,7 @@ const VALUED: &[(&str, &str)] = &[
     ("adapter", "--adapter"),
     ("view", "--view"),
     ("catalog", "--catalog"),
+    ("views", "--views"),
     ("cache_size", "--cache-size"),
     ("base_read_ahead", "--base-read-ahead"),
     ("factor_cache", "--factor-cache"),
@@ -289,7 +290,7 @@ mod tests {
             "b",
             "m",
             "-o",
-            "catalog=/c,factor_cache=1GiB,dtype=bf16,direct_io=never,warm=always,threads=3,\
+            "catalog=/c,views=/v.toml,factor_cache=1GiB,dtype=bf16,direct_io=never,warm=always,threads=3,\
              allow_other,read_ahead_kb=0,max_background=32,transport=uring,base_read_ahead=8MiB,\
              log_file=/var/log/l,\
              view=v=/a",
@@ -297,7 +298,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             argv[2..].join(" "),
-            "--catalog /c --factor-cache 1GiB --dtype bf16 --direct-io never --warm always \
+            "--catalog /c --views /v.toml --factor-cache 1GiB --dtype bf16 --direct-io never --warm always \
              --threads 3 --allow-other --read-ahead-kb 0 --max-background 32 --transport uring \
              --base-read-ahead 8MiB --log-file /var/log/l --view v=/a -- b m"
         );
