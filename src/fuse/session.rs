@@ -96,10 +96,9 @@ pub fn mount(
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
     }
-    let mut unmounter = match own_mount {
-        false => transport::Unmounter::Fuser(session.unmount_callable()),
-        true => transport::Unmounter::Own(mountpoint.clone()),
-    };
+    let fuser_unmounter = (!own_mount).then(|| session.unmount_callable());
+    let mut unmounter = transport::Unmounter::new(&mountpoint, fuser_unmounter)?;
+    let failure_unmounter = transport::Unmounter::new(&mountpoint, None)?;
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
     let watched_engine = engine.clone();
@@ -115,6 +114,11 @@ pub fn mount(
                     );
                     continue;
                 }
+                if let Err(err) = unmounter.check() {
+                    // Someone else's mount on top: unmounting the path would remove it.
+                    log::error!("signal {signal}: not unmounting: {err}");
+                    continue;
+                }
                 log::info!("signal {signal}: unmounting {}", watched.display());
                 if let Some(notify) = &signal_notify {
                     notify.stopping(&format!("signal {signal}: unmounting"));
@@ -125,7 +129,7 @@ pub fn mount(
                         "unmount of {} failed ({err}); detaching lazily",
                         watched.display()
                     );
-                    if let Err(err) = umount(&watched, libc::MNT_DETACH) {
+                    if let Err(err) = unmounter.detach() {
                         log::error!("lazy unmount of {} failed: {err}", watched.display());
                     }
                 }
@@ -155,7 +159,9 @@ pub fn mount(
     }
     if served.is_err() && own_mount {
         // fuser unmounts its own mounts when its session fails; this one is lorafs's.
-        let _ = umount(&mountpoint, libc::MNT_DETACH);
+        if let Err(err) = failure_unmounter.detach() {
+            log::error!("after the session failed: {err}");
+        }
     }
     served?;
     log::info!("unmounted {}", mountpoint.display());

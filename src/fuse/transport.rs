@@ -18,6 +18,7 @@ use super::dev::DevFs;
 use super::ring::{self, Plan};
 use super::session::{umount, MountOptions};
 use super::LorafsFs;
+use crate::mountinfo::find_mount;
 use crate::mountinfo::FS_NAME;
 
 /// How requests travel between the kernel and lorafs.
@@ -193,8 +194,18 @@ pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> 
     let dev = mount(&request).map_err(failed)?;
     // Once INIT agreed to the ring, every request waits for it: a failure from here on
     // must not leave the mount behind.
+    let own = Unmounter::new(mountpoint, None);
     let detach = |e: io::Error| {
-        let _ = umount(mountpoint, libc::MNT_DETACH);
+        let detached = match &own {
+            Ok(own) => own.detach(),
+            Err(err) => Err(io::Error::other(err.to_string())),
+        };
+        if let Err(err) = detached {
+            log::error!(
+                "the failed mount is left at {}: {err}",
+                mountpoint.display()
+            );
+        }
         failed(e)
     };
     let ring_dev = Arc::new(dev.try_clone().map_err(detach)?);
@@ -215,18 +226,58 @@ pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> 
     })
 }
 
-/// Unmounts the mount being served, on a signal: fuser's own mount, or the one lorafs made
-/// for FUSE over io_uring.
-pub(super) enum Unmounter {
-    Fuser(fuser::SessionUnmounter),
-    Own(PathBuf),
+/// Unmounts the mount being served (on a signal, or when its session fails): fuser's own
+/// mount, or the one lorafs made for FUSE over io_uring. Only while it is the mount on top
+/// at its path (the device it got when mounted): a filesystem mounted over it since is
+/// someone else's, and unmounting the path would remove that one instead.
+pub(super) struct Unmounter {
+    path: PathBuf,
+    device: String,
+    fuser: Option<fuser::SessionUnmounter>,
 }
 
 impl Unmounter {
-    pub fn unmount(&mut self) -> io::Result<()> {
-        match self {
-            Unmounter::Fuser(unmounter) => unmounter.unmount(),
-            Unmounter::Own(mountpoint) => umount(mountpoint, 0),
+    /// For the mount just made at `path` (fuser's `unmounter` if fuser made it).
+    pub fn new(path: &Path, fuser: Option<fuser::SessionUnmounter>) -> io::Result<Unmounter> {
+        let info = find_mount(path)?.filter(|info| info.is_lorafs());
+        let device = info.map(|info| info.device).ok_or_else(|| {
+            io::Error::other(format!("{}: no lorafs mount in mountinfo", path.display()))
+        })?;
+        Ok(Unmounter {
+            path: path.to_path_buf(),
+            device,
+            fuser,
+        })
+    }
+
+    /// Whether the mount on top at the path is still this one.
+    pub fn check(&self) -> io::Result<()> {
+        match find_mount(&self.path)? {
+            Some(info) if info.device == self.device => Ok(()),
+            Some(info) => Err(io::Error::other(format!(
+                "{} is covered by another mount ({}, device {}): unmount that first",
+                self.path.display(),
+                info.fstype,
+                info.device
+            ))),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not mounted", self.path.display()),
+            )),
         }
+    }
+
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.check()?;
+        match &mut self.fuser {
+            Some(unmounter) => unmounter.unmount(),
+            None => umount(&self.path, 0),
+        }
+    }
+
+    /// Detach the mount now (`MNT_DETACH`): it leaves the tree, and goes when unused.
+    pub fn detach(&self) -> io::Result<()> {
+        self.check()?;
+        umount(&self.path, libc::MNT_DETACH)
     }
 }

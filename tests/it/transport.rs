@@ -225,3 +225,97 @@ fn max_background_is_asked_of_the_kernel() {
     let (ok, _, err) = run_lorafs(["mount", "b", "m", "--max-background", "0"]);
     assert!(!ok && err.contains("max-background"), "{err}");
 }
+
+/// The case that must not happen: a signal unmounting someone else's filesystem. One
+/// mounted over the lorafs mount is on top at the path, where `umount(path)` would remove
+/// it; the server leaves it alone and serves on, and unmounts its own once it is gone.
+#[test]
+fn a_signal_never_unmounts_a_filesystem_mounted_over_the_mount() {
+    if !can_mount() {
+        return;
+    }
+    let (tmp, _spec, base, adapter) = small_model();
+    let mut transports = vec!["dev"];
+    if uring_offered() {
+        transports.push("uring");
+    }
+    for transport in transports {
+        let log = tmp.path().join(format!("{transport}.log"));
+        let mnt = tmp.path().join(format!("mnt-{transport}"));
+        std::fs::create_dir(&mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let extra = ["--transport", transport];
+        let mut child = mount_in_foreground(&base, &mnt, &adapter, &extra, &log);
+        let _cleanup = Cleanup {
+            pid: child.id(),
+            mountpoint: mnt.clone(),
+        };
+        let cover = Command::new("mount")
+            .args(["-t", "tmpfs", "lorafs-test-cover"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(cover.success(), "{transport}: tmpfs over the mount");
+        let top = || top_fstype(&mnt);
+        assert_eq!(top(), "tmpfs");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            top(),
+            "tmpfs",
+            "{transport}: the covering mount was unmounted"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{transport}: server gone"
+        );
+        assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+        assert!(
+            std::fs::read(mnt.join("config.json")).is_ok(),
+            "{transport}: serves on"
+        );
+        let text = stop(child, &log);
+        assert!(
+            text.contains("not unmounting") && text.contains("covered"),
+            "{text}"
+        );
+        assert!(!is_mounted(&mnt), "{transport}: its own mount unmounted");
+    }
+}
+
+/// Should the test fail midway: the server killed and whatever is left at the mount point
+/// detached, so that the test ends instead of waiting on them.
+struct Cleanup {
+    pid: u32,
+    mountpoint: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for _ in 0..2 {
+            if is_mounted(&self.mountpoint) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is the test's child
+        // (reaped by `stop` when the test passes, so then already gone).
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// The type of the filesystem on top at `path`.
+fn top_fstype(path: &Path) -> String {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_str().unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(path));
+    let line = line.expect("mounted");
+    let after = line.split(" - ").nth(1).unwrap();
+    after.split(' ').next().unwrap().to_string()
+}
