@@ -38,8 +38,6 @@ pub mod opcode {
     pub const READDIR: u32 = 28;
     pub const RELEASEDIR: u32 = 29;
     pub const IOCTL: u32 = 39;
-    pub const BATCH_FORGET: u32 = 42;
-    pub const FORGET: u32 = 2;
 }
 
 /// `struct fuse_uring_cmd_req`, in the 80-byte command area of a 128-byte SQE.

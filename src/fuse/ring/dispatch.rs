@@ -63,16 +63,12 @@ pub(super) fn answer(
     })
 }
 
-/// Requests the kernel may send on its own behalf, with no user's id (as fuser lets through).
+/// Requests the kernel may send on its own behalf, with no user's id (as fuser lets through;
+/// FORGET, which fuser also lets through, never comes through a ring).
 fn sent_without_user(op: u32) -> bool {
     matches!(
         op,
-        opcode::READ
-            | opcode::READDIR
-            | opcode::RELEASE
-            | opcode::RELEASEDIR
-            | opcode::FORGET
-            | opcode::BATCH_FORGET
+        opcode::READ | opcode::READDIR | opcode::RELEASE | opcode::RELEASEDIR
     )
 }
 

@@ -53,8 +53,6 @@ pub(super) struct Plan {
     pub queues: usize,
     /// Serving threads (each with one entry) per queue.
     pub threads: usize,
-    /// Bytes of each entry's payload buffer: the largest request or reply the kernel may send.
-    pub payload: usize,
 }
 
 impl Plan {
@@ -71,7 +69,6 @@ impl Plan {
         Ok(Plan {
             queues,
             threads: threads_per_queue(threads, queues),
-            payload: PAYLOAD,
         })
     }
 }
@@ -109,17 +106,16 @@ pub(super) fn serve(
                 stopping: stopping.clone(),
                 refused: refused.clone(),
             };
-            let payload = plan.payload;
             std::thread::Builder::new()
                 .name(format!("lorafs-ring-{qid}.{t}"))
-                .spawn(move || queue.run(payload))?;
+                .spawn(move || queue.run())?;
         }
     }
     log::info!(
         "serving through FUSE over io_uring: {} queues x {} threads, {} KiB payload buffers",
         plan.queues,
         plan.threads,
-        plan.payload >> 10
+        PAYLOAD >> 10
     );
     Ok(Ring { stopping })
 }
@@ -165,10 +161,10 @@ impl Entry {
 }
 
 impl Queue {
-    fn run(self, payload: usize) {
+    fn run(self) {
         // Declared before the ring, so dropped after it: the kernel may use the buffers
         // until the ring is gone.
-        let mut entry = Entry::new(payload);
+        let mut entry = Entry::new(PAYLOAD);
         let mut ring = match new_ring() {
             Ok(ring) => ring,
             Err(e) => return log::error!("ring queue {}: io_uring setup failed: {e}", self.qid),
