@@ -376,6 +376,10 @@ CASE_SPECS = {
     ),
     # a BPE pre-tokenizer no table knows: refused by the converter and by lorafs
     "llama_fresh_bpe": ("LlamaForCausalLM", "fresh-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
+    # special tokens that tokenizer_config.json names but tokenizer.json lacks
+    # (NAMED_SPECIAL_TOKENS): transformers appends them when it loads the tokenizer, and the
+    # converter writes them as control tokens in the room config.json's vocab_size leaves
+    "llama_named_bpe": ("LlamaForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128, vocab_size=128300), [({}, 1.0)]),
     # q/k/v/o and MLP biases: the converter permutes q_proj.bias and k_proj.bias like the
     # rows of their weights (1-D tensors, F32 in every type)
     "llama_bias_spm": (
@@ -392,6 +396,18 @@ CASE_SPECS = {
 ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
 
 
+# Special tokens named in a case's tokenizer_config.json only (as a hand-edited config has
+# them): a pad token, a model-specific `*_token` and an extra special token.
+NAMED_SPECIAL_TOKENS = {"llama_named_bpe": dict(pad_token="[PAD]", image_token="<image>", extra_special_tokens=["<tool>"])}
+
+
+def write_named_special_tokens(base: Path, named: dict):
+    path = base / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(named)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def write_added_tokens_decoder(tok, base: Path):
     path = base / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
@@ -401,7 +417,7 @@ def write_added_tokens_decoder(tok, base: Path):
     }
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm")
+SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe")
 
 
 def _config(arch: str, vocab_size: int, tied: bool, tok, extra: dict):
@@ -503,6 +519,8 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
                 shutil.copy(spm_file, base / "tokenizer.model")
             if name in ADDED_SPECIAL_TOKENS:
                 write_added_tokens_decoder(tok, base)
+            if name in NAMED_SPECIAL_TOKENS:
+                write_named_special_tokens(base, NAMED_SPECIAL_TOKENS[name])
             adapters = []
             for i, (overrides, weight) in enumerate(adapter_specs):
                 path = root / "adapters" / f"{name}_{i}"

@@ -166,6 +166,10 @@ def test_converter_reference(store, case):
         assert g.value("tokenizer.chat_template"), "no chat template"
         names = [t.name for t in g.tensors]
         assert ("output.weight" in names) != c.tied, names
+        if case == "llama_named_bpe":  # appended after the 128256 tokens, as control tokens
+            tokens, types = g.value("tokenizer.ggml.tokens"), g.value("tokenizer.ggml.token_type")
+            assert tokens[128256:128260] == ["[PAD]", "<image>", "<tool>", "[PAD128259]"], tokens[128256:128260]
+            assert types[128256:128260] == [3, 3, 3, 5], types[128256:128260]
         for t in g.tensors:
             if len(t.shape) == 1:
                 want = "F32"

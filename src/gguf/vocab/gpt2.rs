@@ -23,8 +23,9 @@ pub(crate) struct HfTokenizer {
 pub(crate) const TOKENIZER_JSON: &str = "tokenizer.json";
 
 impl HfTokenizer {
-    /// Loads `tokenizer.json`; a missing file or one `tokenizers` cannot read is refused
-    /// (the converter would need a slow tokenizer or fail).
+    /// Loads `tokenizer.json` with the special tokens `tokenizer_config.json` names, as
+    /// transformers does; a missing file or one `tokenizers` cannot read is refused (the
+    /// converter would need a slow tokenizer or fail).
     pub(crate) fn load(dir: &Dir) -> Result<HfTokenizer> {
         let Some(bytes) = dir.read(TOKENIZER_JSON)? else {
             return Err(dir.unsupported(
@@ -32,12 +33,13 @@ impl HfTokenizer {
                 "a tokenizer without tokenizer.json or tokenizer.model",
             ));
         };
-        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| {
+        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| {
             dir.bad(
                 TOKENIZER_JSON,
                 format!("not a tokenizer the `tokenizers` library reads: {e}"),
             )
         })?;
+        super::named::add_named_tokens(dir, &mut tokenizer)?;
         Ok(HfTokenizer { tokenizer })
     }
 

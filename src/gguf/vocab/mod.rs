@@ -10,6 +10,7 @@
 
 mod gpt2;
 mod llama_hf;
+mod named;
 mod pre_hashes;
 mod sentencepiece;
 mod special;

@@ -488,3 +488,61 @@ fn looks_special_follows_the_converter() {
         assert!(!looks_special(token), "{token}");
     }
 }
+
+/// `tiny_bpe` loaded with this `tokenizer_config.json`, as `HfTokenizer::load` gives it.
+fn loaded_with(config: serde_json::Value, end_special: bool) -> Result<gpt2::HfTokenizer> {
+    let mut tokenizer: serde_json::Value = serde_json::from_slice(&tiny_bpe()).unwrap();
+    tokenizer["added_tokens"][0]["special"] = json!(end_special);
+    let files = MemFiles::new(&[
+        ("tokenizer.json", tokenizer.to_string().into_bytes()),
+        ("tokenizer_config.json", config.to_string().into_bytes()),
+    ]);
+    let model_config = json!({});
+    let dir = Dir::new(&files, &model_config).unwrap();
+    gpt2::HfTokenizer::load(&dir)
+}
+
+#[test]
+fn named_special_tokens_missing_from_tokenizer_json_are_added_in_transformers_order() {
+    let config = json!({"pad_token": "[PAD]", "eos_token": "<|end|>", "image_token": "<img>",
+        "add_bos_token": false, "extra_special_tokens": ["[X]", "[PAD]", "b"]});
+    let tokenizer = loaded_with(config, true).unwrap();
+    let added: std::collections::BTreeMap<u32, (String, bool)> = tokenizer
+        .tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .map(|(id, t)| (id, (t.content, t.special)))
+        .collect();
+    // (tokenizers numbers the fixture's added token 3, right after the model's vocabulary)
+    let want = [
+        (1, "b"),
+        (3, "<|end|>"),
+        (4, "[PAD]"),
+        (5, "<img>"),
+        (6, "[X]"),
+    ];
+    let want: std::collections::BTreeMap<u32, (String, bool)> = want
+        .iter()
+        .map(|(id, t)| (*id, (t.to_string(), true)))
+        .collect();
+    assert_eq!(added, want);
+}
+
+#[test]
+fn a_named_token_added_without_the_special_mark_is_refused_by_name() {
+    let err = loaded_with(json!({"eos_token": "<|end|>"}), false)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::NoGguf { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("/models/m/tokenizer_config.json: no GGUF view: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("eos_token") && text.contains("not marked special"),
+        "{text}"
+    );
+    assert!(text.contains("convert_hf_to_gguf.py"), "{text}");
+    assert!(loaded_with(json!({}), false).is_ok());
+}
