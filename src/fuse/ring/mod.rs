@@ -120,6 +120,10 @@ pub(super) fn serve(
     Ok(Ring { stopping })
 }
 
+/// How many times a serving thread replaces a failed ring before it gives up (each time
+/// costs a payload buffer, never freed; the waits between add up to 2.5 s).
+const RESTARTS: u32 = 8;
+
 /// A serving thread's place in the ring.
 struct Queue {
     qid: u16,
@@ -161,38 +165,56 @@ impl Entry {
 }
 
 impl Queue {
+    /// Serve until the mount ends. A ring that fails (an error no request caused) is
+    /// replaced by a new one with a new entry, a few times, so that a queue is not left
+    /// without entries: the kernel would hold its CPU's requests for ever, since a
+    /// connection cannot go back to `/dev/fuse`.
     fn run(self) {
-        // Declared before the ring, so dropped after it: the kernel may use the buffers
-        // until the ring is gone.
-        let mut entry = Entry::new(PAYLOAD);
-        let mut ring = match new_ring() {
-            Ok(ring) => ring,
-            Err(e) => return log::error!("ring queue {}: io_uring setup failed: {e}", self.qid),
-        };
-        let mut next = register(self.dev.as_raw_fd(), self.qid, &entry);
+        for restart in 0..=RESTARTS {
+            let mut entry = Entry::new(PAYLOAD);
+            let Err(why) = self.serve_ring(&mut entry) else {
+                return;
+            };
+            // The failed ring may still point at the entry's buffers: never freed.
+            std::mem::forget(entry);
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            if restart == RESTARTS {
+                return log::error!(
+                    "ring queue {}: {why}; giving up after {RESTARTS} new rings",
+                    self.qid
+                );
+            }
+            log::error!("ring queue {}: {why}; serving on a new ring", self.qid);
+            std::thread::sleep(std::time::Duration::from_millis(10 << restart));
+        }
+    }
+
+    /// Serve on a new ring with `entry` until the mount ends or the ring is refused (`Ok`),
+    /// or the ring fails (`Err`, why). The ring is dropped before the caller's `entry`.
+    fn serve_ring(&self, entry: &mut Entry) -> Result<(), String> {
+        let mut ring = new_ring().map_err(|e| format!("io_uring setup failed: {e}"))?;
+        let mut next = register(self.dev.as_raw_fd(), self.qid, entry);
         let mut registering = true;
         loop {
-            // SAFETY: the entry's buffers and iovecs, which the command points to, live in
-            // `entry`, declared before `ring` and so dropped after it.
-            if let Err(e) = unsafe { ring.submission().push(&next) } {
-                return log::error!("ring queue {}: submission queue full: {e}", self.qid);
-            }
-            let result = match completion(&mut ring) {
-                Ok(result) => result,
-                Err(e) => return log::error!("ring queue {}: io_uring_enter: {e}", self.qid),
-            };
+            // SAFETY: the entry's buffers and iovecs, which the command points to, outlive
+            // the ring: `entry` is the caller's, and forgotten if the ring fails.
+            unsafe { ring.submission().push(&next) }
+                .map_err(|e| format!("submission queue full: {e}"))?;
+            let result = completion(&mut ring).map_err(|e| format!("io_uring_enter: {e}"))?;
             if result < 0 {
                 let err = io::Error::from_raw_os_error(-result);
                 if !self.recover(err, registering) {
-                    return;
+                    return Ok(());
                 }
-                next = register(self.dev.as_raw_fd(), self.qid, &entry);
+                next = register(self.dev.as_raw_fd(), self.qid, entry);
                 registering = true;
                 continue;
             }
             registering = false;
             let commit_id = abi::commit_id(&entry.header);
-            self.serve_one(&mut entry);
+            self.serve_one(entry);
             next = commit(self.dev.as_raw_fd(), self.qid, commit_id);
         }
     }
