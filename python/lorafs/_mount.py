@@ -194,6 +194,7 @@ def mount(
     warm: Union[str, bool, None] = None,
     threads: Optional[int] = None,
     allow_other: bool = False,
+    noexec: bool = False,
     read_ahead_kb: Optional[int] = None,
     max_background: Optional[int] = None,
     transport: Optional[str] = None,
@@ -228,6 +229,7 @@ def mount(
             ``"auto"`` (default), ``"always"``/True or ``"never"``/False.
         threads: threads serving requests (default: the number of cores, at least 2).
         allow_other: let other users read the mount.
+        noexec: mount ``noexec``: no file in the mount can be executed, whatever its mode.
         read_ahead_kb: kernel read-ahead of the mount in KiB (root only; 0 keeps 128 KiB).
         max_background: FUSE's ``max_background``, background requests the kernel keeps
             in flight (default 64).
@@ -249,6 +251,8 @@ def mount(
     if base_read_ahead is not None:
         args += ["--base-read-ahead", cmd.size_arg(base_read_ahead, "base_read_ahead")]
     args += _mount_options(direct_io, warm, threads, allow_other, read_ahead_kb, log_file)
+    if cmd.bool_arg(noexec, "noexec"):
+        args.append("--noexec")
     if max_background is not None:
         args += ["--max-background", cmd.count_arg(max_background, "max_background", 1)]
     if transport is not None:

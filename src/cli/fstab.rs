@@ -131,10 +131,10 @@ const VALUED: &[(&str, &str)] = &[
 ];
 
 /// Options without a value, and their flag.
-const FLAGS: &[(&str, &str)] = &[("allow_other", "--allow-other")];
+const FLAGS: &[(&str, &str)] = &[("allow_other", "--allow-other"), ("noexec", "--noexec")];
 
 /// mount(8)'s generic options, which lorafs takes and ignores: the mount is read-only,
-/// nodev and nosuid whatever they say; `noauto`, `nofail`, `_netdev`, `user`... are for
+/// nodev and nosuid whatever they say, and `exec` is the default (`noexec` is a flag); `noauto`, `nofail`, `_netdev`, `user`... are for
 /// mount(8) and systemd, which act on them before the helper runs.
 const IGNORED: &[&str] = &[
     "ro",
@@ -164,7 +164,6 @@ const IGNORED: &[&str] = &[
     "suid",
     "nosuid",
     "exec",
-    "noexec",
     "sync",
     "async",
     "dirsync",
@@ -291,7 +290,7 @@ mod tests {
             "m",
             "-o",
             "catalog=/c,views=/v.toml,factor_cache=1GiB,dtype=bf16,direct_io=never,warm=always,threads=3,\
-             allow_other,read_ahead_kb=0,max_background=32,transport=uring,base_read_ahead=8MiB,\
+             allow_other,noexec,read_ahead_kb=0,max_background=32,transport=uring,base_read_ahead=8MiB,\
              log_file=/var/log/l,\
              view=v=/a",
         ])
@@ -299,7 +298,7 @@ mod tests {
         assert_eq!(
             argv[2..].join(" "),
             "--catalog /c --views /v.toml --factor-cache 1GiB --dtype bf16 --direct-io never --warm always \
-             --threads 3 --allow-other --read-ahead-kb 0 --max-background 32 --transport uring \
+             --threads 3 --allow-other --noexec --read-ahead-kb 0 --max-background 32 --transport uring \
              --base-read-ahead 8MiB --log-file /var/log/l --view v=/a -- b m"
         );
     }
@@ -321,7 +320,7 @@ mod tests {
             "b",
             "m",
             "-o",
-            "ro,noexec,nosuid,nodev,user,noatime,defaults,comment=x,x-gvfs-hide,adapter=/a",
+            "ro,exec,nosuid,nodev,user,noatime,defaults,comment=x,x-gvfs-hide,adapter=/a",
         ])
         .unwrap();
         assert_eq!(argv[2..].join(" "), "--adapter /a -- b m");

@@ -32,6 +32,9 @@ pub(crate) struct MountArgs {
     /// in /etc/fuse.conf when not root).
     #[arg(long)]
     pub(crate) allow_other: bool,
+    /// Mount with `noexec`: no file in the mount can be executed, whatever its mode.
+    #[arg(long)]
+    pub(crate) noexec: bool,
     /// Read-ahead of the mount in KiB (0 keeps the kernel's 128 KiB). Needs root.
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_READ_AHEAD_KB)]
     pub(crate) read_ahead_kb: u32,
@@ -80,6 +83,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         mountpoint,
         threads,
         allow_other,
+        noexec,
         read_ahead_kb,
         warm,
         foreground,
@@ -116,6 +120,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
     let options = lorafs::fuse::MountOptions {
         threads,
         allow_other,
+        noexec,
         read_ahead_kb: (read_ahead_kb > 0).then_some(read_ahead_kb),
         warm: warm_view,
         notify: notify.map(Arc::new),

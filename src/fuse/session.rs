@@ -23,6 +23,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Let other users than the one mounting read the mount (`allow_other`).
     pub allow_other: bool,
+    /// Mount with `noexec`.
+    pub noexec: bool,
     /// Read-ahead of the mount's backing device in KiB, set through sysfs after mounting.
     pub read_ahead_kb: Option<u32>,
     /// Once mounted, merge every file of this view (a mount of one view) in the background

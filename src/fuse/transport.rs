@@ -88,6 +88,7 @@ pub(super) struct MountRequest<'a> {
     pub mountpoint: &'a Path,
     pub fsname: &'a str,
     pub allow_other: bool,
+    pub noexec: bool,
 }
 
 /// Mount a read-only FUSE filesystem at the mount point with mount(2) (root only) and
@@ -112,7 +113,10 @@ pub(super) fn mount(req: &MountRequest) -> io::Result<OwnedFd> {
     let source = c(req.fsname.as_bytes())?;
     let target = c(req.mountpoint.as_os_str().as_bytes())?;
     let options = c(options.as_bytes())?;
-    let flags = libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID;
+    let mut flags = libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID;
+    if req.noexec {
+        flags |= libc::MS_NOEXEC;
+    }
     // SAFETY: every pointer is to a NUL-terminated string that outlives the call.
     let mounted = unsafe {
         libc::mount(
@@ -158,6 +162,9 @@ pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> 
         MountOption::FSName(fsname.clone()),
         MountOption::Subtype(FS_NAME.into()),
     ];
+    if options.noexec {
+        config.mount_options.push(MountOption::NoExec);
+    }
     if options.allow_other {
         config.acl = SessionACL::All;
     }
@@ -190,6 +197,7 @@ pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> 
         mountpoint,
         fsname: &fsname,
         allow_other: options.allow_other,
+        noexec: options.noexec,
     };
     let dev = mount(&request).map_err(failed)?;
     // Once INIT agreed to the ring, every request waits for it: a failure from here on

@@ -139,6 +139,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         warm="never",
         threads=2,
         allow_other=True,
+        noexec=True,
         read_ahead_kb=0,
         max_background=32,
         transport="dev",
@@ -148,7 +149,7 @@ def test_every_mount_option_is_a_keyword(e2e, scratch):
         assert json.loads((m.path / "config.json").read_text())["dtype"] == "float32"
         assert load_model(m.path).dtype == torch.float32
         options = next(line for line in open("/proc/self/mountinfo") if f" {m.path} " in line)
-        assert "allow_other" in options, options
+        assert "allow_other" in options and "noexec" in options.split()[5].split(","), options
         assert m.stats()["read_ahead_budget"] == 8 << 20
         assert m.stats()["transport"] == "dev"
     assert not mnt.exists()
@@ -394,6 +395,7 @@ BAD_ARGUMENTS = {
     "warm word": (ValueError, dict(adapters=["a"], warm="sometimes")),
     "threads zero": (ValueError, dict(adapters=["a"], threads=0)),
     "allow_other str": (TypeError, dict(adapters=["a"], allow_other="yes")),
+    "noexec int": (TypeError, dict(adapters=["a"], noexec=1)),
     "dtype int": (TypeError, dict(adapters=["a"], dtype=16)),
     "views list": (TypeError, dict(views=[("a", ["x"])])),
     "view comma": (ValueError, dict(views={"a": ["x,y"]})),

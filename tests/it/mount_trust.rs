@@ -163,7 +163,6 @@ fn the_mount_serves_its_sources_modes_and_owners_and_the_kernel_enforces_them() 
     );
 }
 
-/// `dir/name` holding its name and a newline, with `mode`.
 /// A temporary directory holding a default base at `base/`, both open to everyone (0755),
 /// or `None` where mounting is impossible.
 fn open_base() -> Option<(tempfile::TempDir, PathBuf)> {
@@ -178,6 +177,7 @@ fn open_base() -> Option<(tempfile::TempDir, PathBuf)> {
     Some((tmp, base))
 }
 
+/// `dir/name` holding its name and a newline, with `mode`.
 fn write_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, format!("{name}\n")).unwrap();
@@ -480,6 +480,50 @@ fn a_base_file_named_like_the_stats_file_is_served_as_is() {
         Some(&b"the model's own file\n"[..]),
         "listed and served with its bytes"
     );
+}
+
+/// A script the base lets run runs from the mount (its mode is kept), but not from a mount
+/// with `--noexec` (fstab `noexec`), which the kernel shows in the mount's options.
+#[test]
+fn noexec_keeps_what_the_base_lets_run_from_running() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BaseSpec::default();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
+    write_base(&base, &spec);
+    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, ""));
+    std::fs::write(base.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    chmod(&base.join("run.sh"), 0o755);
+    for noexec in [false, true] {
+        let mut args: Vec<OsString> = vec!["--adapter".into(), adapter.clone().into()];
+        if noexec {
+            args.push("--noexec".into());
+        }
+        let guard = MountGuard::new(&base, &tmp.path().join("mnt"), &args);
+        let script = guard.mountpoint.join("run.sh");
+        let ran = Command::new(&script).output();
+        let options = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.split(' ').nth(4) == guard.mountpoint.to_str())
+            .map(|l| l.split(' ').nth(5).unwrap().to_string())
+            .expect("the mount is in mountinfo");
+        assert_eq!(
+            options.split(',').any(|o| o == "noexec"),
+            noexec,
+            "{options}"
+        );
+        match ran {
+            Ok(out) if !noexec => assert_eq!(out.stdout, b"ran\n"),
+            Err(e) if noexec => assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied),
+            other => panic!(
+                "noexec {noexec}: running {} gave {other:?}",
+                script.display()
+            ),
+        }
+    }
 }
 
 /// A base of many layers and an adapter whose config says r=3 on every module while its
