@@ -10,6 +10,7 @@
 
 mod gpt2;
 mod llama_hf;
+mod memo;
 mod named;
 mod pre_hashes;
 mod sentencepiece;
@@ -39,8 +40,27 @@ pub(crate) mod token_type {
 }
 
 /// Appends the `tokenizer.*` keys of `files` to `meta`, as the converter's `set_vocab` for
-/// `family` does. `config` is the model's `config.json`.
+/// `family` does. `config` is the model's `config.json`. The keys of a directory whose files
+/// read the same as one of the last few are not computed again (see [`memo`]).
 pub fn vocab_metadata(
+    files: &dyn ModelFiles,
+    config: &Json,
+    family: VocabFamily,
+    meta: &mut Metadata,
+) -> Result<()> {
+    let keys = memo::MEMO.get_or_compute(files, config, family, |files| {
+        let mut keys = Metadata::new();
+        compute(files, config, family, &mut keys)?;
+        Ok(keys)
+    })?;
+    for (key, value) in keys.entries() {
+        meta.set(key.clone(), value.clone());
+    }
+    Ok(())
+}
+
+/// The keys `vocab_metadata` appends, computed.
+fn compute(
     files: &dyn ModelFiles,
     config: &Json,
     family: VocabFamily,

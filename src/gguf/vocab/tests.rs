@@ -546,3 +546,78 @@ fn a_named_token_added_without_the_special_mark_is_refused_by_name() {
     assert!(text.contains("convert_hf_to_gguf.py"), "{text}");
     assert!(loaded_with(json!({}), false).is_ok());
 }
+
+/// `memo` computes through `compute` on a miss: the number of computations, and the keys.
+fn memo_keys(memo: &memo::Memo, files: &MemFiles, computed: &std::cell::Cell<usize>) -> Metadata {
+    let config = json!({"vocab_size": 10});
+    let keys = memo.get_or_compute(files, &config, VocabFamily::Llama, |f| {
+        computed.set(computed.get() + 1);
+        let mut meta = Metadata::new();
+        super::compute(f, &config, VocabFamily::Llama, &mut meta)?;
+        Ok(meta)
+    });
+    (*keys.unwrap()).clone()
+}
+
+fn spm_files(root: &str, extra: &[(&str, Vec<u8>)]) -> MemFiles {
+    let mut files = MemFiles::new(&[("tokenizer.model", model_proto(&PIECES))]);
+    files.1 = PathBuf::from(root);
+    for (name, bytes) in extra {
+        files.0.insert(name.to_string(), bytes.clone());
+    }
+    files
+}
+
+#[test]
+fn the_keys_of_files_that_read_the_same_are_computed_once() {
+    let memo = memo::Memo::new();
+    let computed = std::cell::Cell::new(0);
+    let first = memo_keys(&memo, &spm_files("/views/a", &[]), &computed);
+    // Another directory (another view) with the same files: kept keys.
+    assert_eq!(
+        memo_keys(&memo, &spm_files("/views/b", &[]), &computed),
+        first
+    );
+    assert_eq!(computed.get(), 1);
+    // A file read before changes, one absent appears, a listing changes: computed again.
+    let config = |v: &str| json!({"bos_token": v}).to_string().into_bytes();
+    let changed = [
+        ("tokenizer_config.json", config("<s>")),
+        ("tokenizer_config.json", config("</s>")),
+        ("added_tokens.json", br#"{"<x>": 6}"#.to_vec()),
+        ("chat_template.jinja", b"C".to_vec()),
+        // (listed only beside a chat_template.jinja)
+        ("additional_chat_templates/t.jinja", b"T".to_vec()),
+    ];
+    let mut want = 1;
+    for (i, file) in changed.iter().enumerate() {
+        let files = spm_files("/views/c", &changed[..=i]);
+        memo_keys(&memo, &files, &computed);
+        want += 1;
+        assert_eq!(computed.get(), want, "after {}", file.0);
+        memo_keys(&memo, &files, &computed);
+        assert_eq!(computed.get(), want, "again after {}", file.0);
+    }
+    // Four kept: the first set of files was the least recently used, and is gone.
+    assert!(want > 4);
+    memo_keys(&memo, &spm_files("/views/a", &[]), &computed);
+    assert_eq!(computed.get(), want + 1);
+}
+
+#[test]
+fn an_error_is_not_kept() {
+    let memo = memo::Memo::new();
+    let computed = std::cell::Cell::new(0);
+    let broken = MemFiles::new(&[("tokenizer.model", b"\xff\xff".to_vec())]);
+    let config = json!({});
+    for _ in 0..2 {
+        let got = memo.get_or_compute(&broken, &config, VocabFamily::Llama, |f| {
+            computed.set(computed.get() + 1);
+            let mut meta = Metadata::new();
+            super::compute(f, &config, VocabFamily::Llama, &mut meta)?;
+            Ok(meta)
+        });
+        assert!(got.is_err());
+    }
+    assert_eq!(computed.get(), 2);
+}
