@@ -201,7 +201,13 @@ pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
         Command::Unmount { mountpoint, lazy } => lorafs::fuse::unmount(&mountpoint, lazy)?,
         Command::View { command } => match command {
             ViewCommand::Ls { mountpoint, json } => {
-                to_stdout(&lorafs::control::view_ls(&mountpoint, json)?)?
+                match lorafs::control::view_ls(&mountpoint, json) {
+                    // Nothing to list is not a failure: said on stderr, stdout stays a listing.
+                    Err(no_views @ lorafs::control::Error::NoViews(_)) => {
+                        eprintln!("lorafs: {no_views}: no views to list")
+                    }
+                    listed => to_stdout(&listed?)?,
+                }
             }
             ViewCommand::Add { mountpoint, view } => {
                 lorafs::control::view_add(&mountpoint, &view.name, &view.spec)?

@@ -188,9 +188,13 @@ fn views(mountpoint: &Path, request: &Request) -> Result<Vec<ViewEntry>, Error> 
 }
 
 /// `lorafs view ls`: the text to print, `NAME  SPEC` a line sorted by name, or with
-/// `json` an array of [`ViewEntry`].
+/// `json` an array of [`ViewEntry`]. A mount of one merged model is [`Error::NoViews`] in
+/// text (the caller says so) and an empty array in JSON.
 pub fn view_ls(mountpoint: &Path, json: bool) -> Result<String, Error> {
-    Ok(listing(&views(mountpoint, &Request::Ls)?, json))
+    match views(mountpoint, &Request::Ls) {
+        Err(Error::NoViews(_)) if json => Ok(listing(&[], json)),
+        listed => Ok(listing(&listed?, json)),
+    }
 }
 
 fn listing(views: &[ViewEntry], json: bool) -> String {

@@ -65,6 +65,10 @@ pub struct ViewInfo {
 /// user as they are. A panic costs the request only (it is answered with an error).
 pub trait ViewControl: Send + Sync + 'static {
     fn list(&self) -> Vec<ViewInfo>;
+    /// Whether the mount was made with views (a mount of one merged model has none to list).
+    fn has_views(&self) -> bool {
+        true
+    }
     /// A new view; an error if the name is taken.
     fn add(&self, name: &str, adapters: Vec<(PathBuf, f64)>) -> Result<(), String>;
     /// Replace the adapters of an existing view.

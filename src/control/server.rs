@@ -224,6 +224,7 @@ impl Server {
 /// Check a request and carry it out; the views after it, sorted by name.
 fn answer(control: &dyn ViewControl, request: Request) -> Response {
     let done = match request {
+        Request::Ls if !control.has_views() => Err(super::NO_VIEWS.into()),
         Request::Ls => Ok(()),
         Request::Add { name, adapters } => {
             let adapters = protocol::adapter_paths(adapters);

@@ -356,6 +356,10 @@ impl ViewControl for NoViews {
         Vec::new()
     }
 
+    fn has_views(&self) -> bool {
+        false
+    }
+
     fn add(&self, _: &str, _: Vec<(PathBuf, f64)>) -> Result<(), String> {
         Err(crate::control::NO_VIEWS.into())
     }

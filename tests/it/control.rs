@@ -102,3 +102,33 @@ fn only_the_user_who_mounted_or_root_may_use_the_views() {
         "{stderr}"
     );
 }
+
+/// `view ls` on a mount of one merged model: nothing to list, said on stderr (text) or an
+/// empty array (JSON), and success; changing views is refused.
+#[test]
+fn a_mount_without_views_lists_none_and_says_so() {
+    if !can_mount() {
+        return;
+    }
+    let (tmp, _spec, base, adapter) = small_model();
+    let adapter_args: Vec<OsString> = vec!["--adapter".into(), adapter.clone().into()];
+    let guard = MountGuard::new(&base, &tmp.path().join("mnt"), &adapter_args);
+    let mnt = guard.mountpoint.to_str().unwrap();
+    let (ok, stdout, stderr) = run_lorafs(&["view", "ls", mnt]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        format!(
+            "lorafs: {mnt} was mounted without views (--view/--views/--catalog): no views to \
+             list\n"
+        )
+    );
+    let (ok, stdout, stderr) = run_lorafs(&["view", "ls", "--json", mnt]);
+    assert!(ok, "{stderr}");
+    assert_eq!((stdout.as_str(), stderr.as_str()), ("[]\n", ""));
+    assert_eq!(
+        error_of(&["view", "rm", mnt, "x"]),
+        format!("{mnt} was mounted without views (--view/--views/--catalog)")
+    );
+}
