@@ -114,7 +114,7 @@ fn a_mount_without_views_lists_none_and_says_so() {
     let adapter_args: Vec<OsString> = vec!["--adapter".into(), adapter.clone().into()];
     let guard = MountGuard::new(&base, &tmp.path().join("mnt"), &adapter_args);
     let mnt = guard.mountpoint.to_str().unwrap();
-    let (ok, stdout, stderr) = run_lorafs(&["view", "ls", mnt]);
+    let (ok, stdout, stderr) = run_lorafs(["view", "ls", mnt]);
     assert!(ok, "{stderr}");
     assert_eq!(stdout, "");
     assert_eq!(
@@ -124,7 +124,7 @@ fn a_mount_without_views_lists_none_and_says_so() {
              list\n"
         )
     );
-    let (ok, stdout, stderr) = run_lorafs(&["view", "ls", "--json", mnt]);
+    let (ok, stdout, stderr) = run_lorafs(["view", "ls", "--json", mnt]);
     assert!(ok, "{stderr}");
     assert_eq!((stdout.as_str(), stderr.as_str()), ("[]\n", ""));
     assert_eq!(
