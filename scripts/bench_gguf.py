@@ -14,7 +14,9 @@ same run:
 2. `llama_cpp.Llama` loading (and evaluating a few tokens) from a fresh mount's
    model-F16.gguf against the converter's file on disk (target <= 1.3x), with the page
    cache dropped before each load (as scripts/bench_large.sh does; needs root), and again
-   with the files in the page cache (the base's, for the mount).
+   with the files in the page cache (the base's, for the mount). Printed beside: the base
+   read cold with `cat` in the same rounds (what any mount must read from disk first) and
+   the spread of the cold disk loads (this machine's disk varies from run to run).
 
 The model is made by `examples/synth_model.rs` (default about 1 GB of F16, a rank-16 LoRA on
 every linear layer, as scripts/bench_materialize.py), plus a small SentencePiece tokenizer
@@ -121,6 +123,11 @@ print(time.perf_counter() - t)
 """
 
 
+def cold_cat(path):
+    drop_caches()
+    return timed(["cat", path])
+
+
 def llama_load(path, env):
     out = subprocess.run([sys.executable, "-c", LLAMA_LOAD, str(path)], check=True, capture_output=True, text=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
@@ -206,11 +213,14 @@ def main():
     print(f"lorafs's file vs the PEFT pipeline's: {same_model(lorafs_gguf, peft_gguf, exact=False)}")
 
     # --- 2. llama.cpp loading the GGUF
-    results = {}
+    results, base_reads = {}, []
     for cold in (True, False):
         disk, mounted = [], []
         for _ in range(args.runs):
             if cold:
+                # What any mount must read first: the base's safetensors from disk.
+                drop_caches()
+                base_reads.append(timed(["cat", *base.glob("*.safetensors")]))
                 drop_caches()
             else:
                 llama_load(mnt_gguf, env)  # into the page cache
@@ -223,15 +233,19 @@ def main():
                 load = llama_load(mnt / "model-F16.gguf", env)
             mounted.append((t_mounted + load, load))
         results[cold] = (statistics.median(disk), statistics.median(m for m, _ in mounted),
-                         statistics.median(lo for _, lo in mounted))
+                         statistics.median(lo for _, lo in mounted), disk)
     print(f"\n{'llama_cpp.Llama load + eval of a short prompt, median of ' + str(args.runs):<58}{'seconds':>9}{'vs disk':>9}")
     for cold, label in ((True, "page cache dropped before each"), (False, "files in the page cache")):
-        disk, mount_total, mount_load = results[cold]
+        disk, mount_total, mount_load, _ = results[cold]
         print(f"{label}:")
         print(f"{'  the converter file on disk':<58}{disk:>9.2f}{1:>8.2f}x")
         print(f"{'  fresh lorafs mount --gguf F16: mount + load':<58}{mount_total:>9.2f}{mount_total / disk:>8.2f}x")
         print(f"{'  of which the load':<58}{mount_load:>9.2f}{mount_load / disk:>8.2f}x")
     print(f"target: fresh mount <= 1.3x the file on disk (page cache dropped): {results[True][1] / results[True][0]:.2f}x")
+    floor = statistics.median(base_reads)
+    print(f"the base read cold (cat, same rounds): {floor:.2f} s; the converter's file cold (cat, once): "
+          f"{cold_cat(mnt_gguf):.2f} s; spread of the cold disk loads: "
+          f"{min(results[True][3]):.2f}-{max(results[True][3]):.2f} s")
 
     if not args.keep:
         for p in ("peft.gguf", "from-mount.gguf", "lorafs.gguf"):
