@@ -11,6 +11,7 @@ use super::special::{SpecialVocab, DEFAULT_TYPES};
 use super::{looks_special, pre_hashes, token_type, Dir};
 use crate::gguf::{Metadata, Value};
 use crate::Result;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use tokenizers::Tokenizer;
@@ -27,13 +28,14 @@ impl HfTokenizer {
     /// transformers does; a missing file or one `tokenizers` cannot read is refused (the
     /// converter would need a slow tokenizer or fail).
     pub(crate) fn load(dir: &Dir) -> Result<HfTokenizer> {
-        let Some(bytes) = dir.read(TOKENIZER_JSON)? else {
+        let Some(json) = dir.json(TOKENIZER_JSON)? else {
             return Err(dir.unsupported(
                 TOKENIZER_JSON,
                 "a tokenizer without tokenizer.json or tokenizer.model",
             ));
         };
-        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| {
+        // From the parsed JSON the other steps share, as `Tokenizer::from_bytes` would.
+        let mut tokenizer = Tokenizer::deserialize(&*json).map_err(|e| {
             dir.bad(
                 TOKENIZER_JSON,
                 format!("not a tokenizer the `tokenizers` library reads: {e}"),

@@ -19,6 +19,9 @@ mod special;
 use super::{Metadata, ModelFiles, Value};
 use crate::{Error, Result};
 use serde_json::{Map, Value as Json};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// How a model family sets its vocabulary (the converter's `set_vocab` of its model class).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +157,9 @@ pub(crate) struct Dir<'a> {
     config: &'a Json,
     /// The converter's `self.hparams`.
     hparams: Map<String, Json>,
+    /// The JSON files parsed so far: `tokenizer.json` (often 10–20 MB) is read by more than
+    /// one step.
+    parsed: RefCell<HashMap<String, Option<Rc<Json>>>>,
 }
 
 impl<'a> Dir<'a> {
@@ -172,6 +178,7 @@ impl<'a> Dir<'a> {
             files,
             config,
             hparams,
+            parsed: RefCell::default(),
         })
     }
 
@@ -187,24 +194,29 @@ impl<'a> Dir<'a> {
         Ok(self.read(name)?.is_some())
     }
 
-    /// A JSON file, or `None` if it is absent.
-    fn json(&self, name: &str) -> Result<Option<Json>> {
-        let Some(bytes) = self.read(name)? else {
-            return Ok(None);
+    /// A JSON file, or `None` if it is absent (parsed once).
+    fn json(&self, name: &str) -> Result<Option<Rc<Json>>> {
+        if let Some(parsed) = self.parsed.borrow().get(name) {
+            return Ok(parsed.clone());
+        }
+        let parsed = match self.read(name)? {
+            None => None,
+            Some(bytes) => Some(Rc::new(serde_json::from_slice(&bytes).map_err(
+                |source| Error::Json {
+                    path: self.path(name),
+                    source,
+                },
+            )?)),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| Error::Json {
-                path: self.path(name),
-                source,
-            })
+        (self.parsed.borrow_mut()).insert(name.to_string(), parsed.clone());
+        Ok(parsed)
     }
 
     /// A JSON file that must hold an object (the converter calls `.get` on it).
     fn json_object(&self, name: &str) -> Result<Option<Map<String, Json>>> {
-        match self.json(name)? {
+        match self.json(name)?.as_deref() {
             None => Ok(None),
-            Some(Json::Object(map)) => Ok(Some(map)),
+            Some(Json::Object(map)) => Ok(Some(map.clone())),
             Some(_) => Err(Error::config(self.path(name), "not a JSON object")),
         }
     }

@@ -42,13 +42,14 @@ fn special_id(piece: Option<&Json>) -> Option<Json> {
 
 impl SpecialVocab {
     pub(super) fn load_tokenizer_json(&mut self, dir: &Dir) -> Result<()> {
-        let tokenizer = match dir.json("tokenizer.json")? {
+        let parsed = dir.json("tokenizer.json")?;
+        let tokenizer = match parsed.as_deref() {
             None => None,
             Some(Json::Object(map)) => Some(map),
             Some(_) => return Err(dir.bad("tokenizer.json", "not a JSON object")),
         };
         let mut added_tokens = Vec::new();
-        if let Some(tokenizer) = &tokenizer {
+        if let Some(tokenizer) = tokenizer {
             if self.load_merges {
                 self.read_merges(dir, tokenizer)?;
             }
@@ -61,7 +62,7 @@ impl SpecialVocab {
         }
         let mut tc: Config = dir.json_object("tokenizer_config.json")?;
         if let Some(tokenizer) = tokenizer.filter(|t| !t.is_empty()) {
-            self.read_post_processor(dir, &tokenizer, &mut tc)?;
+            self.read_post_processor(dir, tokenizer, &mut tc)?;
         }
         let Some(tc) = tc.filter(|m| !m.is_empty()) else {
             return Ok(());
