@@ -124,6 +124,16 @@ pub(super) fn serve(
 /// costs a payload buffer, never freed; the waits between add up to 2.5 s).
 const RESTARTS: u32 = 8;
 
+/// What a serving thread does after the kernel failed its command.
+enum After {
+    /// End quietly: the mount ended, or the kernel refused the ring at start-up.
+    Stop,
+    /// Register the entry again.
+    Register,
+    /// Give the ring up (why): the thread starts over on a new one.
+    Fail(String),
+}
+
 /// A serving thread's place in the ring.
 struct Queue {
     qid: u16,
@@ -172,7 +182,7 @@ impl Queue {
     fn run(self) {
         for restart in 0..=RESTARTS {
             let mut entry = Entry::new(PAYLOAD);
-            let Err(why) = self.serve_ring(&mut entry) else {
+            let Err(why) = self.serve_ring(&mut entry, restart == 0) else {
                 return;
             };
             // The failed ring may still point at the entry's buffers: never freed.
@@ -192,11 +202,14 @@ impl Queue {
     }
 
     /// Serve on a new ring with `entry` until the mount ends or the ring is refused (`Ok`),
-    /// or the ring fails (`Err`, why). The ring is dropped before the caller's `entry`.
-    fn serve_ring(&self, entry: &mut Entry) -> Result<(), String> {
+    /// or the ring fails (`Err`, why). `first`: the thread's first ring, whose first
+    /// registration the kernel may refuse (the mount then falls back to `/dev/fuse`). The
+    /// ring is dropped before the caller's `entry`.
+    fn serve_ring(&self, entry: &mut Entry, first: bool) -> Result<(), String> {
         let mut ring = new_ring().map_err(|e| format!("io_uring setup failed: {e}"))?;
         let mut next = register(self.dev.as_raw_fd(), self.qid, entry);
         let mut registering = true;
+        let mut served = false;
         loop {
             // SAFETY: the entry's buffers and iovecs, which the command points to, outlive
             // the ring: `entry` is the caller's, and forgotten if the ring fails.
@@ -205,32 +218,37 @@ impl Queue {
             let result = completion(&mut ring).map_err(|e| format!("io_uring_enter: {e}"))?;
             if result < 0 {
                 let err = io::Error::from_raw_os_error(-result);
-                if !self.recover(err, registering) {
-                    return Ok(());
+                match self.recover(err, registering, first && !served) {
+                    After::Stop => return Ok(()),
+                    After::Fail(why) => return Err(why),
+                    After::Register => {}
                 }
                 next = register(self.dev.as_raw_fd(), self.qid, entry);
                 registering = true;
                 continue;
             }
-            registering = false;
+            (registering, served) = (false, true);
             let commit_id = abi::commit_id(&entry.header);
             self.serve_one(entry);
             next = commit(self.dev.as_raw_fd(), self.qid, commit_id);
         }
     }
 
-    /// After the kernel completed this thread's command with `err`: whether to register
-    /// the entry again. The end of the mount ends the thread quietly; a refused first
-    /// registration leaves the mount to `/dev/fuse` (logged once); any other failure costs
-    /// the entry, which is registered again.
-    fn recover(&self, err: io::Error, registering: bool) -> bool {
+    /// After the kernel completed this thread's command with `err`: what next. The end of
+    /// the mount ends the thread quietly; a refused registration at start-up (`starting`)
+    /// leaves the mount to `/dev/fuse` (logged once), one refused later fails the ring; a
+    /// failed commit costs the entry, which is registered again.
+    fn recover(&self, err: io::Error, registering: bool, starting: bool) -> After {
         let ended = matches!(
             err.raw_os_error(),
             Some(libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED)
         );
         if ended || self.stopping.load(Ordering::Relaxed) {
             log::debug!("ring queue {}: stopped ({err})", self.qid);
-            return false;
+            return After::Stop;
+        }
+        if registering && !starting {
+            return After::Fail(format!("the kernel refused the entry ({err})"));
         }
         if registering {
             self.fs.uring.store(false, Ordering::Relaxed);
@@ -240,13 +258,13 @@ impl Queue {
                      serving through /dev/fuse"
                 );
             }
-            return false;
+            return After::Stop;
         }
         log::error!(
             "ring queue {}: a commit failed ({err}); registering again",
             self.qid
         );
-        true
+        After::Register
     }
 
     /// Answer the request in `entry` and write the reply over it. A bug costs the request
