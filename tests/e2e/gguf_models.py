@@ -376,6 +376,21 @@ CASE_SPECS = {
     ),
     # a BPE pre-tokenizer no table knows: refused by the converter and by lorafs
     "llama_fresh_bpe": ("LlamaForCausalLM", "fresh-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
+    # Llama 3.x-style: tied embeddings, llama3 RoPE scaling (the converter adds a rope_freqs
+    # tensor of its own) and a large theta
+    "llama3_tied_bpe": (
+        "LlamaForCausalLM", "llama-bpe", "bfloat16", True,
+        dict(intermediate_size=128, rope_theta=500000.0, max_position_embeddings=131072,
+             rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=8192)),
+        [({}, 1.0)],
+    ),
+    # YaRN RoPE scaling, an F16 base, a DoRA adapter
+    "qwen2_yarn_bpe": (
+        "Qwen2ForCausalLM", "qwen2", "float16", False,
+        dict(intermediate_size=128, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64)),
+        [(dict(use_dora=True), 1.0)],
+    ),
     # special tokens that tokenizer_config.json names but tokenizer.json lacks
     # (NAMED_SPECIAL_TOKENS): transformers appends them when it loads the tokenizer, and the
     # converter writes them as control tokens in the room config.json's vocab_size leaves
@@ -417,7 +432,8 @@ def write_added_tokens_decoder(tok, base: Path):
     }
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe")
+SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe",
+             "llama3_tied_bpe", "qwen2_yarn_bpe")
 
 
 def _config(arch: str, vocab_size: int, tied: bool, tok, extra: dict):

@@ -160,12 +160,16 @@ def test_converter_reference(store, case):
     c = store.cases[case]
     for gtype in gm.TYPES:
         g = gc.parse_gguf(store.reference(case, gtype))
-        assert g.value("general.architecture") == {"qwen2_bpe": "qwen2", "qwen3_bpe": "qwen3"}.get(case, "llama")
+        assert g.value("general.architecture") == {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(c.arch, "llama")
         assert g.value("tokenizer.ggml.pre") == c.tokenizer_pre
         assert g.value("tokenizer.ggml.model") == ("llama" if c.tokenizer == "spm" else "gpt2")
         assert g.value("tokenizer.chat_template"), "no chat template"
         names = [t.name for t in g.tensors]
         assert ("output.weight" in names) != c.tied, names
+        if case == "llama3_tied_bpe":  # the converter's own tensor, first
+            assert names[0] == "rope_freqs.weight", names[:3]
+        if case == "qwen2_yarn_bpe":
+            assert g.value("qwen2.rope.scaling.type") == "yarn", g.value("qwen2.rope.scaling.type")
         if case == "llama_named_bpe":  # appended after the 128256 tokens, as control tokens
             tokens, types = g.value("tokenizer.ggml.tokens"), g.value("tokenizer.ggml.token_type")
             assert tokens[128256:128260] == ["[PAD]", "<image>", "<tool>", "[PAD128259]"], tokens[128256:128260]
