@@ -134,8 +134,9 @@ const VALUED: &[(&str, &str)] = &[
 const FLAGS: &[(&str, &str)] = &[("allow_other", "--allow-other"), ("noexec", "--noexec")];
 
 /// mount(8)'s generic options, which lorafs takes and ignores: the mount is read-only,
-/// nodev and nosuid whatever they say, and `exec` is the default (`noexec` is a flag); `noauto`, `nofail`, `_netdev`, `user`... are for
-/// mount(8) and systemd, which act on them before the helper runs.
+/// nodev and nosuid whatever they say, and `exec` is the default (`noexec` is a flag);
+/// `noauto`, `nofail`, `_netdev`, `user`... are for mount(8) and systemd, which act on them
+/// before the helper runs.
 const IGNORED: &[&str] = &[
     "ro",
     "rw",

@@ -100,7 +100,7 @@ pub fn mount(
     }
     let fuser_unmounter = (!own_mount).then(|| session.unmount_callable());
     let mut unmounter = transport::Unmounter::new(&mountpoint, fuser_unmounter)?;
-    let failure_unmounter = transport::Unmounter::new(&mountpoint, None)?;
+    let failure_unmounter = unmounter.by_lorafs();
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let watched = mountpoint.clone();
     let watched_engine = engine.clone();

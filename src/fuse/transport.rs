@@ -258,6 +258,16 @@ impl Unmounter {
         })
     }
 
+    /// The same mount, unmounted by lorafs itself rather than fuser (another handle, for
+    /// the session's failure while this one serves the signals).
+    pub fn by_lorafs(&self) -> Unmounter {
+        Unmounter {
+            path: self.path.clone(),
+            device: self.device.clone(),
+            fuser: None,
+        }
+    }
+
     /// Whether the mount on top at the path is still this one.
     pub fn check(&self) -> io::Result<()> {
         match find_mount(&self.path)? {

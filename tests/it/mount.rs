@@ -38,9 +38,18 @@ pub(crate) fn can_mount() -> bool {
 }
 
 pub(crate) fn is_mounted(path: &Path) -> bool {
+    mountinfo_line(path).is_some()
+}
+
+/// The `/proc/self/mountinfo` line of the mount on top at `path` (the last one there).
+pub(crate) fn mountinfo_line(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let path = path.to_str().unwrap();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(path))
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(path));
+    line.map(str::to_string)
 }
 
 /// A mounted lorafs; unmounts on drop, even when the test fails.

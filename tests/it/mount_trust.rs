@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use safetensors::Dtype;
 
 use crate::common::*;
-use crate::mount::{can_mount, MountGuard};
+use crate::mount::{can_mount, mountinfo_line, MountGuard};
 
 const NOBODY: &str = "65534";
 
@@ -489,11 +489,7 @@ fn noexec_keeps_what_the_base_lets_run_from_running() {
     if !can_mount() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = BaseSpec::default();
-    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
-    write_base(&base, &spec);
-    write_adapter(&adapter, &AdapterSpec::new(&spec, 4, ""));
+    let (tmp, _spec, base, adapter) = small_model();
     std::fs::write(base.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
     chmod(&base.join("run.sh"), 0o755);
     for noexec in [false, true] {
@@ -504,12 +500,8 @@ fn noexec_keeps_what_the_base_lets_run_from_running() {
         let guard = MountGuard::new(&base, &tmp.path().join("mnt"), &args);
         let script = guard.mountpoint.join("run.sh");
         let ran = Command::new(&script).output();
-        let options = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .find(|l| l.split(' ').nth(4) == guard.mountpoint.to_str())
-            .map(|l| l.split(' ').nth(5).unwrap().to_string())
-            .expect("the mount is in mountinfo");
+        let line = mountinfo_line(&guard.mountpoint).expect("the mount is in mountinfo");
+        let options = line.split(' ').nth(5).unwrap();
         assert_eq!(
             options.split(',').any(|o| o == "noexec"),
             noexec,

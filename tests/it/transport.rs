@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::common::*;
-use crate::mount::{can_mount, is_mounted, MountGuard};
+use crate::mount::{can_mount, is_mounted, mountinfo_line, MountGuard};
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -309,13 +309,7 @@ impl Drop for Cleanup {
 
 /// The type of the filesystem on top at `path`.
 fn top_fstype(path: &Path) -> String {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let path = path.to_str().unwrap();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.split(' ').nth(4) == Some(path));
-    let line = line.expect("mounted");
+    let line = mountinfo_line(path).expect("mounted");
     let after = line.split(" - ").nth(1).unwrap();
     after.split(' ').next().unwrap().to_string()
 }

@@ -3,8 +3,8 @@
 //!
 //! Every view of a mount has its own GGUF header, and so its own `tokenizer.*` keys, but the
 //! views of one base share the base's tokenizer files (unless an adapter brings its own).
-//! Computing the keys means loading a `tokenizer.json` of often 10–20 MB two or three times
-//! (about a second for a Llama 3 vocabulary), for each view and each GGUF type. So the keys
+//! Computing the keys means loading a `tokenizer.json` of often 10–20 MB into the tokenizers
+//! library, for each view and each GGUF type. So the keys
 //! are kept with a record of every file read and listing made to compute them; a directory
 //! whose files read the same (same names present and absent, same bytes, by SHA-256) gets
 //! the kept keys, having read those files once more (so the caller sees the same reads).

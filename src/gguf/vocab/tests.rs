@@ -547,16 +547,24 @@ fn a_named_token_added_without_the_special_mark_is_refused_by_name() {
     assert!(loaded_with(json!({}), false).is_ok());
 }
 
-/// `memo` computes through `compute` on a miss: the number of computations, and the keys.
+/// The keys of `files` through `memo`, counting the computations in `computed`.
 fn memo_keys(memo: &memo::Memo, files: &MemFiles, computed: &std::cell::Cell<usize>) -> Metadata {
+    try_memo_keys(memo, files, computed).unwrap()
+}
+
+fn try_memo_keys(
+    memo: &memo::Memo,
+    files: &MemFiles,
+    computed: &std::cell::Cell<usize>,
+) -> Result<Metadata> {
     let config = json!({"vocab_size": 10});
     let keys = memo.get_or_compute(files, &config, VocabFamily::Llama, |f| {
         computed.set(computed.get() + 1);
         let mut meta = Metadata::new();
         super::compute(f, &config, VocabFamily::Llama, &mut meta)?;
         Ok(meta)
-    });
-    (*keys.unwrap()).clone()
+    })?;
+    Ok((*keys).clone())
 }
 
 fn spm_files(root: &str, extra: &[(&str, Vec<u8>)]) -> MemFiles {
@@ -609,15 +617,8 @@ fn an_error_is_not_kept() {
     let memo = memo::Memo::new();
     let computed = std::cell::Cell::new(0);
     let broken = MemFiles::new(&[("tokenizer.model", b"\xff\xff".to_vec())]);
-    let config = json!({});
     for _ in 0..2 {
-        let got = memo.get_or_compute(&broken, &config, VocabFamily::Llama, |f| {
-            computed.set(computed.get() + 1);
-            let mut meta = Metadata::new();
-            super::compute(f, &config, VocabFamily::Llama, &mut meta)?;
-            Ok(meta)
-        });
-        assert!(got.is_err());
+        assert!(try_memo_keys(&memo, &broken, &computed).is_err());
     }
     assert_eq!(computed.get(), 2);
 }
