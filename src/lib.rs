@@ -32,6 +32,7 @@ pub mod stats;
 pub mod tree;
 pub mod view;
 pub mod viewsfile;
+pub mod willneed;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
