@@ -207,19 +207,27 @@ impl LorafsFs {
 
     /// Prefetch ahead of a reader whose read starts where its previous one ended.
     fn note_read(&self, fh: u64, view: &Arc<View>, file: usize, offset: u64, len: u64) {
-        let sequential = {
+        let end = offset + len;
+        let ahead = {
             let mut handles = self.lock_handles();
             let Some(h) = handles.get_mut(&fh) else {
                 return;
             };
-            let previous = h.last_end.replace(offset + len);
-            previous == Some(offset)
+            if h.last_end.replace(end) != Some(offset) {
+                // A reader that jumped starts its read-ahead afresh where it goes on.
+                h.ahead_to = end;
+                None
+            } else {
+                let from = h.ahead_to.max(end);
+                h.ahead_to = from.max(end + view.ahead_window());
+                Some(from)
+            }
         };
-        if sequential {
+        if let Some(from) = ahead {
             // The base bytes further ahead are read first, then the next blocks merged
             // from them.
-            view.read_ahead(file, offset + len);
-            view.prefetch(file, offset + len, PREFETCH_BYTES);
+            view.read_ahead(file, from, end + view.ahead_window());
+            view.prefetch(file, end, PREFETCH_BYTES);
         }
     }
 
@@ -239,6 +247,7 @@ impl LorafsFs {
             view,
             file,
             last_end: None,
+            ahead_to: 0,
         };
         self.lock_handles().insert(fh, handle);
         // A file's content never changes under its inode (a changed view gets new inodes):
