@@ -48,8 +48,6 @@ struct Handle {
     view: Arc<View>,
     file: usize,
     last_end: Option<u64>,
-    /// The end of the bytes whose base was read ahead for this reader.
-    ahead_to: u64,
 }
 
 /// The tree a mount serves, its nodes, and the tree shared by the callbacks and the

@@ -207,27 +207,19 @@ impl LorafsFs {
 
     /// Prefetch ahead of a reader whose read starts where its previous one ended.
     fn note_read(&self, fh: u64, view: &Arc<View>, file: usize, offset: u64, len: u64) {
-        let end = offset + len;
-        let ahead = {
+        let sequential = {
             let mut handles = self.lock_handles();
             let Some(h) = handles.get_mut(&fh) else {
                 return;
             };
-            if h.last_end.replace(end) != Some(offset) {
-                // A reader that jumped starts its read-ahead afresh where it goes on.
-                h.ahead_to = end;
-                None
-            } else {
-                let from = h.ahead_to.max(end);
-                h.ahead_to = from.max(end + view.ahead_window());
-                Some(from)
-            }
+            let previous = h.last_end.replace(offset + len);
+            previous == Some(offset)
         };
-        if let Some(from) = ahead {
+        if sequential {
             // The base bytes further ahead are read first, then the next blocks merged
             // from them.
-            view.read_ahead(file, from, end + view.ahead_window());
-            view.prefetch(file, end, PREFETCH_BYTES);
+            view.read_ahead(file, offset + len);
+            view.prefetch(file, offset + len, PREFETCH_BYTES);
         }
     }
 
@@ -247,7 +239,6 @@ impl LorafsFs {
             view,
             file,
             last_end: None,
-            ahead_to: 0,
         };
         self.lock_handles().insert(fh, handle);
         // A file's content never changes under its inode (a changed view gets new inodes):

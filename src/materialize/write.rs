@@ -87,7 +87,7 @@ pub(super) fn stream(
                 if file.size == 0 && full_tx.send((index, AlignedBuf::default(), 0)).is_err() {
                     return Ok(()); // the writer stopped: its error is reported below
                 }
-                let (mut offset, mut ahead_to) = (0, 0);
+                let mut offset = 0;
                 while offset < file.size {
                     interrupt.check(out)?;
                     let Ok(mut buf) = empty_rx.recv() else {
@@ -95,9 +95,7 @@ pub(super) fn stream(
                     };
                     // The base of the chunks after this one is read meanwhile: a cold
                     // base keeps the disk busy while this one is merged.
-                    let from = ahead_to.max(offset + CHUNK as u64);
-                    ahead_to = offset + CHUNK as u64 + view.ahead_window();
-                    view.read_ahead(index, from, ahead_to);
+                    view.read_ahead(index, offset + CHUNK as u64);
                     let n = view.read_at(index, offset, buf.bytes_mut())?;
                     if n == 0 {
                         let what = "the view ended before its size";

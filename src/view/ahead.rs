@@ -17,21 +17,14 @@ impl View {
         self.engine.direct_base_reads && self.engine.ahead.budget() > 0
     }
 
-    /// How far ahead of a streaming reader its base bytes are read: half the read-ahead
-    /// budget, so that a second stream fits beside.
-    pub fn ahead_window(&self) -> u64 {
-        self.engine.ahead.budget() / 2
-    }
-
-    /// Read, in the background, the base bytes that bytes `from .. to` of file `file` are
-    /// made from, unless they are at hand already (merged blocks cached or being computed):
-    /// staged with `O_DIRECT` ([`crate::ahead`]), or else asked of the page cache
-    /// ([`crate::willneed`]). For a reader that streams through the file, `to` at most
-    /// [`View::ahead_window`] past it, and each range named once: the walk costs the
-    /// reader's thread time.
-    pub fn read_ahead(&self, file: usize, from: u64, to: u64) {
-        if from < to && self.engine.ahead.budget() > 0 {
-            self.ahead_range(file, from, to - from);
+    /// Read, in the background, the base bytes that file `file` is made from after `offset`
+    /// (half the read-ahead budget's worth, so that a second stream fits beside), unless
+    /// they are at hand already (merged blocks cached or being computed): staged with
+    /// `O_DIRECT` ([`crate::ahead`]), or else asked of the page cache
+    /// ([`crate::willneed`]). For a reader that streams through the file.
+    pub fn read_ahead(&self, file: usize, offset: u64) {
+        if self.engine.ahead.budget() > 0 {
+            self.ahead_range(file, offset, self.engine.ahead.budget() / 2);
         }
     }
 
