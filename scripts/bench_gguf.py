@@ -16,9 +16,7 @@ same run:
    cache dropped before each load (as scripts/bench_large.sh does; needs root), and again
    with the files in the page cache (the base's, for the mount). Printed beside: the base
    read cold with `cat` in the same rounds (what any mount must read from disk first) and
-   the spread of the cold disk loads (this machine's disk varies from run to run), and the
-   cold mount again with `--base-read-ahead 0`: without lorafs asking the kernel to read the
-   base ahead (docs/DESIGN.md, "Reading the base ahead").
+   the spread of the cold disk loads (this machine's disk varies from run to run).
 
 The model is made by `examples/synth_model.rs` (default about 1 GB of F16, a rank-16 LoRA on
 every linear layer, as scripts/bench_materialize.py), plus a small SentencePiece tokenizer
@@ -215,7 +213,7 @@ def main():
     print(f"lorafs's file vs the PEFT pipeline's: {same_model(lorafs_gguf, peft_gguf, exact=False)}")
 
     # --- 2. llama.cpp loading the GGUF
-    results, base_reads, kernel_alone = {}, [], []
+    results, base_reads = {}, []
     for cold in (True, False):
         disk, mounted = [], []
         for _ in range(args.runs):
@@ -234,12 +232,6 @@ def main():
                 t_mounted = time.perf_counter() - t0
                 load = llama_load(mnt / "model-F16.gguf", env)
             mounted.append((t_mounted + load, load))
-            if cold:
-                # The same without lorafs asking the kernel to read the base ahead.
-                drop_caches()
-                t0 = time.perf_counter()
-                with Mount(base, adapter, mnt, "--gguf", "F16", "--base-read-ahead", "0"):
-                    kernel_alone.append(time.perf_counter() - t0 + llama_load(mnt / "model-F16.gguf", env))
         results[cold] = (statistics.median(disk), statistics.median(m for m, _ in mounted),
                          statistics.median(lo for _, lo in mounted), disk)
     print(f"\n{'llama_cpp.Llama load + eval of a short prompt, median of ' + str(args.runs):<58}{'seconds':>9}{'vs disk':>9}")
@@ -249,9 +241,6 @@ def main():
         print(f"{'  the converter file on disk':<58}{disk:>9.2f}{1:>8.2f}x")
         print(f"{'  fresh lorafs mount --gguf F16: mount + load':<58}{mount_total:>9.2f}{mount_total / disk:>8.2f}x")
         print(f"{'  of which the load':<58}{mount_load:>9.2f}{mount_load / disk:>8.2f}x")
-        if cold:
-            alone = statistics.median(kernel_alone)
-            print(f"{'  the same, --base-read-ahead 0 (kernel read-ahead alone)':<58}{alone:>9.2f}{alone / disk:>8.2f}x")
     print(f"target: fresh mount <= 1.3x the file on disk (page cache dropped): {results[True][1] / results[True][0]:.2f}x")
     floor = statistics.median(base_reads)
     print(f"the base read cold (cat, same rounds): {floor:.2f} s; the converter's file cold (cat, once): "

@@ -18,7 +18,6 @@
 use std::cell::RefCell;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -185,18 +184,6 @@ impl SourceFile {
             direct: OnceLock::new(),
             changed: OnceLock::new(),
         }
-    }
-
-    /// Ask the kernel to read bytes `start .. end` into the page cache
-    /// (`posix_fadvise(WILLNEED)`: the reads start, and it returns). Files opened at each
-    /// read are small and left alone.
-    pub fn advise(&self, start: u64, end: u64) -> io::Result<()> {
-        let (Some(file), Some(len)) = (&self.held, NonZeroU64::new(end.saturating_sub(start)))
-        else {
-            return Ok(());
-        };
-        rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::WillNeed)
-            .map_err(io::Error::from)
     }
 
     /// The file's size when lorafs opened it (the only size it ever serves).

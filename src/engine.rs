@@ -21,7 +21,6 @@ use crate::error::Result;
 use crate::kernel::Kernel;
 use crate::model::{BaseModel, INDEX_FILE};
 use crate::plan::{CombinationKey, Realized, TensorId, WSource};
-use crate::willneed::WillNeed;
 
 /// Counters of an engine's work, for logs and the mount's stats.
 #[derive(Default, Debug)]
@@ -93,10 +92,8 @@ pub struct Engine {
     /// Read the base with `O_DIRECT`, around the page cache (see [`crate::baseio`]): for
     /// models over half of RAM, whose base pages would evict the merged ones.
     pub direct_base_reads: bool,
-    /// Base bytes read ahead of sequential readers (with `O_DIRECT`).
+    /// Base bytes read ahead of sequential readers.
     pub ahead: ReadAhead,
-    /// Base bytes asked of the page cache ahead of sequential readers (without).
-    pub will_need: WillNeed,
     pub stats: EngineStats,
 }
 
@@ -129,7 +126,6 @@ impl Engine {
             recipes: Mutex::new(HashMap::new()),
             direct_base_reads: false,
             ahead: ReadAhead::new(options.ahead),
-            will_need: WillNeed::new(),
             stats: EngineStats::default(),
         })
     }

@@ -32,7 +32,6 @@ pub mod stats;
 pub mod tree;
 pub mod view;
 pub mod viewsfile;
-pub mod willneed;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};

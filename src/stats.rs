@@ -43,8 +43,6 @@ pub struct Stats {
     pub read_ahead_staged: u64,
     pub read_ahead_served: u64,
     pub read_ahead_dropped: u64,
-    /// Base bytes the kernel was asked to read into the page cache ahead of readers.
-    pub read_ahead_asked: u64,
     /// The merge kernel in use.
     pub kernel: String,
     /// The server's process id.
@@ -112,8 +110,7 @@ macro_rules! integer_fields {
             read_ahead_budget,
             read_ahead_staged,
             read_ahead_served,
-            read_ahead_dropped,
-            read_ahead_asked
+            read_ahead_dropped
         )
     };
 }
@@ -266,7 +263,7 @@ mod tests {
         bytes_merged 4096\nbytes_passthrough 4096\nbytes_replaced 0\nbytes_converted 0\n\
         factor_bytes 100\nfactor_budget 200\nfactors_loaded 7\n\
         read_ahead_bytes 0\nread_ahead_budget 67108864\nread_ahead_staged 0\nread_ahead_served 0\n\
-        read_ahead_dropped 0\nread_ahead_asked 0\nkernel avx2\npid 42\n\
+        read_ahead_dropped 0\nkernel avx2\npid 42\n\
         panics_caught 0\n";
 
     #[test]

@@ -24,9 +24,9 @@ pub(crate) struct MergeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub(crate) cache_size: Option<usize>,
     /// Bytes of the base read ahead of a sequential reader of a mount (and of
-    /// materialize's), so the disk stays busy while blocks are merged: with O_DIRECT into
-    /// buffers of this budget, several reads in flight; through the page cache by asking
-    /// the kernel for the next half of it (0: read only what is asked).
+    /// materialize's) when the base is read with O_DIRECT, several reads in flight, so the
+    /// disk stays busy while blocks are merged (0: read only what is asked). Through the
+    /// page cache the kernel reads ahead itself.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
     pub(crate) base_read_ahead: usize,
     /// Read base files with O_DIRECT, keeping them out of the page cache: auto (when the

@@ -165,7 +165,7 @@ pub fn stats_text(engine: &Engine) -> String {
          bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nbytes_converted {}\n\
          factor_bytes {}\nfactor_budget {}\nfactors_loaded {}\n\
          read_ahead_bytes {}\nread_ahead_budget {}\nread_ahead_staged {}\nread_ahead_served {}\nread_ahead_dropped {}\n\
-         read_ahead_asked {}\nkernel {}\npid {}\npanics_caught {}\n",
+         kernel {}\npid {}\npanics_caught {}\n",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.waits.load(Ordering::Relaxed),
@@ -186,7 +186,6 @@ pub fn stats_text(engine: &Engine) -> String {
         a.staged.load(Ordering::Relaxed),
         a.served.load(Ordering::Relaxed),
         a.dropped.load(Ordering::Relaxed),
-        engine.will_need.asked(),
         engine.kernel.name(),
         std::process::id(),
         panics::caught_count(),

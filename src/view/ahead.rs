@@ -9,9 +9,9 @@ use crate::plan::WFile;
 const CHUNK_BYTES: u64 = 1 << 20;
 
 impl View {
-    /// Whether this view stages the base ahead of its readers: only where the base is read
-    /// with `O_DIRECT`. Through the page cache, the kernel reads it ahead when asked
-    /// (`WILLNEED`), without the copy into a staged buffer (`scripts/tune_read.sh` measured
+    /// Whether this view reads the base ahead of its readers: only where the base is read
+    /// with `O_DIRECT`. Through the page cache, the kernel's own read-ahead of the base file
+    /// does it without the copy into a staged buffer (`scripts/tune_read.sh` measured
     /// staging slower there).
     pub(super) fn reads_ahead(&self) -> bool {
         self.engine.direct_base_reads && self.engine.ahead.budget() > 0
@@ -19,11 +19,10 @@ impl View {
 
     /// Read, in the background, the base bytes that file `file` is made from after `offset`
     /// (half the read-ahead budget's worth, so that a second stream fits beside), unless
-    /// they are at hand already (merged blocks cached or being computed): staged with
-    /// `O_DIRECT` ([`crate::ahead`]), or else asked of the page cache
-    /// ([`crate::willneed`]). For a reader that streams through the file.
+    /// they are at hand already (merged blocks cached or being computed); see
+    /// [`crate::ahead`]. For a reader that streams through the file.
     pub fn read_ahead(&self, file: usize, offset: u64) {
-        if self.engine.ahead.budget() > 0 {
+        if self.reads_ahead() {
             self.ahead_range(file, offset, self.engine.ahead.budget() / 2);
         }
     }
@@ -81,13 +80,9 @@ impl View {
         }
     }
 
-    /// Have bytes `start .. end` of file `file`'s source read ahead: staged around the page
-    /// cache where the base is read so, else into the page cache.
+    /// Have bytes `start .. end` of file `file`'s source read ahead, around the page cache.
     fn schedule(&self, file: usize, start: u64, end: u64) {
         let source = &self.files[file].source;
-        match self.engine.direct_base_reads {
-            true => (self.engine.ahead).schedule(source, start, end, true),
-            false => self.engine.will_need.ask(source, start, end),
-        }
+        (self.engine.ahead).schedule(source, start, end, self.engine.direct_base_reads);
     }
 }

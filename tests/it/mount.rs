@@ -306,26 +306,10 @@ fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
             counter(&guard.mountpoint, "read_ahead_served"),
         );
         let held = counter(&guard.mountpoint, "read_ahead_bytes");
-        // Counted when the kernel took the hint, on a thread of its own: give it a moment.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut asked = counter(&guard.mountpoint, "read_ahead_asked");
-        while asked == 0
-            && budget != "0"
-            && direct == "never"
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            asked = counter(&guard.mountpoint, "read_ahead_asked");
-        }
-        if budget == "0" {
-            assert_eq!((staged, served, held, asked), (0, 0, 0, 0), "{extra:?}");
-        } else if direct == "never" {
-            // Through the page cache the kernel is asked to read the base ahead; lorafs
-            // stages nothing.
+        if budget == "0" || direct == "never" {
+            // Through the page cache the kernel reads the base ahead; lorafs does not.
             assert_eq!((staged, served, held), (0, 0, 0), "{extra:?}");
-            assert!(asked > 0, "{extra:?}");
         } else {
-            assert_eq!(asked, 0, "{extra:?}");
             // Readers took most of what was read ahead, and no more than was read.
             assert!(
                 served > 0 && served <= staged,
