@@ -395,6 +395,10 @@ CASE_SPECS = {
     # (NAMED_SPECIAL_TOKENS): transformers appends them when it loads the tokenizer, and the
     # converter writes them as control tokens in the room config.json's vocab_size leaves
     "llama_named_bpe": ("LlamaForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128, vocab_size=128300), [({}, 1.0)]),
+    # a tokenizer saved before transformers 4.34 (LEGACY_SPECIAL_TOKENS_MAP): no
+    # added_tokens_decoder in tokenizer_config.json, and a special_tokens_map.json that
+    # transformers reads over it
+    "llama_legacy_bpe": ("LlamaForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128, vocab_size=128300), [({}, 1.0)]),
     # q/k/v/o and MLP biases: the converter permutes q_proj.bias and k_proj.bias like the
     # rows of their weights (1-D tensors, F32 in every type)
     "llama_bias_spm": (
@@ -416,6 +420,28 @@ ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
 NAMED_SPECIAL_TOKENS = {"llama_named_bpe": dict(pad_token="[PAD]", image_token="<image>", extra_special_tokens=["<tool>"])}
 
 
+# tokenizer_config.json settings and the special_tokens_map.json of a case saved the old way.
+# transformers 5 takes the map's pad_token over the config's, the map's model-specific tokens
+# before the config's (with the config's value for a key both name), the config's extra list
+# with the map's appended, and ignores the map's deprecated additional_special_tokens then.
+LEGACY_SPECIAL_TOKENS_MAP = {
+    "llama_legacy_bpe": (
+        dict(pad_token="<cfg-pad>", image_token="<i>", audio_token="<a>", extra_special_tokens=["<x1>"]),
+        dict(pad_token="[PAD]", video_token=dict(content="<vid>", lstrip=False), image_token="<img>",
+             extra_special_tokens=["<tool>", "<x1>"], additional_special_tokens=["<not-added>"]),
+    )
+}
+
+
+def write_legacy_special_tokens_map(base: Path, config: dict, legacy: dict):
+    path = base / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("added_tokens_decoder", None)  # (transformers wrote none before 4.34)
+    cfg.update(config)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    (base / "special_tokens_map.json").write_text(json.dumps(legacy, indent=2) + "\n")
+
+
 def write_named_special_tokens(base: Path, named: dict):
     path = base / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
@@ -433,7 +459,7 @@ def write_added_tokens_decoder(tok, base: Path):
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe",
-             "llama3_tied_bpe", "qwen2_yarn_bpe")
+             "llama_legacy_bpe", "llama3_tied_bpe", "qwen2_yarn_bpe")
 
 
 def _config(arch: str, vocab_size: int, tied: bool, tok, extra: dict):
@@ -537,6 +563,8 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
                 write_added_tokens_decoder(tok, base)
             if name in NAMED_SPECIAL_TOKENS:
                 write_named_special_tokens(base, NAMED_SPECIAL_TOKENS[name])
+            if name in LEGACY_SPECIAL_TOKENS_MAP:
+                write_legacy_special_tokens_map(base, *LEGACY_SPECIAL_TOKENS_MAP[name])
             adapters = []
             for i, (overrides, weight) in enumerate(adapter_specs):
                 path = root / "adapters" / f"{name}_{i}"

@@ -13,7 +13,8 @@ failure; without it the module is skipped, saying why.
 
 Fixtures (gguf_models.CASE_SPECS): tiny Llama (one with attention and MLP biases), Mistral,
 Qwen2 (tied embeddings, two adapters), Qwen3 bases with SentencePiece or real BPE (Llama 3,
-Qwen2) tokenizers; Phi3 (not converted by lorafs) and a Llama with a freshly trained BPE
+Qwen2) tokenizers, special tokens named only in tokenizer_config.json or in a legacy
+special_tokens_map.json; Phi3 (not converted by lorafs) and a Llama with a freshly trained BPE
 (pre-tokenizer unknown).
 The converter's output is made once per (case, type) per session and shared.
 """

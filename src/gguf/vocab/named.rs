@@ -8,6 +8,12 @@
 //! where `config.json`'s vocabulary size leaves room for them. lorafs does the same with the
 //! same library.
 //!
+//! A `tokenizer_config.json` without an `added_tokens_decoder` (written before transformers
+//! 4.34) is read as transformers' legacy path reads it: with `special_tokens_map.json` over it.
+//! Its standard names replace the config's, its other `*_token` keys come before the config's
+//! (transformers finds them later, in `__init__`), its `extra_special_tokens` are appended to
+//! the config's, and its `additional_special_tokens` count where the config has no extra list.
+//!
 //! A named token that `tokenizer.json` lists as an added token that is *not* special is a case
 //! where transformers' tokenizer classes disagree (some make it special, some normalize it
 //! differently): lorafs refuses it rather than guess.
@@ -19,6 +25,7 @@ use std::collections::HashSet;
 use tokenizers::{AddedToken, Tokenizer};
 
 const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, in its order.
 const NAMED: &[&str] = &[
@@ -31,21 +38,33 @@ const NAMED: &[&str] = &[
     "mask_token",
 ];
 
+/// A special token named by a tokenizer's settings.
+#[derive(Debug, PartialEq)]
+struct Named {
+    /// The key naming it (`"pad_token"`, or `"extra special token"`).
+    key: String,
+    content: String,
+    /// The file that named it.
+    file: &'static str,
+}
+
 /// Appends to `tokenizer` the named special tokens it lacks, as transformers does: in its
 /// order, each once, as special added tokens. `Err` if a named token is an added token that
 /// is not special (see the module's comment).
 pub(super) fn add_named_tokens(dir: &Dir, tokenizer: &mut Tokenizer) -> Result<()> {
-    let Some(config) = dir.json_object(TOKENIZER_CONFIG)? else {
-        return Ok(());
+    let config = dir.json_object(TOKENIZER_CONFIG)?.unwrap_or_default();
+    let legacy = match config.contains_key("added_tokens_decoder") {
+        true => None,
+        false => dir.json_object(SPECIAL_TOKENS_MAP)?,
     };
     let added = tokenizer.get_added_tokens_decoder();
     let mut known: HashSet<String> = added.values().map(|t| t.content.clone()).collect();
     let mut missing = Vec::new();
-    for (key, content) in named_tokens(&config) {
+    for Named { key, content, file } in named_tokens(&config, legacy.as_ref()) {
         if let Some(token) = added.values().find(|t| t.content == content) {
             if !token.special {
                 return Err(dir.unsupported(
-                    TOKENIZER_CONFIG,
+                    file,
                     &format!(
                         "a tokenizer that names {content:?} its {key} while tokenizer.json's \
                          added token {content:?} is not marked special"
@@ -68,38 +87,119 @@ pub(super) fn add_named_tokens(dir: &Dir, tokenizer: &mut Tokenizer) -> Result<(
     Ok(())
 }
 
-/// (the key naming it, the token) for each named special token of `tokenizer_config.json`:
-/// the standard names in transformers' order, then other `*_token` keys with a string value
-/// (transformers' model-specific tokens), then the `extra_special_tokens` (formerly
-/// `additional_special_tokens`) list.
-fn named_tokens(config: &Map<String, Json>) -> Vec<(String, String)> {
+/// The named special tokens of `tokenizer_config.json` (`config`), with the legacy
+/// `special_tokens_map.json` (`legacy`) over it, in transformers' order: the standard names,
+/// then other `*_token` keys (transformers' model-specific tokens: the legacy file's first),
+/// then the `extra_special_tokens` (formerly `additional_special_tokens`) list.
+fn named_tokens(config: &Map<String, Json>, legacy: Option<&Map<String, Json>>) -> Vec<Named> {
+    let empty = Map::new();
+    let legacy_map = legacy.unwrap_or(&empty);
     let mut tokens = Vec::new();
-    for key in NAMED {
-        if let Some(content) = config.get(*key).and_then(token_content) {
-            tokens.push((key.to_string(), content));
-        }
-    }
-    for (key, value) in config {
-        if key.ends_with("_token") && !NAMED.contains(&key.as_str()) {
-            if let Json::String(content) = value {
-                tokens.push((key.clone(), content.clone()));
-            }
-        }
-    }
-    let extra = config
-        .get("extra_special_tokens")
-        .or_else(|| config.get("additional_special_tokens"));
-    let extra: Vec<&Json> = match extra {
-        Some(Json::Array(list)) => list.iter().collect(),
-        Some(Json::Object(map)) => map.values().collect(),
-        _ => Vec::new(),
-    };
-    for value in extra {
+    let mut push = |key: &str, value: &Json, file| {
         if let Some(content) = token_content(value) {
-            tokens.push(("extra special token".to_string(), content));
+            let key = key.to_string();
+            tokens.push(Named { key, content, file });
         }
+    };
+    for key in NAMED {
+        match (legacy_map.get(*key), config.get(*key)) {
+            (Some(value), _) => push(key, value, SPECIAL_TOKENS_MAP),
+            (None, Some(value)) => push(key, value, TOKENIZER_CONFIG),
+            (None, None) => {}
+        }
+    }
+    // transformers takes the config's own (string-valued) ones out first; the legacy file's
+    // are found among the remaining settings in `__init__` and come first, the config's value
+    // kept for a key both name.
+    let own: Vec<(&String, &Json)> = (config.iter())
+        .filter(|(key, value)| is_model_specific(key) && value.is_string())
+        .collect();
+    let from_legacy = (legacy_map.iter())
+        .filter(|(key, value)| is_model_specific(key) && (value.is_string() || value.is_object()));
+    for (key, value) in from_legacy {
+        match own.iter().find(|(k, _)| *k == key) {
+            Some((_, value)) => push(key, value, TOKENIZER_CONFIG),
+            None => push(key, value, SPECIAL_TOKENS_MAP),
+        }
+    }
+    for (key, value) in &own {
+        if !legacy_map.contains_key(*key) {
+            push(key, value, TOKENIZER_CONFIG);
+        }
+    }
+    let (extra, named) = extra_tokens(config, legacy);
+    for (name, value) in named {
+        push(name, value, TOKENIZER_CONFIG);
+    }
+    for (value, file) in extra {
+        push("extra special token", value, file);
     }
     tokens
+}
+
+/// The extra special tokens, each with the file naming it, and the config's model-specific
+/// tokens given as an `extra_special_tokens` object (which transformers moves to the named
+/// ones), settled as transformers settles them (`_from_pretrained`, then `__init__`).
+#[allow(clippy::type_complexity)]
+fn extra_tokens<'a>(
+    config: &'a Map<String, Json>,
+    legacy: Option<&'a Map<String, Json>>,
+) -> (Vec<(&'a Json, &'static str)>, Vec<(&'a str, &'a Json)>) {
+    let mut extra = config
+        .get("extra_special_tokens")
+        .map(|v| (v, TOKENIZER_CONFIG));
+    let mut additional = config
+        .get("additional_special_tokens")
+        .map(|v| (v, TOKENIZER_CONFIG));
+    // The deprecated name stands in for an empty or absent list.
+    if additional.is_some() && !extra.is_some_and(|(v, _)| truthy(v)) {
+        extra = additional.take();
+    }
+    let mut named = Vec::new();
+    if let Some((Json::Object(map), _)) = extra {
+        named = map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        extra = None;
+    }
+    let mut list: Vec<(&Json, &str)> = match extra {
+        Some((Json::Array(values), file)) => values.iter().map(|v| (v, file)).collect(),
+        _ => Vec::new(),
+    };
+    if let Some(legacy) = legacy {
+        if let Some(Json::Array(values)) = legacy.get("extra_special_tokens") {
+            for value in values {
+                let content = token_content(value);
+                if !list.iter().any(|(v, _)| token_content(v) == content) {
+                    list.push((value, SPECIAL_TOKENS_MAP));
+                }
+            }
+            extra = legacy
+                .get("extra_special_tokens")
+                .map(|v| (v, SPECIAL_TOKENS_MAP));
+        }
+        if let Some(value) = legacy.get("additional_special_tokens") {
+            additional = Some((value, SPECIAL_TOKENS_MAP));
+        }
+    }
+    // `__init__` takes the deprecated name only where no list was given at all.
+    if let (None, Some((Json::Array(values), file))) = (extra, additional) {
+        list = values.iter().map(|v| (v, file)).collect();
+    }
+    (list, named)
+}
+
+/// Python's truth of a setting's value.
+fn truthy(value: &Json) -> bool {
+    match value {
+        Json::Null | Json::Bool(false) => false,
+        Json::Array(list) => !list.is_empty(),
+        Json::Object(map) => !map.is_empty(),
+        Json::String(s) => !s.is_empty(),
+        _ => true,
+    }
+}
+
+fn is_model_specific(key: &str) -> bool {
+    key.ends_with("_token") && !NAMED.contains(&key)
 }
 
 /// A token as `tokenizer_config.json` gives it: a string or an `AddedToken` object.
@@ -112,5 +212,74 @@ fn token_content(value: &Json) -> Option<String> {
             .filter(|s| !s.is_empty())
             .map(str::to_string),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: Json) -> Map<String, Json> {
+        value.as_object().unwrap().clone()
+    }
+
+    /// (key, content, file) of each named token, in order.
+    fn named(config: Json, legacy: Option<Json>) -> Vec<(String, String, &'static str)> {
+        let legacy = legacy.map(object);
+        (named_tokens(&object(config), legacy.as_ref()).into_iter())
+            .map(|n| (n.key, n.content, n.file))
+            .collect()
+    }
+
+    fn t(key: &str, content: &str, file: &'static str) -> (String, String, &'static str) {
+        (key.to_string(), content.to_string(), file)
+    }
+
+    #[test]
+    fn the_legacy_map_goes_over_the_config_in_transformers_order() {
+        let config = json!({"video_token": "<vid>", "eos_token": "<|end|>", "image_token": "<i>",
+            "bos_token": "<s>"});
+        let legacy = json!({"image_token": {"content": "<img>"}, "pad_token": "[PAD]",
+            "eos_token": {"content": "[E]", "lstrip": false}, "bos_token": null,
+            "additional_special_tokens": ["[X]"]});
+        let (c, m) = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP);
+        assert_eq!(
+            named(config, Some(legacy)),
+            [
+                t("eos_token", "[E]", m),
+                t("pad_token", "[PAD]", m),
+                // the legacy file's model-specific tokens first; the config's value kept
+                t("image_token", "<i>", c),
+                t("video_token", "<vid>", c),
+                t("extra special token", "[X]", m),
+            ]
+        );
+    }
+
+    #[test]
+    fn extra_lists_are_settled_as_transformers_settles_them() {
+        let (c, m) = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP);
+        let extra = |config: Json, legacy: Option<Json>| -> Vec<(String, &'static str)> {
+            (named(config, legacy).into_iter())
+                .map(|(_, content, file)| (content, file))
+                .collect()
+        };
+        let s = |content: &str, file| (content.to_string(), file);
+        // the deprecated name stands in for an empty list
+        let config = json!({"extra_special_tokens": [], "additional_special_tokens": ["[A]"]});
+        assert_eq!(extra(config, None), [s("[A]", c)]);
+        // the legacy list is appended, each token once; its deprecated list is then ignored
+        let config = json!({"extra_special_tokens": ["[X]"]});
+        let legacy = json!({"extra_special_tokens": ["[Y]", {"content": "[X]"}],
+            "additional_special_tokens": ["[Z]"]});
+        assert_eq!(extra(config, Some(legacy)), [s("[X]", c), s("[Y]", m)]);
+        // the legacy deprecated list counts only where no list was given at all
+        let legacy = json!({"additional_special_tokens": ["[Z]"]});
+        assert_eq!(extra(json!({}), Some(legacy.clone())), [s("[Z]", m)]);
+        assert!(extra(json!({"extra_special_tokens": []}), Some(legacy)).is_empty());
+        // an object of named extra tokens joins the model-specific ones
+        let config = json!({"extra_special_tokens": {"audio_token": "<a>"}, "image_token": "<i>"});
+        assert_eq!(extra(config, None), [s("<i>", c), s("<a>", c)]);
     }
 }
