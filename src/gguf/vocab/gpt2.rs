@@ -8,7 +8,7 @@
 
 use super::sentencepiece::set_token_arrays;
 use super::special::{SpecialVocab, DEFAULT_TYPES};
-use super::{looks_special, pre_hashes, token_type, Dir};
+use super::{looks_special, pre_hashes, token_type, Dir, TOKENIZER_CONFIG};
 use crate::gguf::{Metadata, Value};
 use crate::Result;
 use serde::Deserialize;
@@ -186,7 +186,7 @@ fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i3
 /// Whether transformers' `decode` cleans up the spaces of its text: when the tokenizer
 /// config asks for it, except for BPE models unless forced.
 fn decode_cleans_up(dir: &Dir, tokenizer: &HfTokenizer) -> Result<bool> {
-    let Some(config) = dir.json_object("tokenizer_config.json")? else {
+    let Some(config) = dir.json_object(TOKENIZER_CONFIG)? else {
         return Ok(false);
     };
     let flag = |key: &str| config.get(key).is_some_and(super::truthy);

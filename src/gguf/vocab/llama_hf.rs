@@ -5,7 +5,7 @@
 use super::gpt2::{HfTokenizer, TOKENIZER_JSON};
 use super::sentencepiece::set_token_arrays;
 use super::special::{SpecialVocab, DEFAULT_TYPES};
-use super::{token_type, truthy, Dir};
+use super::{token_type, truthy, Dir, TOKENIZER_CONFIG};
 use crate::gguf::{Metadata, Value};
 use crate::Result;
 use serde_json::Value as Json;
@@ -104,7 +104,7 @@ fn is_byte_token(text: &str) -> bool {
 /// transformers' `all_special_tokens` with their ids: the named special tokens of
 /// `tokenizer_config.json` (else `special_tokens_map.json`) and its extra special tokens.
 fn special_tokens(dir: &Dir, vocab: &HashMap<String, u32>) -> Result<HashMap<String, u32>> {
-    let config = match dir.json_object("tokenizer_config.json")? {
+    let config = match dir.json_object(TOKENIZER_CONFIG)? {
         Some(config) => Some(config),
         None => dir.json_object("special_tokens_map.json")?,
     };
@@ -130,7 +130,7 @@ fn special_tokens(dir: &Dir, vocab: &HashMap<String, u32>) -> Result<HashMap<Str
         .map(|name| match vocab.get(&name) {
             Some(id) => Ok((name, *id)),
             None => Err(dir.bad(
-                "tokenizer_config.json",
+                TOKENIZER_CONFIG,
                 format!("special token {name:?} is not in the vocabulary"),
             )),
         })

@@ -23,6 +23,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// The tokenizer's settings file (special tokens, flags, chat template).
+const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+
 /// How a model family sets its vocabulary (the converter's `set_vocab` of its model class).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VocabFamily {
@@ -90,7 +93,7 @@ fn llama_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
             "a Mistral Tekken tokenizer (converted by the converter through mistral_common)",
         ));
     }
-    if let Some(tokenizer_config) = dir.json_object("tokenizer_config.json")? {
+    if let Some(tokenizer_config) = dir.json_object(TOKENIZER_CONFIG)? {
         if let Some(prefix) = tokenizer_config.get("add_prefix_space") {
             if !prefix.is_null() {
                 meta.set(
@@ -100,7 +103,7 @@ fn llama_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
             }
         }
         if tokenizer_config.get("tokenizer_class") == Some(&Json::from("HybridDNATokenizer")) {
-            return Err(dir.unsupported("tokenizer_config.json", "a HybridDNATokenizer"));
+            return Err(dir.unsupported(TOKENIZER_CONFIG, "a HybridDNATokenizer"));
         }
     }
     if dir.has("tokenizer.model")? {

@@ -18,13 +18,12 @@
 //! where transformers' tokenizer classes disagree (some make it special, some normalize it
 //! differently): lorafs refuses it rather than guess.
 
-use super::Dir;
+use super::{Dir, TOKENIZER_CONFIG};
 use crate::Result;
 use serde_json::{Map, Value as Json};
 use std::collections::HashSet;
 use tokenizers::{AddedToken, Tokenizer};
 
-const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, in its order.

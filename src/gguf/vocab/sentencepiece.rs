@@ -8,7 +8,7 @@
 //! the file.
 
 use super::special::{SpecialVocab, DEFAULT_TYPES};
-use super::{looks_special, token_type, truthy, Dir};
+use super::{looks_special, token_type, truthy, Dir, TOKENIZER_CONFIG};
 use crate::gguf::{Array, Metadata, Value};
 use crate::Result;
 use serde_json::Value as Json;
@@ -251,11 +251,11 @@ fn create_vocab(dir: &Dir) -> Result<Vocab> {
             }
         }
     }
-    if let Some(config) = dir.json_object("tokenizer_config.json")? {
+    if let Some(config) = dir.json_object(TOKENIZER_CONFIG)? {
         let decoder = config.get("added_tokens_decoder").cloned();
         if let Some(Json::Object(decoder)) = decoder {
             for (key, data) in &decoder {
-                let file = "tokenizer_config.json";
+                let file = TOKENIZER_CONFIG;
                 let id: usize = key.trim().parse().map_err(|_| {
                     dir.bad(file, format!("added token id {key:?} is not a number"))
                 })?;

@@ -3,7 +3,7 @@
 //! add flags and the special tokens of `tokenizer_config.json`.
 
 use super::{get2, in_pair, token_content, truthy_value, Config, SpecialVocab};
-use crate::gguf::vocab::{truthy, Dir};
+use crate::gguf::vocab::{truthy, Dir, TOKENIZER_CONFIG};
 use crate::Result;
 use serde_json::{json, Map, Value as Json};
 
@@ -60,7 +60,7 @@ impl SpecialVocab {
                 added_tokens = list.clone();
             }
         }
-        let mut tc: Config = dir.json_object("tokenizer_config.json")?;
+        let mut tc: Config = dir.json_object(TOKENIZER_CONFIG)?;
         if let Some(tokenizer) = tokenizer.filter(|t| !t.is_empty()) {
             self.read_post_processor(dir, tokenizer, &mut tc)?;
         }
