@@ -69,8 +69,13 @@ fn q8_0_block(block: &[f32], out: &mut [u8]) {
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-    for (v, q) in block.iter().zip(&mut out[2..]) {
-        *q = round_half_away(v * id) as i8 as u8;
+    let quants = (block.iter()).zip(&mut out[2..]);
+    if id.is_finite() {
+        // Every `v * id` is at most 127-and-a-rounding in magnitude, or NaN.
+        quants.for_each(|(v, q)| *q = quant_small(v * id) as u8);
+    } else {
+        // (`d` so small that `1/d` overflows)
+        quants.for_each(|(v, q)| *q = round_half_away(v * id) as i8 as u8);
     }
 }
 
@@ -87,6 +92,34 @@ fn round_half_away(x: f32) -> f32 {
     } else {
         0.0
     }
+}
+
+/// `round_half_away(x) as i8` for `|x| < 2^24` or NaN, in integers and without `floorf` (a
+/// library call on the baseline x86-64 target, which held Q8_0 to a tenth of the speed of
+/// F16): truncation to an integer is the floor of a non-negative value (and exact), NaN
+/// truncates to 0 as the reference rounds it to 0, and clamping is what the reference's
+/// saturating `as i8` does. Loops of it vectorize.
+#[inline]
+fn quant_small(x: f32) -> i8 {
+    // NaN (and, never met here, anything from 2^24 up) counts as 0 from here on.
+    let a = match x.abs() {
+        a if a < 16_777_216.0 => a,
+        _ => 0.0,
+    };
+    // SAFETY: `a` is finite and in 0 .. 2^24, and `2 * fraction` in 0 .. 2: both fit an i32.
+    let (whole, twice_fraction) = unsafe {
+        let whole: i32 = a.to_int_unchecked();
+        (whole, (2.0 * (a - whole as f32)).to_int_unchecked::<i32>())
+    };
+    let n = whole + twice_fraction;
+    let signed = if x > 0.0 {
+        n
+    } else if x < 0.0 {
+        -n
+    } else {
+        0
+    };
+    signed.clamp(-128, 127) as i8
 }
 
 #[cfg(test)]
@@ -142,6 +175,54 @@ mod tests {
         assert_eq!(round_half_away(-2.5), -3.0);
         assert_eq!(round_half_away(2.4999998), 2.0);
         assert_eq!(round_half_away(-0.5), -1.0);
+    }
+
+    #[test]
+    fn quants_without_floorf_are_the_reference_below_2_to_the_24() {
+        let same = |x: f32| {
+            let (got, want) = (quant_small(x), round_half_away(x) as i8);
+            assert_eq!(got, want, "{x} ({:#x})", x.to_bits());
+        };
+        // every f32 from 0 to 256 around each half (the ties and their neighbours), both signs
+        for k in 0..512u32 {
+            let half = k as f32 / 2.0;
+            for x in [half, f32::from_bits(half.to_bits() + 1)] {
+                let below = f32::from_bits(x.to_bits().saturating_sub(1));
+                for v in [x, below, -x, -below] {
+                    same(v);
+                }
+            }
+        }
+        // then a million bit patterns spread below 2^24 in magnitude, and the odd ones
+        let mut bits = 0x9e37_79b9u32;
+        for _ in 0..1_000_000 {
+            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let x = f32::from_bits((bits % 0x4b80_0000) | (bits & 0x8000_0000));
+            same(x);
+        }
+        for x in [
+            0.0,
+            -0.0,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE,
+            1e-45,
+            16777215.0,
+        ] {
+            same(x);
+        }
+    }
+
+    #[test]
+    fn q8_0_of_a_block_too_small_to_invert_is_the_reference() {
+        // d = amax/127 is subnormal and 1/d overflows: the reference path
+        let block: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 1e-44).collect();
+        let out = encoded(GgmlType::Q8_0, &block);
+        let d = 16e-44f32 / 127.0;
+        assert!(!(1.0 / d).is_finite());
+        for (v, q) in block.iter().zip(&out[2..]) {
+            assert_eq!(*q as i8, round_half_away(v * (1.0 / d)) as i8);
+        }
     }
 
     #[test]
