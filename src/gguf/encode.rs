@@ -225,6 +225,38 @@ mod tests {
         }
     }
 
+    /// The GGUF view converts NaN-free rows to F16 with the merge kernels instead of
+    /// `encode` (src/view/gguf.rs): the same bits on every kernel this machine has.
+    #[test]
+    fn every_kernel_rounds_to_f16_as_encode_does_without_nans() {
+        use crate::dtype::DType;
+        // every sign, exponent and top mantissa bit, with the low 13 bits (what f16
+        // rounds away from a normal value) at and around each rounding boundary
+        let mut values = Vec::new();
+        for high in 0..(1u32 << 19) {
+            for low in [0, 1, 0x0fff, 0x1000, 0x1001, 0x1fff, 0x0a5a] {
+                let x = f32::from_bits(high << 13 | low);
+                if !x.is_nan() {
+                    values.push(x);
+                }
+            }
+        }
+        let want = encoded(GgmlType::F16, &values);
+        let wide: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let kernels = crate::kernel::Kernel::available();
+        assert!(kernels.len() > 1 && values.len() > 3_000_000);
+        for kernel in kernels {
+            let mut got = vec![0u8; want.len()];
+            kernel.convert(DType::F32, &wide, DType::F16, &mut got);
+            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                first.is_none(),
+                "{} differs at byte {first:?}",
+                kernel.name()
+            );
+        }
+    }
+
     #[test]
     fn f16_and_f32_are_little_endian_ieee() {
         assert_eq!(

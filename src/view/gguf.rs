@@ -373,11 +373,18 @@ impl View {
                 dst.copy_from_slice(src);
                 continue;
             }
-            self.engine
-                .kernel
-                .convert(t.dtype, src, DType::F32, &mut wide);
+            let kernel = self.engine.kernel;
+            kernel.convert(t.dtype, src, DType::F32, &mut wide);
+            let float = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            if t.ty == GgmlType::F16 && !wide.chunks_exact(4).any(|b| float(b).is_nan()) {
+                // The kernel rounds to nearest even as numpy's astype(float16) and `half` do,
+                // many elements at a time; only its NaN differs (one canonical NaN, where
+                // they keep the sign), so a row with a NaN takes `encode`.
+                kernel.convert(DType::F32, &wide, DType::F16, dst);
+                continue;
+            }
             for (v, b) in values.iter_mut().zip(wide.chunks_exact(4)) {
-                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                *v = float(b);
             }
             encode::encode(t.ty, &values, dst);
         }
