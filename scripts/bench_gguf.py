@@ -7,7 +7,8 @@ same run:
      `convert_hf_to_gguf.py --outtype f16` on that directory: the pipeline users run;
    - `convert_hf_to_gguf.py` run on a `lorafs mount` (mount included);
    - `lorafs materialize BASE OUT.gguf --adapter ... --gguf F16` (target: >= 20x faster
-     than the PEFT pipeline).
+     than the PEFT pipeline), and the same with `--gguf Q8_0` (quantized as it is written;
+     the pipeline row stays the F16 one).
    The three files are checked to be the same model (lorafs's and the mount-converted file
    against the PEFT pipeline's: same tensors, types and shapes; lorafs's against the
    mount-converted one: identical but for the keys named by the directory).
@@ -194,6 +195,9 @@ def main():
 
     lorafs_gguf = fresh(work, "lorafs.gguf")
     t_lorafs = timed([LORAFS, "materialize", base, lorafs_gguf, "--adapter", adapter, "--gguf", "F16"])
+    q8_gguf = fresh(work, "lorafs-q8_0.gguf")
+    t_q8 = timed([LORAFS, "materialize", base, q8_gguf, "--adapter", adapter, "--gguf", "Q8_0"])
+    q8_gguf.unlink()
 
     t_pipeline = t_peft_merge + t_peft_convert
     print(f"\n{'a merged F16 GGUF on disk':<58}{'seconds':>9}{'vs PEFT':>9}{'speed-up':>10}")
@@ -204,6 +208,7 @@ def main():
         ("  the pipeline + sync (its file on disk)", t_pipeline + t_peft_sync),
         ("lorafs mount + convert_hf_to_gguf.py on the mount", t_mount_convert),
         ("lorafs materialize --gguf F16 (file on disk)", t_lorafs),
+        ("lorafs materialize --gguf Q8_0 (file on disk)", t_q8),
     ]
     for name, t in rows:
         print(f"{name:<58}{t:>9.2f}{t / t_pipeline:>8.2f}x{t_pipeline / t:>9.1f}x")
