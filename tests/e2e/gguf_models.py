@@ -420,26 +420,30 @@ ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
 NAMED_SPECIAL_TOKENS = {"llama_named_bpe": dict(pad_token="[PAD]", image_token="<image>", extra_special_tokens=["<tool>"])}
 
 
-# tokenizer_config.json settings and the special_tokens_map.json of a case saved the old way.
-# transformers 5 takes the map's pad_token over the config's, the map's model-specific tokens
-# before the config's (with the config's value for a key both name), the config's extra list
-# with the map's appended, and ignores the map's deprecated additional_special_tokens then.
+# tokenizer_config.json settings, the special_tokens_map.json and the added_tokens.json of a
+# case saved the old way. transformers 5 adds the table's tokens first (<new> not special,
+# <x1> special: the config's extra list names it), takes the map's pad_token over the
+# config's, the map's model-specific tokens before the config's (with the config's value for
+# a key both name), the config's extra list with the map's appended, and ignores the map's
+# deprecated additional_special_tokens then.
 LEGACY_SPECIAL_TOKENS_MAP = {
     "llama_legacy_bpe": (
         dict(pad_token="<cfg-pad>", image_token="<i>", audio_token="<a>", extra_special_tokens=["<x1>"]),
         dict(pad_token="[PAD]", video_token=dict(content="<vid>", lstrip=False), image_token="<img>",
              extra_special_tokens=["<tool>", "<x1>"], additional_special_tokens=["<not-added>"]),
+        {"<x1>": 128257, "<new>": 128256},
     )
 }
 
 
-def write_legacy_special_tokens_map(base: Path, config: dict, legacy: dict):
+def write_legacy_special_tokens_map(base: Path, config: dict, legacy: dict, table: dict):
     path = base / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     cfg.pop("added_tokens_decoder", None)  # (transformers wrote none before 4.34)
     cfg.update(config)
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     (base / "special_tokens_map.json").write_text(json.dumps(legacy, indent=2) + "\n")
+    (base / "added_tokens.json").write_text(json.dumps(table, indent=2) + "\n")
 
 
 def write_named_special_tokens(base: Path, named: dict):

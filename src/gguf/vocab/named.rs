@@ -8,8 +8,12 @@
 //! where `config.json`'s vocabulary size leaves room for them. lorafs does the same with the
 //! same library.
 //!
+//! Before those, it adds the tokens of the added-token table of the settings that the
+//! tokenizer lacks (`added_tokens_decoder`, with their flags), in id order.
+//!
 //! A `tokenizer_config.json` without an `added_tokens_decoder` (written before transformers
-//! 4.34) is read as transformers' legacy path reads it: with `special_tokens_map.json` over it.
+//! 4.34) is read as transformers' legacy path reads it: with `special_tokens_map.json` over
+//! it, and `added_tokens.json` as the added-token table.
 //! Its standard names replace the config's, its other `*_token` keys come before the config's
 //! (transformers finds them later, in `__init__`), its `extra_special_tokens` are appended to
 //! the config's, and its `additional_special_tokens` count where the config has no extra list.
@@ -25,6 +29,10 @@ use std::collections::HashSet;
 use tokenizers::{AddedToken, Tokenizer};
 
 const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
+const ADDED_TOKENS_FILE: &str = "added_tokens.json";
+
+/// The key of a token of the extra list.
+const EXTRA: &str = "extra special token";
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, in its order.
 const NAMED: &[&str] = &[
@@ -47,19 +55,26 @@ struct Named {
     file: &'static str,
 }
 
-/// Appends to `tokenizer` the named special tokens it lacks, as transformers does: in its
-/// order, each once, as special added tokens. `Err` if a named token is an added token that
-/// is not special (see the module's comment).
+/// Appends to `tokenizer` the tokens transformers adds when it loads it: those of the
+/// added-token table of the settings (`added_tokens_decoder`, or the legacy
+/// `added_tokens.json`) that it lacks, in id order, then the named special tokens it lacks, in
+/// transformers' order; each once. `Err` if a named token is an added token that is not
+/// special (see the module's comment).
 pub(super) fn add_named_tokens(dir: &Dir, tokenizer: &mut Tokenizer) -> Result<()> {
     let config = dir.json_object(TOKENIZER_CONFIG)?.unwrap_or_default();
-    let legacy = match config.contains_key("added_tokens_decoder") {
-        true => None,
-        false => dir.json_object(SPECIAL_TOKENS_MAP)?,
+    let old_layout = !config.contains_key("added_tokens_decoder");
+    let legacy = match old_layout {
+        true => dir.json_object(SPECIAL_TOKENS_MAP)?,
+        false => None,
     };
     let added = tokenizer.get_added_tokens_decoder();
     let mut known: HashSet<String> = added.values().map(|t| t.content.clone()).collect();
-    let mut missing = Vec::new();
-    for Named { key, content, file } in named_tokens(&config, legacy.as_ref()) {
+    let named = named_tokens(&config, legacy.as_ref());
+    // The table's tokens go to the library as they are: like transformers, it skips those it
+    // has with the same flags, and takes the flags of one it has with others.
+    let mut missing = table_tokens(dir, &config, legacy.as_ref(), &named)?;
+    known.extend(missing.iter().map(|t| t.content.clone()));
+    for Named { key, content, file } in named {
         if let Some(token) = added.values().find(|t| t.content == content) {
             if !token.special {
                 return Err(dir.unsupported(
@@ -84,6 +99,74 @@ pub(super) fn add_named_tokens(dir: &Dir, tokenizer: &mut Tokenizer) -> Result<(
         })?;
     }
     Ok(())
+}
+
+/// The tokens of the added-token table transformers reads beside `tokenizer.json`, in id
+/// order: the config's `added_tokens_decoder` (each with its flags), or where it has none, the
+/// legacy `added_tokens.json` (special where the config, with the legacy map over it, names
+/// the token among its standard special tokens or its extra list before `__init__`). A token
+/// that any setting names is made special, as transformers' `__init__` does.
+fn table_tokens(
+    dir: &Dir,
+    config: &Map<String, Json>,
+    legacy: Option<&Map<String, Json>>,
+    named: &[Named],
+) -> Result<Vec<AddedToken>> {
+    let named_contents: HashSet<&str> = (named.iter())
+        .filter(|n| n.key != EXTRA)
+        .map(|n| n.content.as_str())
+        .collect();
+    let mut table: Vec<(u64, AddedToken)> = Vec::new();
+    if let Some(decoder) = config.get("added_tokens_decoder") {
+        let bad = |what: &str| dir.bad(TOKENIZER_CONFIG, format!("added_tokens_decoder: {what}"));
+        let Json::Object(decoder) = decoder else {
+            return Err(bad("not an object"));
+        };
+        for (id, entry) in decoder {
+            let id = id
+                .parse()
+                .map_err(|_| bad(&format!("{id:?} is not a token id")))?;
+            let token =
+                added_token(entry).ok_or_else(|| bad(&format!("token {id} has no content")))?;
+            table.push((id, token));
+        }
+    } else if let Some(file) = dir.json_object(ADDED_TOKENS_FILE)? {
+        let (extra, _) = extra_tokens(config, legacy, false);
+        let mut special: HashSet<String> = (named.iter())
+            .filter(|n| NAMED.contains(&n.key.as_str()))
+            .map(|n| n.content.clone())
+            .collect();
+        special.extend(extra.iter().filter_map(|(v, _)| token_content(v)));
+        for (content, id) in &file {
+            let id = id.as_u64().ok_or_else(|| {
+                dir.bad(ADDED_TOKENS_FILE, format!("{content:?} has no token id"))
+            })?;
+            table.push((
+                id,
+                AddedToken::from(content.clone(), special.contains(content)),
+            ));
+        }
+    }
+    table.sort_by_key(|(id, _)| *id);
+    Ok((table.into_iter())
+        .map(|(_, mut token)| {
+            token.special |= named_contents.contains(token.content.as_str());
+            token
+        })
+        .collect())
+}
+
+/// An `added_tokens_decoder` entry as transformers' `AddedToken(**entry)` makes it.
+fn added_token(entry: &Json) -> Option<AddedToken> {
+    let content = entry.get("content")?.as_str()?.to_string();
+    let flag = |key: &str| entry.get(key).and_then(Json::as_bool);
+    let special = flag("special").unwrap_or(false);
+    let mut token = AddedToken::from(content, special);
+    token.normalized = flag("normalized").unwrap_or(!special);
+    token.lstrip = flag("lstrip").unwrap_or(false);
+    token.rstrip = flag("rstrip").unwrap_or(false);
+    token.single_word = flag("single_word").unwrap_or(false);
+    Some(token)
 }
 
 /// The named special tokens of `tokenizer_config.json` (`config`), with the legacy
@@ -126,23 +209,25 @@ fn named_tokens(config: &Map<String, Json>, legacy: Option<&Map<String, Json>>) 
             push(key, value, TOKENIZER_CONFIG);
         }
     }
-    let (extra, named) = extra_tokens(config, legacy);
+    let (extra, named) = extra_tokens(config, legacy, true);
     for (name, value) in named {
         push(name, value, TOKENIZER_CONFIG);
     }
     for (value, file) in extra {
-        push("extra special token", value, file);
+        push(EXTRA, value, file);
     }
     tokens
 }
 
 /// The extra special tokens, each with the file naming it, and the config's model-specific
 /// tokens given as an `extra_special_tokens` object (which transformers moves to the named
-/// ones), settled as transformers settles them (`_from_pretrained`, then `__init__`).
+/// ones), settled as transformers settles them in `_from_pretrained`, then (`at_init`) in
+/// `__init__`.
 #[allow(clippy::type_complexity)]
 fn extra_tokens<'a>(
     config: &'a Map<String, Json>,
     legacy: Option<&'a Map<String, Json>>,
+    at_init: bool,
 ) -> (Vec<(&'a Json, &'static str)>, Vec<(&'a str, &'a Json)>) {
     let mut extra = config
         .get("extra_special_tokens")
@@ -180,7 +265,7 @@ fn extra_tokens<'a>(
         }
     }
     // `__init__` takes the deprecated name only where no list was given at all.
-    if let (None, Some((Json::Array(values), file))) = (extra, additional) {
+    if let (true, None, Some((Json::Array(values), file))) = (at_init, extra, additional) {
         list = values.iter().map(|v| (v, file)).collect();
     }
     (list, named)

@@ -491,12 +491,27 @@ fn looks_special_follows_the_converter() {
 
 /// `tiny_bpe` loaded with this `tokenizer_config.json`, as `HfTokenizer::load` gives it.
 fn loaded_with(config: serde_json::Value, end_special: bool) -> Result<gpt2::HfTokenizer> {
+    loaded_with_files(config, end_special, &[])
+}
+
+/// The same with other files of the tokenizer's.
+fn loaded_with_files(
+    config: serde_json::Value,
+    end_special: bool,
+    others: &[(&str, serde_json::Value)],
+) -> Result<gpt2::HfTokenizer> {
     let mut tokenizer: serde_json::Value = serde_json::from_slice(&tiny_bpe()).unwrap();
     tokenizer["added_tokens"][0]["special"] = json!(end_special);
-    let files = MemFiles::new(&[
+    let mut files = vec![
         ("tokenizer.json", tokenizer.to_string().into_bytes()),
         ("tokenizer_config.json", config.to_string().into_bytes()),
-    ]);
+    ];
+    files.extend(
+        others
+            .iter()
+            .map(|(name, v)| (*name, v.to_string().into_bytes())),
+    );
+    let files = MemFiles::new(&files);
     let model_config = json!({});
     let dir = Dir::new(&files, &model_config).unwrap();
     gpt2::HfTokenizer::load(&dir)
@@ -526,6 +541,51 @@ fn named_special_tokens_missing_from_tokenizer_json_are_added_in_transformers_or
         .map(|(id, t)| (*id, (t.to_string(), true)))
         .collect();
     assert_eq!(added, want);
+}
+
+/// The added tokens of `tokenizer`: id -> (content, special).
+fn added_tokens(tokenizer: &gpt2::HfTokenizer) -> std::collections::BTreeMap<u32, (String, bool)> {
+    (tokenizer.tokenizer.get_added_tokens_decoder().into_iter())
+        .map(|(id, t)| (id, (t.content, t.special)))
+        .collect()
+}
+
+#[test]
+fn the_added_token_table_comes_before_the_named_tokens_in_id_order() {
+    let want = |list: &[(u32, &str, bool)]| -> std::collections::BTreeMap<u32, (String, bool)> {
+        (list.iter())
+            .map(|(id, t, s)| (*id, (t.to_string(), *s)))
+            .collect()
+    };
+    // the legacy layout: added_tokens.json, special where the settings name the token
+    let config = json!({"pad_token": "<pad2>"});
+    let table = json!({"<pad2>": 9, "<new>": 7, "[X]": 8});
+    let legacy = json!({"unk_token": "<u>", "additional_special_tokens": ["[X]"]});
+    let others = [
+        ("added_tokens.json", table),
+        ("special_tokens_map.json", legacy),
+    ];
+    let tokenizer = loaded_with_files(config, true, &others).unwrap();
+    let got = added_tokens(&tokenizer);
+    // ([X] is named by the legacy map's deprecated list, which counts only at `__init__`:
+    // not special when the table is read, and not a named token either)
+    let expected = [(3, "<|end|>", true), (4, "<new>", false), (5, "[X]", false)];
+    let rest = [(6, "<pad2>", true), (7, "<u>", true)];
+    assert_eq!(got, want(&[&expected[..], &rest[..]].concat()));
+    // the config's own table: each entry with its flags; ignored beside it, added_tokens.json
+    let config = json!({"added_tokens_decoder": {
+        "12": {"content": "<b>", "special": true},
+        "11": {"content": "<a>", "special": false, "normalized": true},
+    }, "eos_token": "<e>"});
+    let others = [("added_tokens.json", json!({"<c>": 13}))];
+    let got = added_tokens(&loaded_with_files(config, true, &others).unwrap());
+    let expected = [
+        (3, "<|end|>", true),
+        (4, "<a>", false),
+        (5, "<b>", true),
+        (6, "<e>", true),
+    ];
+    assert_eq!(got, want(&expected));
 }
 
 #[test]
