@@ -225,35 +225,44 @@ mod tests {
         }
     }
 
-    /// The GGUF view converts NaN-free rows to F16 with the merge kernels instead of
-    /// `encode` (src/view/gguf.rs): the same bits on every kernel this machine has.
+    /// The GGUF view writes its float types with the merge kernels' conversion instead of
+    /// `encode` (src/view/gguf.rs), from values the kernels widened (whose only NaN is
+    /// theirs): the same bits on every kernel this machine has.
     #[test]
-    fn every_kernel_rounds_to_f16_as_encode_does_without_nans() {
-        use crate::dtype::DType;
+    fn every_kernel_rounds_to_the_float_types_as_encode_does() {
+        use crate::dtype::{DType, CANONICAL_NAN_F32};
         // every sign, exponent and top mantissa bit, with the low 13 bits (what f16
-        // rounds away from a normal value) at and around each rounding boundary
+        // rounds away from a normal value) at and around each rounding boundary (those of
+        // bf16 are among them), the NaNs made the kernels' one
         let mut values = Vec::new();
         for high in 0..(1u32 << 19) {
             for low in [0, 1, 0x0fff, 0x1000, 0x1001, 0x1fff, 0x0a5a] {
                 let x = f32::from_bits(high << 13 | low);
-                if !x.is_nan() {
-                    values.push(x);
-                }
+                values.push(match x.is_nan() {
+                    true => f32::from_bits(CANONICAL_NAN_F32),
+                    false => x,
+                });
             }
         }
-        let want = encoded(GgmlType::F16, &values);
+        assert!(values.len() > 3_000_000);
         let wide: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let kernels = crate::kernel::Kernel::available();
-        assert!(kernels.len() > 1 && values.len() > 3_000_000);
-        for kernel in kernels {
-            let mut got = vec![0u8; want.len()];
-            kernel.convert(DType::F32, &wide, DType::F16, &mut got);
-            let first = got.iter().zip(&want).position(|(a, b)| a != b);
-            assert!(
-                first.is_none(),
-                "{} differs at byte {first:?}",
-                kernel.name()
-            );
+        let types = [
+            (GgmlType::F16, DType::F16),
+            (GgmlType::Bf16, DType::BF16),
+            (GgmlType::F32, DType::F32),
+        ];
+        for (ty, dtype) in types {
+            let want = encoded(ty, &values);
+            for kernel in crate::kernel::Kernel::available() {
+                let mut got = vec![0u8; want.len()];
+                kernel.convert(DType::F32, &wide, dtype, &mut got);
+                let first = got.iter().zip(&want).position(|(a, b)| a != b);
+                assert!(
+                    first.is_none(),
+                    "{} to {ty:?} differs at byte {first:?}",
+                    kernel.name()
+                );
+            }
         }
     }
 

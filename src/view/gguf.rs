@@ -358,35 +358,33 @@ impl View {
         let raw = self.read_whole(t.file, t.offset + lo * src_row, (hi - lo) * src_row)?;
         let row_bytes = t.ty.row_bytes(t.cols) as usize;
         let mut out = vec![0u8; n as usize * row_bytes];
-        let same = matches!(
-            (t.dtype, t.ty),
-            (DType::F32, GgmlType::F32)
-                | (DType::F16, GgmlType::F16)
-                | (DType::BF16, GgmlType::Bf16)
-        );
-        let mut wide = vec![0u8; if same { 0 } else { t.cols as usize * 4 }];
-        let mut values = vec![0f32; if same { 0 } else { t.cols as usize }];
+        // A float type is the kernel's conversion: widened exactly, rounded to nearest even as
+        // numpy's astype and `encode` do, a NaN made the kernels' one quiet NaN (which
+        // `encode` keeps as it is); a tensor already in that dtype is copied as it is.
+        let float = match t.ty {
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
+            GgmlType::Bf16 => Some(DType::BF16),
+            GgmlType::Q8_0 => None,
+        };
+        let quantized = float.is_none();
+        let mut wide = vec![0u8; if quantized { t.cols as usize * 4 } else { 0 }];
+        let mut values = vec![0f32; if quantized { t.cols as usize } else { 0 }];
+        let kernel = self.engine.kernel;
         for (k, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
             let s = (t.source_row(row0 + k as u64) - lo) as usize;
             let src = &raw[s * src_row as usize..(s + 1) * src_row as usize];
-            if same {
-                dst.copy_from_slice(src);
-                continue;
+            match float {
+                Some(dtype) if dtype == t.dtype => dst.copy_from_slice(src),
+                Some(dtype) => kernel.convert(t.dtype, src, dtype, dst),
+                None => {
+                    kernel.convert(t.dtype, src, DType::F32, &mut wide);
+                    for (v, b) in values.iter_mut().zip(wide.chunks_exact(4)) {
+                        *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                    }
+                    encode::encode(t.ty, &values, dst);
+                }
             }
-            let kernel = self.engine.kernel;
-            kernel.convert(t.dtype, src, DType::F32, &mut wide);
-            let float = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("4 bytes"));
-            if t.ty == GgmlType::F16 && !wide.chunks_exact(4).any(|b| float(b).is_nan()) {
-                // The kernel rounds to nearest even as numpy's astype(float16) and `half` do,
-                // many elements at a time; only its NaN differs (one canonical NaN, where
-                // they keep the sign), so a row with a NaN takes `encode`.
-                kernel.convert(DType::F32, &wide, DType::F16, dst);
-                continue;
-            }
-            for (v, b) in values.iter_mut().zip(wide.chunks_exact(4)) {
-                *v = float(b);
-            }
-            encode::encode(t.ty, &values, dst);
         }
         Ok(out)
     }

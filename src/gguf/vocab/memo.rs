@@ -4,10 +4,10 @@
 //! Every view of a mount has its own GGUF header, and so its own `tokenizer.*` keys, but the
 //! views of one base share the base's tokenizer files (unless an adapter brings its own).
 //! Computing the keys means loading a `tokenizer.json` of often 10–20 MB into the tokenizers
-//! library, for each view and each GGUF type. So the keys
-//! are kept with a record of every file read and listing made to compute them; a directory
-//! whose files read the same (same names present and absent, same bytes, by SHA-256) gets
-//! the kept keys, having read those files once more (so the caller sees the same reads).
+//! library, for each view and each GGUF type. So the keys are kept with a record of every
+//! file read and listing made to compute them; a directory whose files read the same (same
+//! names present and absent, same bytes, by SHA-256) gets the kept keys, having read those
+//! files once more (so the caller sees the same reads).
 
 use super::{Metadata, ModelFiles, VocabFamily};
 use crate::Result;
