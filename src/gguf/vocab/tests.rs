@@ -406,6 +406,61 @@ fn tiny_bpe() -> Vec<u8> {
     .into_bytes()
 }
 
+/// `tiny_bpe` with a normalizer, a post-processor and added tokens of every kind: one the
+/// model has, two it does not (one normalized), in an order unlike their ids.
+fn tiny_bpe_with_added_tokens() -> serde_json::Value {
+    let mut tokenizer: serde_json::Value = serde_json::from_slice(&tiny_bpe()).unwrap();
+    let token = |id: u32, content: &str, normalized: bool, special: bool| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": normalized, "special": special})
+    };
+    tokenizer["added_tokens"] = json!([
+        token(5, "<|start|>", false, true),
+        token(2, "ab", false, true),
+        token(4, "<|end|>", false, true),
+        token(6, "Word", true, false),
+    ]);
+    tokenizer["normalizer"] = json!({"type": "Lowercase"});
+    tokenizer["post_processor"] = json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|start|>": {"id": "<|start|>", "ids": [5], "tokens": ["<|start|>"]}}});
+    tokenizer
+}
+
+#[test]
+fn a_bpe_tokenizer_reads_as_the_library_reads_it() {
+    use serde::Deserialize;
+    let json = tiny_bpe_with_added_tokens();
+    let ours = gpt2::deserialize(&json).unwrap();
+    let library = tokenizers::Tokenizer::deserialize(&json).unwrap();
+    // The serialization holds everything: model, added tokens with their ids, the rest.
+    assert_eq!(
+        ours.to_string(false).unwrap(),
+        library.to_string(false).unwrap()
+    );
+    for text in ["ab<|end|>aab Word word", "", "<|start|>b"] {
+        let ids = |t: &tokenizers::Tokenizer| t.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(ids(&ours), ids(&library), "{text:?}");
+    }
+    assert_eq!(ours.get_vocab(true), library.get_vocab(true));
+    // What the library refuses, so does this: an added token without an id, a bad model.
+    let mut no_id = json.clone();
+    no_id["added_tokens"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("id");
+    assert!(tokenizers::Tokenizer::deserialize(&no_id).is_err());
+    assert!(gpt2::deserialize(&no_id).is_err());
+    let mut bad_merge = json.clone();
+    bad_merge["model"]["merges"] = json!(["a c"]);
+    assert!(tokenizers::Tokenizer::deserialize(&bad_merge).is_err());
+    assert!(gpt2::deserialize(&bad_merge).is_err());
+    let mut bad_version = json;
+    bad_version["version"] = json!("2.0");
+    assert!(gpt2::deserialize(&bad_version).is_err());
+}
+
 #[test]
 fn an_unknown_pre_tokenizer_hash_is_refused_with_the_way_out() {
     let files = MemFiles::new(&[("tokenizer.json", tiny_bpe())]);
