@@ -399,6 +399,14 @@ CASE_SPECS = {
     # added_tokens_decoder in tokenizer_config.json, and a special_tokens_map.json that
     # transformers reads over it
     "llama_legacy_bpe": ("LlamaForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128, vocab_size=128300), [({}, 1.0)]),
+    # transformers loads a qwen2 model's tokenizer.json as Qwen2Tokenizer, whatever its
+    # tokenizer_class, which builds its own pipeline around the file's vocabulary and names
+    # <|endoftext|> its unk and pad token where the settings do not (TOKENIZER_SETTINGS):
+    # under Llama 3's vocabulary that token needs an id config.json's vocab_size lacks, and
+    # with add_prefix_space the pre-tokenizer hash is unknown. The converter fails on both;
+    # lorafs refuses both.
+    "qwen2_llama3_bpe": ("Qwen2ForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
+    "qwen2_prefix_bpe": ("Qwen2ForCausalLM", "qwen2", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
     # q/k/v/o and MLP biases: the converter permutes q_proj.bias and k_proj.bias like the
     # rows of their weights (1-D tensors, F32 in every type)
     "llama_bias_spm": (
@@ -418,6 +426,9 @@ ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
 # Special tokens named in a case's tokenizer_config.json only (as a hand-edited config has
 # them): a pad token, a model-specific `*_token` and an extra special token.
 NAMED_SPECIAL_TOKENS = {"llama_named_bpe": dict(pad_token="[PAD]", image_token="<image>", extra_special_tokens=["<tool>"])}
+
+# Other tokenizer_config.json settings of a case.
+TOKENIZER_SETTINGS = {"qwen2_prefix_bpe": dict(add_prefix_space=True)}
 
 
 # tokenizer_config.json settings, the special_tokens_map.json and the added_tokens.json of a
@@ -446,10 +457,10 @@ def write_legacy_special_tokens_map(base: Path, config: dict, legacy: dict, tabl
     (base / "added_tokens.json").write_text(json.dumps(table, indent=2) + "\n")
 
 
-def write_named_special_tokens(base: Path, named: dict):
+def update_tokenizer_config(base: Path, settings: dict):
     path = base / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
-    cfg.update(named)
+    cfg.update(settings)
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -566,7 +577,9 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
             if name in ADDED_SPECIAL_TOKENS:
                 write_added_tokens_decoder(tok, base)
             if name in NAMED_SPECIAL_TOKENS:
-                write_named_special_tokens(base, NAMED_SPECIAL_TOKENS[name])
+                update_tokenizer_config(base, NAMED_SPECIAL_TOKENS[name])
+            if name in TOKENIZER_SETTINGS:
+                update_tokenizer_config(base, TOKENIZER_SETTINGS[name])
             if name in LEGACY_SPECIAL_TOKENS_MAP:
                 write_legacy_special_tokens_map(base, *LEGACY_SPECIAL_TOKENS_MAP[name])
             adapters = []

@@ -304,6 +304,28 @@ def test_refuses_an_unknown_bpe_pre_tokenizer(store, tmp_path):
     assert gm_listing(out.parent) == []
 
 
+@pytest.mark.parametrize(
+    "case, converter_error, lorafs_error",
+    [
+        ("qwen2_llama3_bpe", "AssertionError", "vocab_size 128256 is not above the tokenizer's largest id 128256"),
+        ("qwen2_prefix_bpe", "BPE pre-tokenizer was not recognized", "is not one llama.cpp knows"),
+    ],
+)
+def test_refuses_what_the_tokenizer_class_leaves_unconvertible(store, tmp_path, case, converter_error, lorafs_error):
+    """A qwen2 model's tokenizer is built as Qwen2Tokenizer builds it (its pipeline, its
+    default special tokens): the converter fails on these two, and lorafs refuses them,
+    writing nothing."""
+    c = store.cases[case]
+    proc = STACK.convert(store.hf_dir(case), "f16", tmp_path / "ref.gguf")
+    assert proc.returncode != 0 and converter_error in proc.stderr, proc.stderr[-2000:]
+    out = tmp_path / "out" / f"{case}.gguf"
+    out.parent.mkdir()
+    proc = store.lorafs.run("materialize", c.base, out, *gm.adapter_args(c.adapters), "--gguf", "F16")
+    assert proc.returncode != 0, proc.stdout
+    assert lorafs_error in proc.stderr, proc.stderr
+    assert gm_listing(out.parent) == []
+
+
 # --------------------------------------------------------------------------------------
 # the model card: README.md's YAML front matter, read by the converter's gguf.Metadata
 

@@ -3,123 +3,26 @@
 //!
 //! The converter reads the tokenizer through transformers' `AutoTokenizer`, which for a
 //! `tokenizer.json` is the Hugging Face `tokenizers` library; lorafs loads the same file with
-//! the same library (its Rust crate) so that vocabulary, added tokens and the encoding of the
-//! pre-tokenizer check text are the ones the converter sees.
+//! the same library (its Rust crate, [`hf_tokenizer`](super::hf_tokenizer)) so that
+//! vocabulary, added tokens and the encoding of the pre-tokenizer check text are the ones the
+//! converter sees.
 
+use super::hf_tokenizer::{HfTokenizer, TOKENIZER_JSON};
 use super::sentencepiece::set_token_arrays;
 use super::special::{SpecialVocab, DEFAULT_TYPES};
 use super::{looks_special, pre_hashes, token_type, Dir, TOKENIZER_CONFIG};
 use crate::gguf::{Metadata, Value};
 use crate::Result;
-use serde::Deserialize;
-use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use tokenizers::models::bpe::BPE;
-use tokenizers::{AddedToken, ModelWrapper, Tokenizer};
-
-/// `tokenizer.json` loaded by the `tokenizers` library, as transformers' fast tokenizer.
-pub(crate) struct HfTokenizer {
-    pub tokenizer: Tokenizer,
-}
-
-pub(crate) const TOKENIZER_JSON: &str = "tokenizer.json";
-
-impl HfTokenizer {
-    /// Loads `tokenizer.json` with the special tokens `tokenizer_config.json` names, as
-    /// transformers does; a missing file or one `tokenizers` cannot read is refused (the
-    /// converter would need a slow tokenizer or fail).
-    pub(crate) fn load(dir: &Dir) -> Result<HfTokenizer> {
-        let Some(json) = dir.json(TOKENIZER_JSON)? else {
-            return Err(dir.unsupported(
-                TOKENIZER_JSON,
-                "a tokenizer without tokenizer.json or tokenizer.model",
-            ));
-        };
-        let mut tokenizer = deserialize(&json).map_err(|e| {
-            dir.bad(
-                TOKENIZER_JSON,
-                format!("not a tokenizer the `tokenizers` library reads: {e}"),
-            )
-        })?;
-        super::named::add_named_tokens(dir, &mut tokenizer)?;
-        Ok(HfTokenizer { tokenizer })
-    }
-
-    /// `get_vocab()`: the model's vocabulary with the added tokens.
-    pub(crate) fn vocab(&self) -> HashMap<String, u32> {
-        self.tokenizer.get_vocab(true)
-    }
-
-    /// The token ids of `text`, with the post-processor's special tokens when `special`.
-    pub(crate) fn encode(&self, dir: &Dir, text: &str, special: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(text, special)
-            .map_err(|e| dir.bad(TOKENIZER_JSON, format!("cannot encode text: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
-    }
-
-    pub(crate) fn decode(&self, dir: &Dir, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, false)
-            .map_err(|e| dir.bad(TOKENIZER_JSON, format!("cannot decode tokens: {e}")))
-    }
-}
-
-/// `Tokenizer::deserialize` of the parsed JSON the other steps share (as
-/// `Tokenizer::from_bytes` would read the file), faster for a BPE model: the library takes
-/// any model through an untagged enum, which copies the whole model (a large vocabulary and
-/// its merges: most of the file) into an intermediate value twice before reading it, most
-/// of the time a `mount --gguf` of a model with Llama 3's tokenizer took. Here
-/// the BPE model is read straight from its JSON, the rest of the tokenizer around a
-/// placeholder model, and then the steps of the library's own deserializer follow: the
-/// model put in, the added tokens added. Other models take the library's way.
-pub(super) fn deserialize(json: &Json) -> std::result::Result<Tokenizer, serde_json::Error> {
-    let model = json.get("model");
-    let (Some(fields), Some(model)) = (json.as_object(), model) else {
-        return Tokenizer::deserialize(json);
-    };
-    if model.get("type").and_then(Json::as_str) != Some("BPE") {
-        return Tokenizer::deserialize(json);
-    }
-    let bpe = BPE::deserialize(model)?;
-    let mut rest: serde_json::Map<String, Json> = fields
-        .iter()
-        .filter(|(key, _)| !matches!(key.as_str(), "model" | "added_tokens"))
-        .map(|(key, value)| (key.clone(), value.clone()))
-        .collect();
-    rest.insert(
-        "model".into(),
-        serde_json::json!({"type": "BPE", "vocab": {}, "merges": []}),
-    );
-    let mut tokenizer = Tokenizer::deserialize(&Json::Object(rest))?;
-    tokenizer.with_model(ModelWrapper::BPE(bpe));
-    /// An entry of `added_tokens`, which the library requires to have an id (and then
-    /// gives the token the id the model or the order of adding gives it).
-    #[derive(Deserialize)]
-    struct WithId {
-        #[serde(rename = "id")]
-        _id: u32,
-        #[serde(flatten)]
-        token: AddedToken,
-    }
-    let added = match json.get("added_tokens") {
-        Some(tokens) => Vec::<WithId>::deserialize(tokens)?,
-        None => Vec::new(),
-    };
-    let added = added.into_iter().map(|t| t.token);
-    tokenizer
-        .add_tokens(added)
-        .map_err(serde::de::Error::custom)?;
-    Ok(tokenizer)
-}
 
 /// `_set_vocab_gpt2`.
 pub(crate) fn set_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
     let tokenizer = HfTokenizer::load(dir)?;
+    // In the converter's order: the size check, the pre-tokenizer, the tokens.
+    let (vocab, vocab_size) = sized_vocab(dir, &tokenizer)?;
     let pre = pre_tokenizer_name(dir, &tokenizer)?;
-    let (tokens, types) = vocab_base(dir, &tokenizer)?;
+    let (tokens, types) = vocab_base(dir, &tokenizer, &vocab, vocab_size)?;
     meta.set("tokenizer.ggml.model", Value::Text("gpt2".into()));
     meta.set("tokenizer.ggml.pre", Value::Text(pre.into()));
     set_token_arrays(meta, tokens, None, types);
@@ -162,8 +65,8 @@ fn pre_tokenizer_name(dir: &Dir, tokenizer: &HfTokenizer) -> Result<&'static str
     })
 }
 
-/// `get_vocab_base`: every id below the vocabulary size, holes as unused `[PAD{i}]`.
-fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i32>)> {
+/// The tokenizer's vocabulary and the model's vocabulary size, which must hold every id.
+fn sized_vocab(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(HashMap<String, u32>, usize)> {
     let vocab = tokenizer.vocab();
     let vocab_size = match dir.hparams.get("vocab_size") {
         None => vocab.len(),
@@ -186,8 +89,18 @@ fn vocab_base(dir: &Dir, tokenizer: &HfTokenizer) -> Result<(Vec<String>, Vec<i3
             ));
         }
     }
+    Ok((vocab, vocab_size))
+}
+
+/// `get_vocab_base`: every id below the vocabulary size, holes as unused `[PAD{i}]`.
+fn vocab_base(
+    dir: &Dir,
+    tokenizer: &HfTokenizer,
+    vocab: &HashMap<String, u32>,
+    vocab_size: usize,
+) -> Result<(Vec<String>, Vec<i32>)> {
     let mut reverse: Vec<Option<&str>> = vec![None; vocab_size];
-    for (token, id) in &vocab {
+    for (token, id) in vocab {
         reverse[*id as usize] = Some(token);
     }
     let added = tokenizer.tokenizer.get_added_tokens_decoder();

@@ -2,7 +2,7 @@
 //! fallback, as transformers saves `LlamaTokenizerFast`): the converter's
 //! `_set_vocab_llama_hf` through gguf-py's `LlamaHfVocab`.
 
-use super::gpt2::{HfTokenizer, TOKENIZER_JSON};
+use super::hf_tokenizer::{HfTokenizer, TOKENIZER_JSON};
 use super::sentencepiece::set_token_arrays;
 use super::special::{SpecialVocab, DEFAULT_TYPES};
 use super::{token_type, truthy, Dir, TOKENIZER_CONFIG};

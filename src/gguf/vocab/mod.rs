@@ -8,7 +8,9 @@
 //! [`special`], the converter's `SpecialVocab`: merges, special token ids, the add-bos/eos
 //! flags and the chat template.
 
+mod class;
 mod gpt2;
+mod hf_tokenizer;
 mod llama_hf;
 mod memo;
 mod named;

@@ -22,14 +22,18 @@
 //! where transformers' tokenizer classes disagree (some make it special, some normalize it
 //! differently): lorafs refuses it rather than guess.
 
+use super::class::TokenizerClass;
+use super::hf_tokenizer::{file_added_tokens, TOKENIZER_JSON};
 use super::{Dir, TOKENIZER_CONFIG};
 use crate::Result;
 use serde_json::{Map, Value as Json};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use tokenizers::{AddedToken, Tokenizer};
 
 const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 const ADDED_TOKENS_FILE: &str = "added_tokens.json";
+/// The config's added-token table, written since transformers 4.34.
+const ADDED_TOKENS_DECODER: &str = "added_tokens_decoder";
 
 /// The key of a token of the extra list.
 const EXTRA: &str = "extra special token";
@@ -59,20 +63,31 @@ struct Named {
 /// added-token table of the settings (`added_tokens_decoder`, or the legacy
 /// `added_tokens.json`) that it lacks, in id order, then the named special tokens it lacks, in
 /// transformers' order; each once. `Err` if a named token is an added token that is not
-/// special (see the module's comment).
-pub(super) fn add_named_tokens(dir: &Dir, tokenizer: &mut Tokenizer) -> Result<()> {
-    let config = dir.json_object(TOKENIZER_CONFIG)?.unwrap_or_default();
-    let old_layout = !config.contains_key("added_tokens_decoder");
-    let legacy = match old_layout {
-        true => dir.json_object(SPECIAL_TOKENS_MAP)?,
-        false => None,
+/// special (see the module's comment). A tokenizer `class` of its own names its default
+/// tokens where the settings do not, and starts without the file's added tokens, which the
+/// legacy table then holds.
+pub(super) fn add_named_tokens(
+    dir: &Dir,
+    tokenizer: &mut Tokenizer,
+    class: TokenizerClass,
+) -> Result<()> {
+    let mut config = dir.json_object(TOKENIZER_CONFIG)?.unwrap_or_default();
+    for (key, token) in class.default_tokens() {
+        config.entry(*key).or_insert_with(|| Json::from(*token));
+    }
+    // Settings saved the old way (no table in the config) are read with the legacy map over
+    // them (empty where there is none); `None` is the current layout.
+    let legacy = match config.contains_key(ADDED_TOKENS_DECODER) {
+        true => None,
+        false => Some(dir.json_object(SPECIAL_TOKENS_MAP)?.unwrap_or_default()),
     };
     let added = tokenizer.get_added_tokens_decoder();
     let mut known: HashSet<String> = added.values().map(|t| t.content.clone()).collect();
     let named = named_tokens(&config, legacy.as_ref());
     // The table's tokens go to the library as they are: like transformers, it skips those it
     // has with the same flags, and takes the flags of one it has with others.
-    let mut missing = table_tokens(dir, &config, legacy.as_ref(), &named)?;
+    let from_file = class != TokenizerClass::File;
+    let mut missing = table_tokens(dir, &config, legacy.as_ref(), &named, from_file)?;
     known.extend(missing.iter().map(|t| t.content.clone()));
     for Named { key, content, file } in named {
         if let Some(token) = added.values().find(|t| t.content == content) {
@@ -102,24 +117,27 @@ pub(super) fn add_named_tokens(dir: &Dir, tokenizer: &mut Tokenizer) -> Result<(
 }
 
 /// The tokens of the added-token table transformers reads beside `tokenizer.json`, in id
-/// order: the config's `added_tokens_decoder` (each with its flags), or where it has none, the
-/// legacy `added_tokens.json` (special where the config, with the legacy map over it, names
-/// the token among its standard special tokens or its extra list before `__init__`). A token
-/// that any setting names is made special, as transformers' `__init__` does.
+/// order: the config's `added_tokens_decoder` (each with its flags), or in the old layout
+/// (`legacy` given), `added_tokens.json` (special where the config, with the legacy map over
+/// it, names the token among its standard special tokens or its extra list before
+/// `__init__`), with `tokenizer.json`'s added tokens after it when `from_file` (each with its
+/// flags, over a token of the same id). A token that any setting names is made special, as
+/// transformers' `__init__` does.
 fn table_tokens(
     dir: &Dir,
     config: &Map<String, Json>,
     legacy: Option<&Map<String, Json>>,
     named: &[Named],
+    from_file: bool,
 ) -> Result<Vec<AddedToken>> {
     let named_contents: HashSet<&str> = (named.iter())
         .filter(|n| n.key != EXTRA)
         .map(|n| n.content.as_str())
         .collect();
-    let mut table: Vec<(u64, AddedToken)> = Vec::new();
-    if let Some(decoder) = config.get("added_tokens_decoder") {
-        let bad = |what: &str| dir.bad(TOKENIZER_CONFIG, format!("added_tokens_decoder: {what}"));
-        let Json::Object(decoder) = decoder else {
+    let mut table: BTreeMap<u64, AddedToken> = BTreeMap::new();
+    if legacy.is_none() {
+        let bad = |what: &str| dir.bad(TOKENIZER_CONFIG, format!("{ADDED_TOKENS_DECODER}: {what}"));
+        let Some(Json::Object(decoder)) = config.get(ADDED_TOKENS_DECODER) else {
             return Err(bad("not an object"));
         };
         for (id, entry) in decoder {
@@ -128,7 +146,7 @@ fn table_tokens(
                 .map_err(|_| bad(&format!("{id:?} is not a token id")))?;
             let token =
                 added_token(entry).ok_or_else(|| bad(&format!("token {id} has no content")))?;
-            table.push((id, token));
+            table.insert(id, token);
         }
     } else if let Some(file) = dir.json_object(ADDED_TOKENS_FILE)? {
         let (extra, _) = extra_tokens(config, legacy, false);
@@ -141,15 +159,19 @@ fn table_tokens(
             let id = id.as_u64().ok_or_else(|| {
                 dir.bad(ADDED_TOKENS_FILE, format!("{content:?} has no token id"))
             })?;
-            table.push((
-                id,
-                AddedToken::from(content.clone(), special.contains(content)),
-            ));
+            let token = AddedToken::from(content.clone(), special.contains(content));
+            table.insert(id, token);
         }
     }
-    table.sort_by_key(|(id, _)| *id);
-    Ok((table.into_iter())
-        .map(|(_, mut token)| {
+    if legacy.is_some() && from_file {
+        if let Some(json) = dir.json(TOKENIZER_JSON)? {
+            let tokens = file_added_tokens(&json)
+                .map_err(|e| dir.bad(TOKENIZER_JSON, format!("added_tokens: {e}")))?;
+            table.extend(tokens.into_iter().map(|(id, token)| (u64::from(id), token)));
+        }
+    }
+    Ok((table.into_values())
+        .map(|mut token| {
             token.special |= named_contents.contains(token.content.as_str());
             token
         })

@@ -1,6 +1,7 @@
 //! The vocabulary keys on small hand-made tokenizers. The comparison with the converter
 //! itself, on trained and real vocabularies, is in the end-to-end tests.
 
+use super::class::{self, TokenizerClass};
 use super::sentencepiece::{parse_model, Piece};
 use super::special::{SpecialVocab, DEFAULT_TYPES};
 use super::*;
@@ -432,7 +433,7 @@ fn tiny_bpe_with_added_tokens() -> serde_json::Value {
 fn a_bpe_tokenizer_reads_as_the_library_reads_it() {
     use serde::Deserialize;
     let json = tiny_bpe_with_added_tokens();
-    let ours = gpt2::deserialize(&json).unwrap();
+    let ours = hf_tokenizer::deserialize(&json, TokenizerClass::File).unwrap();
     let library = tokenizers::Tokenizer::deserialize(&json).unwrap();
     // The serialization holds everything: model, added tokens with their ids, the rest.
     assert_eq!(
@@ -451,14 +452,14 @@ fn a_bpe_tokenizer_reads_as_the_library_reads_it() {
         .unwrap()
         .remove("id");
     assert!(tokenizers::Tokenizer::deserialize(&no_id).is_err());
-    assert!(gpt2::deserialize(&no_id).is_err());
+    assert!(hf_tokenizer::deserialize(&no_id, TokenizerClass::File).is_err());
     let mut bad_merge = json.clone();
     bad_merge["model"]["merges"] = json!(["a c"]);
     assert!(tokenizers::Tokenizer::deserialize(&bad_merge).is_err());
-    assert!(gpt2::deserialize(&bad_merge).is_err());
+    assert!(hf_tokenizer::deserialize(&bad_merge, TokenizerClass::File).is_err());
     let mut bad_version = json;
     bad_version["version"] = json!("2.0");
-    assert!(gpt2::deserialize(&bad_version).is_err());
+    assert!(hf_tokenizer::deserialize(&bad_version, TokenizerClass::File).is_err());
 }
 
 #[test]
@@ -545,7 +546,7 @@ fn looks_special_follows_the_converter() {
 }
 
 /// `tiny_bpe` loaded with this `tokenizer_config.json`, as `HfTokenizer::load` gives it.
-fn loaded_with(config: serde_json::Value, end_special: bool) -> Result<gpt2::HfTokenizer> {
+fn loaded_with(config: serde_json::Value, end_special: bool) -> Result<hf_tokenizer::HfTokenizer> {
     loaded_with_files(config, end_special, &[])
 }
 
@@ -554,7 +555,7 @@ fn loaded_with_files(
     config: serde_json::Value,
     end_special: bool,
     others: &[(&str, serde_json::Value)],
-) -> Result<gpt2::HfTokenizer> {
+) -> Result<hf_tokenizer::HfTokenizer> {
     let mut tokenizer: serde_json::Value = serde_json::from_slice(&tiny_bpe()).unwrap();
     tokenizer["added_tokens"][0]["special"] = json!(end_special);
     let mut files = vec![
@@ -566,10 +567,139 @@ fn loaded_with_files(
             .iter()
             .map(|(name, v)| (*name, v.to_string().into_bytes())),
     );
-    let files = MemFiles::new(&files);
-    let model_config = json!({});
+    loaded_in(json!({}), &files)
+}
+
+/// `tokenizer.json` and the other files loaded for a model of this `config.json`.
+fn loaded_in(
+    model_config: serde_json::Value,
+    files: &[(&str, Vec<u8>)],
+) -> Result<hf_tokenizer::HfTokenizer> {
+    let files = MemFiles::new(files);
     let dir = Dir::new(&files, &model_config).unwrap();
-    gpt2::HfTokenizer::load(&dir)
+    hf_tokenizer::HfTokenizer::load(&dir)
+}
+
+fn class_of(model_config: serde_json::Value, settings: serde_json::Value) -> TokenizerClass {
+    let files = MemFiles::new(&[("tokenizer_config.json", settings.to_string().into_bytes())]);
+    class::resolve(&Dir::new(&files, &model_config).unwrap()).unwrap()
+}
+
+#[test]
+fn the_tokenizer_class_is_the_one_transformers_picks() {
+    let model = |model_type: &str| json!({ "model_type": model_type });
+    let qwen2 = TokenizerClass::Qwen2 {
+        add_prefix_space: false,
+    };
+    let file = TokenizerClass::File;
+    let cases = [
+        // transformers takes Qwen2Tokenizer for any qwen2 model
+        (
+            model("qwen2"),
+            json!({"tokenizer_class": "TokenizersBackend"}),
+            qwen2,
+        ),
+        (model("qwen2"), json!({}), qwen2),
+        // and for llama and qwen3 ones whose settings (or config.json) name it
+        (
+            model("qwen3"),
+            json!({"tokenizer_class": "Qwen2TokenizerFast"}),
+            qwen2,
+        ),
+        (
+            model("llama"),
+            json!({"tokenizer_class": "Qwen2Tokenizer"}),
+            qwen2,
+        ),
+        (
+            json!({"model_type": "llama", "tokenizer_class": "Qwen2Tokenizer"}),
+            json!({}),
+            qwen2,
+        ),
+        (
+            model("qwen3"),
+            json!({"tokenizer_class": "TokenizersBackend"}),
+            file,
+        ),
+        (
+            model("llama"),
+            json!({"tokenizer_class": "PreTrainedTokenizerFast"}),
+            file,
+        ),
+        // a mistral model's registered class wins
+        (
+            model("mistral"),
+            json!({"tokenizer_class": "Qwen2Tokenizer"}),
+            file,
+        ),
+        // remote code is not run
+        (
+            model("qwen2"),
+            json!({"auto_map": {"AutoTokenizer": ["a.B", null]}}),
+            file,
+        ),
+        (
+            model("qwen2"),
+            json!({"add_prefix_space": true}),
+            TokenizerClass::Qwen2 {
+                add_prefix_space: true,
+            },
+        ),
+    ];
+    for (model_config, settings, want) in cases {
+        assert_eq!(
+            class_of(model_config.clone(), settings.clone()),
+            want,
+            "{model_config} {settings}"
+        );
+    }
+}
+
+/// `tiny_bpe` as a qwen2 model loads it with these settings: its added tokens (id, content,
+/// special) and its serialization.
+fn qwen2_loaded(settings: serde_json::Value) -> (Vec<(u32, String, bool)>, serde_json::Value) {
+    let mut file: serde_json::Value = serde_json::from_slice(&tiny_bpe()).unwrap();
+    file["model"]["ignore_merges"] = json!(true);
+    file["normalizer"] = json!({"type": "Lowercase"});
+    let files = [
+        ("tokenizer.json", file.to_string().into_bytes()),
+        ("tokenizer_config.json", settings.to_string().into_bytes()),
+    ];
+    let loaded = loaded_in(json!({"model_type": "qwen2"}), &files).unwrap();
+    let mut added: Vec<(u32, String, bool)> = (loaded.tokenizer.get_added_tokens_decoder())
+        .into_iter()
+        .map(|(id, t)| (id, t.content, t.special))
+        .collect();
+    added.sort();
+    let serialized = loaded.tokenizer.to_string(false).unwrap();
+    (added, serde_json::from_str(&serialized).unwrap())
+}
+
+#[test]
+fn a_qwen2_tokenizer_is_built_as_its_class_builds_it() {
+    // Current layout: the settings' table only (not the file's <|end|>), then the named tokens
+    // with the class's defaults for unk and pad, in transformers' order (eos before unk).
+    let (added, json) = qwen2_loaded(
+        json!({"added_tokens_decoder": {}, "eos_token": "<|im_end|>",
+        "add_prefix_space": true}),
+    );
+    let t = |id: u32, content: &str| (id, content.to_string(), true);
+    assert_eq!(added, [t(3, "<|im_end|>"), t(4, "<|endoftext|>")]);
+    // The class's pipeline and model options over the file's.
+    assert_eq!(json["normalizer"], json!({"type": "NFC"}));
+    assert_eq!(
+        json["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"],
+        json!(true)
+    );
+    assert_eq!(
+        json["pre_tokenizer"]["pretokenizers"][0]["type"],
+        json!("Split")
+    );
+    assert_eq!(json["model"]["ignore_merges"], json!(false));
+    assert_eq!(json["model"]["vocab"], json!({"a": 0, "b": 1, "ab": 2}));
+    // Old layout: the file's added tokens are the table; a pad token named keeps its name.
+    let (added, _) = qwen2_loaded(json!({"pad_token": "b"}));
+    assert_eq!(added, [t(1, "b"), t(3, "<|end|>"), t(4, "<|endoftext|>")]);
 }
 
 #[test]
@@ -599,7 +729,9 @@ fn named_special_tokens_missing_from_tokenizer_json_are_added_in_transformers_or
 }
 
 /// The added tokens of `tokenizer`: id -> (content, special).
-fn added_tokens(tokenizer: &gpt2::HfTokenizer) -> std::collections::BTreeMap<u32, (String, bool)> {
+fn added_tokens(
+    tokenizer: &hf_tokenizer::HfTokenizer,
+) -> std::collections::BTreeMap<u32, (String, bool)> {
     (tokenizer.tokenizer.get_added_tokens_decoder().into_iter())
         .map(|(id, t)| (id, (t.content, t.special)))
         .collect()

@@ -1,0 +1,115 @@
+//! The tokenizer class transformers' `AutoTokenizer` makes of a `tokenizer.json`, where it
+//! changes what the converter sees.
+//!
+//! Most classes load the file as it is. A class with an `__init__` of its own instead builds
+//! the tokenizer itself from the file's vocabulary and merges (its own model options,
+//! normalizer, pre-tokenizer and decoder; only the post-processor, padding and truncation come
+//! from the file), starts without the file's added tokens, and names special tokens by
+//! default. The converter tokenizes, and lists the vocabulary, with what that gives.
+//!
+//! Of those classes the supported architectures meet `Qwen2Tokenizer`: transformers 5.24
+//! uses it for every `qwen2` model whatever its `tokenizer_class` says (`qwen2` is on its list
+//! of models published with a wrong class), and for `llama` and `qwen3` models whose
+//! `tokenizer_class` names it. A `mistral` model always loads the file: its registered class
+//! (`MistralCommonBackend`, or the file's without `mistral_common`) wins over the one named.
+//! A Qwen2 model's own `tokenizer.json` is what the class builds, so this matters for other
+//! vocabularies under a Qwen name, or settings such as `add_prefix_space`.
+
+use super::{Dir, TOKENIZER_CONFIG};
+use crate::Result;
+use serde_json::{json, Value as Json};
+
+/// How transformers makes the tokenizer of a `tokenizer.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenizerClass {
+    /// From the file as it is.
+    File,
+    /// `Qwen2Tokenizer.__init__`, with the settings' `add_prefix_space`.
+    Qwen2 { add_prefix_space: bool },
+}
+
+/// The special tokens `Qwen2Tokenizer` names where the settings do not.
+const QWEN2_DEFAULTS: &[(&str, &str)] = &[
+    ("unk_token", "<|endoftext|>"),
+    ("eos_token", "<|endoftext|>"),
+    ("pad_token", "<|endoftext|>"),
+];
+
+/// `Qwen2Tokenizer`'s pre-tokenizer split (its `PRETOKENIZE_REGEX`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The class `AutoTokenizer.from_pretrained` picks for this directory (transformers 5.24).
+pub(crate) fn resolve(dir: &Dir) -> Result<TokenizerClass> {
+    let settings = dir.json_object(TOKENIZER_CONFIG)?.unwrap_or_default();
+    if settings.contains_key("auto_map") {
+        return Ok(TokenizerClass::File); // remote code, which the converter does not run
+    }
+    let named = (settings.get("tokenizer_class"))
+        .or_else(|| dir.hparams.get("tokenizer_class"))
+        .and_then(Json::as_str)
+        .map(|name| name.strip_suffix("Fast").unwrap_or(name));
+    let model_type = dir.hparams.get("model_type").and_then(Json::as_str);
+    let qwen2 = match model_type {
+        Some("qwen2") => true,
+        Some("llama" | "qwen3") => named == Some("Qwen2Tokenizer"),
+        _ => false,
+    };
+    Ok(match qwen2 {
+        true => TokenizerClass::Qwen2 {
+            add_prefix_space: settings.get("add_prefix_space").is_some_and(super::truthy),
+        },
+        false => TokenizerClass::File,
+    })
+}
+
+impl TokenizerClass {
+    /// The special tokens the class names where the settings have no such key.
+    pub(crate) fn default_tokens(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            TokenizerClass::File => &[],
+            TokenizerClass::Qwen2 { .. } => QWEN2_DEFAULTS,
+        }
+    }
+
+    /// The class's own parts of the tokenizer (`normalizer`, `pre_tokenizer`, `decoder`), in
+    /// `tokenizer.json` form; `None` for the file's.
+    pub(crate) fn pipeline(self) -> Option<[(&'static str, Json); 3]> {
+        let TokenizerClass::Qwen2 { add_prefix_space } = self else {
+            return None;
+        };
+        Some([
+            ("normalizer", json!({"type": "NFC"})),
+            (
+                "pre_tokenizer",
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated",
+                        "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": add_prefix_space,
+                        "trim_offsets": true, "use_regex": false},
+                ]}),
+            ),
+            (
+                "decoder",
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                    "use_regex": true}),
+            ),
+        ])
+    }
+
+    /// The BPE options the class builds its model with, or `None` for the file's. (An empty
+    /// subword prefix or suffix is the same as none.)
+    pub(crate) fn model_options(self) -> Option<[(&'static str, Json); 7]> {
+        match self {
+            TokenizerClass::File => None,
+            TokenizerClass::Qwen2 { .. } => Some([
+                ("dropout", Json::Null),
+                ("unk_token", Json::Null),
+                ("continuing_subword_prefix", json!("")),
+                ("end_of_word_suffix", json!("")),
+                ("fuse_unk", json!(false)),
+                ("byte_fallback", json!(false)),
+                ("ignore_merges", json!(false)),
+            ]),
+        }
+    }
+}
