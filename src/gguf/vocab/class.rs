@@ -7,13 +7,15 @@
 //! from the file), starts without the file's added tokens, and names special tokens by
 //! default. The converter tokenizes, and lists the vocabulary, with what that gives.
 //!
-//! Of those classes the supported architectures meet `Qwen2Tokenizer`: transformers 5.24
-//! uses it for every `qwen2` model whatever its `tokenizer_class` says (`qwen2` is on its list
-//! of models published with a wrong class), and for `llama` and `qwen3` models whose
-//! `tokenizer_class` names it. A `mistral` model always loads the file: its registered class
-//! (`MistralCommonBackend`, or the file's without `mistral_common`) wins over the one named.
-//! A Qwen2 model's own `tokenizer.json` is what the class builds, so this matters for other
-//! vocabularies under a Qwen name, or settings such as `add_prefix_space`.
+//! Of those classes lorafs builds the byte-level ones the supported architectures meet:
+//! `Qwen2Tokenizer`, which transformers 5.24 uses for every `qwen2` model whatever its
+//! `tokenizer_class` says (`qwen2` is on its list of models published with a wrong class), and
+//! for `llama` and `qwen3` models whose `tokenizer_class` names it; and `GPT2Tokenizer` for
+//! `llama` and `qwen3` models whose `tokenizer_class` names it. A `mistral` model always loads
+//! the file: its registered class (`MistralCommonBackend`, or the file's without
+//! `mistral_common`) wins over the one named. A vocabulary's own `tokenizer.json` is what its
+//! class builds, so this matters for a vocabulary under another class, or for settings such
+//! as `add_prefix_space`.
 
 use super::{Dir, TOKENIZER_CONFIG};
 use crate::Result;
@@ -26,6 +28,8 @@ pub(crate) enum TokenizerClass {
     File,
     /// `Qwen2Tokenizer.__init__`, with the settings' `add_prefix_space`.
     Qwen2 { add_prefix_space: bool },
+    /// `GPT2Tokenizer.__init__`, with the settings' `add_prefix_space`.
+    Gpt2 { add_prefix_space: bool },
 }
 
 /// The special tokens `Qwen2Tokenizer` names where the settings do not.
@@ -33,6 +37,13 @@ const QWEN2_DEFAULTS: &[(&str, &str)] = &[
     ("unk_token", "<|endoftext|>"),
     ("eos_token", "<|endoftext|>"),
     ("pad_token", "<|endoftext|>"),
+];
+
+/// The special tokens `GPT2Tokenizer` names where the settings do not.
+const GPT2_DEFAULTS: &[(&str, &str)] = &[
+    ("unk_token", "<|endoftext|>"),
+    ("bos_token", "<|endoftext|>"),
+    ("eos_token", "<|endoftext|>"),
 ];
 
 /// `Qwen2Tokenizer`'s pre-tokenizer split (its `PRETOKENIZE_REGEX`).
@@ -49,51 +60,67 @@ pub(crate) fn resolve(dir: &Dir) -> Result<TokenizerClass> {
         .and_then(Json::as_str)
         .map(|name| name.strip_suffix("Fast").unwrap_or(name));
     let model_type = dir.hparams.get("model_type").and_then(Json::as_str);
-    let qwen2 = match model_type {
-        Some("qwen2") => true,
-        Some("llama" | "qwen3") => named == Some("Qwen2Tokenizer"),
-        _ => false,
-    };
-    Ok(match qwen2 {
-        true => TokenizerClass::Qwen2 {
-            add_prefix_space: settings.get("add_prefix_space").is_some_and(super::truthy),
-        },
-        false => TokenizerClass::File,
+    let add_prefix_space = (settings.get("add_prefix_space")).is_some_and(super::truthy);
+    Ok(match (model_type, named) {
+        (Some("qwen2"), _) | (Some("llama" | "qwen3"), Some("Qwen2Tokenizer")) => {
+            TokenizerClass::Qwen2 { add_prefix_space }
+        }
+        (Some("llama" | "qwen3"), Some("GPT2Tokenizer")) => {
+            TokenizerClass::Gpt2 { add_prefix_space }
+        }
+        _ => TokenizerClass::File,
     })
 }
 
 impl TokenizerClass {
+    /// transformers' name of the class.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TokenizerClass::File => "TokenizersBackend",
+            TokenizerClass::Qwen2 { .. } => "Qwen2Tokenizer",
+            TokenizerClass::Gpt2 { .. } => "GPT2Tokenizer",
+        }
+    }
+
     /// The special tokens the class names where the settings have no such key.
     pub(crate) fn default_tokens(self) -> &'static [(&'static str, &'static str)] {
         match self {
             TokenizerClass::File => &[],
             TokenizerClass::Qwen2 { .. } => QWEN2_DEFAULTS,
+            TokenizerClass::Gpt2 { .. } => GPT2_DEFAULTS,
         }
     }
 
     /// The class's own parts of the tokenizer (`normalizer`, `pre_tokenizer`, `decoder`), in
     /// `tokenizer.json` form; `None` for the file's.
     pub(crate) fn pipeline(self) -> Option<[(&'static str, Json); 3]> {
-        let TokenizerClass::Qwen2 { add_prefix_space } = self else {
-            return None;
+        // tokenizers' `decoders.ByteLevel()`, which both classes set.
+        let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true});
+        let byte_level = |add_prefix_space: bool, use_regex: bool| {
+            json!({"type": "ByteLevel", "add_prefix_space": add_prefix_space,
+                "trim_offsets": true, "use_regex": use_regex})
         };
-        Some([
-            ("normalizer", json!({"type": "NFC"})),
-            (
-                "pre_tokenizer",
-                json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated",
-                        "invert": false},
-                    {"type": "ByteLevel", "add_prefix_space": add_prefix_space,
-                        "trim_offsets": true, "use_regex": false},
-                ]}),
-            ),
-            (
-                "decoder",
-                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                    "use_regex": true}),
-            ),
-        ])
+        match self {
+            TokenizerClass::File => None,
+            TokenizerClass::Qwen2 { add_prefix_space } => Some([
+                ("normalizer", json!({"type": "NFC"})),
+                (
+                    "pre_tokenizer",
+                    json!({"type": "Sequence", "pretokenizers": [
+                        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT},
+                            "behavior": "Isolated", "invert": false},
+                        byte_level(add_prefix_space, false),
+                    ]}),
+                ),
+                ("decoder", decoder),
+            ]),
+            TokenizerClass::Gpt2 { add_prefix_space } => Some([
+                ("normalizer", Json::Null),
+                ("pre_tokenizer", byte_level(add_prefix_space, true)),
+                ("decoder", decoder),
+            ]),
+        }
     }
 
     /// The BPE options the class builds its model with, or `None` for the file's. (An empty
@@ -101,7 +128,8 @@ impl TokenizerClass {
     pub(crate) fn model_options(self) -> Option<[(&'static str, Json); 7]> {
         match self {
             TokenizerClass::File => None,
-            TokenizerClass::Qwen2 { .. } => Some([
+            // Both classes' `BPE(...)` calls come to the same options.
+            TokenizerClass::Qwen2 { .. } | TokenizerClass::Gpt2 { .. } => Some([
                 ("dropout", Json::Null),
                 ("unk_token", Json::Null),
                 ("continuing_subword_prefix", json!("")),

@@ -35,8 +35,9 @@ impl HfTokenizer {
             return Err(dir.unsupported(
                 TOKENIZER_JSON,
                 &format!(
-                    "a tokenizer.json that is not a BPE model under {class:?}, which \
-                     transformers rebuilds as one (set in {TOKENIZER_CONFIG} or by the model type)"
+                    "a tokenizer.json that is not a BPE model under {}, which transformers \
+                     builds as one (named in {TOKENIZER_CONFIG} or taken for the model type)",
+                    class.name()
                 ),
             ));
         }

@@ -587,77 +587,55 @@ fn class_of(model_config: serde_json::Value, settings: serde_json::Value) -> Tok
 
 #[test]
 fn the_tokenizer_class_is_the_one_transformers_picks() {
+    let check = |model_config: serde_json::Value, settings: serde_json::Value, want| {
+        let got = class_of(model_config.clone(), settings.clone());
+        assert_eq!(got, want, "{model_config} {settings}");
+    };
     let model = |model_type: &str| json!({ "model_type": model_type });
+    let class = |name: &str| json!({ "tokenizer_class": name });
     let qwen2 = TokenizerClass::Qwen2 {
         add_prefix_space: false,
     };
+    let gpt2 = TokenizerClass::Gpt2 {
+        add_prefix_space: false,
+    };
     let file = TokenizerClass::File;
-    let cases = [
-        // transformers takes Qwen2Tokenizer for any qwen2 model
-        (
-            model("qwen2"),
-            json!({"tokenizer_class": "TokenizersBackend"}),
-            qwen2,
-        ),
-        (model("qwen2"), json!({}), qwen2),
-        // and for llama and qwen3 ones whose settings (or config.json) name it
-        (
-            model("qwen3"),
-            json!({"tokenizer_class": "Qwen2TokenizerFast"}),
-            qwen2,
-        ),
-        (
-            model("llama"),
-            json!({"tokenizer_class": "Qwen2Tokenizer"}),
-            qwen2,
-        ),
-        (
-            json!({"model_type": "llama", "tokenizer_class": "Qwen2Tokenizer"}),
-            json!({}),
-            qwen2,
-        ),
-        (
-            model("qwen3"),
-            json!({"tokenizer_class": "TokenizersBackend"}),
-            file,
-        ),
-        (
-            model("llama"),
-            json!({"tokenizer_class": "PreTrainedTokenizerFast"}),
-            file,
-        ),
-        // a mistral model's registered class wins
-        (
-            model("mistral"),
-            json!({"tokenizer_class": "Qwen2Tokenizer"}),
-            file,
-        ),
-        // remote code is not run
-        (
-            model("qwen2"),
-            json!({"auto_map": {"AutoTokenizer": ["a.B", null]}}),
-            file,
-        ),
-        (
-            model("qwen2"),
-            json!({"add_prefix_space": true}),
-            TokenizerClass::Qwen2 {
-                add_prefix_space: true,
-            },
-        ),
-    ];
-    for (model_config, settings, want) in cases {
-        assert_eq!(
-            class_of(model_config.clone(), settings.clone()),
-            want,
-            "{model_config} {settings}"
-        );
-    }
+    // transformers takes Qwen2Tokenizer for any qwen2 model
+    check(model("qwen2"), class("TokenizersBackend"), qwen2);
+    check(model("qwen2"), class("GPT2Tokenizer"), qwen2);
+    check(model("qwen2"), json!({}), qwen2);
+    // and for llama and qwen3 ones whose settings (or config.json) name it, or GPT2Tokenizer
+    check(model("qwen3"), class("Qwen2TokenizerFast"), qwen2);
+    check(model("llama"), class("Qwen2Tokenizer"), qwen2);
+    let named_in_config = json!({"model_type": "llama", "tokenizer_class": "Qwen2Tokenizer"});
+    check(named_in_config, json!({}), qwen2);
+    check(model("llama"), class("GPT2TokenizerFast"), gpt2);
+    check(model("qwen3"), class("GPT2Tokenizer"), gpt2);
+    check(model("qwen3"), class("TokenizersBackend"), file);
+    check(model("llama"), class("PreTrainedTokenizerFast"), file);
+    // a mistral model's registered class wins
+    check(model("mistral"), class("Qwen2Tokenizer"), file);
+    check(model("mistral"), class("GPT2Tokenizer"), file);
+    // remote code is not run
+    let remote = json!({"auto_map": {"AutoTokenizer": ["a.B", null]}});
+    check(model("qwen2"), remote, file);
+    let prefix = TokenizerClass::Qwen2 {
+        add_prefix_space: true,
+    };
+    check(model("qwen2"), json!({"add_prefix_space": true}), prefix);
 }
 
 /// `tiny_bpe` as a qwen2 model loads it with these settings: its added tokens (id, content,
 /// special) and its serialization.
 fn qwen2_loaded(settings: serde_json::Value) -> (Vec<(u32, String, bool)>, serde_json::Value) {
+    loaded_as(json!({"model_type": "qwen2"}), settings)
+}
+
+/// The same for a model of this `config.json`.
+fn loaded_as(
+    model_config: serde_json::Value,
+    settings: serde_json::Value,
+) -> (Vec<(u32, String, bool)>, serde_json::Value) {
     let mut file: serde_json::Value = serde_json::from_slice(&tiny_bpe()).unwrap();
     file["model"]["ignore_merges"] = json!(true);
     file["normalizer"] = json!({"type": "Lowercase"});
@@ -665,7 +643,7 @@ fn qwen2_loaded(settings: serde_json::Value) -> (Vec<(u32, String, bool)>, serde
         ("tokenizer.json", file.to_string().into_bytes()),
         ("tokenizer_config.json", settings.to_string().into_bytes()),
     ];
-    let loaded = loaded_in(json!({"model_type": "qwen2"}), &files).unwrap();
+    let loaded = loaded_in(model_config, &files).unwrap();
     let mut added: Vec<(u32, String, bool)> = (loaded.tokenizer.get_added_tokens_decoder())
         .into_iter()
         .map(|(id, t)| (id, t.content, t.special))
@@ -700,6 +678,22 @@ fn a_qwen2_tokenizer_is_built_as_its_class_builds_it() {
     // Old layout: the file's added tokens are the table; a pad token named keeps its name.
     let (added, _) = qwen2_loaded(json!({"pad_token": "b"}));
     assert_eq!(added, [t(1, "b"), t(3, "<|end|>"), t(4, "<|endoftext|>")]);
+}
+
+#[test]
+fn a_gpt2_tokenizer_is_built_as_its_class_builds_it() {
+    // (as transformers 5.24 loads it: no normalizer, byte-level with its own regex, and
+    // <|endoftext|> its bos, eos and unk token)
+    let model = json!({"model_type": "llama"});
+    let settings = json!({"tokenizer_class": "GPT2Tokenizer", "pad_token": "b"});
+    let (added, json) = loaded_as(model, settings);
+    let t = |id: u32, content: &str| (id, content.to_string(), true);
+    assert_eq!(added, [t(1, "b"), t(3, "<|end|>"), t(4, "<|endoftext|>")]);
+    assert_eq!(json["normalizer"], serde_json::Value::Null);
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+        "use_regex": true});
+    assert_eq!(json["pre_tokenizer"], byte_level);
+    assert_eq!(json["model"]["ignore_merges"], json!(false));
 }
 
 #[test]
