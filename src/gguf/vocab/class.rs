@@ -7,15 +7,16 @@
 //! from the file), starts without the file's added tokens, and names special tokens by
 //! default. The converter tokenizes, and lists the vocabulary, with what that gives.
 //!
-//! Of those classes lorafs builds the byte-level ones the supported architectures meet:
-//! `Qwen2Tokenizer`, which transformers 5.24 uses for every `qwen2` model whatever its
-//! `tokenizer_class` says (`qwen2` is on its list of models published with a wrong class), and
-//! for `llama` and `qwen3` models whose `tokenizer_class` names it; and `GPT2Tokenizer` for
-//! `llama` and `qwen3` models whose `tokenizer_class` names it. A `mistral` model always loads
-//! the file: its registered class (`MistralCommonBackend`, or the file's without
+//! Of those classes lorafs builds the ones the supported architectures meet (transformers
+//! 5.24): `Qwen2Tokenizer`, used for every `qwen2` model whatever its `tokenizer_class` says
+//! (`qwen2` is on transformers' list of models published with a wrong class), and for `llama`
+//! and `qwen3` models whose `tokenizer_class` names it; `GPT2Tokenizer`, and `LlamaTokenizer`
+//! for a `tokenizer.json` that does not mention `"ByteLevel"` (one that does is loaded as it
+//! is), for `llama` and `qwen3` models whose `tokenizer_class` names them. A `mistral` model
+//! always loads the file: its registered class (`MistralCommonBackend`, or the file's without
 //! `mistral_common`) wins over the one named. A vocabulary's own `tokenizer.json` is what its
-//! class builds, so this matters for a vocabulary under another class, or for settings such
-//! as `add_prefix_space`.
+//! class builds, so this matters for a vocabulary under another class, for settings such as
+//! `add_prefix_space`, and for the special tokens a class names by default.
 
 use super::{Dir, TOKENIZER_CONFIG};
 use crate::Result;
@@ -30,6 +31,12 @@ pub(crate) enum TokenizerClass {
     Qwen2 { add_prefix_space: bool },
     /// `GPT2Tokenizer.__init__`, with the settings' `add_prefix_space`.
     Gpt2 { add_prefix_space: bool },
+    /// `LlamaTokenizer.__init__`, with the settings' `add_prefix_space` (unset: true) and
+    /// `legacy`.
+    Llama {
+        add_prefix_space: bool,
+        legacy: bool,
+    },
 }
 
 /// The special tokens `Qwen2Tokenizer` names where the settings do not.
@@ -44,6 +51,13 @@ const GPT2_DEFAULTS: &[(&str, &str)] = &[
     ("unk_token", "<|endoftext|>"),
     ("bos_token", "<|endoftext|>"),
     ("eos_token", "<|endoftext|>"),
+];
+
+/// The special tokens `LlamaTokenizer` names where the settings do not.
+const LLAMA_DEFAULTS: &[(&str, &str)] = &[
+    ("unk_token", "<unk>"),
+    ("bos_token", "<s>"),
+    ("eos_token", "</s>"),
 ];
 
 /// `Qwen2Tokenizer`'s pre-tokenizer split (its `PRETOKENIZE_REGEX`).
@@ -68,6 +82,15 @@ pub(crate) fn resolve(dir: &Dir) -> Result<TokenizerClass> {
         (Some("llama" | "qwen3"), Some("GPT2Tokenizer")) => {
             TokenizerClass::Gpt2 { add_prefix_space }
         }
+        // (transformers' test for a byte-level tokenizer.json: the text in the file)
+        (Some("llama" | "qwen3"), Some("LlamaTokenizer")) if !mentions_byte_level(dir)? => {
+            TokenizerClass::Llama {
+                add_prefix_space: settings
+                    .get("add_prefix_space")
+                    .is_none_or(|v| v.is_null() || super::truthy(v)),
+                legacy: settings.get("legacy").is_some_and(super::truthy),
+            }
+        }
         _ => TokenizerClass::File,
     })
 }
@@ -79,6 +102,7 @@ impl TokenizerClass {
             TokenizerClass::File => "TokenizersBackend",
             TokenizerClass::Qwen2 { .. } => "Qwen2Tokenizer",
             TokenizerClass::Gpt2 { .. } => "GPT2Tokenizer",
+            TokenizerClass::Llama { .. } => "LlamaTokenizer",
         }
     }
 
@@ -88,6 +112,7 @@ impl TokenizerClass {
             TokenizerClass::File => &[],
             TokenizerClass::Qwen2 { .. } => QWEN2_DEFAULTS,
             TokenizerClass::Gpt2 { .. } => GPT2_DEFAULTS,
+            TokenizerClass::Llama { .. } => LLAMA_DEFAULTS,
         }
     }
 
@@ -120,24 +145,63 @@ impl TokenizerClass {
                 ("pre_tokenizer", byte_level(add_prefix_space, true)),
                 ("decoder", decoder),
             ]),
+            TokenizerClass::Llama {
+                add_prefix_space,
+                legacy,
+            } => {
+                // transformers' `_get_prepend_scheme`
+                let prepend_scheme = match (add_prefix_space, legacy) {
+                    (false, _) => "never",
+                    (true, true) => "always",
+                    (true, false) => "first",
+                };
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if add_prefix_space {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                Some([
+                    ("normalizer", Json::Null),
+                    (
+                        "pre_tokenizer",
+                        json!({"type": "Metaspace", "replacement": "\u{2581}",
+                            "prepend_scheme": prepend_scheme, "split": false}),
+                    ),
+                    ("decoder", json!({"type": "Sequence", "decoders": decoders})),
+                ])
+            }
         }
     }
 
     /// The BPE options the class builds its model with, or `None` for the file's. (An empty
     /// subword prefix or suffix is the same as none.)
     pub(crate) fn model_options(self) -> Option<[(&'static str, Json); 7]> {
-        match self {
-            TokenizerClass::File => None,
-            // Both classes' `BPE(...)` calls come to the same options.
-            TokenizerClass::Qwen2 { .. } | TokenizerClass::Gpt2 { .. } => Some([
-                ("dropout", Json::Null),
-                ("unk_token", Json::Null),
-                ("continuing_subword_prefix", json!("")),
-                ("end_of_word_suffix", json!("")),
-                ("fuse_unk", json!(false)),
-                ("byte_fallback", json!(false)),
-                ("ignore_merges", json!(false)),
-            ]),
-        }
+        // `LlamaTokenizer` fuses unknown pieces and falls back to bytes; the byte-level
+        // classes do neither.
+        let sentencepiece = match self {
+            TokenizerClass::File => return None,
+            TokenizerClass::Qwen2 { .. } | TokenizerClass::Gpt2 { .. } => false,
+            TokenizerClass::Llama { .. } => true,
+        };
+        Some([
+            ("dropout", Json::Null),
+            ("unk_token", Json::Null),
+            ("continuing_subword_prefix", json!("")),
+            ("end_of_word_suffix", json!("")),
+            ("fuse_unk", json!(sentencepiece)),
+            ("byte_fallback", json!(sentencepiece)),
+            ("ignore_merges", json!(false)),
+        ])
     }
+}
+
+/// Whether the directory's `tokenizer.json` has the text `"ByteLevel"` anywhere.
+fn mentions_byte_level(dir: &Dir) -> Result<bool> {
+    let bytes = dir
+        .read(super::hf_tokenizer::TOKENIZER_JSON)?
+        .unwrap_or_default();
+    Ok(bytes.windows(11).any(|w| w == b"\"ByteLevel\""))
 }

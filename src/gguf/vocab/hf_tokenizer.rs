@@ -17,6 +17,8 @@ pub(crate) const TOKENIZER_JSON: &str = "tokenizer.json";
 /// `tokenizer.json` loaded by the `tokenizers` library, as transformers' fast tokenizer.
 pub(crate) struct HfTokenizer {
     pub tokenizer: Tokenizer,
+    /// The class transformers builds it as.
+    pub class: TokenizerClass,
 }
 
 impl HfTokenizer {
@@ -48,7 +50,7 @@ impl HfTokenizer {
             )
         })?;
         super::named::add_named_tokens(dir, &mut tokenizer, class)?;
-        Ok(HfTokenizer { tokenizer })
+        Ok(HfTokenizer { tokenizer, class })
     }
 
     /// `get_vocab()`: the model's vocabulary with the added tokens.

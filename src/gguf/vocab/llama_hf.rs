@@ -2,6 +2,7 @@
 //! fallback, as transformers saves `LlamaTokenizerFast`): the converter's
 //! `_set_vocab_llama_hf` through gguf-py's `LlamaHfVocab`.
 
+use super::class::TokenizerClass;
 use super::hf_tokenizer::{HfTokenizer, TOKENIZER_JSON};
 use super::sentencepiece::set_token_arrays;
 use super::special::{SpecialVocab, DEFAULT_TYPES};
@@ -54,7 +55,7 @@ pub(crate) fn set_vocab(dir: &Dir, meta: &mut Metadata) -> Result<()> {
         .filter(|(id, _)| *id as usize >= base_size)
         .map(|(_, text)| text)
         .collect();
-    let specials = special_tokens(dir, &vocab)?;
+    let specials = special_tokens(dir, &vocab, tokenizer.class)?;
     let special_ids: HashSet<u32> = specials.values().copied().collect();
     let mut reverse: HashMap<u32, &str> = HashMap::new();
     for (text, id) in &vocab {
@@ -102,15 +103,21 @@ fn is_byte_token(text: &str) -> bool {
 }
 
 /// transformers' `all_special_tokens` with their ids: the named special tokens of
-/// `tokenizer_config.json` (else `special_tokens_map.json`) and its extra special tokens.
-fn special_tokens(dir: &Dir, vocab: &HashMap<String, u32>) -> Result<HashMap<String, u32>> {
+/// `tokenizer_config.json` (else `special_tokens_map.json`; the tokenizer class's defaults
+/// where neither names one) and its extra special tokens.
+fn special_tokens(
+    dir: &Dir,
+    vocab: &HashMap<String, u32>,
+    class: TokenizerClass,
+) -> Result<HashMap<String, u32>> {
     let config = match dir.json_object(TOKENIZER_CONFIG)? {
         Some(config) => Some(config),
         None => dir.json_object("special_tokens_map.json")?,
     };
-    let Some(config) = config else {
-        return Ok(HashMap::new());
-    };
+    let mut config = config.unwrap_or_default();
+    for (key, token) in class.default_tokens() {
+        config.entry(*key).or_insert_with(|| Json::from(*token));
+    }
     let content = |value: &Json| match value {
         Json::String(s) => Some(s.clone()),
         Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),

@@ -680,6 +680,55 @@ fn a_qwen2_tokenizer_is_built_as_its_class_builds_it() {
     assert_eq!(added, [t(1, "b"), t(3, "<|end|>"), t(4, "<|endoftext|>")]);
 }
 
+/// A SentencePiece-style `tokenizer.json` (a BPE with byte fallback) as transformers saves a
+/// Llama tokenizer.
+fn sentencepiece_json() -> serde_json::Value {
+    json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first",
+            "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false,
+            "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "\u{2581}a": 3, "<0x0A>": 4}, "merges": []}})
+}
+
+#[test]
+fn a_llama_tokenizer_names_its_default_special_tokens() {
+    // transformers builds a llama model's non-byte-level tokenizer.json as LlamaTokenizer,
+    // whose unk token is <unk> where the settings name none: a control token then.
+    let types = |settings: serde_json::Value| {
+        let files = MemFiles::new(&[
+            (
+                "tokenizer.json",
+                sentencepiece_json().to_string().into_bytes(),
+            ),
+            ("tokenizer_config.json", settings.to_string().into_bytes()),
+        ]);
+        let meta = vocab_of(&files, json!({"model_type": "llama"}), VocabFamily::Llama).unwrap();
+        ints(&meta, "tokenizer.ggml.token_type")
+    };
+    let settings =
+        |class: &str| json!({"tokenizer_class": class, "bos_token": "<s>", "eos_token": "</s>"});
+    assert_eq!(types(settings("LlamaTokenizerFast")), [3, 3, 3, 1, 6]);
+    assert_eq!(types(settings("PreTrainedTokenizerFast")), [1, 3, 3, 1, 6]);
+    // A tokenizer.json that mentions "ByteLevel" anywhere is loaded as it is.
+    let mut byte_level = sentencepiece_json();
+    byte_level["post_processor"] = json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": false, "use_regex": true});
+    let files = MemFiles::new(&[
+        ("tokenizer.json", byte_level.to_string().into_bytes()),
+        (
+            "tokenizer_config.json",
+            settings("LlamaTokenizer").to_string().into_bytes(),
+        ),
+    ]);
+    let dir_config = json!({"model_type": "llama"});
+    let class = class::resolve(&Dir::new(&files, &dir_config).unwrap()).unwrap();
+    assert_eq!(class, TokenizerClass::File);
+}
+
 #[test]
 fn a_gpt2_tokenizer_is_built_as_its_class_builds_it() {
     // (as transformers 5.24 loads it: no normalizer, byte-level with its own regex, and
