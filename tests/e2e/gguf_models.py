@@ -344,7 +344,7 @@ class Case:
 
     name: str
     arch: str  # the transformers class, = config.json's architectures[0]
-    tokenizer: str  # "spm", "llama-bpe", "qwen2", "fresh-bpe"
+    tokenizer: str  # "spm", "spm-json" (without tokenizer.model), "llama-bpe", "qwen2", "fresh-bpe"
     dtype: str
     tied: bool
     base: Path
@@ -358,6 +358,10 @@ class Case:
 # of 32: ffn_down's rows cannot be Q8_0 blocks and the converter falls back to F16.
 CASE_SPECS = {
     "llama_spm": ("LlamaForCausalLM", "spm", "float32", False, dict(intermediate_size=176), [({}, 1.0)]),
+    # the SentencePiece tokenizer as transformers 5 saves it, tokenizer.json only (the
+    # converter's LlamaHfVocab path), its settings without unk_token (TOKENIZER_SETTINGS):
+    # transformers loads it as LlamaTokenizer, which names <unk> anyway
+    "llama_spm_json": ("LlamaForCausalLM", "spm-json", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
     "llama_bpe": ("LlamaForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
     "mistral_spm": (
         "MistralForCausalLM", "spm", "float16", False,
@@ -427,8 +431,8 @@ ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
 # them): a pad token, a model-specific `*_token` and an extra special token.
 NAMED_SPECIAL_TOKENS = {"llama_named_bpe": dict(pad_token="[PAD]", image_token="<image>", extra_special_tokens=["<tool>"])}
 
-# Other tokenizer_config.json settings of a case.
-TOKENIZER_SETTINGS = {"qwen2_prefix_bpe": dict(add_prefix_space=True)}
+# Other tokenizer_config.json settings of a case (None: the key left out).
+TOKENIZER_SETTINGS = {"qwen2_prefix_bpe": dict(add_prefix_space=True), "llama_spm_json": dict(unk_token=None)}
 
 
 # tokenizer_config.json settings, the special_tokens_map.json and the added_tokens.json of a
@@ -460,7 +464,11 @@ def write_legacy_special_tokens_map(base: Path, config: dict, legacy: dict, tabl
 def update_tokenizer_config(base: Path, settings: dict):
     path = base / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
-    cfg.update(settings)
+    for key, value in settings.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -473,7 +481,7 @@ def write_added_tokens_decoder(tok, base: Path):
     }
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-SUPPORTED = ("llama_spm", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe",
+SUPPORTED = ("llama_spm", "llama_spm_json", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe",
              "llama_legacy_bpe", "llama3_tied_bpe", "qwen2_yarn_bpe")
 
 
@@ -543,7 +551,7 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
 
     def tokenizer(kind):
         if kind not in tokenizers:
-            if kind == "spm":
+            if kind in ("spm", "spm-json"):
                 tokenizers[kind] = spm_tokenizer(spm_file)
             elif kind == "fresh-bpe":
                 tokenizers[kind] = fresh_bpe_tokenizer()
@@ -559,8 +567,8 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
         if name in ADDED_SPECIAL_TOKENS:
             tok = copy.deepcopy(tok)
             tok.add_special_tokens({"additional_special_tokens": ADDED_SPECIAL_TOKENS[name]})
-        pre = known_pre_tokenizer(tok, stack) if kind != "spm" else "default"
-        want_pre = {"spm": "default", "llama-bpe": "llama-bpe", "qwen2": "qwen2", "fresh-bpe": None}[kind]
+        pre = known_pre_tokenizer(tok, stack) if kind not in ("spm", "spm-json") else "default"
+        want_pre = {"spm": "default", "spm-json": "default", "llama-bpe": "llama-bpe", "qwen2": "qwen2", "fresh-bpe": None}[kind]
         if pre != want_pre:
             raise RuntimeError(f"{name}: the converter's table names this {kind} tokenizer {pre!r}, not {want_pre!r}")
         config = _config(arch, len(tok), tied, tok, extra)

@@ -163,7 +163,7 @@ def test_converter_reference(store, case):
         g = gc.parse_gguf(store.reference(case, gtype))
         assert g.value("general.architecture") == {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(c.arch, "llama")
         assert g.value("tokenizer.ggml.pre") == c.tokenizer_pre
-        assert g.value("tokenizer.ggml.model") == ("llama" if c.tokenizer == "spm" else "gpt2")
+        assert g.value("tokenizer.ggml.model") == ("llama" if c.tokenizer in ("spm", "spm-json") else "gpt2")
         assert g.value("tokenizer.chat_template"), "no chat template"
         names = [t.name for t in g.tensors]
         assert ("output.weight" in names) != c.tied, names
@@ -171,6 +171,8 @@ def test_converter_reference(store, case):
             assert names[0] == "rope_freqs.weight", names[:3]
         if case == "qwen2_yarn_bpe":
             assert g.value("qwen2.rope.scaling.type") == "yarn", g.value("qwen2.rope.scaling.type")
+        if case == "llama_spm_json":  # <unk>, named by LlamaTokenizer only, a control token
+            assert g.value("tokenizer.ggml.tokens")[0] == "<unk>" and g.value("tokenizer.ggml.token_type")[0] == 3
         if case == "llama_named_bpe":  # appended after the 128256 tokens, as control tokens
             tokens, types = g.value("tokenizer.ggml.tokens"), g.value("tokenizer.ggml.token_type")
             assert tokens[128256:128260] == ["[PAD]", "<image>", "<tool>", "[PAD128259]"], tokens[128256:128260]
