@@ -4,6 +4,7 @@
 //! from the settings ([`named`](super::named)).
 
 use super::class::{self, TokenizerClass};
+use super::tokenizer_json::TokenizerJson;
 use super::{Dir, TOKENIZER_CONFIG};
 use crate::Result;
 use serde::Deserialize;
@@ -26,14 +27,14 @@ impl HfTokenizer {
     /// special tokens the settings name; a missing file or one `tokenizers` cannot read is
     /// refused (the converter would need a slow tokenizer or fail).
     pub(crate) fn load(dir: &Dir) -> Result<HfTokenizer> {
-        let Some(json) = dir.json(TOKENIZER_JSON)? else {
+        let Some(file) = dir.tokenizer_json()? else {
             return Err(dir.unsupported(
                 TOKENIZER_JSON,
                 "a tokenizer without tokenizer.json or tokenizer.model",
             ));
         };
         let class = class::resolve(dir)?;
-        if class != TokenizerClass::File && !is_bpe(&json) {
+        if class != TokenizerClass::File && !is_bpe(&file.outline) {
             return Err(dir.unsupported(
                 TOKENIZER_JSON,
                 &format!(
@@ -43,7 +44,7 @@ impl HfTokenizer {
                 ),
             ));
         }
-        let mut tokenizer = deserialize(&json, class).map_err(|e| {
+        let mut tokenizer = deserialize(&file, class).map_err(|e| {
             dir.bad(
                 TOKENIZER_JSON,
                 format!("not a tokenizer the `tokenizers` library reads: {e}"),
@@ -85,31 +86,35 @@ fn is_bpe(json: &Json) -> bool {
 /// pipeline, with the file's post-processor, padding and truncation, and no added tokens
 /// (the settings' are added by [`named`](super::named)).
 ///
-/// A BPE model is read straight from its JSON, and the rest of the tokenizer around a
+/// A BPE model is read straight from its text, and the rest of the tokenizer around a
 /// placeholder model; then the steps of the library's own deserializer follow: the model put
 /// in, the added tokens added. That is faster: the library takes any model through an untagged
 /// enum, which copies the whole model (a large vocabulary and its merges: most of the file)
 /// into an intermediate value twice before reading it, which was most of the time a `mount
 /// --gguf` of a model with Llama 3's tokenizer took. Other models take the library's way.
 pub(super) fn deserialize(
-    json: &Json,
+    file: &TokenizerJson,
     class: TokenizerClass,
 ) -> std::result::Result<Tokenizer, serde_json::Error> {
-    let (Some(fields), Some(model)) = (json.as_object(), json.get("model")) else {
-        return Tokenizer::deserialize(json);
+    let json = &file.outline;
+    let (Some(fields), Some(model), Some(model_text)) =
+        (json.as_object(), json.get("model"), file.model_text())
+    else {
+        return Tokenizer::deserialize(file.whole()?);
     };
     if !is_bpe(json) {
-        return Tokenizer::deserialize(json);
+        return Tokenizer::deserialize(file.whole()?);
     }
     let bpe = match class.model_options() {
+        // (`model` has the options, if any: they are not its large fields)
         Some(options) if !has_options(model, &options) => {
-            let mut model = model.clone();
+            let mut model = file.model()?.unwrap_or_default();
             for (key, value) in options {
                 model[key] = value;
             }
             BPE::deserialize(&model)?
         }
-        _ => BPE::deserialize(model)?,
+        _ => serde_json::from_str(model_text)?,
     };
     let mut rest: Map<String, Json> = fields
         .iter()

@@ -17,9 +17,10 @@ use std::collections::{HashMap, HashSet};
 /// `TypeError` (Llama 3, a missing file, a `null` decoder) it falls back to the BPE path:
 /// `false`; where it raises anything else, the conversion fails: an error.
 pub(crate) fn applies(dir: &Dir) -> Result<bool> {
-    let Some(json) = dir.json(TOKENIZER_JSON)? else {
+    let Some(file) = dir.tokenizer_json()? else {
         return Ok(false);
     };
+    let json = &file.outline;
     let missing = |what: &str| dir.bad(TOKENIZER_JSON, format!("no {what}"));
     let model = json.get("model").ok_or_else(|| missing("model"))?;
     let kind = model.get("type").ok_or_else(|| missing("model.type"))?;

@@ -17,6 +17,7 @@ mod named;
 mod pre_hashes;
 mod sentencepiece;
 mod special;
+mod tokenizer_json;
 
 use super::{Metadata, ModelFiles, Value};
 use crate::{Error, Result};
@@ -24,6 +25,7 @@ use serde_json::{Map, Value as Json};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use tokenizer_json::TokenizerJson;
 
 /// The tokenizer's settings file (special tokens, flags, chat template).
 const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
@@ -162,9 +164,10 @@ pub(crate) struct Dir<'a> {
     config: &'a Json,
     /// The converter's `self.hparams`.
     hparams: Map<String, Json>,
-    /// The JSON files parsed so far: `tokenizer.json` (often 10–20 MB) is read by more than
-    /// one step.
+    /// The JSON files parsed so far.
     parsed: RefCell<HashMap<String, Option<Rc<Json>>>>,
+    /// `tokenizer.json` once parsed (often 10–20 MB, and read by more than one step).
+    tokenizer: RefCell<Option<Option<Rc<TokenizerJson>>>>,
 }
 
 impl<'a> Dir<'a> {
@@ -184,6 +187,7 @@ impl<'a> Dir<'a> {
             config,
             hparams,
             parsed: RefCell::default(),
+            tokenizer: RefCell::default(),
         })
     }
 
@@ -199,8 +203,10 @@ impl<'a> Dir<'a> {
         Ok(self.read(name)?.is_some())
     }
 
-    /// A JSON file, or `None` if it is absent (parsed once).
+    /// A JSON file, or `None` if it is absent (parsed once). `tokenizer.json` has a parse of
+    /// its own: [`Dir::tokenizer_json`].
     fn json(&self, name: &str) -> Result<Option<Rc<Json>>> {
+        debug_assert_ne!(name, hf_tokenizer::TOKENIZER_JSON);
         if let Some(parsed) = self.parsed.borrow().get(name) {
             return Ok(parsed.clone());
         }
@@ -214,6 +220,25 @@ impl<'a> Dir<'a> {
             )?)),
         };
         (self.parsed.borrow_mut()).insert(name.to_string(), parsed.clone());
+        Ok(parsed)
+    }
+
+    /// `tokenizer.json`, or `None` if it is absent (parsed once).
+    fn tokenizer_json(&self) -> Result<Option<Rc<TokenizerJson>>> {
+        if let Some(parsed) = self.tokenizer.borrow().as_ref() {
+            return Ok(parsed.clone());
+        }
+        let name = hf_tokenizer::TOKENIZER_JSON;
+        let parsed = match self.read(name)? {
+            None => None,
+            Some(bytes) => Some(Rc::new(TokenizerJson::parse(&bytes).map_err(|source| {
+                Error::Json {
+                    path: self.path(name),
+                    source,
+                }
+            })?)),
+        };
+        *self.tokenizer.borrow_mut() = Some(parsed.clone());
         Ok(parsed)
     }
 

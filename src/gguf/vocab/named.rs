@@ -164,8 +164,8 @@ fn table_tokens(
         }
     }
     if legacy.is_some() && from_file {
-        if let Some(json) = dir.json(TOKENIZER_JSON)? {
-            let tokens = file_added_tokens(&json)
+        if let Some(file) = dir.tokenizer_json()? {
+            let tokens = file_added_tokens(&file.outline)
                 .map_err(|e| dir.bad(TOKENIZER_JSON, format!("added_tokens: {e}")))?;
             table.extend(tokens.into_iter().map(|(id, token)| (u64::from(id), token)));
         }

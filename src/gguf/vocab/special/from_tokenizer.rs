@@ -3,6 +3,7 @@
 //! add flags and the special tokens of `tokenizer_config.json`.
 
 use super::{get2, in_pair, token_content, truthy_value, Config, SpecialVocab};
+use crate::gguf::vocab::tokenizer_json::{Merge, TokenizerJson};
 use crate::gguf::vocab::{truthy, Dir, TOKENIZER_CONFIG};
 use crate::Result;
 use serde_json::{json, Map, Value as Json};
@@ -42,16 +43,16 @@ fn special_id(piece: Option<&Json>) -> Option<Json> {
 
 impl SpecialVocab {
     pub(super) fn load_tokenizer_json(&mut self, dir: &Dir) -> Result<()> {
-        let parsed = dir.json("tokenizer.json")?;
-        let tokenizer = match parsed.as_deref() {
+        let file = dir.tokenizer_json()?;
+        let tokenizer = match file.as_deref().map(|file| &file.outline) {
             None => None,
             Some(Json::Object(map)) => Some(map),
             Some(_) => return Err(dir.bad("tokenizer.json", "not a JSON object")),
         };
         let mut added_tokens = Vec::new();
-        if let Some(tokenizer) = tokenizer {
+        if let (Some(tokenizer), Some(file)) = (tokenizer, file.as_deref()) {
             if self.load_merges {
-                self.read_merges(dir, tokenizer)?;
+                self.read_merges(dir, file)?;
             }
             if let Some(normalizer) = tokenizer.get("normalizer").filter(|n| truthy(n)) {
                 self.parse_normalizer(normalizer);
@@ -87,41 +88,34 @@ impl SpecialVocab {
         Ok(())
     }
 
-    fn read_merges(&mut self, dir: &Dir, tokenizer: &Map<String, Json>) -> Result<()> {
-        let merges = tokenizer.get("model").and_then(|m| m.get("merges"));
-        let Some(Json::Array(merges)) = merges else {
+    /// The converter's `_try_load_merges_txt`'s counterpart for `tokenizer.json`: strings as
+    /// they are, or (when the first is a pair) the parts of each joined with a space, a space
+    /// inside a part written as U+0120, the byte-level BPE's spelling of a space.
+    fn read_merges(&mut self, dir: &Dir, file: &TokenizerJson) -> Result<()> {
+        let bad = || dir.bad("tokenizer.json", "unknown tokenizer merges format");
+        let Some(merges) = file.merges().map_err(|_| bad())? else {
             return Ok(());
         };
-        let bad = || dir.bad("tokenizer.json", "unknown tokenizer merges format");
-        match merges.first() {
-            None => {}
-            Some(Json::String(_)) => {
-                self.merges = merges
-                    .iter()
-                    .map(|m| m.as_str().map(str::to_string).ok_or_else(bad))
-                    .collect::<Result<_>>()?;
-            }
-            Some(Json::Array(first)) if first.len() == 2 && first[0].is_string() => {
-                // Pairs (transformers 4.45+) may hold spaces; the converter writes each as
-                // U+0120, the byte-level BPE's spelling of a space.
-                self.merges = merges
-                    .iter()
-                    .map(|pair| {
-                        let parts = pair.as_array().ok_or_else(bad)?;
-                        let parts: Vec<String> = parts
-                            .iter()
-                            .map(|p| {
-                                p.as_str()
-                                    .map(|s| s.replace(' ', "\u{120}"))
-                                    .ok_or_else(bad)
-                            })
-                            .collect::<Result<_>>()?;
-                        Ok(parts.join(" "))
-                    })
-                    .collect::<Result<_>>()?;
-            }
-            Some(_) => return Err(bad()),
-        }
+        self.merges = match merges.first() {
+            None => Vec::new(),
+            Some(Merge::Text(_)) => (merges.into_iter())
+                .map(|merge| match merge {
+                    Merge::Text(text) => Ok(text),
+                    Merge::Parts(_) => Err(bad()),
+                })
+                .collect::<Result<_>>()?,
+            Some(Merge::Parts(first)) if first.len() == 2 => (merges.into_iter())
+                .map(|merge| match merge {
+                    Merge::Parts(parts) => Ok(parts
+                        .iter()
+                        .map(|part| part.replace(' ', "\u{120}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")),
+                    Merge::Text(_) => Err(bad()),
+                })
+                .collect::<Result<_>>()?,
+            Some(Merge::Parts(_)) => return Err(bad()),
+        };
         Ok(())
     }
 
