@@ -18,6 +18,10 @@ same run:
    with the files in the page cache (the base's, for the mount). Printed beside: the base
    read cold with `cat` in the same rounds (what any mount must read from disk first) and
    the spread of the cold disk loads (this machine's disk varies from run to run).
+3. The I/O of that load alone: the file mapped as llama.cpp maps it (`MAP_SHARED |
+   MAP_POPULATE`, which faults in every page) from a fresh mount and from disk, page cache
+   dropped before each, in alternating order; and the same from a fresh mount with the base
+   in the page cache. A load is this plus llama.cpp's own work, the same for both files.
 
 The model is made by `examples/synth_model.rs` (default about 1 GB of F16, a rank-16 LoRA on
 every linear layer, as scripts/bench_materialize.py), plus a small SentencePiece tokenizer
@@ -28,6 +32,7 @@ llama.cpp stack comes from scripts/gguf-env.sh (built on first use). Run as root
 """
 
 import argparse
+import mmap
 import os
 import shutil
 import statistics
@@ -127,6 +132,19 @@ print(time.perf_counter() - t)
 def cold_cat(path):
     drop_caches()
     return timed(["cat", path])
+
+
+def populate(path):
+    """Seconds to map `path` as llama.cpp does: shared, every page faulted in."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = time.perf_counter()
+        mapping = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        elapsed = time.perf_counter() - t
+        mapping.close()
+        return elapsed
+    finally:
+        os.close(fd)
 
 
 def llama_load(path, env):
@@ -251,6 +269,29 @@ def main():
     print(f"the base read cold (cat, same rounds): {floor:.2f} s; the converter's file cold (cat, once): "
           f"{cold_cat(mnt_gguf):.2f} s; spread of the cold disk loads: "
           f"{min(results[True][3]):.2f}-{max(results[True][3]):.2f} s")
+
+    # --- 3. the mapping alone
+    maps = {"disk": [], "mount": [], "mount, base cached": []}
+    for i in range(args.runs):
+        for who in ("disk", "mount") if i % 2 == 0 else ("mount", "disk"):
+            drop_caches()
+            if who == "disk":
+                maps[who].append(populate(mnt_gguf))
+                continue
+            t0 = time.perf_counter()
+            with Mount(base, adapter, mnt, "--gguf", "F16"):
+                maps[who].append(time.perf_counter() - t0 + populate(mnt / "model-F16.gguf"))
+        subprocess.run(["cat", *base.glob("*.safetensors")], check=True, stdout=subprocess.DEVNULL)
+        t0 = time.perf_counter()
+        with Mount(base, adapter, mnt, "--gguf", "F16"):
+            maps["mount, base cached"].append(time.perf_counter() - t0 + populate(mnt / "model-F16.gguf"))
+    print(f"\n{'MAP_SHARED|MAP_POPULATE of the file, median of ' + str(args.runs):<58}{'seconds':>9}{'vs disk':>9}")
+    disk = statistics.median(maps["disk"])
+    for who, label in (("disk", "the converter's file, page cache dropped"),
+                       ("mount", "fresh mount + map, page cache dropped"),
+                       ("mount, base cached", "fresh mount + map, the base in the page cache")):
+        t = statistics.median(maps[who])
+        print(f"{'  ' + label:<58}{t:>9.2f}{t / disk:>8.2f}x")
 
     if not args.keep:
         for p in ("peft.gguf", "from-mount.gguf", "lorafs.gguf"):

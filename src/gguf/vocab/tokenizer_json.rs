@@ -1,8 +1,9 @@
 //! `tokenizer.json` parsed for the vocabulary code. A BPE model's `vocab` and `merges` are
 //! most of the file (Llama 3's: 17 MB), and only the `tokenizers` library and the list of
 //! merges need them, each in its own form; making every string of them a JSON value first
-//! took longer than building the tokenizer itself. So they stay text until one of those two
-//! reads them, and everything else is parsed into JSON values as usual.
+//! was a large part of the time and memory a GGUF header of such a tokenizer took. So they
+//! stay text until one of those two reads them, and everything else is parsed into JSON
+//! values as usual.
 
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess};
 use serde::de::{SeqAccess, Visitor};
