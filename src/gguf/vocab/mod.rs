@@ -210,15 +210,7 @@ impl<'a> Dir<'a> {
         if let Some(parsed) = self.parsed.borrow().get(name) {
             return Ok(parsed.clone());
         }
-        let parsed = match self.read(name)? {
-            None => None,
-            Some(bytes) => Some(Rc::new(serde_json::from_slice(&bytes).map_err(
-                |source| Error::Json {
-                    path: self.path(name),
-                    source,
-                },
-            )?)),
-        };
+        let parsed = (self.parse(name, |bytes| serde_json::from_slice(bytes))?).map(Rc::new);
         (self.parsed.borrow_mut()).insert(name.to_string(), parsed.clone());
         Ok(parsed)
     }
@@ -228,18 +220,24 @@ impl<'a> Dir<'a> {
         if let Some(parsed) = self.tokenizer.borrow().as_ref() {
             return Ok(parsed.clone());
         }
-        let name = hf_tokenizer::TOKENIZER_JSON;
-        let parsed = match self.read(name)? {
-            None => None,
-            Some(bytes) => Some(Rc::new(TokenizerJson::parse(&bytes).map_err(|source| {
-                Error::Json {
-                    path: self.path(name),
-                    source,
-                }
-            })?)),
-        };
+        let parsed = (self.parse(hf_tokenizer::TOKENIZER_JSON, TokenizerJson::parse)?).map(Rc::new);
         *self.tokenizer.borrow_mut() = Some(parsed.clone());
         Ok(parsed)
+    }
+
+    /// File `name` read with `parse`, or `None` if it is absent; a parse error names the file.
+    fn parse<T>(
+        &self,
+        name: &str,
+        parse: impl FnOnce(&[u8]) -> serde_json::Result<T>,
+    ) -> Result<Option<T>> {
+        let Some(bytes) = self.read(name)? else {
+            return Ok(None);
+        };
+        parse(&bytes).map(Some).map_err(|source| Error::Json {
+            path: self.path(name),
+            source,
+        })
     }
 
     /// A JSON file that must hold an object (the converter calls `.get` on it).

@@ -28,7 +28,7 @@ impl TokenizerJson {
     /// Parses the file as `serde_json` parses it into a value (the same values, the last of
     /// duplicate keys, the same errors), with the model's large fields left as text.
     pub(crate) fn parse(bytes: &[u8]) -> serde_json::Result<TokenizerJson> {
-        let Ok(Fields(fields)) = serde_json::from_slice::<Fields>(bytes) else {
+        let Some(fields) = pick::<Box<RawValue>>(bytes, |_| true) else {
             // Not an object, or not JSON: the whole as a value, or its error.
             let outline = serde_json::from_slice(bytes)?;
             return Ok(TokenizerJson {
@@ -40,7 +40,7 @@ impl TokenizerJson {
         let mut model = None;
         for (key, text) in fields {
             let value = if key == "model" {
-                let value = match pick::<Json>(&text, |key| !LARGE.contains(&key)) {
+                let value = match pick::<Json>(text.get().as_bytes(), |key| !LARGE.contains(&key)) {
                     Some(fields) => Json::Object(fields.into_iter().collect()),
                     None => serde_json::from_str(text.get())?,
                 };
@@ -74,7 +74,8 @@ impl TokenizerJson {
         let Some(model) = self.model.as_deref() else {
             return Ok(None);
         };
-        let picked = pick::<Box<RawValue>>(model, |key| key == "merges").unwrap_or_default();
+        let picked = pick::<Box<RawValue>>(model.get().as_bytes(), |key| key == "merges");
+        let picked = picked.unwrap_or_default();
         match picked.into_iter().last() {
             Some((_, text)) if text.get().starts_with('[') => serde_json::from_str(text.get()),
             _ => Ok(None),
@@ -88,29 +89,6 @@ impl TokenizerJson {
             whole["model"] = model;
         }
         Ok(whole)
-    }
-}
-
-/// The fields of an object, each as its text, in the file's order.
-struct Fields(Vec<(String, Box<RawValue>)>);
-
-impl<'de> Deserialize<'de> for Fields {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Fields, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-                let mut fields = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    fields.push(entry);
-                }
-                Ok(Fields(fields))
-            }
-        }
-        deserializer.deserialize_map(FieldsVisitor)
     }
 }
 
@@ -148,14 +126,16 @@ impl<'de> Deserialize<'de> for Merge {
 }
 
 /// An object's fields with the keys `keep` takes, in order, read as `V` (the others skipped
-/// without being read into anything); `None` if the text is not an object.
-fn pick<V: DeserializeOwned>(text: &RawValue, keep: fn(&str) -> bool) -> Option<Vec<(String, V)>> {
-    let mut deserializer = serde_json::Deserializer::from_str(text.get());
+/// without being read into anything); `None` if the text is not one JSON object.
+fn pick<V: DeserializeOwned>(text: &[u8], keep: fn(&str) -> bool) -> Option<Vec<(String, V)>> {
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
     let seed = Pick {
         keep,
         value: PhantomData,
     };
-    seed.deserialize(&mut deserializer).ok()
+    let picked = seed.deserialize(&mut deserializer).ok()?;
+    deserializer.end().ok()?; // nothing but white space after it, as `from_slice` requires
+    Some(picked)
 }
 
 /// Reads an object into the fields `keep` takes.
@@ -257,6 +237,10 @@ mod tests {
             .err()
             .unwrap();
         let want = serde_json::from_slice::<Json>(b"{\"model\": {\"vocab\": [}").unwrap_err();
+        assert_eq!(err.to_string(), want.to_string());
+        // Text after the object is an error, as for `serde_json::from_slice`.
+        let err = TokenizerJson::parse(b"{\"model\": {}} x").err().unwrap();
+        let want = serde_json::from_slice::<Json>(b"{\"model\": {}} x").unwrap_err();
         assert_eq!(err.to_string(), want.to_string());
     }
 }
