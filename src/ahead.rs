@@ -18,11 +18,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::baseio::{AlignedBuf, SourceFile, Version};
+use crate::aligned::AlignedBuf;
+use crate::baseio::{SourceFile, Version};
 use crate::error::Result;
 
 /// Staged ranges start and end on the O_DIRECT alignment.
-const ALIGN: u64 = crate::baseio::ALIGN as u64;
+const ALIGN: u64 = crate::aligned::ALIGN as u64;
 
 /// Spare buffers kept for the next staged reads, at most.
 const SPARES: usize = 16;
@@ -68,6 +69,8 @@ enum Fill {
 struct Chunk {
     end: u64,
     fill: Fill,
+    /// Bytes handed to readers so far.
+    served: u64,
     /// When it was scheduled (tells it from a later range at the same offset).
     seq: u64,
     /// Read around the page cache.
@@ -87,7 +90,7 @@ struct State {
     /// Staged ranges by file version and start offset. Keyed by version, not by `SourceFile`:
     /// two opens of one version hold the same bytes, and a new version never finds old ones.
     files: HashMap<Version, BTreeMap<u64, Chunk>>,
-    /// Bytes of the ranges in `files`.
+    /// Memory of the ranges in `files`: their buffers' capacity (see [`held`]).
     bytes: u64,
     /// Ranges in the order they were scheduled: (file, start, seq).
     order: VecDeque<(Version, u64, u64)>,
@@ -149,6 +152,12 @@ impl ReadAhead {
 
     pub fn budget(&self) -> u64 {
         self.shared.options.budget
+    }
+
+    /// The size of the ranges to ask for: one huge page (the unit of a staged buffer's
+    /// memory: see [`crate::aligned`]), or less where the budget would hold only a few.
+    pub fn range_bytes(&self) -> u64 {
+        (self.budget() / 8).clamp(ALIGN, crate::aligned::HUGE_PAGE as u64)
     }
 
     /// Fill `buf` with the bytes of `file` at `offset`: from staged ranges where there are
@@ -213,7 +222,7 @@ impl ReadAhead {
         if state.closed || state.starts_at(&version, start) || state.covers(&version, start, end) {
             return;
         }
-        if !state.make_room(end - start, shared) {
+        if !state.make_room(held(start, end), shared) {
             return;
         }
         let seq = state.next_seq;
@@ -225,11 +234,12 @@ impl ReadAhead {
             Chunk {
                 end,
                 fill,
+                served: 0,
                 seq,
                 bypass,
             },
         );
-        state.bytes += end - start;
+        state.bytes += held(start, end);
         state.order.push_back((version, start, seq));
         let file = Arc::clone(file);
         state.queue.push_back(Job { file, start, seq });
@@ -247,6 +257,11 @@ impl ReadAhead {
         }
         shared.queued.notify_one();
     }
+}
+
+/// The memory range `start .. end` takes staged: its buffer's capacity.
+fn held(start: u64, end: u64) -> u64 {
+    crate::aligned::capacity_for((end - start) as usize) as u64
 }
 
 impl Drop for ReadAhead {
@@ -299,7 +314,7 @@ impl State {
             self.files.remove(version);
         }
         if let Some(chunk) = removed {
-            self.bytes -= chunk.end - start;
+            self.bytes -= held(start, chunk.end);
             if let Fill::Ready(data) = chunk.fill {
                 if let Some(buf) = Arc::into_inner(data) {
                     self.keep_spare(buf);
@@ -312,6 +327,12 @@ impl State {
         if self.spares.len() < SPARES {
             self.spares.push(buf);
         }
+    }
+
+    /// The range at `start`, which the caller found there under the same lock.
+    fn chunk_mut(&mut self, version: &Version, start: u64) -> &mut Chunk {
+        let chunks = self.files.get_mut(version).expect("the range's file");
+        chunks.get_mut(&start).expect("the range")
     }
 
     /// The staged range that holds `pos`: its start.
@@ -366,8 +387,12 @@ impl Shared {
                 }
                 Fill::Ready(data) => {
                     let data = Arc::clone(data);
-                    // A reader streaming through the range is done with it at its end.
-                    if chunk_end - (pos + n as u64) < ALIGN {
+                    // Readers take each byte once (a stream, or the blocks a range holds, in
+                    // any order): the range is done with when all of it was handed out,
+                    // but for the alignment's rounding at either end.
+                    let chunk = state.chunk_mut(&version, start);
+                    chunk.served += n as u64;
+                    if chunk.served + 2 * ALIGN > chunk_end - start {
                         state.remove(&version, start);
                     }
                     drop(state);
@@ -551,6 +576,26 @@ mod tests {
         // Lent up to its end, the range is let go.
         let lent = ahead.with_staged(&file, 405_000, 95_000, sum).unwrap();
         assert_eq!(lent, Some(want(405_000, 500_000)));
+        assert_eq!(ahead.bytes(), 0);
+    }
+
+    #[test]
+    fn a_range_is_let_go_once_all_of_it_was_lent_in_any_order() {
+        let dir = tempdir();
+        let data = data(1 << 20);
+        let file = source(dir.path(), &data);
+        let ahead = ReadAhead::new(AheadOptions::default());
+        // Two blocks' rows in one range, taken last block first (as blocks computed in
+        // parallel may): the first taker must not let the range go.
+        ahead.schedule(&file, 0, 600_000, true);
+        wait_staged(&ahead, 600_000);
+        let sum = |w: &[u8]| w.iter().map(|&b| b as u64).sum::<u64>();
+        let want = |lo: usize, hi: usize| sum(&data[lo..hi]);
+        let late = ahead.with_staged(&file, 300_000, 300_000, sum).unwrap();
+        assert_eq!(late, Some(want(300_000, 600_000)));
+        assert!(ahead.bytes() > 0, "let go with half of it never lent");
+        let early = ahead.with_staged(&file, 0, 300_000, sum).unwrap();
+        assert_eq!(early, Some(want(0, 300_000)));
         assert_eq!(ahead.bytes(), 0);
     }
 

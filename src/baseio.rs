@@ -23,15 +23,12 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::aligned::{AlignedBuf, ALIGN};
 use crate::error::{Error, Result};
-
-/// O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
-/// 4096 covers every common device.
-pub const ALIGN: usize = 4096;
 
 thread_local! {
     /// One aligned-read buffer per thread, grown as needed and reused.
-    static DIRECT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static DIRECT_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
 /// One version of a file: what `stat` says about it. Writing to the file in place changes
@@ -381,8 +378,8 @@ fn read_direct(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let start = offset - offset % ALIGN as u64;
     let skip = (offset - start) as usize;
     let want = skip + buf.len();
-    DIRECT_BUF.with_borrow_mut(|raw| {
-        let aligned = AlignedBuf::carve(raw, want);
+    DIRECT_BUF.with_borrow_mut(|direct| {
+        let aligned = direct.span(want);
         read_aligned(file, aligned, start, want)?;
         buf.copy_from_slice(&aligned[skip..want]);
         Ok(())
@@ -408,51 +405,6 @@ fn read_aligned(file: &File, aligned: &mut [u8], start: u64, want: usize) -> io:
     Ok(())
 }
 
-/// A buffer whose bytes start at an ALIGN boundary, as O_DIRECT reads need: reused from
-/// read to read, so it is allocated (and its pages touched) once.
-#[derive(Debug, Default)]
-pub struct AlignedBuf {
-    raw: Vec<u8>,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// The aligned part of `raw` for `len` bytes, rounded up to whole ALIGN blocks (`raw`
-    /// grown if need be).
-    fn carve(raw: &mut Vec<u8>, len: usize) -> &mut [u8] {
-        let span = len.div_ceil(ALIGN) * ALIGN;
-        if raw.len() < span + ALIGN {
-            raw.resize(span + ALIGN, 0);
-        }
-        let pad = raw.as_ptr().align_offset(ALIGN);
-        &mut raw[pad..pad + span]
-    }
-
-    /// `len` zero bytes (filled by the caller through [`AlignedBuf::bytes_mut`]), as the
-    /// buffers of O_DIRECT writes.
-    pub fn zeroed(len: usize) -> AlignedBuf {
-        let mut buf = AlignedBuf::default();
-        AlignedBuf::carve(&mut buf.raw, len);
-        buf.len = len;
-        buf
-    }
-
-    /// The bytes last read into it.
-    pub fn bytes(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[]; // `raw` may be empty: no aligned address inside it
-        }
-        let pad = self.raw.as_ptr().align_offset(ALIGN);
-        &self.raw[pad..pad + self.len]
-    }
-
-    /// The same bytes, to fill.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
-        &mut AlignedBuf::carve(&mut self.raw, len)[..len]
-    }
-}
-
 impl SourceFile {
     /// Fill `buf` with bytes `start .. start + len`, around the page cache if `bypass_cache`
     /// (and possible), checked like [`SourceFile::read_exact_at`]. `start` must be a
@@ -466,8 +418,8 @@ impl SourceFile {
     ) -> Result<()> {
         debug_assert_eq!(start % ALIGN as u64, 0);
         self.unchanged()?;
-        buf.len = 0;
-        let aligned = AlignedBuf::carve(&mut buf.raw, len);
+        buf.set_len(0);
+        let aligned = buf.span(len);
         let direct = match &self.held {
             Some(file) if bypass_cache => self.direct(file),
             _ => None,
@@ -479,8 +431,37 @@ impl SourceFile {
         };
         self.check()?;
         result.map_err(|e| self.read_error(e))?;
-        buf.len = len;
+        buf.set_len(len);
         Ok(())
+    }
+
+    /// Bytes of the file in the page cache now, in whole pages (`mincore` of a mapping that
+    /// is never read); `None` for a file opened at each read, or where the kernel cannot say.
+    pub fn cached_bytes(&self) -> Option<u64> {
+        let file = self.held.as_ref()?;
+        if self.size() == 0 {
+            return Some(0);
+        }
+        // SAFETY: the mapping is handed to mincore only, never read, so a change of the
+        // file under it (which Mmap::map cannot exclude) cannot be observed through it.
+        let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        // One status byte per page, for a gigabyte of the file at a time.
+        let mut status = vec![0u8; (1 << 30) / page];
+        let mut cached = 0u64;
+        for part in map.chunks(status.len() * page) {
+            // SAFETY: `part` lies in the mapping and starts on a page boundary (the mapping
+            // does, and the parts are whole pages); `status` has a byte for each of its pages.
+            let rc =
+                unsafe { libc::mincore(part.as_ptr() as *mut _, part.len(), status.as_mut_ptr()) };
+            if rc != 0 {
+                return None;
+            }
+            let pages = part.len().div_ceil(page);
+            cached += status[..pages].iter().filter(|&&s| s & 1 != 0).count() as u64;
+        }
+        Some((cached * page as u64).min(self.size()))
     }
 }
 
@@ -503,6 +484,33 @@ mod tests {
         let mut f = OpenOptions::new().write(true).open(path).unwrap();
         f.seek(io::SeekFrom::Start(offset)).unwrap();
         f.write_all(bytes).unwrap();
+    }
+
+    #[test]
+    fn cached_bytes_follow_the_page_cache() {
+        let dir = tempdir();
+        let path = dir.path().join("data");
+        std::fs::write(&path, vec![3u8; (1 << 20) + 100]).unwrap();
+        let file = SourceFile::open(&path, None).unwrap();
+        let mut all = vec![0u8; file.size() as usize];
+        file.read_exact_at(&mut all, 0, false).unwrap();
+        assert_eq!(file.cached_bytes(), Some(file.size()));
+        let held = File::open(&path).unwrap();
+        held.sync_all().unwrap();
+        rustix::fs::fadvise(&held, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        // tmpfs (where /var/tmp is missing) keeps its pages: they are the file.
+        let tmpfs = rustix::fs::statfs(&path).unwrap().f_type == libc::TMPFS_MAGIC;
+        if !tmpfs {
+            assert!(file.cached_bytes().unwrap() < file.size());
+        }
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            SourceFile::open(&empty, None).unwrap().cached_bytes(),
+            Some(0)
+        );
+        let lazy = SourceFile::lazy(&path, Identity::of_path(&path).unwrap());
+        assert_eq!(lazy.cached_bytes(), None, "a file opened at each read");
     }
 
     #[test]

@@ -141,4 +141,17 @@ impl Engine {
     pub fn base_bytes(&self) -> u64 {
         self.base.files.iter().map(|f| f.size).sum()
     }
+
+    /// Of the base's weights files, the bytes in the page cache now and in all; `None` if
+    /// the kernel cannot say.
+    pub fn base_weights_cached(&self) -> Option<(u64, u64)> {
+        let weights = (self.base.files.iter().zip(&self.base_files))
+            .filter(|(file, _)| file.layout.is_some());
+        let (mut cached, mut total) = (0, 0);
+        for (file, source) in weights {
+            cached += source.cached_bytes()?;
+            total += file.size;
+        }
+        Some((cached, total))
+    }
 }

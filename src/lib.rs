@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod ahead;
+pub mod aligned;
 pub mod args;
 pub mod cache;
 pub mod catalog;

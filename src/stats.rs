@@ -36,7 +36,8 @@ pub struct Stats {
     pub factor_budget: u64,
     /// Tensors whose factors were read from the adapter files.
     pub factors_loaded: u64,
-    /// Base bytes read ahead of readers held now (staged or being read), and their budget.
+    /// Memory held now by base bytes read ahead of readers (staged or being read: their
+    /// buffers' capacity), and its budget.
     pub read_ahead_bytes: u64,
     pub read_ahead_budget: u64,
     /// Base bytes read ahead, and of them taken by readers; ranges dropped unread.

@@ -30,8 +30,9 @@ pub(crate) struct MergeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
     pub(crate) base_read_ahead: usize,
     /// Read base files with O_DIRECT, keeping them out of the page cache: auto (when the
-    /// model is over half of RAM, so base and merged pages do not evict each other), always
-    /// or never.
+    /// model is over half of RAM, so base and merged pages do not evict each other, or when
+    /// less than half of its weights are in the page cache, where reading around it is
+    /// faster), always or never.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     pub(crate) direct_io: DirectIo,
     /// Store floating tensors in this dtype: f16, bf16 or f32 (default: as in the base).
@@ -144,6 +145,21 @@ pub(crate) fn total_ram() -> u64 {
     }
 }
 
+/// Why `--direct-io auto` reads this engine's base around the page cache, if it does: a
+/// model over half of RAM, whose base pages would evict the merged ones; or a base mostly not
+/// in the page cache, which `O_DIRECT` into huge-page buffers reads faster than the page
+/// cache fills (docs/DESIGN.md, "Buffers on huge pages"). A base mostly cached is read from
+/// there.
+fn auto_direct_io(engine: &Engine) -> Option<String> {
+    let size = engine.base_bytes();
+    if size > total_ram() / 2 {
+        return Some(format!("the model's {size} bytes are over half of RAM"));
+    }
+    let (cached, weights) = engine.base_weights_cached()?;
+    (cached < weights / 2)
+        .then(|| format!("{cached} of the base's {weights} bytes of weights are in the page cache"))
+}
+
 impl MergeArgs {
     /// The `--combine` method with its parameters, checked.
     pub(crate) fn combine(&self) -> anyhow::Result<Option<lorafs::plan::Combine>> {
@@ -162,7 +178,7 @@ impl MergeArgs {
     }
 
     /// Open the engine; `default_cache` is the cache budget unless --cache-size says.
-    /// The engine over the base (O_DIRECT chosen by the base's size).
+    /// The engine over the base (O_DIRECT chosen by --direct-io: see [`auto_direct_io`]).
     pub(crate) fn engine(&self, default_cache: usize) -> anyhow::Result<Engine> {
         let options = EngineOptions {
             cache_bytes: self.cache_size.unwrap_or(default_cache),
@@ -174,14 +190,15 @@ impl MergeArgs {
         };
         let base = lorafs::hub::resolve(&self.base)?;
         let mut engine = Engine::open(&base, options)?;
-        engine.direct_base_reads = match self.direct_io {
-            DirectIo::Always => true,
-            DirectIo::Never => false,
-            DirectIo::Auto => engine.base_bytes() > total_ram() / 2,
+        let why = match self.direct_io {
+            DirectIo::Always => Some("--direct-io always".to_string()),
+            DirectIo::Never => None,
+            DirectIo::Auto => auto_direct_io(&engine),
         };
-        if engine.direct_base_reads {
-            log::info!("reading base files with O_DIRECT, around the page cache");
+        if let Some(why) = &why {
+            log::info!("reading base files with O_DIRECT, around the page cache ({why})");
         }
+        engine.direct_base_reads = why.is_some();
         Ok(engine)
     }
 

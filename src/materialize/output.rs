@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 
-use crate::baseio::ALIGN;
+use crate::aligned::ALIGN;
 use crate::error::{Error, Result};
 
 /// Bytes per buffered `write`. On this project's VMs, 1 MiB or larger writes of a new file
@@ -108,7 +108,7 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::baseio::AlignedBuf;
+    use crate::aligned::AlignedBuf;
     use std::os::unix::fs::OpenOptionsExt;
 
     /// Bytes written through an Output in pieces of `sizes`, read back.

@@ -9,7 +9,7 @@ use indicatif::ProgressBar;
 
 use super::interrupt::Interrupt;
 use super::output::Output;
-use crate::baseio::AlignedBuf;
+use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::view::View;
 

@@ -4,10 +4,6 @@ use super::merged::{block_bytes, block_rows};
 use super::{Source, View};
 use crate::plan::WFile;
 
-/// Pass-through bytes are read ahead in ranges of this size, on a grid of the base file's
-/// offsets (merged tensors: one block's rows at a time).
-const CHUNK_BYTES: u64 = 1 << 20;
-
 impl View {
     /// Whether this view reads the base ahead of its readers: only where the base is read
     /// with `O_DIRECT`. Through the page cache, the kernel's own read-ahead of the base file
@@ -49,34 +45,49 @@ impl View {
         }
     }
 
-    /// Read bytes `start .. end` of file `file`'s source ahead, in ranges on a grid cut
-    /// to the span (so a reader of the span reaches the end of each range, and lets it go).
+    /// Read bytes `start .. end` of file `file`'s source ahead, in ranges of the read-ahead's
+    /// size on a grid cut to the span (so a reader of the span takes all of each range, and
+    /// lets it go).
     fn ahead_span(&self, file: usize, start: u64, end: u64) {
-        let mut at = start - start % CHUNK_BYTES;
+        let size = self.engine.ahead.range_bytes();
+        let mut at = start - start % size;
         while at < end {
-            let next = at + CHUNK_BYTES;
+            let next = at + size;
             self.schedule(file, at.max(start), next.min(end));
             at = next;
         }
     }
 
     /// Read ahead the rows of `W` of merged tensor `merge` that bytes `lo .. hi` of it are
-    /// made from, one block's rows per range, skipping blocks cached or being computed.
+    /// made from, skipping blocks cached or being computed. Blocks go in groups on a fixed
+    /// grid, as many as the read-ahead's range size holds (at least one): a group's blocks
+    /// still to compute are one range, the same whenever it is asked for again, so a range
+    /// staged already is found rather than read again in another cut.
     fn ahead_merged(&self, file: usize, merge: usize, lo: u64, hi: u64) {
         let m = &self.plan.merges[merge];
         if m.w.file != WFile::Base || m.w.quant.is_some() {
             return;
         }
-        let block_bytes = block_bytes(m);
+        let blocks = (lo / block_bytes(m))..hi.div_ceil(block_bytes(m));
+        let rows = block_rows(m) as u64;
         let w_row = (m.dims.cols * m.w.dtype.size()) as u64;
-        for b in lo / block_bytes..hi.div_ceil(block_bytes) {
-            if (self.engine.blocks).present_or_pending((self.recipes[merge], b as u32)) {
-                continue;
+        let group = (self.engine.ahead.range_bytes() / (rows * w_row)).max(1);
+        let count = (m.dims.rows as u64).div_ceil(rows);
+        let mut g = blocks.start / group;
+        while g * group < blocks.end {
+            let in_group = g * group..((g + 1) * group).min(count);
+            let missing = |b: &u64| {
+                let key = (self.recipes[merge], *b as u32);
+                !self.engine.blocks.present_or_pending(key)
+            };
+            let first = in_group.clone().find(missing);
+            let last = in_group.rev().find(missing);
+            if let (Some(first), Some(last)) = (first, last) {
+                let end_row = ((last + 1) * rows).min(m.dims.rows as u64);
+                let start = m.w.offset + first * rows * w_row;
+                self.schedule(file, start, m.w.offset + end_row * w_row);
             }
-            let row0 = (b as usize * block_rows(m)) as u64;
-            let rows = (block_rows(m) as u64).min(m.dims.rows as u64 - row0);
-            let start = m.w.offset + row0 * w_row;
-            self.schedule(file, start, start + rows * w_row);
+            g += 1;
         }
     }
 

@@ -320,6 +320,56 @@ fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
     }
 }
 
+/// Drop the base's safetensors files from the page cache; false where the filesystem keeps
+/// them there whatever (tmpfs: its pages are the files).
+fn evict_weights(base: &Path) -> bool {
+    for entry in std::fs::read_dir(base).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let file = std::fs::File::open(&path).unwrap();
+            file.sync_all().unwrap();
+            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        }
+    }
+    rustix::fs::statfs(base).unwrap().f_type != libc::TMPFS_MAGIC
+}
+
+#[test]
+fn auto_reads_a_base_out_of_the_page_cache_around_it_and_a_cached_one_through_it() {
+    let Some(s) = setup() else { return };
+    let extra = [
+        "--base-read-ahead",
+        "2MiB",
+        "--warm",
+        "never",
+        "--cache-size",
+        "1MiB",
+        "--read-ahead-kb",
+        "0",
+    ];
+    for (i, cold) in [true, false].into_iter().enumerate() {
+        if cold && !evict_weights(&s.base) {
+            eprintln!("skipping the cold half: the base is on tmpfs, always in the page cache");
+            continue;
+        }
+        if !cold {
+            read_tree(&s.base); // into the page cache
+        }
+        let mnt = s.tmp.path().join(format!("mnt{i}"));
+        let guard = MountGuard::new(&s.base, &mnt, &args(&s, &extra));
+        for (rel, want) in &s.expected {
+            let path = guard.mountpoint.join(rel);
+            assert!(
+                read_sequential(&path, 65_536) == *want,
+                "{rel:?} cold={cold}"
+            );
+        }
+        // Only O_DIRECT reads stage the base ahead (see the test above).
+        let staged = counter(&guard.mountpoint, "read_ahead_staged");
+        assert_eq!(staged > 0, cold, "staged {staged} bytes, cold={cold}");
+    }
+}
+
 #[test]
 fn the_mount_is_read_only_and_the_base_untouched() {
     let Some(s) = setup() else { return };

@@ -1,0 +1,110 @@
+"""A cold llama.cpp-style mapping of a mount's GGUF under several mount options, rotated.
+
+Each round drops the page cache, then for each contender maps a file the way llama.cpp maps
+a model (`MAP_SHARED | MAP_POPULATE`: every page faulted in) and times it: `disk` maps a GGUF
+that `lorafs materialize --gguf F16` wrote to disk (the converter's bytes: the e2e tests
+check that), and each `NAME=ARGS` contender mounts the base with `lorafs mount ... --gguf
+F16 ARGS` and maps the mount's `model-F16.gguf`, the mount's start included. The order of
+the contenders rotates from round to round (this machine's cold reads vary with what ran
+just before). Prints medians and ratios to `disk`. With `--warm` the base is read into the
+page cache before each contender instead (cold only for the disk file).
+
+The model is the one `scripts/bench_gguf.py --keep` leaves in its --dir (base/, adapter/).
+Run as root; for example, the page cache against O_DIRECT base reads:
+
+    $(bash scripts/venv.sh)/bin/python scripts/bench_gguf.py --keep --runs 1
+    python3 scripts/cold_map.py --dir /tmp/lorafs-bench-gguf --runs 10 \\
+        auto= "page-cache=--direct-io never" "direct=--direct-io always"
+
+`--lorafs BINARY` picks the binary (default target/release/lorafs); a contender may name its
+own with `NAME=@BINARY ARGS` (to compare two builds).
+"""
+
+import argparse
+import mmap
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def populate(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = time.perf_counter()
+        mapping = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        elapsed = time.perf_counter() - t
+        mapping.close()
+        return elapsed
+    finally:
+        os.close(fd)
+
+
+def parse_contender(spec, default_binary):
+    name, _, rest = spec.partition("=")
+    words = rest.split()
+    binary = default_binary
+    if words and words[0].startswith("@"):
+        binary = Path(words.pop(0)[1:]).resolve()
+    return name, binary, words
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/lorafs-bench-gguf"))
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--lorafs", type=Path, default=REPO / "target/release/lorafs")
+    ap.add_argument("--warm", action="store_true", help="the base in the page cache for the mounts")
+    ap.add_argument("contenders", nargs="+", metavar="NAME=ARGS")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the page cache is dropped before each mapping")
+    base, adapter = args.dir / "base", args.dir / "adapter"
+    if not (base / "config.json").is_file() or not adapter.is_dir():
+        raise SystemExit(f"no model in {args.dir}: run scripts/bench_gguf.py --keep --dir {args.dir} first")
+    contenders = [parse_contender(s, args.lorafs) for s in args.contenders]
+    disk, mnt = args.dir / "cold-map-disk.gguf", args.dir / "cold-map-mnt"
+    mnt.mkdir(exist_ok=True)
+    try:
+        subprocess.run([args.lorafs, "materialize", base, disk, "--adapter", adapter, "--gguf", "F16"],
+                       check=True, capture_output=True)
+        names = ["disk", *(c[0] for c in contenders)]
+        by_name = {c[0]: c for c in contenders}
+        times = {n: [] for n in names}
+        for r in range(args.runs):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                drop_caches()
+                if name == "disk":
+                    times[name].append(populate(disk))
+                    continue
+                if args.warm:
+                    subprocess.run(["cat", *base.glob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)
+                _, binary, extra = by_name[name]
+                t0 = time.perf_counter()
+                subprocess.run([binary, "mount", base, mnt, "--adapter", adapter, "--gguf", "F16", *extra], check=True)
+                try:
+                    times[name].append(time.perf_counter() - t0 + populate(mnt / "model-F16.gguf"))
+                finally:
+                    subprocess.run(["umount", mnt], check=True)
+    finally:
+        disk.unlink(missing_ok=True)
+        mnt.rmdir()
+    base_line = statistics.median(times["disk"])
+    state = "the base in the page cache" if args.warm else "page cache dropped"
+    print(f"MAP_SHARED|MAP_POPULATE of model-F16.gguf ({state}), median of {args.runs}, rotated order")
+    for name in names:
+        m = statistics.median(times[name])
+        spread = " ".join(f"{t:.2f}" for t in sorted(times[name]))
+        print(f"  {name:<20}{m:>7.3f} s{m / base_line:>7.2f}x disk   [{spread}]")
+
+
+if __name__ == "__main__":
+    main()
