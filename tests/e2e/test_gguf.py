@@ -307,6 +307,40 @@ def test_refuses_an_unknown_bpe_pre_tokenizer(store, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "tokenizer_class, settings, converter_error",
+    [
+        # GPTNeoXTokenizer names a pad token the file lacks, <|padding|>: transformers adds
+        # it, an id past config.json's vocab_size, and the converter fails on that
+        ("GPTNeoXTokenizerFast", {}, "AssertionError"),
+        # CohereTokenizer names default special tokens (<PAD>, <UNK>, ...) the file lacks
+        ("CohereTokenizerFast", {}, "AssertionError"),
+    ],
+)
+def test_refuses_a_tokenizer_class_it_does_not_model(store, tmp_path, tokenizer_class, settings, converter_error):
+    """A class transformers builds itself from tokenizer.json, other than the three lorafs
+    models, named in tokenizer_config.json of a Llama: lorafs refuses it by name, writing
+    nothing. The converter reads what the class builds, here with special tokens the file
+    lacks (a tester's sweep found the file's pipeline taken for the class's where the
+    vocabulary has them: another pre-tokenizer with add_prefix_space, a missing pad token)."""
+    c = store.cases["llama_bpe"]
+    base = tmp_path / "base"
+    shutil.copytree(c.base, base)
+    gm.update_tokenizer_config(base, {"tokenizer_class": tokenizer_class, **settings})
+    hf = tmp_path / "hf"
+    proc = store.lorafs.run("materialize", base, hf, *gm.adapter_args(c.adapters))
+    assert proc.returncode == 0, proc.stderr
+    proc = STACK.convert(hf, "f16", tmp_path / "ref.gguf")
+    assert proc.returncode != 0 and converter_error in proc.stderr, proc.stderr[-2000:]
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    proc = store.lorafs.run("materialize", base, out, *gm.adapter_args(c.adapters), "--gguf", "F16")
+    assert proc.returncode != 0, proc.stdout
+    name = tokenizer_class.removesuffix("Fast")
+    assert f'tokenizer_class "{name}"' in proc.stderr and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
+    assert gm_listing(out.parent) == []
+
+
+@pytest.mark.parametrize(
     "case, converter_error, lorafs_error",
     [
         ("qwen2_llama3_bpe", "AssertionError", "vocab_size 128256 is not above the tokenizer's largest id 128256"),

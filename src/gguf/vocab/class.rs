@@ -91,9 +91,32 @@ pub(crate) fn resolve(dir: &Dir) -> Result<TokenizerClass> {
                 legacy: settings.get("legacy").is_some_and(super::truthy),
             }
         }
+        (Some("llama" | "qwen3"), Some(name)) if !LOADS_THE_FILE.contains(&name) => {
+            return Err(dir.unsupported(
+                TOKENIZER_CONFIG,
+                &format!(
+                    "a tokenizer.json under tokenizer_class \"{name}\" (a class transformers \
+                     may build itself from the file's vocabulary, with a pre-tokenizer and \
+                     special tokens of its own, as GPTNeoXTokenizer and CohereTokenizer do; \
+                     lorafs models GPT2Tokenizer, LlamaTokenizer and Qwen2Tokenizer)"
+                ),
+            ))
+        }
         _ => TokenizerClass::File,
     })
 }
+
+/// The `tokenizer_class` names (without `Fast`) under which transformers loads a
+/// `tokenizer.json` as it is (`LlamaTokenizer` does where the file is byte-level, above).
+/// Another name is either a class that builds the tokenizer itself, which lorafs refuses
+/// unless it models it, or one transformers does not know, which it loads the file as:
+/// lorafs cannot tell the two apart without transformers' list of classes, and refuses both.
+const LOADS_THE_FILE: &[&str] = &[
+    "PreTrainedTokenizer",
+    "TokenizersBackend",
+    "BloomTokenizer",
+    "LlamaTokenizer",
+];
 
 impl TokenizerClass {
     /// transformers' name of the class.

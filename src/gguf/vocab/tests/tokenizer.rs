@@ -142,6 +142,32 @@ fn the_tokenizer_class_is_the_one_transformers_picks() {
         add_prefix_space: true,
     };
     check(model("qwen2"), json!({"add_prefix_space": true}), prefix);
+    check(model("llama"), class("BloomTokenizerFast"), file);
+    check(model("mistral"), class("GPTNeoXTokenizerFast"), file);
+}
+
+#[test]
+fn a_class_lorafs_does_not_model_is_refused_by_name() {
+    for (model_type, name) in [
+        ("llama", "GPTNeoXTokenizerFast"),
+        ("llama", "CohereTokenizer"),
+        ("qwen3", "CodeGenTokenizerFast"),
+        ("llama", "SomeTokenizer"),
+    ] {
+        let files = MemFiles::new(&[(
+            "tokenizer_config.json",
+            json!({ "tokenizer_class": name }).to_string().into_bytes(),
+        )]);
+        let model_config = json!({ "model_type": model_type });
+        let err = class::resolve(&Dir::new(&files, &model_config).unwrap()).unwrap_err();
+        let shown = name.strip_suffix("Fast").unwrap_or(name);
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("tokenizer_class \"{shown}\""))
+                && message.contains("convert_hf_to_gguf.py"),
+            "{message}"
+        );
+    }
 }
 
 /// `tiny_bpe` as a qwen2 model loads it with these settings: its added tokens (id, content,
