@@ -328,8 +328,10 @@ def known_pre_tokenizer(tokenizer, stack: GgufStack) -> str | None:
     src = (stack.llama_cpp / "conversion" / "base.py").read_text(encoding="utf-8")
     chktxt = eval(re.search(r"\n\s*chktxt = ('.*')\n", src).group(1))  # a Python string literal there
     chkhsh = hashlib.sha256(str(tokenizer.encode(chktxt)).encode()).hexdigest()
-    m = re.search(rf'chkhsh == "{chkhsh}":\n(?:\s*#.*\n)*\s*res = "([^"]+)"', src)
-    return m.group(1) if m else None
+    # A hash listed twice (MPT's and OLMo's) gets the later name: the table is a run of
+    # `if`s, each overwriting `res`.
+    names = re.findall(rf'chkhsh == "{chkhsh}":\n(?:\s*#.*\n)*\s*res = "([^"]+)"', src)
+    return names[-1] if names else None
 
 
 # --------------------------------------------------------------------------------------
