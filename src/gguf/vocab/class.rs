@@ -74,6 +74,13 @@ pub(crate) fn resolve(dir: &Dir) -> Result<TokenizerClass> {
         .and_then(Json::as_str)
         .map(|name| name.strip_suffix("Fast").unwrap_or(name));
     let model_type = dir.hparams.get("model_type").and_then(Json::as_str);
+    if model_type == Some("mistral") && patches_mistral_regex(dir, &settings) {
+        return Err(dir.unsupported(
+            TOKENIZER_CONFIG,
+            "a tokenizer.json whose pre-tokenizer transformers patches (fix_mistral_regex in \
+             the settings of a mistral model saved before transformers 5)",
+        ));
+    }
     let add_prefix_space = (settings.get("add_prefix_space")).is_some_and(super::truthy);
     Ok(match (model_type, named) {
         (Some("qwen2"), _) | (Some("llama" | "qwen3"), Some("Qwen2Tokenizer")) => {
@@ -218,6 +225,40 @@ impl TokenizerClass {
             ("byte_fallback", json!(sentencepiece)),
             ("ignore_merges", json!(false)),
         ])
+    }
+}
+
+/// Whether transformers replaces the first split of this mistral model's pre-tokenizer with
+/// its own pattern when it loads the tokenizer (`fix_mistral_regex`, transformers 5.24): when
+/// the settings ask for it and `config.json` was saved before transformers 5, or does not say
+/// by which version.
+fn patches_mistral_regex(dir: &Dir, settings: &serde_json::Map<String, Json>) -> bool {
+    let asked = settings.get("fix_mistral_regex").is_some_and(super::truthy);
+    let saved_by = dir
+        .hparams
+        .get("transformers_version")
+        .and_then(Json::as_str);
+    asked && saved_by.is_none_or(before_5)
+}
+
+/// Whether a version string is below 5.0.0 as `packaging` orders them (pre-releases of
+/// 5.0.0, such as `5.0.0rc1` or `5.0.0.dev0`, are; an unreadable one is taken as old).
+fn before_5(version: &str) -> bool {
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(major) if major != 5 => major < 5,
+        Some(_) => version.strip_prefix("5.0.0").is_some_and(|rest| {
+            let rest = rest.trim_start_matches('.');
+            [
+                "a", "b", "rc", "c", "dev", "pre", "preview", "alpha", "beta",
+            ]
+            .iter()
+            .any(|tag| rest.starts_with(tag))
+        }),
+        None => true,
     }
 }
 

@@ -147,6 +147,37 @@ fn the_tokenizer_class_is_the_one_transformers_picks() {
 }
 
 #[test]
+fn a_mistral_tokenizer_transformers_patches_is_refused() {
+    let resolve = |version: Option<&str>, settings: serde_json::Value| {
+        let files = MemFiles::new(&[("tokenizer_config.json", settings.to_string().into_bytes())]);
+        let mut model_config = json!({ "model_type": "mistral" });
+        if let Some(v) = version {
+            model_config["transformers_version"] = json!(v);
+        }
+        class::resolve(&Dir::new(&files, &model_config).unwrap())
+    };
+    let fix = json!({ "fix_mistral_regex": true });
+    for version in [Some("4.57.1"), None, Some("5.0.0rc1"), Some("5.0.0.dev0")] {
+        let err = resolve(version, fix.clone()).unwrap_err().to_string();
+        assert!(err.contains("fix_mistral_regex"), "{version:?}: {err}");
+    }
+    for version in [
+        Some("5.0.0"),
+        Some("5.24.0"),
+        Some("5.0.0.post1"),
+        Some("10.1"),
+    ] {
+        assert_eq!(resolve(version, fix.clone()).unwrap(), TokenizerClass::File);
+    }
+    let off = json!({ "fix_mistral_regex": false });
+    assert_eq!(resolve(Some("4.57.1"), off).unwrap(), TokenizerClass::File);
+    assert_eq!(
+        resolve(Some("4.57.1"), json!({})).unwrap(),
+        TokenizerClass::File
+    );
+}
+
+#[test]
 fn a_class_lorafs_does_not_model_is_refused_by_name() {
     for (model_type, name) in [
         ("llama", "GPTNeoXTokenizerFast"),
