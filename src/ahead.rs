@@ -8,7 +8,9 @@
 //! reads around the page cache), and readers take them from there ([`ReadAhead::read`])
 //! instead of from the disk.
 //!
-//! The staged bytes are bounded (the budget); the oldest are dropped first when it is full.
+//! The staged ranges' memory is bounded (the budget, counted in buffer capacity: whole huge
+//! pages from 1 MiB on, see [`crate::aligned`]); the oldest are dropped first when it is full,
+//! and a range is let go once all of it has been lent to readers.
 //! A reader that asks for a range still waiting in the queue reads it at once itself, so a
 //! queue never makes a read slower than reading. Staged bytes are read like any other: the
 //! file is checked against the version lorafs opened after they are in the buffer, and they

@@ -21,6 +21,7 @@ The converter's output is made once per (case, type) per session and shared.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
@@ -338,6 +339,40 @@ def test_refuses_a_tokenizer_class_it_does_not_model(store, tmp_path, tokenizer_
     name = tokenizer_class.removesuffix("Fast")
     assert f'tokenizer_class "{name}"' in proc.stderr and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
     assert gm_listing(out.parent) == []
+
+
+@pytest.mark.parametrize("saved_by", ["4.57.1", "5.24.0"])
+def test_a_mistral_tokenizer_transformers_patches_is_refused(store, tmp_path, saved_by):
+    """A Mistral with Llama 3's tokenizer.json whose settings ask for fix_mistral_regex:
+    saved by transformers 4, transformers replaces the pre-tokenizer's split (the converter
+    then meets a hash it does not know) and lorafs refuses, naming the setting; saved by
+    transformers 5 the file is loaded as it is, and lorafs writes the converter's GGUF."""
+    c = store.cases["llama_bpe"]
+    base = tmp_path / "base"
+    shutil.copytree(c.base, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", transformers_version=saved_by)
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    gm.update_tokenizer_config(base, {"fix_mistral_regex": True})
+    hf = tmp_path / "hf"
+    proc = store.lorafs.run("materialize", base, hf, *gm.adapter_args(c.adapters))
+    assert proc.returncode == 0, proc.stderr
+    ref = tmp_path / "ref.gguf"
+    converted = STACK.convert(hf, "f16", ref)
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    proc = store.lorafs.run("materialize", base, out, *gm.adapter_args(c.adapters), "--gguf", "F16")
+    if saved_by.startswith("4."):
+        assert converted.returncode != 0, "the converter took the patched tokenizer"
+        assert "BPE pre-tokenizer was not recognized" in converted.stderr, converted.stderr[-2000:]
+        assert proc.returncode != 0, proc.stdout
+        assert "fix_mistral_regex" in proc.stderr and "convert_hf_to_gguf.py" in proc.stderr, proc.stderr
+        assert gm_listing(out.parent) == []
+    else:
+        assert converted.returncode == 0, converted.stderr[-4000:]
+        assert proc.returncode == 0, proc.stderr
+        excepted = assert_same_as_converter(out, ref)
+        assert set(excepted) <= gc.GGUF_KEY_EXCEPTIONS
 
 
 @pytest.mark.parametrize(
