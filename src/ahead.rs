@@ -8,9 +8,9 @@
 //! reads around the page cache), and readers take them from there ([`ReadAhead::read`])
 //! instead of from the disk.
 //!
-//! The staged ranges' memory is bounded (the budget, counted in buffer capacity: whole huge
-//! pages from 1 MiB on, see [`crate::aligned`]); the oldest are dropped first when it is full,
-//! and a range is let go once all of it has been lent to readers.
+//! The staged ranges' memory is bounded (the budget, counted in buffers' sizes, see
+//! [`crate::aligned`]); the oldest are dropped first when it is full, and a range is let go
+//! once all of it has been lent to readers.
 //! A reader that asks for a range still waiting in the queue reads it at once itself, so a
 //! queue never makes a read slower than reading. Staged bytes are read like any other: the
 //! file is checked against the version lorafs opened after they are in the buffer, and they
@@ -156,8 +156,8 @@ impl ReadAhead {
         self.shared.options.budget
     }
 
-    /// The size of the ranges to ask for: one huge page (the unit of a staged buffer's
-    /// memory: see [`crate::aligned`]), or less where the budget would hold only a few.
+    /// The size of the ranges to ask for: about one huge page (a buffer of one is read
+    /// fastest: see [`crate::aligned`]), or less where the budget would hold only a few.
     pub fn range_bytes(&self) -> u64 {
         (self.budget() / 8).clamp(ALIGN, crate::aligned::HUGE_PAGE as u64)
     }

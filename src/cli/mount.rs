@@ -159,11 +159,7 @@ fn open_filesystem(
     let warm = match warm {
         Warm::Always => true,
         Warm::Never => false,
-        Warm::Auto => {
-            view.gguf.is_empty()
-                && !view.engine.direct_base_reads
-                && view.total_bytes() <= total_ram() / 4
-        }
+        Warm::Auto => view.gguf.is_empty() && view.total_bytes() <= total_ram() / 4,
     };
     let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
     Ok((fs, None, warm.then_some(view)))

@@ -39,11 +39,7 @@ pub(crate) fn open_views(
         Warm::Always => true,
         Warm::Never => false,
         // With --gguf, which format a loader reads is not known: see MountArgs::warm.
-        Warm::Auto => {
-            inputs.gguf.is_empty()
-                && !engine.direct_base_reads
-                && engine.base_bytes() <= total_ram() / 4
-        }
+        Warm::Auto => inputs.gguf.is_empty() && engine.base_bytes() <= total_ram() / 4,
     };
     let views = Arc::new(
         Views::new(engine, inputs.dtype, fs.tree(), warm)

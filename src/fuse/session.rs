@@ -207,6 +207,9 @@ fn warm(view: &View, notifier: &fuser::Notifier, dir: &Path, root: u64) {
         let ino = super::inodes::file_ino(view, root, index);
         let mut offset = 0;
         while offset < file.size {
+            // Where the base is read around the page cache, its next bytes are read
+            // meanwhile (as for any sequential reader).
+            view.read_ahead(index, offset + WARM_CHUNK as u64);
             let n = match view.read_at(index, offset, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
