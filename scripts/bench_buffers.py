@@ -26,12 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from coldio import drop_caches
+
 READ_MIB, THREADS, WRITE_MIB, WRITE_PIECE_MIB = 2, 8, 1024, 16
-
-
-def drop_caches():
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def buffer(size, huge):

@@ -32,7 +32,6 @@ llama.cpp stack comes from scripts/gguf-env.sh (built on first use). Run as root
 """
 
 import argparse
-import mmap
 import os
 import shutil
 import statistics
@@ -46,6 +45,7 @@ LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 import gguf_compare as gc  # noqa: E402  (the GGUF comparison)
 import gguf_models as gm  # noqa: E402  (the llama.cpp stack, the tokenizer)
+from coldio import drop_caches, populate  # noqa: E402  (beside this script)
 
 MARKER = ".lorafs-bench"
 
@@ -68,11 +68,6 @@ def fresh(work, name):
     elif p.exists():
         p.unlink()
     return p
-
-
-def drop_caches():
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def timed(args, env=None):
@@ -132,19 +127,6 @@ print(time.perf_counter() - t)
 def cold_cat(path):
     drop_caches()
     return timed(["cat", path])
-
-
-def populate(path):
-    """Seconds to map `path` as llama.cpp does: shared, every page faulted in."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t = time.perf_counter()
-        mapping = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-        elapsed = time.perf_counter() - t
-        mapping.close()
-        return elapsed
-    finally:
-        os.close(fd)
 
 
 def llama_load(path, env):

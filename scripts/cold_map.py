@@ -21,31 +21,15 @@ own with `NAME=@BINARY ARGS` (to compare two builds).
 """
 
 import argparse
-import mmap
 import os
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
+from coldio import drop_caches, populate
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def drop_caches():
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def populate(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t = time.perf_counter()
-        mapping = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-        elapsed = time.perf_counter() - t
-        mapping.close()
-        return elapsed
-    finally:
-        os.close(fd)
 
 
 def parse_contender(spec, default_binary):

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from coldio import drop_caches
+
 SAMPLER = r"""
 import sys, time
 device, out = sys.argv[1], open(sys.argv[2], "w")
@@ -52,9 +54,7 @@ def main():
     if not command:
         sys.exit("no command given")
     if args.drop_caches:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
+        drop_caches()
     log = f"/tmp/io-timeline-{os.getpid()}.txt"
     sampler = subprocess.Popen([sys.executable, "-c", SAMPLER, args.device, log])
     try:

@@ -64,7 +64,7 @@ impl AlignedBuf {
     /// The first `len` bytes rounded up to whole [`ALIGN`] blocks, to fill: the memory
     /// mapped anew (zero) if it is too small, otherwise as last left.
     pub(crate) fn span(&mut self, len: usize) -> &mut [u8] {
-        let span = len.div_ceil(ALIGN) * ALIGN;
+        let span = capacity_for(len);
         if self.capacity() < span {
             self.len = 0;
             let (mem, start) = map(span);

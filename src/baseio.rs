@@ -447,8 +447,8 @@ impl SourceFile {
         let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
-        // One status byte per page, for a gigabyte of the file at a time.
-        let mut status = vec![0u8; (1 << 30) / page];
+        // One status byte per page, for at most a gigabyte of the file at a time.
+        let mut status = vec![0u8; map.len().div_ceil(page).min((1 << 30) / page)];
         let mut cached = 0u64;
         for part in map.chunks(status.len() * page) {
             // SAFETY: `part` lies in the mapping and starts on a page boundary (the mapping

@@ -122,6 +122,19 @@ pub(crate) enum Warm {
     Never,
 }
 
+impl Warm {
+    /// Whether to warm a model of `bytes` bytes: `auto` when it fits in a quarter of RAM and
+    /// has no GGUF file (with --gguf, which format a loader reads is not known: see
+    /// MountArgs::warm).
+    pub(crate) fn wanted(self, gguf: bool, bytes: u64) -> bool {
+        match self {
+            Warm::Always => true,
+            Warm::Never => false,
+            Warm::Auto => !gguf && bytes <= total_ram() / 4,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub(crate) enum DirectIo {
     Auto,

@@ -156,11 +156,7 @@ fn open_filesystem(
         return Ok((fs, Some(live), None));
     }
     let view = Arc::new(inputs.open(MOUNT_CACHE)?);
-    let warm = match warm {
-        Warm::Always => true,
-        Warm::Never => false,
-        Warm::Auto => view.gguf.is_empty() && view.total_bytes() <= total_ram() / 4,
-    };
+    let warm = warm.wanted(!view.gguf.is_empty(), view.total_bytes());
     let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
     Ok((fs, None, warm.then_some(view)))
 }

@@ -35,12 +35,7 @@ pub(crate) fn open_views(
     let engine = Arc::new(engine);
     let fs = lorafs::fuse::LorafsFs::of_views(engine.clone())?;
     // Each view is about the base's size: warm one when first opened if that fits.
-    let warm = match warm {
-        Warm::Always => true,
-        Warm::Never => false,
-        // With --gguf, which format a loader reads is not known: see MountArgs::warm.
-        Warm::Auto => inputs.gguf.is_empty() && engine.base_bytes() <= total_ram() / 4,
-    };
+    let warm = warm.wanted(!inputs.gguf.is_empty(), engine.base_bytes());
     let views = Arc::new(
         Views::new(engine, inputs.dtype, fs.tree(), warm)
             .with_gguf(&inputs.gguf)

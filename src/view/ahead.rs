@@ -73,13 +73,13 @@ impl View {
         let w_row = (m.dims.cols * m.w.dtype.size()) as u64;
         let group = (self.engine.ahead.range_bytes() / (rows * w_row)).max(1);
         let count = (m.dims.rows as u64).div_ceil(rows);
+        let missing = |b: &u64| {
+            let key = (self.recipes[merge], *b as u32);
+            !self.engine.blocks.present_or_pending(key)
+        };
         let mut g = blocks.start / group;
         while g * group < blocks.end {
             let in_group = g * group..((g + 1) * group).min(count);
-            let missing = |b: &u64| {
-                let key = (self.recipes[merge], *b as u32);
-                !self.engine.blocks.present_or_pending(key)
-            };
             let first = in_group.clone().find(missing);
             let last = in_group.rev().find(missing);
             if let (Some(first), Some(last)) = (first, last) {

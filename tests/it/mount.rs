@@ -274,6 +274,23 @@ fn counter(mnt: &Path, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {stats}"))
 }
 
+/// Mount options for watching the base read-ahead with a read-ahead budget of `budget`:
+/// no warm-up, a small block cache.
+fn read_ahead_options(budget: &str) -> Vec<&str> {
+    vec![
+        "--base-read-ahead",
+        budget,
+        "--warm",
+        "never",
+        "--cache-size",
+        "1MiB",
+        // The kernel's 128 KiB: these files are a few MiB, and reads of 4 MiB would leave
+        // nothing ahead to read.
+        "--read-ahead-kb",
+        "0",
+    ]
+}
+
 #[test]
 fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
     let Some(s) = setup() else { return };
@@ -282,20 +299,8 @@ fn sequential_readers_take_the_base_from_read_ahead_and_get_the_same_bytes() {
         .enumerate()
     {
         let mnt = s.tmp.path().join(format!("mnt{i}"));
-        let extra = [
-            "--base-read-ahead",
-            budget,
-            "--direct-io",
-            direct,
-            "--warm",
-            "never",
-            "--cache-size",
-            "1MiB",
-            // The kernel's 128 KiB: these files are a few MiB, and reads of 4 MiB would
-            // leave nothing ahead to read.
-            "--read-ahead-kb",
-            "0",
-        ];
+        let mut extra = read_ahead_options(budget);
+        extra.extend(["--direct-io", direct]);
         let guard = MountGuard::new(&s.base, &mnt, &args(&s, &extra));
         for (rel, want) in &s.expected {
             let path = guard.mountpoint.join(rel);
@@ -337,16 +342,7 @@ fn evict_weights(base: &Path) -> bool {
 #[test]
 fn auto_reads_a_base_out_of_the_page_cache_around_it_and_a_cached_one_through_it() {
     let Some(s) = setup() else { return };
-    let extra = [
-        "--base-read-ahead",
-        "2MiB",
-        "--warm",
-        "never",
-        "--cache-size",
-        "1MiB",
-        "--read-ahead-kb",
-        "0",
-    ];
+    let extra = read_ahead_options("2MiB");
     for (i, cold) in [true, false].into_iter().enumerate() {
         if cold && !evict_weights(&s.base) {
             eprintln!("skipping the cold half: the base is on tmpfs, always in the page cache");
