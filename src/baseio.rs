@@ -500,7 +500,9 @@ mod tests {
         rustix::fs::fadvise(&held, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         // tmpfs (where /var/tmp is missing) keeps its pages: they are the file.
         let tmpfs = rustix::fs::statfs(&path).unwrap().f_type == libc::TMPFS_MAGIC;
-        if !tmpfs {
+        if tmpfs {
+            eprintln!("skipping the eviction check: the file is on tmpfs, always cached");
+        } else {
             assert!(file.cached_bytes().unwrap() < file.size());
         }
         let empty = dir.path().join("empty");
