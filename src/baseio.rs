@@ -435,33 +435,10 @@ impl SourceFile {
         Ok(())
     }
 
-    /// Bytes of the file in the page cache now, in whole pages (`mincore` of a mapping that
-    /// is never read); `None` for a file opened at each read, or where the kernel cannot say.
+    /// Bytes of the file in the page cache now, in whole pages (`crate::residency`); `None`
+    /// for a file opened at each read, or where the kernel cannot say.
     pub fn cached_bytes(&self) -> Option<u64> {
-        let file = self.held.as_ref()?;
-        if self.size() == 0 {
-            return Some(0);
-        }
-        // SAFETY: the mapping is handed to mincore only, never read, so a change of the
-        // file under it (which Mmap::map cannot exclude) cannot be observed through it.
-        let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
-        // One status byte per page, for at most a gigabyte of the file at a time.
-        let mut status = vec![0u8; map.len().div_ceil(page).min((1 << 30) / page)];
-        let mut cached = 0u64;
-        for part in map.chunks(status.len() * page) {
-            // SAFETY: `part` lies in the mapping and starts on a page boundary (the mapping
-            // does, and the parts are whole pages); `status` has a byte for each of its pages.
-            let rc =
-                unsafe { libc::mincore(part.as_ptr() as *mut _, part.len(), status.as_mut_ptr()) };
-            if rc != 0 {
-                return None;
-            }
-            let pages = part.len().div_ceil(page);
-            cached += status[..pages].iter().filter(|&&s| s & 1 != 0).count() as u64;
-        }
-        Some((cached * page as u64).min(self.size()))
+        crate::residency::cached_bytes(self.held.as_ref()?, self.size())
     }
 }
 

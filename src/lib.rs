@@ -28,6 +28,7 @@ pub mod model;
 pub mod mountinfo;
 pub mod plan;
 pub mod quant;
+pub mod residency;
 pub mod sd_notify;
 pub mod stats;
 pub mod tree;
