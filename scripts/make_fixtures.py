@@ -422,6 +422,10 @@ def generate_features(out_dir) -> dict:
         "tokens": (f32, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[5, 17, 200, 383]), dict(perturb=[("trainable_tokens_delta", 0.5)])),
         # resized vocabulary: embed_tokens/lm_head saved whole with more rows, + tokenizer.
         "resized": (f32, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), dict(resize=FEATURE_VOCAB, tokenizer=resized_tok, save_embedding_layers=True, perturb=[("embed_tokens", 0.02), ("lm_head", 0.02)])),
+        # the same resized, with embed_tokens/lm_head trained whole (modules_to_save): PEFT
+        # saves each as `X.weight` plus the wrapper's `X.modules_to_save.weight` and
+        # `X.original_module.weight`, and loads only `X.weight`.
+        "resized_trained": (f32, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]), dict(resize=FEATURE_VOCAB, tokenizer=resized_tok, perturb=[("modules_to_save", 0.02)])),
         # embedding LoRA on a tied model (lm_head shares embed_tokens' weight).
         "tied_embed": (tied_f32, dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"]), dict(save_embedding_layers=False)),
         "tied_tokens": (tied_f32, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[4, 9, 300]), dict(perturb=[("trainable_tokens_delta", 0.5)])),

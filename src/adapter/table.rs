@@ -26,6 +26,11 @@ enum Role<'a> {
     Tokens(&'a str),
     /// A whole base tensor, by its base name.
     Replace(String),
+    /// `M.modules_to_save.P` or `M.original_module.P`: the wrapper's own copy and the
+    /// original, which PEFT saves beside `M.P` when it saves a resized embedding layer it
+    /// also trains whole, and never loads (its loader renames them to parameters that do not
+    /// exist). Valid only beside `M.P`, the tensor PEFT loads (by its name here).
+    WrapperCopy(String),
 }
 
 /// A module's factors as found so far: A and/or B.
@@ -54,6 +59,7 @@ impl Table {
     /// prefix) are refused rather than one silently winning.
     pub(super) fn classify(file: &Path, layout: &Layout) -> Result<Table> {
         let mut table = Table::default();
+        let mut copies = Vec::new();
         for entry in &layout.tensors {
             let key = &entry.name;
             table.num_params = table.num_params.checked_add(entry.numel()).ok_or_else(|| {
@@ -103,9 +109,25 @@ impl Table {
                     let values = stored(file, entry, 2, what)?;
                     table.token_deltas.insert(m.to_string(), values)
                 }
+                Role::WrapperCopy(target) => {
+                    copies.push((key, target));
+                    None
+                }
             };
             if let Some(other) = previous {
                 return Err(twice(file, key, &other.key, what));
+            }
+        }
+        for (key, target) in copies {
+            if !table.replacements.iter().any(|r| r.target == target) {
+                return Err(Error::tensor(
+                    file,
+                    key,
+                    format!(
+                        "a copy that PEFT saves beside the trained `{target}` (and does not \
+                         load), but this adapter has no `{target}`"
+                    ),
+                ));
             }
         }
         Ok(table)
@@ -170,6 +192,7 @@ fn role_name(role: &Role) -> &'static str {
         Role::Magnitude(_) => "DoRA magnitude",
         Role::Tokens(_) => "trainable tokens delta",
         Role::Replace(_) => "replacement",
+        Role::WrapperCopy(_) => "modules_to_save copy",
     }
 }
 
@@ -206,6 +229,13 @@ fn classify(name: &str) -> Option<Role<'_>> {
     }
     if let Some(m) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {
         return Some(Role::Tokens(m));
+    }
+    for wrapper in [".modules_to_save.", ".original_module."] {
+        if let Some((m, param)) = name.split_once(wrapper) {
+            if !param.contains('.') {
+                return Some(Role::WrapperCopy(format!("{m}.{param}")));
+            }
+        }
     }
     // Anything else that still names a LoRA part (another variant's tensors, an adapter
     // name left in the key) is not a plain tensor: refuse rather than replace something.

@@ -34,6 +34,7 @@ CASES = {
     "tokens-f16_sharded": ("f16_sharded", "tokens", False, 1),
     "resized-f32": ("f32", "resized", True, 1),
     "resized-f16_sharded": ("f16_sharded", "resized", True, 1),
+    "resized_trained-bf16": ("bf16", "resized_trained", True, 1),
     "tied_embed-f32": ("tied_f32", "tied_embed", False, 1),
     "tied_tokens-bf16": ("tied_bf16", "tied_tokens", False, 1),
     "gpt2_conv1d-f32": ("gpt2_f32", "gpt2_conv1d", False, 1),

@@ -115,9 +115,20 @@ fn replacements_same_shape_with_lora_on_top() {
     let base = write_base(&tmp.path().join("base"), &spec);
     let mut rng = StdRng::seed_from_u64(5);
     let (h, v) = (spec.hidden, spec.vocab);
-    // modules_to_save lm_head in F32 (rounded to the base's BF16), q_proj replaced as
+    // modules_to_save lm_head in F32 (rounded to the base's BF16), with the wrapper's copy
+    // and the original beside it (PEFT saves them with a resized vocabulary, and loads
+    // neither: other values here, which must not be served); q_proj replaced as
     // `base_layer.weight` with LoRA factors on top, and a norm replaced in BF16 (copied).
     let head = random_values(&mut rng, v * h, 1.0);
+    let copies = ["modules_to_save", "original_module"].map(|wrapper| {
+        let values = random_values(&mut rng, v * h, 1.0);
+        t(
+            &format!("{P}lm_head.{wrapper}.weight"),
+            Dtype::F32,
+            &[v, h],
+            values,
+        )
+    });
     let q_w = random_values(&mut rng, h * h, 0.5);
     let norm = random_values(&mut rng, h, 1.0);
     let a = random_values(&mut rng, 4 * h, 0.3);
@@ -148,6 +159,8 @@ fn replacements_same_shape_with_lora_on_top() {
             ),
             lora_a(q, 4, h, a.clone()),
             lora_b(q, h, 4, b.clone()),
+            copies[0].clone(),
+            copies[1].clone(),
         ],
     );
     let out = tmp.path().join("out");
@@ -623,6 +636,16 @@ fn refusals_name_the_feature() {
                 vec![0.0; h],
             )],
             "does not have",
+        ),
+        (
+            json!({}),
+            vec![t(
+                &format!("{P}lm_head.modules_to_save.weight"),
+                Dtype::F32,
+                &[spec.vocab, h],
+                vec![0.0; spec.vocab * h],
+            )],
+            "has no `lm_head.weight`",
         ),
     ];
     for (extra, extra_tensors, message) in cases {
