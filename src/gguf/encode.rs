@@ -62,10 +62,17 @@ fn bf16_bits(v: f32) -> u16 {
     ((n as u64 + (0x7fff + ((n >> 16) & 1)) as u64) >> 16) as u16
 }
 
-/// One `Q8_0` block as ggml's reference quantizer (and gguf-py) computes it, in f32:
-/// `d = max|x| / 127`, `q = round_half_away(x * (1/d))`, `d` stored as f16.
+/// One `Q8_0` block as gguf-py computes it, in f32: `d = max|x| / 127`,
+/// `q = round_half_away(x * (1/d))`, `d` stored as f16. numpy's `max` is NaN where the block
+/// holds one (Rust's `max` skips it): then `d` is NaN and every `q` is 0.
 fn q8_0_block(block: &[f32], out: &mut [u8]) {
+    // Two passes that vectorize, rather than one with a branch per value.
     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let nan = block.iter().fold(false, |n, v| n | v.is_nan());
+    let amax = match nan {
+        true => block.iter().find(|v| v.is_nan()).map_or(amax, |v| v.abs()),
+        false => amax,
+    };
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -162,6 +169,22 @@ mod tests {
         }
         assert_eq!(out[2] as i8, -127);
         assert_eq!(out[33] as i8, 127);
+    }
+
+    #[test]
+    fn q8_0_of_a_block_holding_nan_is_a_nan_scale_and_zeros() {
+        // As gguf-py's numpy arithmetic gives it; the other block is quantized as usual.
+        let mut values = vec![0.5f32; 64];
+        values[3] = f32::NAN;
+        values[40] = -1.0;
+        let out = encoded(GgmlType::Q8_0, &values);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x7e00, "f16 NaN");
+        assert!(out[2..34].iter().all(|&q| q == 0));
+        assert_eq!(
+            f16::from_le_bytes([out[34], out[35]]),
+            f16::from_f32(1.0 / 127.0)
+        );
+        assert_eq!(out[34 + 2 + 8] as i8, -127);
     }
 
     #[test]

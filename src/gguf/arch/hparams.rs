@@ -83,19 +83,32 @@ pub fn load(config: &[u8]) -> Result<Hparams, String> {
         return Err(format!("a sliding-window RoPE base (`{key}`)"));
     }
     // The raw keys that transformers consumes into `rope_parameters` rather than keeping.
-    let rope_scaling = raw.remove("rope_scaling").filter(|v| !v.is_null());
-    let rope_theta = raw.remove("rope_theta").filter(|v| !v.is_null());
+    // An empty `rope_scaling` counts as none, as in transformers; a null `rope_theta` is
+    // kept null (the converter then writes no RoPE base).
+    let rope_scaling = (raw.remove("rope_scaling"))
+        .filter(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()));
+    let rope_theta = raw.remove("rope_theta");
     let partial = raw.remove("partial_rotary_factor").filter(|v| !v.is_null());
     let mut map = raw;
+    // A class default fills a missing key; a key given as null stays null (transformers
+    // passes `None` on, and the converter leaves out what it would have written from it),
+    // but for what `post_init` derives.
     for (key, value) in class_defaults(&model_type) {
-        if map.get(key).is_none_or(Json::is_null) {
-            map.insert(key.to_string(), value);
-        }
+        map.entry(key).or_insert(value);
     }
     post_init(&model_type, &mut map)?;
     let rope = standardize_rope(&map, rope_scaling, rope_theta, partial)?;
     map.insert("rope_parameters".into(), Json::Object(rope));
     Ok(Hparams { arch, map })
+}
+
+/// The default of config key `key` for `model_type` (see [`class_defaults`]), if it has one.
+pub fn class_default(model_type: &str, key: &str) -> Option<Json> {
+    if !MODEL_TYPES.contains(&model_type) {
+        return None;
+    }
+    let defaults = class_defaults(model_type).into_iter();
+    defaults.filter(|(k, _)| *k == key).map(|(_, v)| v).next()
 }
 
 /// The defaults of the config classes' fields that the conversion reads (transformers 5.x
@@ -165,7 +178,7 @@ fn standardize_rope(
     if rope.contains_key("full_attention") || rope.contains_key("sliding_attention") {
         return Err("RoPE parameters per layer type".into());
     }
-    // transformers' `default_theta`, 10000.0 for these classes.
+    // transformers' `default_theta`, 10000.0 for these classes, where the key is missing.
     let theta = rope_theta.unwrap_or(Json::from(10000.0));
     rope.entry("rope_theta").or_insert(theta);
     if let Some(p) = partial {
@@ -177,10 +190,10 @@ fn standardize_rope(
         rope.get("rope_type").and_then(Json::as_str),
         Some("llama3" | "yarn" | "longrope")
     );
+    // A top-level `original_max_position_embeddings` is not one of these classes' fields:
+    // transformers stores it only after standardizing, which so takes the context length.
     if scaled {
-        if let Some(orig) = map.get("original_max_position_embeddings") {
-            rope.insert("original_max_position_embeddings".into(), orig.clone());
-        } else if let Some(max) = map.get("max_position_embeddings") {
+        if let Some(max) = map.get("max_position_embeddings") {
             rope.entry("original_max_position_embeddings")
                 .or_insert(max.clone());
         }

@@ -3,7 +3,7 @@
 //! tensor bytes: the architecture, the metadata keys in the converter's order, and the
 //! tensors in its order with their GGUF names, shapes, element types and Q/K permutation.
 
-mod hparams;
+pub(crate) mod hparams;
 mod keys;
 mod tensors;
 #[cfg(test)]

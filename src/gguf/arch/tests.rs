@@ -290,3 +290,87 @@ fn refusals_name_the_architecture_and_the_converter() {
         .to_string();
     assert!(err.contains("q_norm"), "{err}");
 }
+
+/// The metadata of a plan of `config` (a llama's tensors: the keys read only the config).
+fn metadata_of(config: serde_json::Value) -> crate::gguf::Metadata {
+    let tensors = layer(0, "model.safetensors", false);
+    plan(&files(config), &tensors, OutType::F16, "Tiny")
+        .unwrap()
+        .metadata
+}
+
+fn with(mut config: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    let map = config.as_object_mut().unwrap();
+    map.extend(extra.as_object().unwrap().clone());
+    config
+}
+
+#[test]
+fn null_settings_are_not_the_class_defaults() {
+    // As transformers passes a null on and the pinned converter then writes: compared with
+    // it on tiny models (a tester-style sweep of 2026-12-07).
+    let md = metadata_of(with(
+        llama_config(),
+        serde_json::json!({"num_key_value_heads": null, "max_position_embeddings": null,
+            "rms_norm_eps": null, "rope_theta": null}),
+    ));
+    let get = |k: &str| md.get(k).cloned();
+    assert_eq!(
+        get("llama.attention.head_count_kv"),
+        Some(Value::U32(4)),
+        "the head count"
+    );
+    for absent in [
+        "llama.context_length",
+        "llama.attention.layer_norm_rms_epsilon",
+        "llama.rope.freq_base",
+    ] {
+        assert_eq!(get(absent), None, "{absent}");
+    }
+    // Missing rather than null: the class defaults.
+    let mut config = llama_config();
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("num_key_value_heads");
+    let md = metadata_of(config);
+    assert_eq!(
+        md.get("llama.attention.head_count_kv"),
+        Some(&Value::U32(4))
+    );
+    assert_eq!(md.get("llama.context_length"), Some(&Value::U32(2048)));
+}
+
+#[test]
+fn an_empty_rope_scaling_is_none_and_a_top_level_original_context_is_not_read() {
+    let md = metadata_of(with(
+        llama_config(),
+        serde_json::json!({"rope_scaling": {},
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0}}),
+    ));
+    assert_eq!(
+        md.get("llama.rope.scaling.type"),
+        Some(&Value::Text("linear".into()))
+    );
+    assert_eq!(md.get("llama.rope.scaling.factor"), Some(&Value::F32(2.0)));
+    let yarn = |inside: Option<u32>| {
+        let mut rope = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+        if let Some(orig) = inside {
+            rope["original_max_position_embeddings"] = orig.into();
+        }
+        let config = with(
+            llama_config(),
+            serde_json::json!({"rope_parameters": rope, "max_position_embeddings": 2048,
+                "original_max_position_embeddings": 128}),
+        );
+        metadata_of(config)
+            .get("llama.rope.scaling.original_context_length")
+            .cloned()
+    };
+    assert_eq!(yarn(None), Some(Value::U32(2048)), "the context length");
+    assert_eq!(
+        yarn(Some(256)),
+        Some(Value::U32(256)),
+        "the RoPE settings' own"
+    );
+}

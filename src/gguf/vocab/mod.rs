@@ -19,6 +19,7 @@ mod sentencepiece;
 mod special;
 mod tokenizer_json;
 
+use super::arch::hparams::class_default;
 use super::{Metadata, ModelFiles, Value};
 use crate::{Error, Result};
 use serde_json::{Map, Value as Json};
@@ -181,6 +182,15 @@ impl<'a> Dir<'a> {
         let mut hparams = root.clone();
         if let Some(Json::Object(text)) = root.get("text_config") {
             hparams.extend(text.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        // The converter reads the config through transformers, whose class fills a missing
+        // `vocab_size` with its default (and pads the vocabulary to it).
+        if !hparams.contains_key("vocab_size") {
+            let model_type = hparams.get("model_type").and_then(Json::as_str);
+            let default = model_type.and_then(|t| class_default(t, "vocab_size"));
+            if let Some(size) = default {
+                hparams.insert("vocab_size".into(), size);
+            }
         }
         Ok(Dir {
             files,

@@ -296,6 +296,21 @@ fn a_smaller_configured_vocabulary_cuts_the_pieces() {
     assert!(err.to_string().contains("not a vocabulary size"), "{err}");
 }
 
+#[test]
+fn a_config_without_vocab_size_pads_to_the_class_default() {
+    // transformers' LlamaConfig gives 32000, which the converter pads the pieces to; a
+    // model type lorafs does not know leaves the pieces as they are.
+    let files = MemFiles::new(&[("tokenizer.model", model_proto(&PIECES))]);
+    let meta = vocab_of(&files, json!({"model_type": "llama"}), VocabFamily::Llama).unwrap();
+    let tokens = texts(&meta, "tokenizer.ggml.tokens");
+    assert_eq!(
+        (tokens.len(), tokens[31_999].as_str()),
+        (32_000, "[PAD31999]")
+    );
+    let meta = vocab_of(&files, json!({"model_type": "other"}), VocabFamily::Llama).unwrap();
+    assert_eq!(texts(&meta, "tokenizer.ggml.tokens").len(), PIECES.len());
+}
+
 fn special(files: &MemFiles, load_merges: bool) -> Result<SpecialVocab> {
     let config = json!({"pad_token_id": 0});
     let dir = Dir::new(files, &config)?;
