@@ -6,8 +6,11 @@ that `lorafs materialize --gguf F16` wrote to disk (the converter's bytes: the e
 check that), and each `NAME=ARGS` contender mounts the base with `lorafs mount ... --gguf
 F16 ARGS` and maps the mount's `model-F16.gguf`, the mount's start included. The order of
 the contenders rotates from round to round (this machine's cold reads vary with what ran
-just before). Prints medians and ratios to `disk`. With `--warm` the base is read into the
-page cache before each contender instead (cold only for the disk file).
+just before). Prints medians and ratios to `disk`, and the CPU behind them: the system time of
+the mapping process (the kernel allocating, filling and mapping the page cache in the
+faulting process) and each mount's server CPU time (user + system) over its start and the
+mapping. With `--warm` the base is read into the page cache before each contender instead
+(cold only for the disk file).
 
 The model is the one `scripts/bench_gguf.py --keep` leaves in its --dir (base/, adapter/).
 Run as root; for example, the page cache against O_DIRECT base reads:
@@ -27,7 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from coldio import drop_caches, populate
+from coldio import drop_caches, populate_cost, server_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,11 +66,15 @@ def main():
         names = ["disk", *(c[0] for c in contenders)]
         by_name = {c[0]: c for c in contenders}
         times = {n: [] for n in names}
+        mapper_sys = {n: [] for n in names}
+        server = {n: [] for n in names}
         for r in range(args.runs):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 drop_caches()
                 if name == "disk":
-                    times[name].append(populate(disk))
+                    wall, system = populate_cost(disk)
+                    times[name].append(wall)
+                    mapper_sys[name].append(system)
                     continue
                 if args.warm:
                     subprocess.run(["cat", *base.glob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)
@@ -75,7 +82,11 @@ def main():
                 t0 = time.perf_counter()
                 subprocess.run([binary, "mount", base, mnt, "--adapter", adapter, "--gguf", "F16", *extra], check=True)
                 try:
-                    times[name].append(time.perf_counter() - t0 + populate(mnt / "model-F16.gguf"))
+                    mounted = time.perf_counter() - t0
+                    wall, system = populate_cost(mnt / "model-F16.gguf")
+                    times[name].append(mounted + wall)
+                    mapper_sys[name].append(system)
+                    server[name].append(server_cpu(mnt))
                 finally:
                     subprocess.run(["umount", mnt], check=True)
     finally:
@@ -84,10 +95,13 @@ def main():
     base_line = statistics.median(times["disk"])
     state = "the base in the page cache" if args.warm else "page cache dropped"
     print(f"MAP_SHARED|MAP_POPULATE of model-F16.gguf ({state}), median of {args.runs}, rotated order")
+    print(f"  {'':<20}{'wall':>9}{'vs disk':>9}{'mapper sys':>12}{'lorafs CPU':>12}   walls")
     for name in names:
         m = statistics.median(times[name])
         spread = " ".join(f"{t:.2f}" for t in sorted(times[name]))
-        print(f"  {name:<20}{m:>7.3f} s{m / base_line:>7.2f}x disk   [{spread}]")
+        cpu = f"{statistics.median(server[name]):>10.2f} s" if server[name] else f"{'':>12}"
+        print(f"  {name:<20}{m:>7.3f} s{m / base_line:>8.2f}x{statistics.median(mapper_sys[name]):>10.2f} s"
+              f"{cpu}   [{spread}]")
 
 
 if __name__ == "__main__":

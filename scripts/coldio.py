@@ -14,12 +14,27 @@ def drop_caches():
 
 def populate(path):
     """Seconds to map `path` as llama.cpp does: shared, every page faulted in."""
+    return populate_cost(path)[0]
+
+
+def populate_cost(path):
+    """Seconds to map `path` as llama.cpp does (shared, every page faulted in), and the
+    seconds of system time this process spent doing it (the kernel filling and mapping the
+    page cache in the faulting process)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        t = time.perf_counter()
+        t, sys0 = time.perf_counter(), os.times().system
         mapping = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-        elapsed = time.perf_counter() - t
+        elapsed, system = time.perf_counter() - t, os.times().system - sys0
         mapping.close()
-        return elapsed
+        return elapsed, system
     finally:
         os.close(fd)
+
+
+def server_cpu(mountpoint):
+    """CPU seconds (user + system) the lorafs server of `mountpoint` has used so far."""
+    stats = Path(mountpoint, ".lorafs-stats").read_text().split()
+    pid = stats[stats.index("pid") + 1]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -10,7 +10,10 @@
 //!
 //! The staged ranges' memory is bounded (the budget, counted in buffers' sizes, see
 //! [`crate::aligned`]); the oldest are dropped first when it is full, and a range is let go
-//! once all of it has been lent to readers.
+//! once all of it has been lent to readers. Its buffer is kept for the next range while
+//! staged and kept buffers fit the budget together: buffers are mapped anew only to grow,
+//! since memory a process touches for the first time costs more than the read itself where
+//! the kernel zeroes it (and here the VM's host faults it in).
 //! A reader that asks for a range still waiting in the queue reads it at once itself, so a
 //! queue never makes a read slower than reading. Staged bytes are read like any other: the
 //! file is checked against the version lorafs opened after they are in the buffer, and they
@@ -26,9 +29,6 @@ use crate::error::Result;
 
 /// Staged ranges start and end on the O_DIRECT alignment.
 const ALIGN: u64 = crate::aligned::ALIGN as u64;
-
-/// Spare buffers kept for the next staged reads, at most.
-const SPARES: usize = 16;
 
 /// Tuning of a [`ReadAhead`].
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +97,10 @@ struct State {
     /// Ranges in the order they were scheduled: (file, start, seq).
     order: VecDeque<(Version, u64, u64)>,
     queue: VecDeque<Job>,
+    /// Buffers kept for the next ranges, and their memory: with `bytes`, within the budget.
     spares: Vec<AlignedBuf>,
+    spare_bytes: u64,
+    budget: u64,
     next_seq: u64,
     started: usize,
     closed: bool,
@@ -135,7 +138,10 @@ impl ReadAhead {
         ReadAhead {
             shared: Arc::new(Shared {
                 options,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    budget: options.budget,
+                    ..State::default()
+                }),
                 filled: Condvar::new(),
                 queued: Condvar::new(),
                 stats: AheadStats::default(),
@@ -325,9 +331,27 @@ impl State {
         }
     }
 
+    /// Keep `buf` for a later range if it fits the budget beside the ranges held.
     fn keep_spare(&mut self, buf: AlignedBuf) {
-        if self.spares.len() < SPARES {
+        let size = buf.capacity() as u64;
+        if self.bytes + self.spare_bytes + size <= self.budget {
+            self.spare_bytes += size;
             self.spares.push(buf);
+        }
+    }
+
+    /// A kept buffer for a range of `len` bytes: one that holds it if any does (else one
+    /// to map anew in place of its memory), or a new one.
+    fn take_spare(&mut self, len: usize) -> AlignedBuf {
+        let need = crate::aligned::capacity_for(len);
+        let fits = self.spares.iter().position(|b| b.capacity() >= need);
+        match fits.or(self.spares.len().checked_sub(1)) {
+            Some(i) => {
+                let buf = self.spares.swap_remove(i);
+                self.spare_bytes -= buf.capacity() as u64;
+                buf
+            }
+            None => AlignedBuf::default(),
         }
     }
 
@@ -420,7 +444,7 @@ impl Shared {
         }
         chunk.fill = Fill::Reading;
         let (len, bypass) = ((chunk.end - job.start) as usize, chunk.bypass);
-        let mut buf = state.spares.pop().unwrap_or_default();
+        let mut buf = state.take_spare(len);
         drop(state);
         // A panic must not leave the range `Reading`: its readers would wait for ever.
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -622,6 +646,67 @@ mod tests {
         assert_eq!(buf, data);
         // Read through to their ends, the ranges are let go.
         assert_eq!(ahead.bytes(), 0);
+    }
+
+    /// Buffers mapped by `ahead`, and how many are kept: the kept ones and those of ranges
+    /// read or being read (a queued range has none yet: it takes a kept one when its read
+    /// starts).
+    fn memory(ahead: &ReadAhead) -> (u64, usize) {
+        let state = ahead.shared.lock();
+        let chunks = state.files.values().flat_map(|c| c.iter());
+        let lent = chunks.map(|(&start, chunk)| match &chunk.fill {
+            Fill::Ready(data) => data.capacity() as u64,
+            Fill::Reading => held(start, chunk.end),
+            Fill::Queued | Fill::Failed => 0,
+        });
+        (lent.sum::<u64>() + state.spare_bytes, state.spares.len())
+    }
+
+    #[test]
+    fn buffers_are_kept_for_the_next_ranges_within_the_budget() {
+        const RANGE: u64 = 256 << 10;
+        let dir = tempdir();
+        let data = data(8 << 20);
+        let file = source(dir.path(), &data);
+        let read = |ahead: &ReadAhead, start: u64, len: u64| {
+            let mut buf = vec![0u8; len as usize];
+            ahead.read(&file, &mut buf, start, true).unwrap();
+            assert_eq!(buf, data[start as usize..][..len as usize]);
+        };
+        // A reader streaming range by range: each range's buffer serves the next one.
+        let ahead = ReadAhead::new(AheadOptions {
+            budget: 2 << 20,
+            threads: 2,
+        });
+        for start in (0..4 << 20).step_by(RANGE as usize) {
+            ahead.schedule(&file, start, start + RANGE, true);
+            wait_staged(&ahead, start + RANGE);
+            read(&ahead, start, RANGE);
+            assert_eq!(
+                memory(&ahead),
+                (RANGE, 1),
+                "one buffer, kept for the next range"
+            );
+        }
+        // Ranges scheduled faster than they are read: never more memory than the budget.
+        for start in (4 << 20..8 << 20).step_by(RANGE as usize) {
+            ahead.schedule(&file, start, start + RANGE, true);
+            assert!(memory(&ahead).0 <= 2 << 20, "{:?}", memory(&ahead));
+        }
+        read(&ahead, 4 << 20, 4 << 20);
+        assert!(memory(&ahead).0 <= 2 << 20, "{:?}", memory(&ahead));
+        // 24 ranges staged before a reader takes them: all 24 buffers are kept for the next
+        // ranges, since they fit the budget.
+        let ahead = ReadAhead::new(AheadOptions {
+            budget: 16 << 20,
+            threads: 2,
+        });
+        for start in (0..6 << 20).step_by(RANGE as usize) {
+            ahead.schedule(&file, start, start + RANGE, true);
+        }
+        wait_staged(&ahead, 6 << 20);
+        read(&ahead, 0, 6 << 20);
+        assert_eq!(memory(&ahead), (6 << 20, 24));
     }
 
     #[test]

@@ -130,10 +130,16 @@ impl<V: Weigh> Cache<V> {
                 b
             })
         };
-        let mut buffer = recycled.unwrap_or_default();
-        buffer.truncate(len);
-        buffer.resize(len, 0);
-        buffer
+        match recycled {
+            Some(mut buffer) => {
+                buffer.truncate(len);
+                buffer.resize(len, 0);
+                buffer
+            }
+            // Zeroed by the allocator: memory fresh from the kernel is zero already, where
+            // a `resize` would write every byte of it once more before the merge does.
+            None => vec![0; len],
+        }
     }
 
     /// The entry for `key`, computing it with `compute` if no one has it or is making it.

@@ -51,7 +51,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            cache_bytes: 256 << 20,
+            cache_bytes: 64 << 20,
             factor_bytes: usize::MAX,
             ahead: AheadOptions::default(),
         }

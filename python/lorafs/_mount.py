@@ -217,7 +217,7 @@ def mount(
         catalog: a directory whose every adapter (up to 4 levels down) is a view at its
             relative path, watched while mounted (``--catalog``).
         cache_size: bytes of merged blocks kept in memory, an int or a string like
-            ``"2GiB"`` (default 256MiB).
+            ``"2GiB"`` (default 64MiB).
         base_read_ahead: bytes of the base read ahead of a sequential reader, as
             ``cache_size`` (default 64MiB; 0 reads only what is asked).
         factor_cache: bytes of adapter factors kept for the views (default 4GiB).

@@ -19,7 +19,7 @@ pub(crate) struct MergeArgs {
     /// summed in f32 and rounded once.
     #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]", value_parser = parse_adapter)]
     pub(crate) adapters: Vec<(PathBuf, f64)>,
-    /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB). Default: 256MiB for a mount,
+    /// Bytes of merged blocks to cache (e.g. 512MiB, 2GiB). Default: 64MiB for a mount,
     /// 32MiB for materialize, which streams and reads each block once.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub(crate) cache_size: Option<usize>,
@@ -257,9 +257,13 @@ pub(crate) fn parse_size(arg: &str) -> Result<usize, String> {
 }
 
 /// Cache budgets by default. A mount keeps recently merged blocks for readers that come
-/// back (several loader threads, mmap faults out of order); materialize reads every block
+/// back (a kernel request spanning two blocks, blocks merged ahead of a reader, several
+/// loader threads, mmap faults out of order); the page cache keeps what was read, so the
+/// blocks are a second copy, and every byte of a budget is memory a fresh mount touches for
+/// the first time (256 MiB took a sixth of the CPU a fresh mount spent serving a 1 GB GGUF:
+/// docs/DESIGN.md, "Where a cold mapping's CPU goes"). Materialize reads every block
 /// once, in order, and only needs the blocks its 16 MiB chunks share at their edges.
-pub(crate) const MOUNT_CACHE: usize = 256 << 20;
+pub(crate) const MOUNT_CACHE: usize = 64 << 20;
 pub(crate) const MATERIALIZE_CACHE: usize = 32 << 20;
 
 /// Read-ahead for the mount, KiB. Cold sequential reads through FUSE at the kernel's
