@@ -109,6 +109,10 @@ impl LorafsFs {
         };
         let rel = &view.files[file].rel;
         let size = buf.len();
+        // Before serving it: a sequential reader's next bytes are asked of the disk while
+        // this read waits for its own (the kernel sends a stream's requests in order, each
+        // with some already in flight behind it).
+        self.note_read(fh, &view, file, offset, size as u64);
         // A bug must cost one read (EIO), not a serving thread and with it the mount.
         match panics::catch(|| view.read_at(file, offset, buf)) {
             None => {
@@ -118,10 +122,7 @@ impl LorafsFs {
                 );
                 Err(Errno::EIO)
             }
-            Some(Ok(n)) => {
-                self.note_read(fh, &view, file, offset, n as u64);
-                Ok(n)
-            }
+            Some(Ok(n)) => Ok(n),
             Some(Err(err)) => {
                 log::error!(
                     "read of {} at {offset} (+{size}) failed: {err}",
