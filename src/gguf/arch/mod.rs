@@ -106,8 +106,8 @@ pub fn plan(
     let refuse = |what: String| crate::Error::NoGguf {
         path: files.root().to_path_buf(),
         what: format!(
-            "{what}: lorafs's GGUF view supports {}; run llama.cpp's convert_hf_to_gguf.py \
-             on the mounted (or materialized) directory instead",
+            "{what}: lorafs's GGUF view supports {}; where llama.cpp's convert_hf_to_gguf.py \
+             supports the model, run it on the mounted (or materialized) directory instead",
             supported_architectures().join(", ")
         ),
     };

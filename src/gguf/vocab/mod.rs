@@ -269,8 +269,8 @@ impl<'a> Dir<'a> {
         Error::no_gguf(
             self.path(name),
             format!(
-                "lorafs does not convert {what} to GGUF; run llama.cpp's convert_hf_to_gguf.py \
-                 on the mounted merged directory instead"
+                "lorafs does not convert {what} to GGUF; where llama.cpp's convert_hf_to_gguf.py \
+                 converts it, run it on the mounted merged directory instead"
             ),
         )
     }
