@@ -13,31 +13,34 @@ use crate::gguf::{Metadata, OutType, Value};
 const QUANT_VERSION: u32 = 2;
 
 /// `general.*` before the architecture's keys, as `set_gguf_meta_model` writes them:
-/// architecture, type, the sampling defaults of `generation_config.json`, the name (the
-/// card's, else `model_name`), the card's authorship fields, the size label (the card's,
-/// else computed), then the card's license, sources, base models, datasets, tags and
-/// languages. An error for a card value the converter fails on.
+/// architecture, type, the sampling defaults of `generation_config.json` (`sampling`, from
+/// [`sampling`]), the name (the card's, else `model_name`), the card's authorship fields, the
+/// size label (the card's, else computed), then the card's license, sources, base models,
+/// datasets, tags and languages. An error for a card value the converter fails on.
 pub fn general(
     md: &mut Metadata,
     arch: &str,
-    generation: Option<&Map<String, Json>>,
+    sampling: Vec<(String, Value)>,
     model_name: &str,
     total_params: u64,
     card: &Card,
 ) -> Result<(), String> {
     md.set("general.architecture", Value::Text(arch.into()));
     md.set("general.type", Value::Text("model".into()));
-    if let Some(gen) = generation {
-        sampling(md, gen);
+    for (key, value) in sampling {
+        md.set(key, value);
     }
     let computed = (total_params > 0).then(|| size_label(total_params));
     card.write_names(md, model_name, computed)?;
     card.write_rest(md)
 }
 
-/// `Metadata.load`'s sampling fields from `generation_config.json`, typed as the writer's
-/// `add_sampling_*` (int32 or float32, `sequence` a string).
-fn sampling(md: &mut Metadata, gen: &Map<String, Json>) {
+/// `Metadata.load`'s sampling fields from `generation_config.json`, as the writer's
+/// `add_sampling_*` write them: int32 or float32 (a JSON boolean as 1 or 0, as Python's
+/// `struct` packs it), `sequence` a string unless empty (`add_string` skips those); null or
+/// missing, nothing. An error for a value the writer fails on (a float where it packs an
+/// int32, a string where it packs a number, a number where it writes a string).
+pub fn sampling(gen: &Map<String, Json>) -> Result<Vec<(String, Value)>, String> {
     let keys: [(&str, &[&str], bool); 12] = [
         ("sequence", &["sequence"], false),
         ("top_k", &["top_k"], true),
@@ -56,25 +59,32 @@ fn sampling(md: &mut Metadata, gen: &Map<String, Json>) {
         ("mirostat_tau", &["mirostat_tau"], false),
         ("mirostat_eta", &["mirostat_eta"], false),
     ];
+    let mut out = Vec::new();
     for (key, sources, int) in keys {
         // `gen.get(a, gen.get(b, None))`: a present key wins even when it is null.
-        let Some(v) = sources.iter().find_map(|s| gen.get(*s)) else {
+        let Some((source, v)) = sources.iter().find_map(|s| gen.get(*s).map(|v| (s, v))) else {
             continue;
         };
+        let bad = |want: &str| format!("`{source}` is {v}, not {want}");
         let value = match (v, key, int) {
             (Json::Null, ..) => continue,
+            (Json::String(s), "sequence", _) if s.is_empty() => continue,
             (Json::String(s), "sequence", _) => Value::Text(s.clone()),
-            (v, _, true) => match v.as_i64() {
-                Some(i) => Value::I32(i as i32),
-                None => continue,
-            },
-            (v, _, false) => match v.as_f64() {
-                Some(f) => Value::F32(f as f32),
-                None => continue,
-            },
+            (_, "sequence", _) => return Err(bad("a string")),
+            (&Json::Bool(b), _, true) => Value::I32(i32::from(b)),
+            (&Json::Bool(b), _, false) => Value::F32(f32::from(u8::from(b))),
+            (v, _, true) => {
+                let i = v.as_i64().and_then(|i| i32::try_from(i).ok());
+                Value::I32(i.ok_or_else(|| bad("a 32-bit integer"))?)
+            }
+            (v, _, false) => {
+                let f = v.as_f64().map(|f| f as f32).filter(|f| f.is_finite());
+                Value::F32(f.ok_or_else(|| bad("a number"))?)
+            }
         };
-        md.set(format!("general.sampling.{key}"), value);
+        out.push((format!("general.sampling.{key}"), value));
     }
+    Ok(out)
 }
 
 /// gguf-py's `size_label` / `model_weight_count_rounded_notation` for a dense model.

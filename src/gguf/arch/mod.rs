@@ -158,6 +158,11 @@ pub fn plan(
         },
         None => None,
     };
+    let sampling = generation.as_ref().map(keys::sampling).transpose();
+    let sampling = sampling.map_err(|e| crate::Error::NoGguf {
+        path: files.root().join("generation_config.json"),
+        what: format!("{e}; llama.cpp's convert_hf_to_gguf.py fails on it too: fix the file"),
+    })?;
     let total: u64 = planned
         .iter()
         .map(|t| t.shape.iter().product::<u64>())
@@ -177,7 +182,7 @@ pub fn plan(
     keys::general(
         &mut metadata,
         arch,
-        generation.as_ref(),
+        sampling.unwrap_or_default(),
         model_name,
         total,
         &card,

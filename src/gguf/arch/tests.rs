@@ -374,3 +374,49 @@ fn an_empty_rope_scaling_is_none_and_a_top_level_original_context_is_not_read() 
         "the RoPE settings' own"
     );
 }
+
+#[test]
+fn sampling_keys_are_written_as_the_converters_writer_packs_them() {
+    let with_gen = |gen: serde_json::Value| {
+        let mut f = files(llama_config());
+        f.0.insert("generation_config.json", gen.to_string());
+        let tensors = layer(0, "model.safetensors", false);
+        plan(&f, &tensors, OutType::F16, "Tiny").map(|p| p.metadata)
+    };
+    let md = with_gen(serde_json::json!({"top_k": true, "temperature": false,
+        "repetition_penalty": 1.1, "sequence": "", "top_p": null, "mirostat": 2}))
+    .unwrap();
+    let get = |k: &str| md.get(&format!("general.sampling.{k}")).cloned();
+    assert_eq!(
+        get("top_k"),
+        Some(Value::I32(1)),
+        "a boolean packed as an int32"
+    );
+    assert_eq!(get("temp"), Some(Value::F32(0.0)));
+    assert_eq!(get("penalty_repeat"), Some(Value::F32(1.1)));
+    assert_eq!(get("mirostat"), Some(Value::I32(2)));
+    assert_eq!(
+        (get("sequence"), get("top_p")),
+        (None, None),
+        "empty and null: not written"
+    );
+    // Where the writer's `struct.pack` fails, the converter fails: refused, naming the file.
+    for (gen, why) in [
+        (
+            serde_json::json!({"top_k": 40.0}),
+            "`top_k` is 40.0, not a 32-bit integer",
+        ),
+        (
+            serde_json::json!({"top_p": "0.9"}),
+            "`top_p` is \"0.9\", not a number",
+        ),
+        (
+            serde_json::json!({"sequence": 3}),
+            "`sequence` is 3, not a string",
+        ),
+    ] {
+        let err = with_gen(gen).unwrap_err().to_string();
+        assert!(err.starts_with("/m/generation_config.json"), "{err}");
+        assert!(err.contains(why), "{why:?} not in {err}");
+    }
+}
