@@ -36,6 +36,14 @@ pub struct EngineStats {
     pub factors_loaded: AtomicU64,
 }
 
+/// Bytes of merged blocks a mount keeps by default. They serve readers that come back (a
+/// kernel request spanning two blocks, blocks merged ahead of a reader, several loader
+/// threads, mmap faults out of order); the page cache keeps what was read, so the blocks are
+/// a second copy, and every byte of the budget is memory a fresh mount touches for the first
+/// time (256 MiB took a sixth of the CPU a fresh mount spent serving a 1 GB GGUF:
+/// docs/DESIGN.md, "Where a cold mapping's CPU goes").
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 /// Tuning knobs of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -51,7 +59,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            cache_bytes: 64 << 20,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             factor_bytes: usize::MAX,
             ahead: AheadOptions::default(),
         }

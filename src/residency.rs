@@ -2,9 +2,9 @@
 //! over a mapping that is never read.
 //!
 //! `--direct-io auto` asks this of every base file when a mount opens, so it is on the
-//! mount's critical path: `mincore` looks up each 4 KiB page of the file on its own (about
-//! 10 ms per GB here), `cachestat` walks the page cache by folio, which for a large file on
-//! ext4 or xfs (large folios) is a small fraction of that.
+//! mount's critical path: `mincore` looks up each 4 KiB page of the file on its own,
+//! `cachestat` walks the page cache by folio, which for a large file on ext4 or xfs (large
+//! folios) is a small fraction of the lookups.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -95,9 +95,9 @@ mod tests {
 
     /// A file of `len` bytes on disk (/var/tmp, where /tmp may be tmpfs, whose pages are the
     /// file and cannot be evicted); `None` (and a line saying so) on tmpfs.
-    fn disk_file(dir: &tempfile::TempDir, len: usize) -> Option<(std::path::PathBuf, File)> {
+    fn disk_file(dir: &tempfile::TempDir, len: u64) -> Option<File> {
         let path = dir.path().join("data");
-        std::fs::write(&path, vec![5u8; len]).unwrap();
+        std::fs::write(&path, vec![5u8; len as usize]).unwrap();
         if rustix::fs::statfs(&path).unwrap().f_type == libc::TMPFS_MAGIC {
             eprintln!(
                 "skipping: {} is on tmpfs, whose pages cannot be evicted",
@@ -105,8 +105,7 @@ mod tests {
             );
             return None;
         }
-        let file = File::open(&path).unwrap();
-        Some((path, file))
+        Some(File::open(&path).unwrap())
     }
 
     fn evict(file: &File) {
@@ -119,10 +118,10 @@ mod tests {
         let dir = tempfile::tempdir_in("/var/tmp")
             .or_else(|_| tempfile::tempdir())
             .unwrap();
-        let Some((_path, file)) = disk_file(&dir, 8 << 20) else {
+        let size = 8 << 20;
+        let Some(file) = disk_file(&dir, size) else {
             return;
         };
-        let size = 8 << 20;
         evict(&file);
         assert_eq!(by_mincore(&file, size), Some(0));
         // Read the second quarter back into the page cache.

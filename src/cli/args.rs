@@ -256,14 +256,10 @@ pub(crate) fn parse_size(arg: &str) -> Result<usize, String> {
     Ok((number * (1u64 << shift) as f64) as usize)
 }
 
-/// Cache budgets by default. A mount keeps recently merged blocks for readers that come
-/// back (a kernel request spanning two blocks, blocks merged ahead of a reader, several
-/// loader threads, mmap faults out of order); the page cache keeps what was read, so the
-/// blocks are a second copy, and every byte of a budget is memory a fresh mount touches for
-/// the first time (256 MiB took a sixth of the CPU a fresh mount spent serving a 1 GB GGUF:
-/// docs/DESIGN.md, "Where a cold mapping's CPU goes"). Materialize reads every block
-/// once, in order, and only needs the blocks its 16 MiB chunks share at their edges.
-pub(crate) const MOUNT_CACHE: usize = 64 << 20;
+/// Cache budgets by default: a mount's is the engine's (see there why it is small);
+/// materialize reads every block once, in order, and only needs the blocks its 16 MiB
+/// chunks share at their edges.
+pub(crate) const MOUNT_CACHE: usize = lorafs::engine::DEFAULT_CACHE_BYTES;
 pub(crate) const MATERIALIZE_CACHE: usize = 32 << 20;
 
 /// Read-ahead for the mount, KiB. Cold sequential reads through FUSE at the kernel's

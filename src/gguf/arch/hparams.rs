@@ -90,25 +90,24 @@ pub fn load(config: &[u8]) -> Result<Hparams, String> {
     let rope_theta = raw.remove("rope_theta");
     let partial = raw.remove("partial_rotary_factor").filter(|v| !v.is_null());
     let mut map = raw;
-    // A class default fills a missing key; a key given as null stays null (transformers
-    // passes `None` on, and the converter leaves out what it would have written from it),
-    // but for what `post_init` derives.
-    for (key, value) in class_defaults(&model_type) {
-        map.entry(key).or_insert(value);
-    }
+    fill_class_defaults(&model_type, &mut map);
     post_init(&model_type, &mut map)?;
     let rope = standardize_rope(&map, rope_scaling, rope_theta, partial)?;
     map.insert("rope_parameters".into(), Json::Object(rope));
     Ok(Hparams { arch, map })
 }
 
-/// The default of config key `key` for `model_type` (see [`class_defaults`]), if it has one.
-pub fn class_default(model_type: &str, key: &str) -> Option<Json> {
-    if !MODEL_TYPES.contains(&model_type) {
-        return None;
+/// The keys of `map` (a `config.json`) that the config class of `model_type` gives a default
+/// to, filled where missing, as transformers fills them (nothing for a model type lorafs does
+/// not reproduce). A key given as null stays null: transformers passes `None` on, and the
+/// converter leaves out what it would have written from it (but for what `post_init`
+/// derives).
+pub fn fill_class_defaults(model_type: &str, map: &mut Map<String, Json>) {
+    if MODEL_TYPES.contains(&model_type) {
+        for (key, value) in class_defaults(model_type) {
+            map.entry(key).or_insert(value);
+        }
     }
-    let defaults = class_defaults(model_type).into_iter();
-    defaults.filter(|(k, _)| *k == key).map(|(_, v)| v).next()
 }
 
 /// The defaults of the config classes' fields that the conversion reads (transformers 5.x

@@ -291,12 +291,15 @@ fn refusals_name_the_architecture_and_the_converter() {
     assert!(err.contains("q_norm"), "{err}");
 }
 
-/// The metadata of a plan of `config` (a llama's tensors: the keys read only the config).
-fn metadata_of(config: serde_json::Value) -> crate::gguf::Metadata {
+/// The metadata of an F16 plan of `files` with a llama layer's tensors (the keys tested
+/// here read only the files).
+fn metadata_of_files(files: &Files) -> crate::Result<crate::gguf::Metadata> {
     let tensors = layer(0, "model.safetensors", false);
-    plan(&files(config), &tensors, OutType::F16, "Tiny")
-        .unwrap()
-        .metadata
+    plan(files, &tensors, OutType::F16, "Tiny").map(|p| p.metadata)
+}
+
+fn metadata_of(config: serde_json::Value) -> crate::gguf::Metadata {
+    metadata_of_files(&files(config)).unwrap()
 }
 
 fn with(mut config: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
@@ -380,8 +383,7 @@ fn sampling_keys_are_written_as_the_converters_writer_packs_them() {
     let with_gen = |gen: serde_json::Value| {
         let mut f = files(llama_config());
         f.0.insert("generation_config.json", gen.to_string());
-        let tensors = layer(0, "model.safetensors", false);
-        plan(&f, &tensors, OutType::F16, "Tiny").map(|p| p.metadata)
+        metadata_of_files(&f)
     };
     let md = with_gen(serde_json::json!({"top_k": true, "temperature": false,
         "repetition_penalty": 1.1, "sequence": "", "top_p": null, "mirostat": 2}))

@@ -19,7 +19,7 @@ mod sentencepiece;
 mod special;
 mod tokenizer_json;
 
-use super::arch::hparams::class_default;
+use super::arch::hparams::fill_class_defaults;
 use super::{Metadata, ModelFiles, Value};
 use crate::{Error, Result};
 use serde_json::{Map, Value as Json};
@@ -183,14 +183,10 @@ impl<'a> Dir<'a> {
         if let Some(Json::Object(text)) = root.get("text_config") {
             hparams.extend(text.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
-        // The converter reads the config through transformers, whose class fills a missing
-        // `vocab_size` with its default (and pads the vocabulary to it).
-        if !hparams.contains_key("vocab_size") {
-            let model_type = hparams.get("model_type").and_then(Json::as_str);
-            let default = model_type.and_then(|t| class_default(t, "vocab_size"));
-            if let Some(size) = default {
-                hparams.insert("vocab_size".into(), size);
-            }
+        // The converter reads the config through transformers, whose class fills missing
+        // keys (a missing `vocab_size` is the class's, which the vocabulary is padded to).
+        if let Some(model_type) = root.get("model_type").and_then(Json::as_str) {
+            fill_class_defaults(model_type, &mut hparams);
         }
         Ok(Dir {
             files,
