@@ -310,7 +310,9 @@ impl View {
     }
 
     /// Bytes `within ..` of a converted tensor whose source elements start at `offset`:
-    /// the elements the range touches are read, converted, and the range copied out.
+    /// the elements the range touches are converted, from the base bytes read ahead where
+    /// they are (no copy of them first), and straight into `out` where the range holds
+    /// whole elements (every read but one cutting an element).
     fn read_converted(
         &self,
         vf: &VirtualFile,
@@ -322,12 +324,31 @@ impl View {
     ) -> Result<()> {
         let (first, end) = (within / to.size() as u64, within + out.len() as u64);
         let count = (end.div_ceil(to.size() as u64) - first) as usize;
-        let mut raw = vec![0u8; count * from.size()];
-        self.read_source(vf, &mut raw, offset + first * from.size() as u64)?;
-        let mut converted = vec![0u8; count * to.size()];
-        self.engine.kernel.convert(from, &raw, to, &mut converted);
+        let at = offset + first * from.size() as u64;
         let skip = (within - first * to.size() as u64) as usize;
-        out.copy_from_slice(&converted[skip..skip + out.len()]);
+        let kernel = self.engine.kernel;
+        let convert = |raw: &[u8], out: &mut [u8]| {
+            if skip == 0 && out.len() == count * to.size() {
+                kernel.convert(from, raw, to, out);
+            } else {
+                let mut converted = vec![0u8; count * to.size()];
+                kernel.convert(from, raw, to, &mut converted);
+                out.copy_from_slice(&converted[skip..skip + out.len()]);
+            }
+        };
+        let len = count * from.size();
+        if self.reads_ahead() {
+            let staged = self
+                .engine
+                .ahead
+                .with_staged(&vf.source, at, len, |raw| convert(raw, out))?;
+            if staged.is_some() {
+                return Ok(());
+            }
+        }
+        let mut raw = vec![0u8; len];
+        self.read_source(vf, &mut raw, at)?;
+        convert(&raw, out);
         Ok(())
     }
 

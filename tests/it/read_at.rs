@@ -121,6 +121,47 @@ fn random_ranges_equal_materialized_bytes() {
 }
 
 #[test]
+fn converted_ranges_from_the_base_read_ahead_equal_materialized_bytes() {
+    // `--dtype f32` over a bf16 base: the tensors that are not merged are converted. Each
+    // read is preceded by a read-ahead from its start, as a sequential reader's is, so the
+    // conversion runs on the base bytes read ahead, in ranges that cut elements too.
+    let f = fixture(Dtype::BF16);
+    let f32 = Some(lorafs::dtype::DType::F32);
+    let reference = View::open_single(&f.base, &f.adapters, f32, None, Default::default());
+    let (reference, out) = (reference.unwrap(), f._tmp.path().join("out-f32"));
+    let inputs = [f.base.as_path(), &f.adapters[0].0];
+    materialize(&reference, &out, &inputs, &MaterializeOptions::default()).unwrap();
+    let expected = read_tree(&out);
+    let mut engine = lorafs::Engine::open(&f.base, EngineOptions::default()).unwrap();
+    engine.direct_base_reads = true;
+    let view = View::open(Arc::new(engine), &f.adapters, f32, None).unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    for (index, file) in view.files.iter().enumerate().filter(|(_, f)| f.size > 0) {
+        let want = &expected[&file.rel];
+        for _ in 0..60 {
+            let start = rng.random_range(0..file.size);
+            let len = rng.random_range(1..300_000u64).min(file.size - start);
+            view.read_ahead(index, start);
+            let mut buf = vec![0xAAu8; len as usize];
+            assert_eq!(view.read_at(index, start, &mut buf).unwrap(), len as usize);
+            let (lo, hi) = (start as usize, (start + len) as usize);
+            assert!(
+                buf == want[lo..hi],
+                "{}: bytes at {start}+{len}",
+                file.rel.display()
+            );
+        }
+    }
+    let served = view
+        .engine
+        .ahead
+        .stats()
+        .served
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(served > 0, "nothing was taken from the base read ahead");
+}
+
+#[test]
 fn concurrent_readers_get_the_same_bytes() {
     let f = fixture(Dtype::F16);
     let engine = Arc::new(engine(&f, 256 << 10));
