@@ -20,17 +20,21 @@ Run as root; for example, the page cache against O_DIRECT base reads:
         auto= "page-cache=--direct-io never" "direct=--direct-io always"
 
 `--lorafs BINARY` picks the binary (default target/release/lorafs); a contender may name its
-own with `NAME=@BINARY ARGS` (to compare two builds).
+own with `NAME=@BINARY ARGS` (to compare two builds). `--profile` adds, after the rounds, one
+more mapping of each contender under `perf record` of its server (Debian's linux-perf) and
+prints the symbols that took the most of the server's CPU (docs/DESIGN.md, "Where a cold
+mapping's CPU goes").
 """
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
-from coldio import drop_caches, populate_cost, server_cpu
+from coldio import drop_caches, populate_cost, server_cpu, server_pid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,12 +48,32 @@ def parse_contender(spec, default_binary):
     return name, binary, words
 
 
+def profile(mount, mountpoint, data):
+    """One more mapping of a fresh mount (`mount()` mounts it) with `perf record` on its
+    server; returns the report's lines for the symbols over 1.5 % of the server's samples."""
+    mount()
+    try:
+        perf = subprocess.Popen(["perf", "record", "-q", "-F", "4999", "-g", "-p", server_pid(mountpoint),
+                                 "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # perf attached
+        populate_cost(mountpoint / "model-F16.gguf")
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    finally:
+        subprocess.run(["umount", mountpoint], check=True)
+    report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym", "-g", "none",
+                             "--percent-limit", "1.5", "--stdio"], capture_output=True, text=True, check=True)
+    data.unlink()
+    return [line for line in report.stdout.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/lorafs-bench-gguf"))
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--lorafs", type=Path, default=REPO / "target/release/lorafs")
     ap.add_argument("--warm", action="store_true", help="the base in the page cache for the mounts")
+    ap.add_argument("--profile", action="store_true", help="then one mapping per contender under perf record")
     ap.add_argument("contenders", nargs="+", metavar="NAME=ARGS")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -65,6 +89,11 @@ def main():
                        check=True, capture_output=True)
         names = ["disk", *(c[0] for c in contenders)]
         by_name = {c[0]: c for c in contenders}
+
+        def mount(name):
+            _, binary, extra = by_name[name]
+            subprocess.run([binary, "mount", base, mnt, "--adapter", adapter, "--gguf", "F16", *extra], check=True)
+
         times = {n: [] for n in names}
         mapper_sys = {n: [] for n in names}
         server = {n: [] for n in names}
@@ -78,9 +107,8 @@ def main():
                     continue
                 if args.warm:
                     subprocess.run(["cat", *base.glob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)
-                _, binary, extra = by_name[name]
                 t0 = time.perf_counter()
-                subprocess.run([binary, "mount", base, mnt, "--adapter", adapter, "--gguf", "F16", *extra], check=True)
+                mount(name)
                 try:
                     mounted = time.perf_counter() - t0
                     wall, system = populate_cost(mnt / "model-F16.gguf")
@@ -89,6 +117,12 @@ def main():
                     server[name].append(server_cpu(mnt))
                 finally:
                     subprocess.run(["umount", mnt], check=True)
+        profiles = {}
+        for name in names[1:] if args.profile else []:
+            drop_caches()
+            if args.warm:
+                subprocess.run(["cat", *base.glob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)
+            profiles[name] = profile(lambda: mount(name), mnt, args.dir / "cold-map.perf")
     finally:
         disk.unlink(missing_ok=True)
         mnt.rmdir()
@@ -102,6 +136,10 @@ def main():
         cpu = f"{statistics.median(server[name]):>10.2f} s" if server[name] else f"{'':>12}"
         print(f"  {name:<20}{m:>7.3f} s{m / base_line:>8.2f}x{statistics.median(mapper_sys[name]):>10.2f} s"
               f"{cpu}   [{spread}]")
+
+    for name, lines in profiles.items():
+        print(f"\n{name}: the server's CPU in one more mapping, by symbol (perf record -g -p, over 1.5 %)")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,14 @@ def populate_cost(path):
         os.close(fd)
 
 
+def server_pid(mountpoint):
+    """The process id of the lorafs server of `mountpoint`."""
+    stats = Path(mountpoint, ".lorafs-stats").read_text().split()
+    return stats[stats.index("pid") + 1]
+
+
 def server_cpu(mountpoint):
     """CPU seconds (user + system) the lorafs server of `mountpoint` has used so far."""
-    stats = Path(mountpoint, ".lorafs-stats").read_text().split()
-    pid = stats[stats.index("pid") + 1]
+    pid = server_pid(mountpoint)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
