@@ -155,41 +155,40 @@ impl LorafsFs {
     }
 }
 
-/// The live counters, as served by the stats file and logged on SIGUSR1.
+/// The live counters, as served by the stats file and logged on SIGUSR1: a line each,
+/// `name value`.
 pub fn stats_text(engine: &Engine) -> String {
-    let c = &engine.blocks.stats;
-    let s = &engine.stats;
-    let a = engine.ahead.stats();
-    format!(
-        "cache_hits {}\ncache_misses {}\ncache_waits {}\ncache_evictions {}\ncache_bytes {}\ncache_budget {}\n\
-         bytes_computed {}\nbytes_read {}\nbytes_merged {}\nbytes_passthrough {}\nbytes_replaced {}\nbytes_converted {}\n\
-         factor_bytes {}\nfactor_budget {}\nfactors_loaded {}\n\
-         read_ahead_bytes {}\nread_ahead_budget {}\nread_ahead_staged {}\nread_ahead_served {}\nread_ahead_dropped {}\n\
-         kernel {}\npid {}\npanics_caught {}\n",
-        c.hits.load(Ordering::Relaxed),
-        c.misses.load(Ordering::Relaxed),
-        c.waits.load(Ordering::Relaxed),
-        c.evictions.load(Ordering::Relaxed),
-        engine.blocks.bytes(),
-        engine.blocks.budget(),
-        c.bytes_computed.load(Ordering::Relaxed),
-        s.bytes_read.load(Ordering::Relaxed),
-        s.bytes_merged.load(Ordering::Relaxed),
-        s.bytes_passthrough.load(Ordering::Relaxed),
-        s.bytes_replaced.load(Ordering::Relaxed),
-        s.bytes_converted.load(Ordering::Relaxed),
-        engine.factors.bytes(),
-        engine.factors.budget(),
-        s.factors_loaded.load(Ordering::Relaxed),
-        engine.ahead.bytes(),
-        engine.ahead.budget(),
-        a.staged.load(Ordering::Relaxed),
-        a.served.load(Ordering::Relaxed),
-        a.dropped.load(Ordering::Relaxed),
-        engine.kernel.name(),
-        std::process::id(),
-        panics::caught_count(),
-    )
+    let (c, s, a) = (&engine.blocks.stats, &engine.stats, engine.ahead.stats());
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let counters = [
+        ("cache_hits", load(&c.hits)),
+        ("cache_misses", load(&c.misses)),
+        ("cache_waits", load(&c.waits)),
+        ("cache_evictions", load(&c.evictions)),
+        ("cache_bytes", engine.blocks.bytes() as u64),
+        ("cache_budget", engine.blocks.budget() as u64),
+        ("bytes_computed", load(&c.bytes_computed)),
+        ("bytes_read", load(&s.bytes_read)),
+        ("bytes_merged", load(&s.bytes_merged)),
+        ("bytes_passthrough", load(&s.bytes_passthrough)),
+        ("bytes_replaced", load(&s.bytes_replaced)),
+        ("bytes_converted", load(&s.bytes_converted)),
+        ("factor_bytes", engine.factors.bytes() as u64),
+        ("factor_budget", engine.factors.budget() as u64),
+        ("factors_loaded", load(&s.factors_loaded)),
+        ("read_ahead_bytes", engine.ahead.bytes()),
+        ("read_ahead_budget", engine.ahead.budget()),
+        ("read_ahead_staged", load(&a.staged)),
+        ("read_ahead_served", load(&a.served)),
+        ("read_ahead_dropped", load(&a.dropped)),
+    ];
+    let mut text: String = (counters.iter())
+        .map(|(name, value)| format!("{name} {value}\n"))
+        .collect();
+    text += &format!("kernel {}\n", engine.kernel.name());
+    text += &format!("pid {}\n", std::process::id());
+    text += &format!("panics_caught {}\n", panics::caught_count());
+    text
 }
 
 /// `attr` as served for inode `ino` (the directories made above nested view names share
