@@ -63,7 +63,7 @@ pub(crate) fn open_views(
     };
     let registry = views.clone();
     let start = Box::new(move || {
-        let mut services: Vec<Box<dyn std::any::Any>> = Vec::new();
+        let mut services: lorafs::fuse::Services = Vec::new();
         if let Some(file) = file {
             let watcher = lorafs::viewsfile::watch(file, registry.clone())?;
             services.push(Box::new(watcher));

@@ -15,7 +15,7 @@ mod transport;
 pub mod views;
 
 pub use panics::init_server_process;
-pub use session::{check_mountpoint, mount, unmount, Live, MountOptions};
+pub use session::{check_mountpoint, mount, unmount, Live, MountOptions, Services};
 pub use transport::Transport;
 
 use std::collections::HashMap;

@@ -46,9 +46,11 @@ pub struct MountOptions {
 /// started by `start` and kept until unmounted.
 pub struct Live {
     pub views: Arc<Views>,
-    #[allow(clippy::type_complexity)]
-    pub start: Box<dyn FnOnce() -> io::Result<Vec<Box<dyn std::any::Any>>>>,
+    pub start: Box<dyn FnOnce() -> io::Result<Services>>,
 }
+
+/// Services kept running until unmounted (each stops when dropped).
+pub type Services = Vec<Box<dyn std::any::Any>>;
 
 /// Bytes per page-cache store while warming: one FUSE request's worth.
 const WARM_CHUNK: usize = 1 << 20;
@@ -79,65 +81,14 @@ pub fn mount(
             tree::ROOT,
         )?;
     }
-    let (_services, control): (_, Arc<dyn crate::control::ViewControl>) = match live {
-        Some(live) => {
-            live.views.set_notifier(session.notifier(), &mountpoint);
-            ((live.start)()?, live.views)
-        }
-        None => (Vec::new(), Arc::new(super::views::NoViews)),
-    };
-    // `lorafs view` reaches the server here. Without it the mount still serves: only
-    // live changes are lost (the name can be taken by another user's process).
-    let _control = match crate::control::serve(&mountpoint, control) {
-        Ok(server) => Some(server),
-        Err(e) => {
-            log::error!("view control of {} unavailable: {e}", mountpoint.display());
-            None
-        }
-    };
+    let (_services, _control) = start_view_services(live, &session, &mountpoint)?;
     if let Some(kb) = options.read_ahead_kb {
         set_read_ahead(&mountpoint, kb);
     }
     let fuser_unmounter = (!own_mount).then(|| session.unmount_callable());
-    let mut unmounter = transport::Unmounter::new(&mountpoint, fuser_unmounter)?;
+    let unmounter = transport::Unmounter::new(&mountpoint, fuser_unmounter)?;
     let failure_unmounter = unmounter.by_lorafs();
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
-    let watched = mountpoint.clone();
-    let watched_engine = engine.clone();
-    let signal_notify = options.notify.clone();
-    std::thread::Builder::new()
-        .name("lorafs-signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if signal == SIGUSR1 {
-                    log::warn!(
-                        "stats: {}",
-                        super::stats_text(&watched_engine).replace('\n', " ")
-                    );
-                    continue;
-                }
-                if let Err(err) = unmounter.check() {
-                    // Someone else's mount on top: unmounting the path would remove it.
-                    log::error!("signal {signal}: not unmounting: {err}");
-                    continue;
-                }
-                log::info!("signal {signal}: unmounting {}", watched.display());
-                if let Some(notify) = &signal_notify {
-                    notify.stopping(&format!("signal {signal}: unmounting"));
-                }
-                if let Err(err) = unmounter.unmount() {
-                    // Busy (a file is open): detach now, the kernel finishes when it is closed.
-                    log::warn!(
-                        "unmount of {} failed ({err}); detaching lazily",
-                        watched.display()
-                    );
-                    if let Err(err) = unmounter.detach() {
-                        log::error!("lazy unmount of {} failed: {err}", watched.display());
-                    }
-                }
-                break;
-            }
-        })?;
+    spawn_signals(unmounter, &mountpoint, &engine, options.notify.clone())?;
     let nodes = tree.read().map_or(0, |t| t.len());
     log::info!(
         "mounted {} at {} ({nodes} nodes, kernel {})",
@@ -168,6 +119,81 @@ pub fn mount(
     served?;
     log::info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// What a mount of views runs beside the session: the services that change the views
+/// (started now, with the registry told the kernel's notifier) and the control socket
+/// through which `lorafs view` reaches the server. Both are kept until unmounted. Without
+/// the socket the mount still serves: only live changes are lost (its name can be taken
+/// by another user's process), so that failure is logged, not returned.
+fn start_view_services(
+    live: Option<Live>,
+    session: &fuser::Session<super::dev::DevFs>,
+    mountpoint: &Path,
+) -> io::Result<(Services, Option<crate::control::ControlServer>)> {
+    let (services, control): (_, Arc<dyn crate::control::ViewControl>) = match live {
+        Some(live) => {
+            live.views.set_notifier(session.notifier(), mountpoint);
+            ((live.start)()?, live.views)
+        }
+        None => (Vec::new(), Arc::new(super::views::NoViews)),
+    };
+    let control = match crate::control::serve(mountpoint, control) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            log::error!("view control of {} unavailable: {e}", mountpoint.display());
+            None
+        }
+    };
+    Ok((services, control))
+}
+
+/// The thread that answers signals: SIGUSR1 logs the counters; SIGINT and SIGTERM unmount
+/// (lazily if the mount is busy), unless someone else's mount is on top of it now.
+fn spawn_signals(
+    mut unmounter: transport::Unmounter,
+    mountpoint: &Path,
+    engine: &Arc<crate::engine::Engine>,
+    notify: Option<Arc<ServiceNotifier>>,
+) -> io::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
+    let (mountpoint, engine) = (mountpoint.to_path_buf(), engine.clone());
+    // Whether it unmounted (or detached) the mount: the thread's work is then done.
+    let unmount = move |signal: i32, unmounter: &mut transport::Unmounter| -> bool {
+        if let Err(err) = unmounter.check() {
+            // Someone else's mount on top: unmounting the path would remove it.
+            log::error!("signal {signal}: not unmounting: {err}");
+            return false;
+        }
+        log::info!("signal {signal}: unmounting {}", mountpoint.display());
+        if let Some(notify) = &notify {
+            notify.stopping(&format!("signal {signal}: unmounting"));
+        }
+        if let Err(err) = unmounter.unmount() {
+            // Busy (a file is open): detach now, the kernel finishes when it is closed.
+            let shown = mountpoint.display();
+            log::warn!("unmount of {shown} failed ({err}); detaching lazily");
+            if let Err(err) = unmounter.detach() {
+                log::error!("lazy unmount of {shown} failed: {err}");
+            }
+        }
+        true
+    };
+    std::thread::Builder::new()
+        .name("lorafs-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGUSR1 {
+                    let stats = super::stats_text(&engine).replace('\n', " ");
+                    log::warn!("stats: {stats}");
+                    continue;
+                }
+                if unmount(signal, &mut unmounter) {
+                    break;
+                }
+            }
+        })
+        .map(drop)
 }
 
 /// Warm `view`, served at `dir` with its root at inode `root`, on a thread of its own.
