@@ -11,7 +11,7 @@ mod tests;
 
 use serde_json::Value as Json;
 
-use super::{card, GgmlType, Metadata, ModelFiles, OutType};
+use super::{card, GgmlType, Metadata, ModelFiles, OutType, Value};
 use crate::dtype::DType;
 
 /// A tensor of the Hugging Face model, with the safetensors file (`part`) that holds it: the
@@ -102,15 +102,7 @@ pub fn plan(
     out: OutType,
     model_name: &str,
 ) -> crate::Result<ArchPlan> {
-    let config_path = files.root().join("config.json");
-    let refuse = |what: String| crate::Error::NoGguf {
-        path: files.root().to_path_buf(),
-        what: format!(
-            "{what}: lorafs's GGUF view supports {}; where llama.cpp's convert_hf_to_gguf.py \
-             supports the model, run it on the mounted (or materialized) directory instead",
-            supported_architectures().join(", ")
-        ),
-    };
+    let refuse = |what: String| refusal(files, what);
     let config = files
         .read("config.json")?
         .ok_or_else(|| refuse("no config.json".into()))?;
@@ -123,9 +115,61 @@ pub fn plan(
     if let Some(why) = refuse_variants(files, &hp, family, model_name)? {
         return Err(refuse(why));
     }
+    let planned = plan_tensors(files, &hp, family, tensors, out)?;
+    let total: u64 = planned
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
+    let sampling = sampling(files)?;
+    let card = model_card(files, total)?;
+    let mut metadata = Metadata::new();
     let arch = family.gguf_arch();
-    let bad = |what: String| crate::Error::config(&config_path, what);
+    keys::general(&mut metadata, arch, sampling, model_name, total, &card).map_err(|e| {
+        crate::Error::NoGguf {
+            path: files.root().join("README.md"),
+            what: format!("{e}: fix the card"),
+        }
+    })?;
+    keys::parameters(&mut metadata, &hp, family, arch, out)
+        .map_err(|what| config_error(files, what))?;
+    let vocab = match family {
+        Family::Llama => VocabFamily::Llama,
+        Family::Qwen2 | Family::Qwen3 => VocabFamily::Qwen,
+    };
+    Ok(ArchPlan {
+        metadata,
+        tensors: planned,
+        vocab,
+    })
+}
 
+/// The refusal of a model the GGUF view does not convert, with what to do instead.
+fn refusal(files: &dyn ModelFiles, what: String) -> crate::Error {
+    crate::Error::NoGguf {
+        path: files.root().to_path_buf(),
+        what: format!(
+            "{what}: lorafs's GGUF view supports {}; where llama.cpp's convert_hf_to_gguf.py \
+             supports the model, run it on the mounted (or materialized) directory instead",
+            supported_architectures().join(", ")
+        ),
+    }
+}
+
+/// An error in `config.json`.
+fn config_error(files: &dyn ModelFiles, what: String) -> crate::Error {
+    crate::Error::config(files.root().join("config.json"), what)
+}
+
+/// The GGUF tensors of the model, in the converter's order, with its names and types (and
+/// Llama 3's RoPE frequency factors where the config asks for them).
+fn plan_tensors(
+    files: &dyn ModelFiles,
+    hp: &hparams::Hparams,
+    family: Family,
+    tensors: &[SourceTensor],
+    out: OutType,
+) -> crate::Result<Vec<PlannedTensor>> {
+    let bad = |what: String| config_error(files, what);
     let count = |k: &str| {
         hp.get(k)
             .and_then(Json::as_u64)
@@ -143,63 +187,41 @@ pub fn plan(
         .and_then(Json::as_str)
         .unwrap_or("");
     let rope_factors = if family == Family::Llama && rope_type.eq_ignore_ascii_case("llama3") {
-        let dim = keys::rope_dim(&hp).map_err(bad)?;
+        let dim = keys::rope_dim(hp).map_err(bad)?;
         Some(tensors::llama3_rope_factors(hp.rope(), dim as u64))
     } else {
         None
     };
-    let planned = tensors::plan_tensors(&params, tensors, rope_factors, out).map_err(&refuse)?;
+    tensors::plan_tensors(&params, tensors, rope_factors, out).map_err(|e| refusal(files, e))
+}
 
+/// The sampling keys from `generation_config.json`, if there is one the converter parses
+/// (it ignores one it cannot); a value its writer fails on is refused.
+fn sampling(files: &dyn ModelFiles) -> crate::Result<Vec<(String, Value)>> {
     let generation = match files.read("generation_config.json")? {
-        // The converter ignores a generation config it cannot parse.
         Some(bytes) => match serde_json::from_slice::<Json>(&bytes) {
-            Ok(Json::Object(m)) => Some(m),
-            _ => None,
+            Ok(Json::Object(m)) => m,
+            _ => return Ok(Vec::new()),
         },
-        None => None,
+        None => return Ok(Vec::new()),
     };
-    let sampling = generation.as_ref().map(keys::sampling).transpose();
-    let sampling = sampling.map_err(|e| crate::Error::NoGguf {
+    keys::sampling(&generation).map_err(|e| crate::Error::NoGguf {
         path: files.root().join("generation_config.json"),
         what: format!("{e}; llama.cpp's convert_hf_to_gguf.py fails on it too: fix the file"),
-    })?;
-    let total: u64 = planned
-        .iter()
-        .map(|t| t.shape.iter().product::<u64>())
-        .sum();
-    let readme = files.read_capped("README.md", card::MAX_README)?;
-    let card = match &readme {
-        Some(bytes) => card::load(bytes, total).map_err(|e| crate::Error::NoGguf {
-            path: files.root().join("README.md"),
-            what: format!(
-                "{e}; llama.cpp's convert_hf_to_gguf.py fails on this model card too (it \
-                 reads its YAML front matter): fix the card"
-            ),
-        })?,
-        None => card::Card::default(),
+    })
+}
+
+/// The model card's keys, from the YAML front matter of `README.md` if there is one.
+fn model_card(files: &dyn ModelFiles, total_params: u64) -> crate::Result<card::Card> {
+    let Some(readme) = files.read_capped("README.md", card::MAX_README)? else {
+        return Ok(card::Card::default());
     };
-    let mut metadata = Metadata::new();
-    keys::general(
-        &mut metadata,
-        arch,
-        sampling.unwrap_or_default(),
-        model_name,
-        total,
-        &card,
-    )
-    .map_err(|e| crate::Error::NoGguf {
+    card::load(&readme, total_params).map_err(|e| crate::Error::NoGguf {
         path: files.root().join("README.md"),
-        what: format!("{e}: fix the card"),
-    })?;
-    keys::parameters(&mut metadata, &hp, family, arch, out).map_err(bad)?;
-    let vocab = match family {
-        Family::Llama => VocabFamily::Llama,
-        Family::Qwen2 | Family::Qwen3 => VocabFamily::Qwen,
-    };
-    Ok(ArchPlan {
-        metadata,
-        tensors: planned,
-        vocab,
+        what: format!(
+            "{e}; llama.cpp's convert_hf_to_gguf.py fails on this model card too (it \
+             reads its YAML front matter): fix the card"
+        ),
     })
 }
 
