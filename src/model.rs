@@ -61,92 +61,9 @@ pub struct BaseModel {
 
 impl BaseModel {
     pub fn open(dir: &Path) -> Result<BaseModel> {
-        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
-        if !meta.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::other("base model path is not a directory"),
-            ));
-        }
-        let mut walk = Walk {
-            root: dir,
-            files: Vec::new(),
-            dirs: Vec::new(),
-            seen: HashMap::from([((meta.dev(), meta.ino()), PathBuf::new())]),
-        };
-        walk.dir(Path::new(""), 0)?;
-        let Walk {
-            mut files,
-            mut dirs,
-            ..
-        } = walk;
-        files.sort_by(|a, b| a.rel.cmp(&b.rel));
-        dirs.sort();
-
-        let mut layouts = Vec::new();
-        for file in &mut files {
-            if file.rel.extension().is_some_and(|e| e == "safetensors") {
-                file.layout = Some(layouts.len());
-                layouts.push(Layout::open(&file.path)?);
-            }
-        }
-        if layouts.is_empty() {
-            let what = if files
-                .iter()
-                .any(|f| f.rel.extension().is_some_and(|e| e == "bin"))
-            {
-                "no *.safetensors weights (only pickle .bin files, which lorafs does not read); \
-                 convert the model with save_pretrained(safe_serialization=True)"
-            } else {
-                "no *.safetensors weights found"
-            };
-            return Err(Error::config(dir, what));
-        }
-
-        let index = files
-            .iter()
-            .find(|f| f.rel == Path::new(INDEX_FILE))
-            .map(|f| f.path.clone());
-        let weight_map = match &index {
-            Some(path) => Some(read_weight_map(path)?),
-            None => None,
-        };
-        let mut tensors = HashMap::new();
-        for (li, rel) in files.iter().filter_map(|f| Some((f.layout?, &f.rel))) {
-            let layout = &layouts[li];
-            for (ti, t) in layout.tensors.iter().enumerate() {
-                if let Some(map) = &weight_map {
-                    // With an index, the index decides which file holds a tensor.
-                    if map.get(&t.name).map(Path::new) != Some(rel.as_path()) {
-                        continue;
-                    }
-                }
-                if let Some(&(other, _)) = tensors.get(&t.name) {
-                    let other: &Layout = &layouts[other];
-                    return Err(Error::tensor(
-                        &layout.path,
-                        &t.name,
-                        format!(
-                            "also present in {}; add a model.safetensors.index.json",
-                            other.path.display()
-                        ),
-                    ));
-                }
-                tensors.insert(t.name.clone(), (li, ti));
-            }
-        }
-        if let (Some(path), Some(map)) = (&index, &weight_map) {
-            for (name, file) in map {
-                if !tensors.contains_key(name) {
-                    return Err(Error::tensor(
-                        path,
-                        name,
-                        format!("listed in the index but not found in {file}"),
-                    ));
-                }
-            }
-        }
-
+        let (mut files, dirs) = walk(dir)?;
+        let layouts = open_layouts(dir, &mut files)?;
+        let tensors = tensor_locations(&files, &layouts)?;
         let config_path = dir.join("config.json");
         let config = if config_path.exists() {
             Some(crate::error::read_json(&config_path)?)
@@ -242,6 +159,106 @@ fn shard_name(index: &Path, tensor: &str, file: &str) -> Result<String> {
         ));
     }
     Ok(rel.to_string_lossy().into_owned())
+}
+
+/// The files and directories of the base directory `dir`, sorted by relative path.
+fn walk(dir: &Path) -> Result<(Vec<BaseFile>, Vec<PathBuf>)> {
+    let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+    if !meta.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::other("base model path is not a directory"),
+        ));
+    }
+    let mut walk = Walk {
+        root: dir,
+        files: Vec::new(),
+        dirs: Vec::new(),
+        seen: HashMap::from([((meta.dev(), meta.ino()), PathBuf::new())]),
+    };
+    walk.dir(Path::new(""), 0)?;
+    let Walk {
+        mut files,
+        mut dirs,
+        ..
+    } = walk;
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    dirs.sort();
+    Ok((files, dirs))
+}
+
+/// The layout of each `*.safetensors` file of `files` (which record their index in the
+/// result); a base without any is refused.
+fn open_layouts(dir: &Path, files: &mut [BaseFile]) -> Result<Vec<Layout>> {
+    let mut layouts = Vec::new();
+    for file in files.iter_mut() {
+        if file.rel.extension().is_some_and(|e| e == "safetensors") {
+            file.layout = Some(layouts.len());
+            layouts.push(Layout::open(&file.path)?);
+        }
+    }
+    if !layouts.is_empty() {
+        return Ok(layouts);
+    }
+    let pickles = (files.iter()).any(|f| f.rel.extension().is_some_and(|e| e == "bin"));
+    let what = if pickles {
+        "no *.safetensors weights (only pickle .bin files, which lorafs does not read); \
+         convert the model with save_pretrained(safe_serialization=True)"
+    } else {
+        "no *.safetensors weights found"
+    };
+    Err(Error::config(dir, what))
+}
+
+/// Where each tensor is: (layout index, tensor index). With a shard index, the index decides
+/// which file holds a tensor, and each tensor it lists must be there; without one, a tensor
+/// in two files is refused.
+fn tensor_locations(
+    files: &[BaseFile],
+    layouts: &[Layout],
+) -> Result<HashMap<String, (usize, usize)>> {
+    let index = (files.iter())
+        .find(|f| f.rel == Path::new(INDEX_FILE))
+        .map(|f| f.path.clone());
+    let weight_map = match &index {
+        Some(path) => Some(read_weight_map(path)?),
+        None => None,
+    };
+    let mut tensors = HashMap::new();
+    for (li, rel) in files.iter().filter_map(|f| Some((f.layout?, &f.rel))) {
+        let layout = &layouts[li];
+        for (ti, t) in layout.tensors.iter().enumerate() {
+            if let Some(map) = &weight_map {
+                if map.get(&t.name).map(Path::new) != Some(rel.as_path()) {
+                    continue;
+                }
+            }
+            if let Some(&(other, _)) = tensors.get(&t.name) {
+                let other: &Layout = &layouts[other];
+                return Err(Error::tensor(
+                    &layout.path,
+                    &t.name,
+                    format!(
+                        "also present in {}; add a model.safetensors.index.json",
+                        other.path.display()
+                    ),
+                ));
+            }
+            tensors.insert(t.name.clone(), (li, ti));
+        }
+    }
+    if let (Some(path), Some(map)) = (&index, &weight_map) {
+        for (name, file) in map {
+            if !tensors.contains_key(name) {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!("listed in the index but not found in {file}"),
+                ));
+            }
+        }
+    }
+    Ok(tensors)
 }
 
 /// The walk of the base directory: what it found so far, and every directory it entered.
