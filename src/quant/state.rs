@@ -103,40 +103,13 @@ pub(super) fn four_bit(
     }
     let blob: Value = serde_json::from_slice(&read_small(&layouts[st_loc.0], st)?)
         .map_err(|e| bad(format!("is not JSON: {e}")))?;
-    let field = |k: &str| blob.get(k).ok_or_else(|| bad(format!("has no {k:?}")));
-    let scheme = match (kind, field("quant_type")?.as_str()) {
-        ("nf4", Some("nf4")) => Scheme::Nf4,
-        ("fp4", Some("fp4")) => Scheme::Fp4,
-        (k, t) => {
-            return Err(bad(format!(
-                "quant_type {t:?} does not match the name's bitsandbytes__{k} (nf4 and fp4 are \
-                 dequantized)"
-            )))
-        }
-    };
-    let blocksize = (field("blocksize")?.as_u64())
-        .and_then(|b| usize::try_from(b).ok())
-        .filter(|b| BLOCKSIZES.contains(b))
-        .ok_or_else(|| bad(format!("blocksize is not one of {BLOCKSIZES:?}")))?;
-    let dtype = (field("dtype")?.as_str())
-        .and_then(torch_dtype)
-        .ok_or_else(|| bad("dtype is not bfloat16, float16 or float32".into()))?;
-    let shape: Vec<usize> = (field("shape")?.as_array())
-        .and_then(|a| {
-            a.iter()
-                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                .collect()
-        })
-        .filter(|s: &Vec<usize>| !s.is_empty())
-        .ok_or_else(|| bad("shape is not a list of sizes".into()))?;
-    let numel = crate::layout::numel(&shape)
-        .filter(|&n| n <= isize::MAX as usize / 8)
-        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+    let state = FourBitState::parse(&blob, kind, &bad)?;
     let (w, w_loc) = entry(layouts, tensors, weight).ok_or_else(|| {
         bad(format!(
             "names weight `{weight}`, which the base does not have"
         ))
     })?;
+    let (shape, numel) = (&state.shape, state.numel);
     if w.dtype != Dtype::U8 || w.numel() != numel.div_ceil(2) {
         return Err(Error::tensor(
             &layouts[w_loc.0].path,
@@ -149,72 +122,160 @@ pub(super) fn four_bit(
             ),
         ));
     }
-    let blocks = numel.div_ceil(blocksize);
-    let wpath = &layouts[w_loc.0].path;
-    let mut dropped = vec![st_loc];
-    let map = companion(
+    let companions = Companions {
         layouts,
         tensors,
-        wpath,
-        &format!("{weight}.quant_map"),
-        Dtype::F32,
-        16,
-    )?;
-    dropped.push(map.1);
-    let absmax_name = format!("{weight}.absmax");
-    let scales = if blob.get("nested_absmax").is_some() || blob.get("nested_blocksize").is_some() {
-        let nbs = (field("nested_blocksize")?.as_u64())
-            .and_then(|b| usize::try_from(b).ok())
-            .filter(|b| (1..=4096).contains(b))
-            .ok_or_else(|| bad("nested_blocksize is not in 1..=4096".into()))?;
-        if field("nested_dtype")?.as_str() != Some("float32") {
-            return Err(bad("nested_dtype is not float32".into()));
+        weight,
+        weight_file: &layouts[w_loc.0].path,
+    };
+    let mut dropped = vec![st_loc];
+    dropped.push(companions.get("quant_map", Dtype::F32, 16)?.1);
+    let blocks = numel.div_ceil(state.blocksize);
+    let scales = match state.nested {
+        Some(nested) => companions.nested_scales(nested, blocks, &mut dropped)?,
+        None => {
+            let absmax = companions.get("absmax", Dtype::F32, blocks)?;
+            dropped.push(absmax.1);
+            Scales::F32(part(absmax.0, absmax.1))
         }
-        // bitsandbytes reads it as a Python float and makes an f32 tensor of it.
-        let offset = (field("nested_offset")?.as_f64())
-            .map(|o| o as f32)
-            .filter(|o| o.is_finite())
-            .ok_or_else(|| bad("nested_offset is not a finite number".into()))?;
-        let codes = companion(layouts, tensors, wpath, &absmax_name, Dtype::U8, blocks)?;
-        let nabs = companion(
-            layouts,
-            tensors,
-            wpath,
-            &format!("{weight}.nested_absmax"),
-            Dtype::F32,
-            blocks.div_ceil(nbs),
-        )?;
-        let ncode = companion(
-            layouts,
-            tensors,
-            wpath,
-            &format!("{weight}.nested_quant_map"),
-            Dtype::F32,
-            256,
-        )?;
-        dropped.extend([codes.1, nabs.1, ncode.1]);
-        let code: Vec<f32> = f32s(&read_small(&layouts[ncode.1 .0], ncode.0)?);
-        Scales::Nested {
-            codes: part(codes.0, codes.1),
-            code: Box::new(code.try_into().expect("256 values checked")),
-            nested_absmax: f32s(&read_small(&layouts[nabs.1 .0], nabs.0)?),
-            nested_blocksize: nbs,
-            offset,
-        }
-    } else {
-        let absmax = companion(layouts, tensors, wpath, &absmax_name, Dtype::F32, blocks)?;
-        dropped.push(absmax.1);
-        Scales::F32(part(absmax.0, absmax.1))
     };
     let q = QuantTensor {
-        scheme,
-        shape,
-        dtype,
-        blocksize,
+        scheme: state.scheme,
+        shape: state.shape,
+        dtype: state.dtype,
+        blocksize: state.blocksize,
         codes: part(w, w_loc),
         scales,
     };
     Ok((q, dropped))
+}
+
+/// The fields of a 4-bit weight's quant_state blob, checked.
+struct FourBitState {
+    scheme: Scheme,
+    blocksize: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    numel: usize,
+    /// With double quantization (`nested_*`): its block size and offset.
+    nested: Option<(usize, f32)>,
+}
+
+impl FourBitState {
+    /// The blob of a weight named for quantization `kind` ("nf4" or "fp4"); `bad` makes the
+    /// error naming the state tensor.
+    fn parse(blob: &Value, kind: &str, bad: &dyn Fn(String) -> Error) -> Result<FourBitState> {
+        let field = |k: &str| blob.get(k).ok_or_else(|| bad(format!("has no {k:?}")));
+        let scheme = match (kind, field("quant_type")?.as_str()) {
+            ("nf4", Some("nf4")) => Scheme::Nf4,
+            ("fp4", Some("fp4")) => Scheme::Fp4,
+            (k, t) => {
+                return Err(bad(format!(
+                    "quant_type {t:?} does not match the name's bitsandbytes__{k} (nf4 and fp4 \
+                     are dequantized)"
+                )))
+            }
+        };
+        let blocksize = (field("blocksize")?.as_u64())
+            .and_then(|b| usize::try_from(b).ok())
+            .filter(|b| BLOCKSIZES.contains(b))
+            .ok_or_else(|| bad(format!("blocksize is not one of {BLOCKSIZES:?}")))?;
+        let dtype = (field("dtype")?.as_str())
+            .and_then(torch_dtype)
+            .ok_or_else(|| bad("dtype is not bfloat16, float16 or float32".into()))?;
+        let shape: Vec<usize> = (field("shape")?.as_array())
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect()
+            })
+            .filter(|s: &Vec<usize>| !s.is_empty())
+            .ok_or_else(|| bad("shape is not a list of sizes".into()))?;
+        let numel = crate::layout::numel(&shape)
+            .filter(|&n| n <= isize::MAX as usize / 8)
+            .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+        let nested = blob.get("nested_absmax").is_some() || blob.get("nested_blocksize").is_some();
+        let nested = match nested {
+            false => None,
+            true => {
+                let blocksize = (field("nested_blocksize")?.as_u64())
+                    .and_then(|b| usize::try_from(b).ok())
+                    .filter(|b| (1..=4096).contains(b))
+                    .ok_or_else(|| bad("nested_blocksize is not in 1..=4096".into()))?;
+                if field("nested_dtype")?.as_str() != Some("float32") {
+                    return Err(bad("nested_dtype is not float32".into()));
+                }
+                // bitsandbytes reads it as a Python float and makes an f32 tensor of it.
+                let offset = (field("nested_offset")?.as_f64())
+                    .map(|o| o as f32)
+                    .filter(|o| o.is_finite())
+                    .ok_or_else(|| bad("nested_offset is not a finite number".into()))?;
+                Some((blocksize, offset))
+            }
+        };
+        Ok(FourBitState {
+            scheme,
+            blocksize,
+            dtype,
+            shape,
+            numel,
+            nested,
+        })
+    }
+}
+
+/// The companion tensors of one quantized weight (`{weight}.absmax`, ...).
+struct Companions<'a> {
+    layouts: &'a [Layout],
+    tensors: &'a HashMap<String, (usize, usize)>,
+    weight: &'a str,
+    weight_file: &'a Path,
+}
+
+impl<'a> Companions<'a> {
+    /// `{weight}.{suffix}`, which must exist with this dtype and number of values.
+    fn get(
+        &self,
+        suffix: &str,
+        dtype: Dtype,
+        count: usize,
+    ) -> Result<(&'a TensorEntry, (usize, usize))> {
+        let name = format!("{}.{suffix}", self.weight);
+        companion(
+            self.layouts,
+            self.tensors,
+            self.weight_file,
+            &name,
+            dtype,
+            count,
+        )
+    }
+
+    /// Double-quantized scales of `blocks` blocks: u8 codes of the absmax, and the nested
+    /// absmax (of `nested` = (block size, offset)) and code book that decode them.
+    fn nested_scales(
+        &self,
+        (nested_blocksize, offset): (usize, f32),
+        blocks: usize,
+        dropped: &mut Vec<(usize, usize)>,
+    ) -> Result<Scales> {
+        let codes = self.get("absmax", Dtype::U8, blocks)?;
+        let nabs = self.get(
+            "nested_absmax",
+            Dtype::F32,
+            blocks.div_ceil(nested_blocksize),
+        )?;
+        let ncode = self.get("nested_quant_map", Dtype::F32, 256)?;
+        dropped.extend([codes.1, nabs.1, ncode.1]);
+        let code: Vec<f32> = f32s(&read_small(&self.layouts[ncode.1 .0], ncode.0)?);
+        Ok(Scales::Nested {
+            codes: part(codes.0, codes.1),
+            code: Box::new(code.try_into().expect("256 values checked")),
+            nested_absmax: f32s(&read_small(&self.layouts[nabs.1 .0], nabs.0)?),
+            nested_blocksize,
+            offset,
+        })
+    }
 }
 
 /// An 8-bit weight: int8 rows, one f32 scale per row (`SCB`), `weight_format` row-major.
