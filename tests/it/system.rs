@@ -329,17 +329,22 @@ impl FakeSystemd {
     fn next(&self, wait: Duration) -> Option<String> {
         self.socket.set_read_timeout(Some(wait)).unwrap();
         let mut buf = [0u8; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                None
+        loop {
+            match self.socket.recv(&mut buf) {
+                Ok(n) => return Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                // A signal caught by this test process interrupts the wait; it is not a
+                // message: wait on.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("notify socket: {e} ({:?})", e.kind()),
             }
-            Err(e) => panic!("notify socket: {e}"),
         }
     }
 }
