@@ -14,11 +14,16 @@ use crate::features::write_gpt2;
 const P: &str = "base_model.model.";
 const Q: &str = "model.layers.0.self_attn.q_proj";
 
-/// `lorafs ARGS` with its address space limited to 1 GiB: (success, stderr, time taken).
-fn run_limited(args: &[&std::ffi::OsStr]) -> (bool, String, Duration) {
+/// `lorafs inspect BASE --adapter ADAPTER` with its address space limited to 1 GiB must
+/// fail within seconds, its message holding each of `wants`.
+fn inspect_is_refused_in_bounded_memory(base: &Path, adapter: &Path, wants: &[&str]) {
     use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(lorafs_bin());
-    command.args(args);
+    command
+        .arg("inspect")
+        .arg(base)
+        .arg("--adapter")
+        .arg(adapter);
     // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -34,7 +39,12 @@ fn run_limited(args: &[&std::ffi::OsStr]) -> (bool, String, Duration) {
     }
     let start = Instant::now();
     let (ok, _, err) = output_of(&mut command);
-    (ok, err, start.elapsed())
+    let took = start.elapsed();
+    assert!(!ok, "accepted");
+    for want in wants {
+        assert!(err.contains(want), "{want:?} not in {err}");
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
 /// An adapter whose F32 tensors are declared in the header but never written: the file is
@@ -81,17 +91,11 @@ fn a_huge_declared_factor_is_refused_from_the_header_in_bounded_memory() {
             (format!("{P}{Q}.lora_B.weight"), [spec.hidden, 16]),
         ],
     );
-    let (ok, err, took) = run_limited(&[
-        "inspect".as_ref(),
-        base.as_os_str(),
-        "--adapter".as_ref(),
-        adapter.as_os_str(),
-    ]);
-    assert!(!ok);
-    for want in ["adapter_model.safetensors", &a_key, "shape does not fit"] {
-        assert!(err.contains(want), "{want:?} not in {err}");
-    }
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    inspect_is_refused_in_bounded_memory(
+        &base,
+        &adapter,
+        &["adapter_model.safetensors", &a_key, "shape does not fit"],
+    );
 }
 
 /// Physical memory of this machine, bytes.
@@ -123,17 +127,11 @@ fn factors_that_fit_but_exceed_memory_are_refused_before_reading() {
             (format!("{P}{Q}.lora_B.weight"), [h, r]),
         ],
     );
-    let (ok, err, took) = run_limited(&[
-        "inspect".as_ref(),
-        base.as_os_str(),
-        "--adapter".as_ref(),
-        adapter.as_os_str(),
-    ]);
-    assert!(!ok);
-    for want in ["adapter_model.safetensors", "more than this machine's"] {
-        assert!(err.contains(want), "{want:?} not in {err}");
-    }
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    inspect_is_refused_in_bounded_memory(
+        &base,
+        &adapter,
+        &["adapter_model.safetensors", "more than this machine's"],
+    );
 }
 
 /// The memory check counts `V` as the kernels keep it, in 64-column panels: for the 77
@@ -160,17 +158,11 @@ fn the_memory_check_counts_the_packed_factors() {
             (format!("{P}{m}.lora_B.weight"), [h, r]),
         ],
     );
-    let (ok, err, took) = run_limited(&[
-        "inspect".as_ref(),
-        base.as_os_str(),
-        "--adapter".as_ref(),
-        adapter.as_os_str(),
-    ]);
-    assert!(!ok);
-    for want in ["adapter_model.safetensors", "more than this machine's"] {
-        assert!(err.contains(want), "{want:?} not in {err}");
-    }
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    inspect_is_refused_in_bounded_memory(
+        &base,
+        &adapter,
+        &["adapter_model.safetensors", "more than this machine's"],
+    );
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
