@@ -151,25 +151,7 @@ pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> 
             .unwrap_or_else(|_| fs.engine.base.dir.clone())
             .display()
     );
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        // The kernel checks each access against the mode and owner each node takes from its
-        // source (see `inodes`), so `--allow-other` shares no more than the source does.
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::FSName(fsname.clone()),
-        MountOption::Subtype(FS_NAME.into()),
-    ];
-    if options.noexec {
-        config.mount_options.push(MountOption::NoExec);
-    }
-    if options.allow_other {
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = true;
+    let config = session_config(&fsname, options);
     let plan = choose(options.transport, options.threads)?;
     let fs = Arc::new(fs);
     let ring_agreed = Arc::new(AtomicBool::new(false));
@@ -232,6 +214,31 @@ pub(super) fn serve(fs: LorafsFs, mountpoint: &Path, options: &MountOptions) -> 
         ring,
         own_mount: true,
     })
+}
+
+/// fuser's session settings: the mount options (read-only, the kernel checking permissions,
+/// no devices or set-id programs), who may use the mount, the serving threads.
+fn session_config(fsname: &str, options: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        // The kernel checks each access against the mode and owner each node takes from its
+        // source (see `inodes`), so `--allow-other` shares no more than the source does.
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::FSName(fsname.into()),
+        MountOption::Subtype(FS_NAME.into()),
+    ];
+    if options.noexec {
+        config.mount_options.push(MountOption::NoExec);
+    }
+    if options.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    config
 }
 
 /// Unmounts the mount being served (on a signal, or when its session fails): fuser's own
