@@ -337,27 +337,34 @@ impl View {
         let (mut row, mut done) = (first, 0usize);
         while row < end {
             let n = chunk.min(end - row);
-            let rows = self.gguf_rows(t, row, n)?;
             let skip = if row == first {
                 (within - first * row_bytes) as usize
             } else {
                 0
             };
-            let take = (rows.len() - skip).min(out.len() - done);
-            out[done..done + take].copy_from_slice(&rows[skip..skip + take]);
+            let len = (n * row_bytes) as usize;
+            let take = (len - skip).min(out.len() - done);
+            if skip == 0 && take == len {
+                // Whole rows: encoded straight into the reply.
+                self.gguf_rows(t, row, &mut out[done..done + len])?;
+            } else {
+                let mut rows = vec![0u8; len];
+                self.gguf_rows(t, row, &mut rows)?;
+                out[done..done + take].copy_from_slice(&rows[skip..skip + take]);
+            }
             done += take;
             row += n;
         }
         Ok(())
     }
 
-    /// Output rows `row0 .. row0 + n` of a GGUF tensor, encoded.
-    fn gguf_rows(&self, t: &GgufTensor, row0: u64, n: u64) -> Result<Vec<u8>> {
+    /// Output rows `row0 ..` of a GGUF tensor, encoded into `out` (as many rows as it holds).
+    fn gguf_rows(&self, t: &GgufTensor, row0: u64, out: &mut [u8]) -> Result<()> {
+        let row_bytes = t.ty.row_bytes(t.cols) as usize;
+        let n = (out.len() / row_bytes) as u64;
         let (lo, hi) = t.source_span(row0, n);
         let src_row = t.cols * t.dtype.size() as u64;
         let raw = self.read_whole(t.file, t.offset + lo * src_row, (hi - lo) * src_row)?;
-        let row_bytes = t.ty.row_bytes(t.cols) as usize;
-        let mut out = vec![0u8; n as usize * row_bytes];
         // A float type is the kernel's conversion: widened exactly, rounded to nearest even as
         // numpy's astype and `encode` do, a NaN made the kernels' one quiet NaN (which
         // `encode` keeps as it is); a tensor already in that dtype is copied as it is.
@@ -386,7 +393,7 @@ impl View {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
