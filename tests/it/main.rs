@@ -5,6 +5,7 @@ mod common;
 mod control;
 mod errors;
 mod features;
+mod gguf;
 mod guarantees;
 mod hostile;
 mod inputs;
