@@ -85,10 +85,22 @@ fn llama_with_adapter(dir: &std::path::Path) -> (std::path::PathBuf, std::path::
 fn gguf_ranges_equal_the_whole_file() {
     let tmp = tempfile::tempdir().unwrap();
     let (base, adapter) = llama_with_adapter(tmp.path());
-    let engine = Engine::open(&base, EngineOptions::default()).unwrap();
-    let mut view = View::open(Arc::new(engine), &[(adapter, 1.0)], None, None).unwrap();
-    view.add_gguf(&[OutType::F16, OutType::Q8_0]).unwrap();
-    view.realize_all().unwrap();
+    // Through the page cache, and with O_DIRECT base reads staged ahead of each read (as
+    // for a sequential reader of a model over half of RAM).
+    for direct in [false, true] {
+        let mut engine = Engine::open(&base, EngineOptions::default()).unwrap();
+        engine.direct_base_reads = direct;
+        let adapters = [(adapter.clone(), 1.0)];
+        let mut view = View::open(Arc::new(engine), &adapters, None, None).unwrap();
+        view.add_gguf(&[OutType::F16, OutType::Q8_0]).unwrap();
+        view.realize_all().unwrap();
+        check_ranges(&view, direct);
+    }
+}
+
+/// Random ranges of each GGUF file of `view` against the whole file read at once, each
+/// read after a read-ahead from its start if `ahead`.
+fn check_ranges(view: &View, ahead: bool) {
     let ggufs: Vec<usize> = (0..view.files.len())
         .filter(|&i| view.files[i].rel.extension().is_some_and(|e| e == "gguf"))
         .collect();
@@ -102,12 +114,15 @@ fn gguf_ranges_equal_the_whole_file() {
         for _ in 0..300 {
             let start = rng.random_range(0..size);
             let len = rng.random_range(1..100_000u64).min(size - start);
+            if ahead {
+                view.read_ahead(index, start);
+            }
             let mut buf = vec![0xAAu8; len as usize];
             assert_eq!(view.read_at(index, start, &mut buf).unwrap(), len as usize);
             let (lo, hi) = (start as usize, (start + len) as usize);
             assert!(
                 buf == whole[lo..hi],
-                "{}: bytes at {start}+{len}",
+                "{}: bytes at {start}+{len} ahead={ahead}",
                 rel.display()
             );
         }
