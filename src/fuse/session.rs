@@ -158,7 +158,8 @@ fn spawn_signals(
 ) -> io::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let (mountpoint, engine) = (mountpoint.to_path_buf(), engine.clone());
-    // Whether it unmounted (or detached) the mount: the thread's work is then done.
+    // False where it left the mount alone (someone else's on top); true once it tried to
+    // unmount, which ends the thread's work as it ends the session.
     let unmount = move |signal: i32, unmounter: &mut transport::Unmounter| -> bool {
         if let Err(err) = unmounter.check() {
             // Someone else's mount on top: unmounting the path would remove it.
