@@ -46,17 +46,7 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 import gguf_compare as gc  # noqa: E402  (the GGUF comparison)
 import gguf_models as gm  # noqa: E402  (the llama.cpp stack, the tokenizer)
 from coldio import drop_caches, populate  # noqa: E402  (beside this script)
-
-MARKER = ".lorafs-bench"
-
-
-def claim_scratch(work):
-    """Make `work` the benchmark's scratch directory, or refuse: a directory that exists and
-    is not one a benchmark made (it holds MARKER) is never written to or removed."""
-    if work.exists() and not (work / MARKER).is_file():
-        sys.exit(f"{work} exists and was not made by a lorafs benchmark: name a new --dir")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("scratch directory of a lorafs benchmark; removed when done\n")
+from scratch import claim_scratch, remove_scratch  # noqa: E402
 
 
 def fresh(work, name):
@@ -281,8 +271,7 @@ def main():
     if not args.keep:
         for p in ("peft.gguf", "from-mount.gguf", "lorafs.gguf"):
             fresh(work, p)
-        if (work / MARKER).is_file():
-            shutil.rmtree(work, ignore_errors=True)
+        remove_scratch(work, work)
 
 
 if __name__ == "__main__":

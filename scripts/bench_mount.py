@@ -23,30 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from scratch import claim_scratch, remove_scratch
+
 REPO = Path(__file__).resolve().parent.parent
 LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
 
 
 def sh(*args, **kw):
     return subprocess.run([str(a) for a in args], check=True, **kw)
-
-
-MARKER = ".lorafs-bench"
-
-
-def claim_scratch(work):
-    """Make `work` the benchmark's scratch directory, or refuse: a directory that exists and
-    is not one a benchmark made (it holds MARKER) is never written to or removed."""
-    if work.exists() and not (work / MARKER).is_file():
-        sys.exit(f"{work} exists and was not made by a lorafs benchmark: name a new --dir")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("scratch directory of a lorafs benchmark; removed when done\n")
-
-
-def remove_scratch(path, work):
-    """Remove `path` (inside the claimed scratch directory `work`, or `work` itself)."""
-    if (work / MARKER).is_file() and (path == work or work in path.parents):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def timed(fn, runs):

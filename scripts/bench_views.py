@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mount import claim_scratch, load_and_forward, remove_scratch  # noqa: E402  (shared with bench_mount)
+from bench_mount import load_and_forward  # noqa: E402  (shared with bench_mount)
+from scratch import claim_scratch, remove_scratch  # noqa: E402
 CHECKPOINTS = 8
 STEPS = [1000 * (k + 1) for k in range(CHECKPOINTS)]
 MIB = 2**20

@@ -12,7 +12,10 @@ faulting process) and each mount's server CPU time (user + system) over its star
 mapping. With `--warm` the base is read into the page cache before each contender instead
 (cold only for the disk file).
 
-The model is the one `scripts/bench_gguf.py --keep` leaves in its --dir (base/, adapter/).
+The model is the one `scripts/bench_gguf.py --keep` leaves in its --dir (base/, adapter/);
+a --dir no benchmark made is refused. Its own files (the disk file, the mount point, perf's
+samples) go into a new directory inside, removed when done: nothing it did not make is
+written or removed.
 Run as root; for example, the page cache against O_DIRECT base reads:
 
     $(bash scripts/venv.sh)/bin/python scripts/bench_gguf.py --keep --runs 1
@@ -31,10 +34,12 @@ import os
 import signal
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from coldio import drop_caches, populate_cost, server_cpu, server_pid
+from scratch import require_scratch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +55,9 @@ def parse_contender(spec, default_binary):
 
 def profile(mount, mountpoint, data):
     """One more mapping of a fresh mount (`mount()` mounts it) with `perf record` on its
-    server; returns the report's lines for the symbols over 1.5 % of the server's samples."""
+    server, its samples written to `data` (removed once reported: `perf record` would rename
+    an existing one); returns the report's lines for the symbols over 1.5 % of the server's
+    samples."""
     mount()
     try:
         perf = subprocess.Popen(["perf", "record", "-q", "-F", "4999", "-g", "-p", server_pid(mountpoint),
@@ -76,14 +83,18 @@ def main():
     ap.add_argument("--profile", action="store_true", help="then one mapping per contender under perf record")
     ap.add_argument("contenders", nargs="+", metavar="NAME=ARGS")
     args = ap.parse_args()
+    require_scratch(args.dir)
     if os.geteuid() != 0:
         raise SystemExit("run as root: the page cache is dropped before each mapping")
     base, adapter = args.dir / "base", args.dir / "adapter"
     if not (base / "config.json").is_file() or not adapter.is_dir():
         raise SystemExit(f"no model in {args.dir}: run scripts/bench_gguf.py --keep --dir {args.dir} first")
     contenders = [parse_contender(s, args.lorafs) for s in args.contenders]
-    disk, mnt = args.dir / "cold-map-disk.gguf", args.dir / "cold-map-mnt"
-    mnt.mkdir(exist_ok=True)
+    # Its own files in a directory of its own, new: nothing there but what it made, which is
+    # all it removes (by name; the mount point only once unmounted and empty).
+    own = Path(tempfile.mkdtemp(prefix="cold-map-", dir=args.dir))
+    disk, mnt, perf_data = own / "disk.gguf", own / "mnt", own / "perf.data"
+    mnt.mkdir()
     try:
         subprocess.run([args.lorafs, "materialize", base, disk, "--adapter", adapter, "--gguf", "F16"],
                        check=True, capture_output=True)
@@ -122,10 +133,12 @@ def main():
             drop_caches()
             if args.warm:
                 subprocess.run(["cat", *base.glob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)
-            profiles[name] = profile(lambda: mount(name), mnt, args.dir / "cold-map.perf")
+            profiles[name] = profile(lambda: mount(name), mnt, perf_data)
     finally:
         disk.unlink(missing_ok=True)
+        perf_data.unlink(missing_ok=True)
         mnt.rmdir()
+        own.rmdir()
     base_line = statistics.median(times["disk"])
     state = "the base in the page cache" if args.warm else "page cache dropped"
     print(f"MAP_SHARED|MAP_POPULATE of model-F16.gguf ({state}), median of {args.runs}, rotated order")

@@ -94,20 +94,27 @@ def test_adapter_for_another_model(e2e, lorafs, scratch):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("script", ["bench_mount.py", "bench_views.py"])
-def test_a_benchmark_never_writes_into_or_removes_a_directory_it_did_not_make(tmp_path, script):
-    """--dir naming a directory of the user's: refused before anything runs, left as it was
-    (the benchmarks remove their scratch directory when done)."""
+def run_script(script, *args):
     import subprocess
     import sys
     from pathlib import Path
 
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, str(repo / "scripts" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("script, args", [("bench_mount.py", []), ("bench_views.py", []),
+                                          ("cold_map.py", ["new="])])
+def test_a_benchmark_never_writes_into_or_removes_a_directory_it_did_not_make(tmp_path, script, args):
+    """--dir naming a directory of the user's: refused before anything runs, left as it was
+    (the benchmarks remove their scratch directory when done; cold_map.py works in one a
+    benchmark left)."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    repo = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, str(repo / "scripts" / script), "--dir", str(mine)],
-                         capture_output=True, text=True, timeout=120)
+    run = run_script(script, "--dir", mine, *args)
     assert run.returncode != 0 and "was not made by a lorafs benchmark" in run.stderr, run.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     assert (mine / "notes.txt").read_text() == "keep me"
+

@@ -542,3 +542,32 @@ def test_model_card_the_converter_fails_on_is_refused(store, tmp_path, readme, w
         assert not os.path.ismount(mnt)
     finally:
         store.lorafs.unmount(mnt)
+
+
+def test_cold_map_leaves_a_benchmark_directory_as_it_found_it(store, lorafs_bin, tmp_path):
+    """scripts/cold_map.py run in a benchmark's directory that also holds files and a folder
+    of the user's named as its own once were: one round, then every file there as it was
+    and nothing of its own left (it works in a new directory of its own)."""
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("cold_map.py runs as root (it drops the page cache and mounts)")
+    case = store.cases["llama_spm"]
+    work = tmp_path / "bench"
+    work.mkdir()
+    shutil.copytree(case.base, work / "base")
+    shutil.copytree(case.adapters[0][0], work / "adapter")
+    theirs = {".lorafs-bench": "scratch", "cold-map-disk.gguf": "user's",
+              "cold-map.perf": "user's", "cold-map-mnt/notes.txt": "user's"}
+    (work / "cold-map-mnt").mkdir()
+    for name, text in theirs.items():
+        (work / name).write_text(text)
+    before = sorted(os.listdir(work))
+    script = Path(__file__).resolve().parents[2] / "scripts" / "cold_map.py"
+    run = subprocess.run([sys.executable, str(script), "--dir", str(work), "--runs", "1", "--lorafs",
+                          str(lorafs_bin), "new="], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "disk" in run.stdout and "new" in run.stdout, run.stdout
+    assert sorted(os.listdir(work)) == before
+    assert {name: (work / name).read_text() for name in theirs} == theirs
