@@ -529,3 +529,32 @@ pub fn small_model() -> (tempfile::TempDir, BaseSpec, PathBuf, PathBuf) {
     write_adapter(&adapter, &AdapterSpec::new(&spec, 4, "self_attn.q_proj"));
     (tmp, spec, base, adapter)
 }
+
+/// `count` random ranges (1 to `max_len` bytes) of file `index` of `view`, each read with
+/// `read_at` after a read-ahead from its start if `ahead` (as a sequential reader's read),
+/// must be those bytes of `want`.
+pub fn check_random_ranges(
+    view: &lorafs::View,
+    index: usize,
+    want: &[u8],
+    rng: &mut StdRng,
+    (count, max_len): (usize, u64),
+    ahead: bool,
+) {
+    let (rel, size) = (&view.files[index].rel, view.files[index].size);
+    for _ in 0..count {
+        let start = rng.random_range(0..size);
+        let len = rng.random_range(1..max_len).min(size - start);
+        if ahead {
+            view.read_ahead(index, start);
+        }
+        let mut buf = vec![0xAAu8; len as usize];
+        assert_eq!(view.read_at(index, start, &mut buf).unwrap(), len as usize);
+        let (lo, hi) = (start as usize, (start + len) as usize);
+        assert!(
+            buf == want[lo..hi],
+            "{}: bytes at {start}+{len}, ahead={ahead}",
+            rel.display()
+        );
+    }
+}

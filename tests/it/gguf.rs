@@ -8,7 +8,7 @@ use std::sync::Arc;
 use lorafs::gguf::OutType;
 use lorafs::{Engine, EngineOptions, View};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use safetensors::Dtype;
 use serde_json::json;
 
@@ -107,24 +107,9 @@ fn check_ranges(view: &View, ahead: bool) {
     assert_eq!(ggufs.len(), 2, "model-F16.gguf and model-Q8_0.gguf");
     let mut rng = StdRng::seed_from_u64(5);
     for index in ggufs {
-        let (rel, size) = (&view.files[index].rel, view.files[index].size);
-        let mut whole = vec![0u8; size as usize];
+        let mut whole = vec![0u8; view.files[index].size as usize];
         assert_eq!(view.read_at(index, 0, &mut whole).unwrap(), whole.len());
-        assert_eq!(&whole[..4], b"GGUF", "{}", rel.display());
-        for _ in 0..300 {
-            let start = rng.random_range(0..size);
-            let len = rng.random_range(1..100_000u64).min(size - start);
-            if ahead {
-                view.read_ahead(index, start);
-            }
-            let mut buf = vec![0xAAu8; len as usize];
-            assert_eq!(view.read_at(index, start, &mut buf).unwrap(), len as usize);
-            let (lo, hi) = (start as usize, (start + len) as usize);
-            assert!(
-                buf == whole[lo..hi],
-                "{}: bytes at {start}+{len} ahead={ahead}",
-                rel.display()
-            );
-        }
+        assert_eq!(&whole[..4], b"GGUF", "{}", view.files[index].rel.display());
+        check_random_ranges(view, index, &whole, &mut rng, (300, 100_000), ahead);
     }
 }

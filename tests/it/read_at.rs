@@ -138,19 +138,7 @@ fn converted_ranges_from_the_base_read_ahead_equal_materialized_bytes() {
     let mut rng = StdRng::seed_from_u64(7);
     for (index, file) in view.files.iter().enumerate().filter(|(_, f)| f.size > 0) {
         let want = &expected[&file.rel];
-        for _ in 0..60 {
-            let start = rng.random_range(0..file.size);
-            let len = rng.random_range(1..300_000u64).min(file.size - start);
-            view.read_ahead(index, start);
-            let mut buf = vec![0xAAu8; len as usize];
-            assert_eq!(view.read_at(index, start, &mut buf).unwrap(), len as usize);
-            let (lo, hi) = (start as usize, (start + len) as usize);
-            assert!(
-                buf == want[lo..hi],
-                "{}: bytes at {start}+{len}",
-                file.rel.display()
-            );
-        }
+        check_random_ranges(&view, index, want, &mut rng, (60, 300_000), true);
     }
     let served = view
         .engine
