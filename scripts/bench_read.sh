@@ -16,9 +16,10 @@
 #    tensor (q_proj of layer 0), against `cat`: what the FUSE path costs without merging.
 # 4. from_pretrained of model 1 (float16, low_cpu_mem_usage) in a new Python process, through
 #    a fresh default mount against a `lorafs materialize`d copy, page cache dropped before
-#    each. Timed twice in the process: the call alone, and the call plus a first touch of
-#    every page of every weight (from_pretrained maps safetensors files and leaves the pages
-#    to be read when first used, so the call alone reads little). Needs scripts/venv.sh.
+#    each, RUNS rounds interleaved, medians. Timed twice in the process: the call alone, and
+#    the call plus a first touch of every page of every weight (from_pretrained maps
+#    safetensors files and leaves the pages to be read when first used, so the call alone
+#    reads little). Needs scripts/venv.sh.
 # Prints the machine first (CPU, flags that matter, kernel, RAM, lorafs's merge kernel).
 # Needs root (mount, drop_caches). Everything is written under DIR and removed after.
 #
@@ -131,12 +132,21 @@ print(f"{t1 - t0:.3f} {time.perf_counter() - t0:.3f}")
 EOF
 }
 "$lorafs" materialize "$dir/large/base" --adapter "$dir/large/adapter" "$dir/merged" > /dev/null
-drop_caches
-read -r copy_s copy_all_s <<< "$(load_s "$dir/merged")"
+# RUNS rounds, interleaved as above, each: the copy, then a fresh mount; medians.
+for _ in $(seq "${RUNS:-3}"); do
+    drop_caches
+    echo "copy $(load_s "$dir/merged")"
+    drop_caches
+    mount_fresh "$dir/large/base" "$dir/large/adapter"
+    echo "mount $(load_s "$mnt")"
+    "$lorafs" unmount "$mnt"
+done > "$dir/pretrained"
 rm -rf "$dir/merged"
-drop_caches
-mount_fresh "$dir/large/base" "$dir/large/adapter"
-read -r fp_s fp_all_s <<< "$(load_s "$mnt")"
-"$lorafs" unmount "$mnt"
-report "from_pretrained (fresh mount vs materialized copy, cold)" "$fp_s" "$copy_s" "target ≤ 1.3x"
-report "from_pretrained + every weight touched (same)" "$fp_all_s" "$copy_all_s" "target ≤ 1.3x"
+loads() { awk -v k="$1" -v c="$2" '$1 == k {printf "%s%s", sep, $c; sep = " "}' "$dir/pretrained"; }
+echo "from_pretrained runs (s): copy $(loads copy 2); mount $(loads mount 2)"
+echo "the same + every weight touched (s): copy $(loads copy 3); mount $(loads mount 3)"
+median_of() { awk -v k="$1" -v c="$2" '$1 == k {print $c}' "$dir/pretrained" | median; }
+report "from_pretrained, medians (fresh mount vs materialized copy, cold)" \
+    "$(median_of mount 2)" "$(median_of copy 2)" "target ≤ 1.3x"
+report "from_pretrained + every weight touched, medians (same)" \
+    "$(median_of mount 3)" "$(median_of copy 3)" "target ≤ 1.3x"
