@@ -42,48 +42,77 @@ pub(super) fn resolve(
     combine
         .check()
         .map_err(|what| Error::unsupported(&first.dir, what))?;
-    let mut combine = combine.clone();
-    if adapters.len() == 1 && combine.method != Method::Linear {
-        log::info!(
-            "--combine {}: a single adapter is combined as linear (as PEFT does)",
-            combine.method
-        );
-        combine = Combine {
-            method: Method::Linear,
-            density: None,
-            majority_sign: MajoritySign::Total,
-            svd_rank: None,
-            seed: combine.seed,
-        };
-    }
-    let method = combine.method;
-    for (adapter, s) in adapters.iter().zip(summaries) {
-        let f = &s.features;
-        let refused = if f.dora > 0 || adapter.config.use_dora {
-            Some("DoRA (use_dora): lorafs combines plain LoRA only; merge it without --combine")
-        } else if f.lora_bias > 0 {
-            Some("lora_B biases (lora_bias): PEFT's add_weighted_adapter drops them; merge it without --combine")
-        } else if !f.trainable_tokens.is_empty() {
-            Some("trainable tokens: add_weighted_adapter does not combine them; merge it without --combine")
-        } else if !f.replacements.is_empty() {
-            Some("whole tensors (modules_to_save): add_weighted_adapter cannot combine them; merge it without --combine")
-        } else {
-            None
-        };
-        if let Some(what) = refused {
+    let combine = as_applied(combine, adapters.len());
+    for (adapter, summary) in adapters.iter().zip(summaries) {
+        if let Some(what) = uncombinable(adapter, summary) {
             return Err(Error::unsupported(
                 &adapter.dir,
-                format!("--combine {method} cannot combine an adapter with {what}"),
+                format!(
+                    "--combine {} cannot combine an adapter with {what}",
+                    combine.method
+                ),
             ));
         }
     }
+    check_target_kinds(adapters)?;
+    let new_rank = new_rank(&combine, adapters)?;
+    let scaling = combined_scaling(new_rank, first.config.use_rslora);
+    Ok(Combination {
+        combine,
+        new_rank,
+        scaling,
+    })
+}
+
+/// The method as PEFT applies it to `count` adapters: a single adapter is combined as
+/// `linear`, whatever was asked.
+fn as_applied(combine: &Combine, count: usize) -> Combine {
+    if count != 1 || combine.method == Method::Linear {
+        return combine.clone();
+    }
+    log::info!(
+        "--combine {}: a single adapter is combined as linear (as PEFT does)",
+        combine.method
+    );
+    Combine {
+        method: Method::Linear,
+        density: None,
+        majority_sign: MajoritySign::Total,
+        svd_rank: None,
+        seed: combine.seed,
+    }
+}
+
+/// What in `adapter` (summarized by `summary`) `add_weighted_adapter` does not combine, if
+/// anything.
+fn uncombinable(adapter: &Adapter, summary: &AdapterSummary) -> Option<&'static str> {
+    let f = &summary.features;
+    if f.dora > 0 || adapter.config.use_dora {
+        Some("DoRA (use_dora): lorafs combines plain LoRA only; merge it without --combine")
+    } else if f.lora_bias > 0 {
+        Some("lora_B biases (lora_bias): PEFT's add_weighted_adapter drops them; merge it without --combine")
+    } else if !f.trainable_tokens.is_empty() {
+        Some("trainable tokens: add_weighted_adapter does not combine them; merge it without --combine")
+    } else if !f.replacements.is_empty() {
+        Some("whole tensors (modules_to_save): add_weighted_adapter cannot combine them; merge it without --combine")
+    } else {
+        None
+    }
+}
+
+/// Refuse a mix of list and string `target_modules`, as PEFT's `add_weighted_adapter` does.
+fn check_target_kinds(adapters: &[Adapter]) -> Result<()> {
     let kinds = |a: &Adapter| match a.config.target_modules {
         TargetModules::Regex(_) => Some("a regex string"),
         TargetModules::Names(_) => Some("a list"),
         _ => None,
     };
-    if let Some(other) = adapters.iter().find(|a| kinds(a) != kinds(first)) {
-        return Err(Error::unsupported(
+    let Some(first) = adapters.first() else {
+        return Ok(());
+    };
+    match adapters.iter().find(|a| kinds(a) != kinds(first)) {
+        None => Ok(()),
+        Some(other) => Err(Error::unsupported(
             &other.dir,
             format!(
                 "--combine: its target_modules is {}, the first adapter's is {}; PEFT's \
@@ -91,35 +120,33 @@ pub(super) fn resolve(
                 kinds(other).unwrap_or("unset"),
                 kinds(first).unwrap_or("unset")
             ),
-        ));
+        )),
     }
+}
+
+/// The combined adapter's rank: the sum for `cat`, `svd_rank` (else the largest) for `svd`,
+/// and for the other methods the adapters' one rank (refused where they differ).
+fn new_rank(combine: &Combine, adapters: &[Adapter]) -> Result<usize> {
     let ranks: Vec<usize> = adapters.iter().map(adapter_rank).collect();
-    let new_rank = match method {
-        Method::Cat => ranks.iter().sum(),
-        Method::Svd => combine
+    let method = combine.method;
+    match method {
+        Method::Cat => Ok(ranks.iter().sum()),
+        Method::Svd => Ok(combine
             .svd_rank
-            .unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(0)),
-        _ => {
-            if let Some(i) = ranks.iter().position(|&r| r != ranks[0]) {
-                return Err(Error::unsupported(
-                    &adapters[i].dir,
-                    format!(
-                        "--combine {method} needs adapters of one rank (as PEFT's \
-                         add_weighted_adapter does): this one has r={}, the first r={}; use \
-                         --combine cat or svd",
-                        ranks[i], ranks[0]
-                    ),
-                ));
-            }
-            ranks[0]
-        }
-    };
-    let scaling = combined_scaling(new_rank, first.config.use_rslora);
-    Ok(Combination {
-        combine,
-        new_rank,
-        scaling,
-    })
+            .unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(0))),
+        _ => match ranks.iter().position(|&r| r != ranks[0]) {
+            None => Ok(ranks.first().copied().unwrap_or(0)),
+            Some(i) => Err(Error::unsupported(
+                &adapters[i].dir,
+                format!(
+                    "--combine {method} needs adapters of one rank (as PEFT's \
+                     add_weighted_adapter does): this one has r={}, the first r={}; use \
+                     --combine cat or svd",
+                    ranks[i], ranks[0]
+                ),
+            )),
+        },
+    }
 }
 
 /// PEFT's `scaling` of the combined adapter, `lora_alpha / r` or `lora_alpha / √r` with
