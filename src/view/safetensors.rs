@@ -10,6 +10,7 @@ use crate::baseio::{Identity, SourceFile};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::layout::{Layout, TensorEntry};
 use crate::model::INDEX_FILE;
 use crate::plan::{MergePlan, TensorId, WFile};
 
@@ -106,72 +107,17 @@ fn safetensors_segments(engine: &Engine, li: usize, plan: &MergePlan) -> Result<
     let dropped: Vec<bool> = (0..layout.tensors.len())
         .map(|ti| is_dropped(engine, (li, ti)))
         .collect();
-    let merge_of = |ti: usize| {
-        let id = TensorId {
-            layout: li,
-            tensor: ti,
-        };
-        plan.merges.binary_search_by_key(&id, |m| m.tensor).ok()
-    };
-    // Each tensor's output (shape, dtype): a merge's, or `--dtype` for a floating tensor.
-    let converted = |dtype: safetensors::Dtype| {
-        let from = DType::from_safetensors(dtype)?;
-        plan.dtype.filter(|&to| to != from).map(|to| (from, to))
-    };
-    let (shapes, dtypes): (Vec<Vec<usize>>, Vec<safetensors::Dtype>) = (layout.tensors.iter())
-        .enumerate()
-        .map(|(ti, t)| match merge_of(ti) {
-            Some(mi) => (
-                plan.merges[mi].shape.clone(),
-                plan.merges[mi].dtype.to_safetensors(),
-            ),
-            None => (
-                t.shape.clone(),
-                converted(t.dtype).map_or(t.dtype, |(_, to)| to.to_safetensors()),
-            ),
-        })
-        .unzip();
-    let unchanged = !dropped.contains(&true)
-        && (layout.tensors.iter().zip(shapes.iter().zip(&dtypes)))
-            .all(|(t, (shape, &dtype))| shape == &t.shape && dtype == t.dtype);
-    let (header, ranges): (Arc<[u8]>, Vec<(u64, u64)>) = if unchanged {
-        (
-            Arc::from(layout.header.as_slice()),
-            layout.tensors.iter().map(|t| (t.offset, t.len)).collect(),
-        )
-    } else {
-        let (header, ranges) = layout.header_with(&shapes, &dtypes, &dropped)?;
-        (Arc::from(header), ranges)
-    };
+    let (header, ranges) = header_and_ranges(layout, li, plan, &dropped)?;
     let mut segments = vec![Segment {
         start: 0,
         len: header.len() as u64,
         source: Source::Bytes(header),
     }];
     for (ti, (t, &(start, len))) in layout.tensors.iter().zip(&ranges).enumerate() {
-        if dropped[ti] {
-            continue;
+        if !dropped[ti] {
+            let source = tensor_source(plan, li, ti, t, len);
+            push_joined(&mut segments, Segment { start, len, source });
         }
-        let source = match (merge_of(ti), converted(t.dtype)) {
-            (Some(merge), _) => {
-                let m = &plan.merges[merge];
-                debug_assert_eq!(m.bytes(), len);
-                match m.w.file {
-                    WFile::Adapter(adapter) if m.is_plain_copy() => Source::Adapter {
-                        adapter,
-                        offset: m.w.offset,
-                    },
-                    _ => Source::Merged { merge },
-                }
-            }
-            (None, Some((from, to))) => Source::Converted {
-                offset: t.offset,
-                from,
-                to,
-            },
-            (None, None) => Source::Base { offset: t.offset },
-        };
-        push_joined(&mut segments, Segment { start, len, source });
     }
     segments.retain(|s| s.len > 0);
     let data: u64 = ranges.iter().map(|r| r.1).sum();
@@ -185,6 +131,80 @@ fn safetensors_segments(engine: &Engine, li: usize, plan: &MergePlan) -> Result<
         size,
         data_delta: data as i64 - before as i64,
     })
+}
+
+/// The merge of tensor `ti` of safetensors file `li`, if it is merged.
+fn merge_of(plan: &MergePlan, li: usize, ti: usize) -> Option<usize> {
+    let id = TensorId {
+        layout: li,
+        tensor: ti,
+    };
+    plan.merges.binary_search_by_key(&id, |m| m.tensor).ok()
+}
+
+/// `--dtype`'s conversion (from, to) of a floating tensor stored as `dtype`, if any.
+fn conversion(plan: &MergePlan, dtype: safetensors::Dtype) -> Option<(DType, DType)> {
+    let from = DType::from_safetensors(dtype)?;
+    plan.dtype.filter(|&to| to != from).map(|to| (from, to))
+}
+
+/// Each tensor's (offset, length) in a served safetensors file.
+type TensorRanges = Vec<(u64, u64)>;
+
+/// The header file `li` is served with, and each tensor's (offset, length) in it: the
+/// base's own where no tensor changes shape or dtype and none is dropped, else a new one.
+fn header_and_ranges(
+    layout: &Layout,
+    li: usize,
+    plan: &MergePlan,
+    dropped: &[bool],
+) -> Result<(Arc<[u8]>, TensorRanges)> {
+    // Each tensor's output (shape, dtype): a merge's, or `--dtype` for a floating tensor.
+    let (shapes, dtypes): (Vec<Vec<usize>>, Vec<safetensors::Dtype>) = (layout.tensors.iter())
+        .enumerate()
+        .map(|(ti, t)| match merge_of(plan, li, ti) {
+            Some(mi) => (
+                plan.merges[mi].shape.clone(),
+                plan.merges[mi].dtype.to_safetensors(),
+            ),
+            None => (
+                t.shape.clone(),
+                conversion(plan, t.dtype).map_or(t.dtype, |(_, to)| to.to_safetensors()),
+            ),
+        })
+        .unzip();
+    let unchanged = !dropped.contains(&true)
+        && (layout.tensors.iter().zip(shapes.iter().zip(&dtypes)))
+            .all(|(t, (shape, &dtype))| shape == &t.shape && dtype == t.dtype);
+    if unchanged {
+        let ranges = layout.tensors.iter().map(|t| (t.offset, t.len)).collect();
+        return Ok((Arc::from(layout.header.as_slice()), ranges));
+    }
+    let (header, ranges) = layout.header_with(&shapes, &dtypes, dropped)?;
+    Ok((Arc::from(header), ranges))
+}
+
+/// Where the `len` bytes served for tensor `t` (number `ti` of file `li`) come from.
+fn tensor_source(plan: &MergePlan, li: usize, ti: usize, t: &TensorEntry, len: u64) -> Source {
+    match (merge_of(plan, li, ti), conversion(plan, t.dtype)) {
+        (Some(merge), _) => {
+            let m = &plan.merges[merge];
+            debug_assert_eq!(m.bytes(), len);
+            match m.w.file {
+                WFile::Adapter(adapter) if m.is_plain_copy() => Source::Adapter {
+                    adapter,
+                    offset: m.w.offset,
+                },
+                _ => Source::Merged { merge },
+            }
+        }
+        (None, Some((from, to))) => Source::Converted {
+            offset: t.offset,
+            from,
+            to,
+        },
+        (None, None) => Source::Base { offset: t.offset },
+    }
 }
 
 /// Whether tensor `loc` of the base is a quantization companion, not served.

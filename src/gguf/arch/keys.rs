@@ -115,6 +115,36 @@ pub fn parameters(
     out: OutType,
 ) -> Result<(), String> {
     let key = |k: &str| format!("{arch}.{k}");
+    sizes(md, hp, &key)?;
+    if hp.map.get("is_causal") == Some(&Json::Bool(false)) {
+        md.set(key("attention.causal"), Value::Bool(false));
+    }
+    rope_scaling(md, hp.rope(), &key)?;
+    if let Some(theta) = hp.rope().get("rope_theta").filter(|v| !v.is_null()) {
+        md.set(
+            key("rope.freq_base"),
+            Value::F32(float(theta, "rope_theta")?),
+        );
+    }
+    epsilons(md, hp, &key)?;
+    if let Some(head_dim) = hp.get("head_dim") {
+        let head_dim = as_u32(head_dim, "head_dim")?;
+        md.set(key("attention.key_length"), Value::U32(head_dim));
+        md.set(key("attention.value_length"), Value::U32(head_dim));
+    }
+    md.set("general.file_type", Value::U32(out.file_type()));
+    if family == Family::Llama {
+        let vocab = hp.get("vocab_size").ok_or("no `vocab_size`")?;
+        md.set(key("vocab_size"), Value::U32(as_u32(vocab, "vocab_size")?));
+        md.set(key("rope.dimension_count"), Value::U32(rope_dim(hp)?));
+    }
+    md.set("general.quantization_version", Value::U32(QUANT_VERSION));
+    Ok(())
+}
+
+/// The block count and the model's sizes, each from the first of the converter's names
+/// for it that the config has (all but the block count optional).
+fn sizes(md: &mut Metadata, hp: &Hparams, key: &dyn Fn(&str) -> String) -> Result<(), String> {
     let block_count = uint(
         hp,
         &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
@@ -158,16 +188,11 @@ pub fn parameters(
             md.set(key(name), Value::U32(v));
         }
     }
-    if hp.map.get("is_causal") == Some(&Json::Bool(false)) {
-        md.set(key("attention.causal"), Value::Bool(false));
-    }
-    rope_scaling(md, hp.rope(), &key)?;
-    if let Some(theta) = hp.rope().get("rope_theta").filter(|v| !v.is_null()) {
-        md.set(
-            key("rope.freq_base"),
-            Value::F32(float(theta, "rope_theta")?),
-        );
-    }
+    Ok(())
+}
+
+/// The norms' epsilons: RMS norm's, then layer norm's, where the config gives them.
+fn epsilons(md: &mut Metadata, hp: &Hparams, key: &dyn Fn(&str) -> String) -> Result<(), String> {
     if let Some(eps) = hp
         .find(&["rms_norm_eps", "norm_eps"])
         .filter(|v| !v.is_null())
@@ -186,18 +211,6 @@ pub fn parameters(
             Value::F32(float(eps, "layer_norm_eps")?),
         );
     }
-    if let Some(head_dim) = hp.get("head_dim") {
-        let head_dim = as_u32(head_dim, "head_dim")?;
-        md.set(key("attention.key_length"), Value::U32(head_dim));
-        md.set(key("attention.value_length"), Value::U32(head_dim));
-    }
-    md.set("general.file_type", Value::U32(out.file_type()));
-    if family == Family::Llama {
-        let vocab = hp.get("vocab_size").ok_or("no `vocab_size`")?;
-        md.set(key("vocab_size"), Value::U32(as_u32(vocab, "vocab_size")?));
-        md.set(key("rope.dimension_count"), Value::U32(rope_dim(hp)?));
-    }
-    md.set("general.quantization_version", Value::U32(QUANT_VERSION));
     Ok(())
 }
 

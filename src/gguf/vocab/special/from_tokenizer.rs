@@ -206,68 +206,80 @@ impl SpecialVocab {
             _ => Vec::new(),
         };
         let single = list("single");
-        let pair = list("pair");
-        let mut first = None;
-        let mut last = None;
+        let (mut first, mut last) = (None, None);
         if single.len() > 1 {
             first = special_id(single.first());
             if let Some(f) = &first {
-                if !config_truthy(tc) {
-                    n.bos = Some(f.clone());
-                } else if !in_pair(f, &n.bos, &n.cls) {
-                    if !opt_truthy(&n.bos) {
-                        n.bos = Some(f.clone());
-                        put(tc, "bos_token", &n.bos);
-                    }
-                    if !opt_truthy(&n.cls) {
-                        n.cls = Some(f.clone());
-                        put(tc, "cls_token", &n.cls);
-                    }
-                }
-                let flag = in_pair(f, &n.bos, &n.cls);
-                self.set_add("bos", flag);
+                self.template_first(f, n, tc);
             }
             last = special_id(single.last());
             if let Some(l) = &last {
-                if !config_truthy(tc) {
-                    n.eos = Some(l.clone());
-                } else if n.eos.as_ref() != Some(l) {
-                    if !self.types.iter().any(|t| t == "eot") {
-                        self.types.push("eot".into());
-                        put(tc, "eot_token", &n.eos);
-                    } else if !self.types.iter().any(|t| t == "eom") {
-                        self.types.push("eom".into());
-                        put(tc, "eom_token", &n.eos);
-                    }
-                    n.eos = Some(l.clone());
-                    put(tc, "eos_token", &n.eos);
-                }
-                let flag = n.eos.as_ref() == Some(l);
-                self.set_add("eos", flag);
+                self.template_last(l, n, tc);
             }
         }
-        if pair.is_empty() {
-            return;
+        self.template_pair(&list("pair"), first, last, n, tc);
+    }
+
+    /// The special token that starts the template's single sequence: the BOS (or CLS), and
+    /// whether it is added.
+    fn template_first(&mut self, f: &Json, n: &mut Names, tc: &mut Config) {
+        if !config_truthy(tc) {
+            n.bos = Some(f.clone());
+        } else if !in_pair(f, &n.bos, &n.cls) {
+            if !opt_truthy(&n.bos) {
+                n.bos = Some(f.clone());
+                put(tc, "bos_token", &n.bos);
+            }
+            if !opt_truthy(&n.cls) {
+                n.cls = Some(f.clone());
+                put(tc, "cls_token", &n.cls);
+            }
         }
+        let flag = in_pair(f, &n.bos, &n.cls);
+        self.set_add("bos", flag);
+    }
+
+    /// The special token that ends the template's single sequence: the EOS (the one it
+    /// replaces kept as EOT or EOM), and whether it is added.
+    fn template_last(&mut self, l: &Json, n: &mut Names, tc: &mut Config) {
+        if !config_truthy(tc) {
+            n.eos = Some(l.clone());
+        } else if n.eos.as_ref() != Some(l) {
+            if !self.types.iter().any(|t| t == "eot") {
+                self.types.push("eot".into());
+                put(tc, "eot_token", &n.eos);
+            } else if !self.types.iter().any(|t| t == "eom") {
+                self.types.push("eom".into());
+                put(tc, "eom_token", &n.eos);
+            }
+            n.eos = Some(l.clone());
+            put(tc, "eos_token", &n.eos);
+        }
+        let flag = n.eos.as_ref() == Some(l);
+        self.set_add("eos", flag);
+    }
+
+    /// Whether a separator is added, from the template's pair of sequences (`first` and
+    /// `last` the single sequence's special tokens, stripped from its ends).
+    fn template_pair(
+        &mut self,
+        pair: &[Json],
+        first: Option<Json>,
+        last: Option<Json>,
+        n: &mut Names,
+        tc: &mut Config,
+    ) {
         let piece_id = |p: Option<&Json>| p.and_then(|p| get2(p, "SpecialToken", "id")).cloned();
         let start = usize::from(first.is_some() && piece_id(pair.first()) == first);
         let stop_last = last.is_some() && piece_id(pair.last()) == last;
-        let end = if stop_last {
-            pair.len() - 1
-        } else {
-            pair.len()
-        };
+        let end = pair.len() - usize::from(stop_last);
         let pair = if start < end {
             &pair[start..end]
         } else {
             &[][..]
         };
-        if pair.is_empty() {
-            return;
-        }
-        let seq = |p: &Json| get2(p, "Sequence", "id").cloned();
-        let a = seq(&pair[0]);
-        let b = seq(&pair[pair.len() - 1]);
+        let seq = |p: Option<&Json>| p.and_then(|p| get2(p, "Sequence", "id")).cloned();
+        let (a, b) = (seq(pair.first()), seq(pair.last()));
         if a != Some(Json::from("A")) || b != Some(Json::from("B")) || pair.len() < 3 {
             return;
         }
