@@ -21,6 +21,10 @@ const MAX_MODEL_FILE: u64 = 1 << 30;
 /// A safetensors header larger than this is refused (the layout checked it already).
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 
+/// Where each source tensor of a view is, by name: its file (index in the view), offset and
+/// dtype.
+type Locations = std::collections::HashMap<String, (usize, u64, DType)>;
+
 /// Where a GGUF tensor's rows come from: a tensor of one of the view's safetensors files.
 #[derive(Debug)]
 pub(super) struct GgufTensor {
@@ -183,22 +187,43 @@ impl View {
             })?;
         let mut metadata = plan.metadata;
         vocab::vocab_metadata(&files, &config, plan.vocab, &mut metadata)?;
-        let mut infos = Vec::with_capacity(plan.tensors.len());
-        let mut data = Vec::with_capacity(plan.tensors.len());
-        for t in plan.tensors {
-            infos.push(TensorInfo {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
+        let (infos, data) = self.gguf_tensors(plan.tensors, &locations)?;
+        let layout = header::build(&metadata, &infos);
+        let segments = gguf_segments(layout.bytes, &layout.offsets, layout.size, &infos, data);
+        let mut used = files.used.into_inner();
+        used.extend(locations.values().map(|&(file, _, _)| file));
+        used.sort_unstable();
+        used.dedup();
+        let architecture = match metadata.get("general.architecture") {
+            Some(crate::gguf::Value::Text(arch)) => arch.clone(),
+            _ => String::new(),
+        };
+        let vf = self.gguf_virtual_file(out, used, segments, layout.size);
+        Ok((vf, architecture, infos.len()))
+    }
+
+    /// The planned tensors' entries in the header, and where each one's bytes come from:
+    /// values computed at planning, or a source tensor of the view re-encoded by rows.
+    fn gguf_tensors(
+        &self,
+        planned: Vec<arch::PlannedTensor>,
+        locations: &Locations,
+    ) -> Result<(Vec<TensorInfo>, Vec<Source>)> {
+        let mut infos = Vec::with_capacity(planned.len());
+        let mut data = Vec::with_capacity(planned.len());
+        for t in planned {
+            let info = TensorInfo {
+                name: t.name,
+                shape: t.shape,
                 ty: t.ty,
-            });
+            };
             data.push(match t.data {
                 TensorData::Computed(values) => Source::Bytes(encoded(t.ty, &values).into()),
                 TensorData::Model { source, permute } => {
                     let &(file, offset, dtype) = locations.get(&source).ok_or_else(|| {
                         Error::config(self.base_dir(), format!("no tensor `{source}`"))
                     })?;
-                    let info = infos.last().expect("pushed above");
-                    let (rows, cols) = row_layout(info, permute);
+                    let (rows, cols) = row_layout(&info, permute);
                     Source::Gguf(Arc::new(GgufTensor {
                         file,
                         offset,
@@ -210,40 +235,9 @@ impl View {
                     }))
                 }
             });
+            infos.push(info);
         }
-        let layout = header::build(&metadata, &infos);
-        let mut segments = vec![Segment {
-            start: 0,
-            len: layout.bytes.len() as u64,
-            source: Source::Bytes(layout.bytes.into()),
-        }];
-        for (k, (info, source)) in infos.iter().zip(data).enumerate() {
-            let start = layout.offsets[k];
-            let end = layout.offsets.get(k + 1).copied().unwrap_or(layout.size);
-            segments.push(Segment {
-                start,
-                len: info.bytes(),
-                source,
-            });
-            if end > start + info.bytes() {
-                let pad = vec![0u8; (end - start - info.bytes()) as usize];
-                segments.push(Segment {
-                    start: start + info.bytes(),
-                    len: pad.len() as u64,
-                    source: Source::Bytes(pad.into()),
-                });
-            }
-        }
-        let mut used = files.used.into_inner();
-        used.extend(locations.values().map(|&(file, _, _)| file));
-        used.sort_unstable();
-        used.dedup();
-        let architecture = match metadata.get("general.architecture") {
-            Some(crate::gguf::Value::Text(arch)) => arch.clone(),
-            _ => String::new(),
-        };
-        let vf = self.gguf_virtual_file(out, used, segments, layout.size);
-        Ok((vf, architecture, infos.len()))
+        Ok((infos, data))
     }
 
     /// The virtual file of a laid-out GGUF: it is served as its first safetensors file is
@@ -273,13 +267,7 @@ impl View {
     /// Every tensor of the view's safetensors files (from the headers the view serves), and
     /// where each one's data is: `(file, offset, dtype)`.
     #[allow(clippy::type_complexity)]
-    fn source_tensors(
-        &self,
-        parts: &[String],
-    ) -> Result<(
-        Vec<SourceTensor>,
-        std::collections::HashMap<String, (usize, u64, DType)>,
-    )> {
+    fn source_tensors(&self, parts: &[String]) -> Result<(Vec<SourceTensor>, Locations)> {
         let mut tensors = Vec::new();
         let mut locations = std::collections::HashMap::new();
         for (i, vf) in self.files.iter().enumerate() {
@@ -395,6 +383,41 @@ impl View {
         }
         Ok(())
     }
+}
+
+/// A GGUF file's segments: its header (`header`, whose tensor data starts at `offsets`, the
+/// file `size` bytes long), then each tensor's bytes from `data`, each followed by the zeros
+/// that align the next.
+fn gguf_segments(
+    header: Vec<u8>,
+    offsets: &[u64],
+    size: u64,
+    infos: &[TensorInfo],
+    data: Vec<Source>,
+) -> Vec<Segment> {
+    let mut segments = vec![Segment {
+        start: 0,
+        len: header.len() as u64,
+        source: Source::Bytes(header.into()),
+    }];
+    for (k, (info, source)) in infos.iter().zip(data).enumerate() {
+        let start = offsets[k];
+        let end = offsets.get(k + 1).copied().unwrap_or(size);
+        segments.push(Segment {
+            start,
+            len: info.bytes(),
+            source,
+        });
+        if end > start + info.bytes() {
+            let pad = vec![0u8; (end - start - info.bytes()) as usize];
+            segments.push(Segment {
+                start: start + info.bytes(),
+                len: pad.len() as u64,
+                source: Source::Bytes(pad.into()),
+            });
+        }
+    }
+    segments
 }
 
 /// The safetensors files the converter reads: those the shard index names, or without one
