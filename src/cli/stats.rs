@@ -209,24 +209,7 @@ fn json_line(mountpoint: &Path, stats: &Stats, rates: Option<Option<Rates>>) -> 
 /// The readable table of a reading, with the rates of a watch.
 fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
     let mut rows: Vec<(&str, String)> = vec![
-        (
-            "mount",
-            match s.other.get("transport") {
-                // Servers before FUSE over io_uring had one transport and no line for it.
-                Some(transport) => format!(
-                    "{} (pid {}, kernel {}, transport {transport})",
-                    mountpoint.display(),
-                    s.pid,
-                    s.kernel
-                ),
-                None => format!(
-                    "{} (pid {}, kernel {})",
-                    mountpoint.display(),
-                    s.pid,
-                    s.kernel
-                ),
-            },
-        ),
+        ("mount", mount_line(mountpoint, s)),
         ("bytes read", size(s.bytes_read)),
         ("  merged", size(s.bytes_merged)),
         ("  from the base", size(s.bytes_passthrough)),
@@ -266,17 +249,7 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
         ("panics caught", s.panics_caught.to_string()),
     ];
     if let Some(rates) = rates {
-        let per_sec = |f: fn(&Rates) -> f64| {
-            rates.map_or("-".into(), |r| format!("{}/s", size(f(&r) as u64)))
-        };
-        let over = rates.map_or("the first reading".into(), |r| {
-            format!("the last {:.1} s", r.interval_secs)
-        });
-        rows.push(("rates over", over));
-        rows.push(("  read", per_sec(|r| r.bytes_read_per_sec)));
-        rows.push(("  merged", per_sec(|r| r.bytes_merged_per_sec)));
-        rows.push(("  computed", per_sec(|r| r.bytes_computed_per_sec)));
-        rows.push(("  hit rate", percent(rates.and_then(|r| r.hit_rate))));
+        rows.extend(rate_rows(rates));
     }
     for (name, value) in &s.other {
         rows.push((name, value.to_string()));
@@ -284,6 +257,32 @@ fn table(mountpoint: &Path, s: &Stats, rates: Option<Option<Rates>>) -> String {
     rows.iter()
         .map(|(name, value)| format!("{name:<18}{value}\n"))
         .collect()
+}
+
+/// The table's first line: the mount, its server and how it serves.
+fn mount_line(mountpoint: &Path, s: &Stats) -> String {
+    let (mnt, pid, kernel) = (mountpoint.display(), s.pid, &s.kernel);
+    match s.other.get("transport") {
+        // Servers before FUSE over io_uring had one transport and no line for it.
+        Some(transport) => format!("{mnt} (pid {pid}, kernel {kernel}, transport {transport})"),
+        None => format!("{mnt} (pid {pid}, kernel {kernel})"),
+    }
+}
+
+/// The rows of a watch's rates (`None` at its first reading, which has nothing to compare).
+fn rate_rows(rates: Option<Rates>) -> [(&'static str, String); 5] {
+    let per_sec =
+        |f: fn(&Rates) -> f64| rates.map_or("-".into(), |r| format!("{}/s", size(f(&r) as u64)));
+    let over = rates.map_or("the first reading".into(), |r| {
+        format!("the last {:.1} s", r.interval_secs)
+    });
+    [
+        ("rates over", over),
+        ("  read", per_sec(|r| r.bytes_read_per_sec)),
+        ("  merged", per_sec(|r| r.bytes_merged_per_sec)),
+        ("  computed", per_sec(|r| r.bytes_computed_per_sec)),
+        ("  hit rate", percent(rates.and_then(|r| r.hit_rate))),
+    ]
 }
 
 /// A byte count in B, KiB, MiB or GiB.
