@@ -262,6 +262,35 @@ fn check_delta(tensor: &str, dtype: DType, parts: &[Part], adapters: &[Adapter])
 /// Rows replaced by trainable tokens, by index, rounded to the output dtype.
 type TokenRowMap = BTreeMap<usize, Vec<f32>>;
 
+/// A token row rounded to `dtype`; or the first value that is not finite once rounded (its
+/// index and value as given).
+fn token_row(row: &[f32], dtype: DType) -> std::result::Result<Vec<f32>, (usize, f32)> {
+    let rounded: Vec<f32> = row.iter().map(|&x| round_to(dtype, x)).collect();
+    match rounded.iter().position(|x| !x.is_finite()) {
+        Some(j) => Err((j, row[j])),
+        None => Ok(rounded),
+    }
+}
+
+/// Token row `index` of tensor `key` in `adapter` overflows `dtype` at value `j` (`x`).
+fn token_row_error(
+    adapter: &Adapter,
+    key: &str,
+    index: usize,
+    j: usize,
+    x: f32,
+    dtype: DType,
+) -> Error {
+    Error::tensor(
+        &adapter.file,
+        key,
+        format!(
+            "token row {index}, value {j} is {x} after rounding to {dtype:?}: beyond the \
+             largest {dtype:?} value, the row would be Inf"
+        ),
+    )
+}
+
 /// Read each op's data, in order: the terms with their U and V, and the token rows (which
 /// drop the deltas of the terms before them on their rows).
 fn read_ops(
@@ -311,7 +340,8 @@ fn read_ops(
                 indices,
                 values,
             } => {
-                let data = adapters[*adapter].read(values)?;
+                let adapter = &adapters[*adapter];
+                let data = adapter.read(values)?;
                 for (k, &index) in indices.iter().enumerate() {
                     // The plan checked `index < rows` and one row of `cols` values per index;
                     // every part has `rows` rows of U.
@@ -322,22 +352,33 @@ fn read_ops(
                         }
                     }
                     let row = data.get(k * cols..(k + 1) * cols).unwrap_or_default();
-                    let row: Vec<f32> = row.iter().map(|&x| round_to(dtype, x)).collect();
-                    if let Some(j) = row.iter().position(|x| !x.is_finite()) {
-                        return Err(Error::tensor(
-                            &adapters[*adapter].file,
-                            &values.key,
-                            format!(
-                                "token row {index}, value {j} is {} after rounding to {dtype:?}: \
-                                 beyond the largest {dtype:?} value, the row would be Inf",
-                                data[k * cols + j]
-                            ),
-                        ));
-                    }
+                    let row = token_row(row, dtype).map_err(|(j, x)| {
+                        token_row_error(adapter, &values.key, index, j, x, dtype)
+                    })?;
                     token_rows.insert(index, row);
                 }
             }
         }
     }
     Ok((parts, token_rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_rows_are_rounded_once_and_refused_where_they_overflow() {
+        let row = [1.0f32, 1.0 + 1.0 / 1024.0, -3.0];
+        let bf16 = token_row(&row, DType::BF16).expect("finite");
+        assert_eq!(bf16, vec![1.0, 1.0, -3.0], "rounded to bf16's 8 bits");
+        assert_eq!(token_row(&row, DType::F32).expect("finite"), row.to_vec());
+        // Past f16's largest value (65504), rounding gives Inf: refused, naming the value.
+        let over = [0.5f32, 70000.0, f32::NAN];
+        assert_eq!(token_row(&over, DType::F16), Err((1, 70000.0)));
+        assert!(
+            token_row(&over, DType::BF16).is_err(),
+            "NaN is not finite either"
+        );
+    }
 }
