@@ -39,19 +39,22 @@ pub(super) fn write_files(view: &View, sink: &Sink) -> Result<()> {
     stream(view, &files, open, sink.bar, sink.interrupt, sink.out)
 }
 
+/// A merged chunk on its way to the writer: (file index, buffer, bytes used); a file of size
+/// 0 is sent once with 0 bytes.
+type Chunk = (usize, AlignedBuf, usize);
+
 /// Write view files `files`, in order, each into the file `open` gives for its index: this
 /// thread merges a chunk (`read_at`) while a writer thread writes the previous one, so
 /// merging and writing overlap. `interrupt` is checked per chunk.
 pub(super) fn stream(
     view: &View,
     files: &[usize],
-    mut open: impl FnMut(usize) -> Result<(File, PathBuf)> + Send,
+    open: impl FnMut(usize) -> Result<(File, PathBuf)> + Send,
     bar: &ProgressBar,
     interrupt: &Interrupt,
     out: &Path,
 ) -> Result<()> {
-    // (file index, buffer, bytes used); a file of size 0 is sent once with 0 bytes.
-    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, AlignedBuf, usize)>(1);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Chunk>(1);
     let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
     for _ in 0..2 {
         empty_tx
@@ -59,61 +62,82 @@ pub(super) fn stream(
             .expect("receiver alive");
     }
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<()> {
-            let mut current: Option<(usize, Output)> = None;
-            for (index, buf, n) in full_rx {
-                if current.as_ref().map(|c| c.0) != Some(index) {
-                    if let Some((_, done)) = current.take() {
-                        done.finish()?;
-                    }
-                    let (file, path) = open(index)?;
-                    current = Some((index, Output::new(file, path)));
-                }
-                let (_, output) = current.as_mut().expect("set above");
-                if n > 0 {
-                    output.write(&buf.bytes()[..n])?;
-                    let _ = empty_tx.send(buf); // back to the producer
-                }
-            }
-            match current {
-                Some((_, last)) => last.finish(),
-                None => Ok(()),
-            }
-        });
-        let produced = (|| -> Result<()> {
-            for &index in files {
-                let file = &view.files[index];
-                interrupt.check(out)?;
-                if file.size == 0 && full_tx.send((index, AlignedBuf::default(), 0)).is_err() {
-                    return Ok(()); // the writer stopped: its error is reported below
-                }
-                let mut offset = 0;
-                while offset < file.size {
-                    interrupt.check(out)?;
-                    let Ok(mut buf) = empty_rx.recv() else {
-                        return Ok(());
-                    };
-                    // The base of the chunks after this one is read meanwhile: a cold
-                    // base keeps the disk busy while this one is merged.
-                    view.read_ahead(index, offset + CHUNK as u64);
-                    let n = view.read_at(index, offset, buf.bytes_mut())?;
-                    if n == 0 {
-                        let what = "the view ended before its size";
-                        return Err(Error::config(file.source_path(), what));
-                    }
-                    if full_tx.send((index, buf, n)).is_err() {
-                        return Ok(());
-                    }
-                    offset += n as u64;
-                    bar.inc(n as u64);
-                }
-            }
-            Ok(())
-        })();
+        let writer = scope.spawn(move || write_chunks(full_rx, empty_tx, open));
+        let produced = produce(view, files, &full_tx, &empty_rx, bar, interrupt, out);
         drop(full_tx);
         let written = writer.join().expect("the writer thread does not panic");
         produced.and(written)
     })
+}
+
+/// The writer thread: each chunk into its file (opened with `open` at its first chunk, and
+/// finished at the next file's), each buffer sent back for the next chunk.
+fn write_chunks(
+    full: mpsc::Receiver<Chunk>,
+    empty: mpsc::Sender<AlignedBuf>,
+    mut open: impl FnMut(usize) -> Result<(File, PathBuf)>,
+) -> Result<()> {
+    let mut current: Option<(usize, Output)> = None;
+    for (index, buf, n) in full {
+        if current.as_ref().map(|c| c.0) != Some(index) {
+            if let Some((_, done)) = current.take() {
+                done.finish()?;
+            }
+            let (file, path) = open(index)?;
+            current = Some((index, Output::new(file, path)));
+        }
+        let (_, output) = current.as_mut().expect("set above");
+        if n > 0 {
+            output.write(&buf.bytes()[..n])?;
+            let _ = empty.send(buf); // back to the producer
+        }
+    }
+    match current {
+        Some((_, last)) => last.finish(),
+        None => Ok(()),
+    }
+}
+
+/// Merge the chunks of `files` into the buffers that come back on `empty`, and send them to
+/// the writer on `full`. Stops without an error of its own when the writer has stopped (its
+/// error is the one reported).
+fn produce(
+    view: &View,
+    files: &[usize],
+    full: &mpsc::SyncSender<Chunk>,
+    empty: &mpsc::Receiver<AlignedBuf>,
+    bar: &ProgressBar,
+    interrupt: &Interrupt,
+    out: &Path,
+) -> Result<()> {
+    for &index in files {
+        let file = &view.files[index];
+        interrupt.check(out)?;
+        if file.size == 0 && full.send((index, AlignedBuf::default(), 0)).is_err() {
+            return Ok(());
+        }
+        let mut offset = 0;
+        while offset < file.size {
+            interrupt.check(out)?;
+            let Ok(mut buf) = empty.recv() else {
+                return Ok(());
+            };
+            // The base of the chunks after this one is read meanwhile: a cold base keeps
+            // the disk busy while this one is merged.
+            view.read_ahead(index, offset + CHUNK as u64);
+            let n = view.read_at(index, offset, buf.bytes_mut())?;
+            if n == 0 {
+                let what = "the view ended before its size";
+                return Err(Error::config(file.source_path(), what));
+            }
+            if full.send((index, buf, n)).is_err() {
+                return Ok(());
+            }
+            offset += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    Ok(())
 }
 
 /// A new file with the source's permission bits. Set on the open descriptor, which stays
