@@ -68,53 +68,9 @@ impl Table {
             let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
             let role = classify(name).ok_or_else(|| unsupported_key(file, key, name))?;
             let what = role_name(&role);
-            let previous = match role {
-                Role::Replace(target) => {
-                    if let Some(other) = table.replacements.iter().find(|r| r.target == target) {
-                        return Err(twice(file, key, &other.key, &format!("`{target}`")));
-                    }
-                    table.replacements.push(Replacement {
-                        key: key.clone(),
-                        target,
-                        dtype: entry.dtype,
-                        shape: entry.shape.clone(),
-                        offset: entry.offset,
-                        len: entry.len,
-                    });
-                    None
-                }
-                Role::Factor(module, part, embedding) => {
-                    if entry.shape.len() > 2 {
-                        return Err(convolution(file, entry));
-                    }
-                    let factor = stored(file, entry, 2, what)?;
-                    let halves = table
-                        .halves
-                        .entry((module.to_string(), embedding))
-                        .or_default();
-                    match part {
-                        Part::A => halves.a.replace(factor),
-                        Part::B => halves.b.replace(factor),
-                    }
-                }
-                Role::LoraBias(m) => {
-                    let bias = stored(file, entry, 1, what)?;
-                    table.lora_biases.insert(m.to_string(), bias)
-                }
-                Role::Magnitude(m) => {
-                    let magnitude = stored(file, entry, 1, what)?;
-                    table.magnitudes.insert(m.to_string(), magnitude)
-                }
-                Role::Tokens(m) => {
-                    let values = stored(file, entry, 2, what)?;
-                    table.token_deltas.insert(m.to_string(), values)
-                }
-                Role::WrapperCopy(target) => {
-                    copies.push((key, target));
-                    None
-                }
-            };
-            if let Some(other) = previous {
+            if let Role::WrapperCopy(target) = role {
+                copies.push((key, target));
+            } else if let Some(other) = table.add(file, entry, role, what)? {
                 return Err(twice(file, key, &other.key, what));
             }
         }
@@ -131,6 +87,61 @@ impl Table {
             }
         }
         Ok(table)
+    }
+
+    /// File `entry` (described as `what`) under its `role`: the tensor already filed under
+    /// that role for that module, if any (the caller refuses the pair).
+    fn add(
+        &mut self,
+        file: &Path,
+        entry: &TensorEntry,
+        role: Role,
+        what: &str,
+    ) -> Result<Option<Stored>> {
+        let key = &entry.name;
+        Ok(match role {
+            Role::Replace(target) => {
+                if let Some(other) = self.replacements.iter().find(|r| r.target == target) {
+                    return Err(twice(file, key, &other.key, &format!("`{target}`")));
+                }
+                self.replacements.push(Replacement {
+                    key: key.clone(),
+                    target,
+                    dtype: entry.dtype,
+                    shape: entry.shape.clone(),
+                    offset: entry.offset,
+                    len: entry.len,
+                });
+                None
+            }
+            Role::Factor(module, part, embedding) => {
+                if entry.shape.len() > 2 {
+                    return Err(convolution(file, entry));
+                }
+                let factor = stored(file, entry, 2, what)?;
+                let halves = (self.halves)
+                    .entry((module.to_string(), embedding))
+                    .or_default();
+                match part {
+                    Part::A => halves.a.replace(factor),
+                    Part::B => halves.b.replace(factor),
+                }
+            }
+            Role::LoraBias(m) => {
+                let bias = stored(file, entry, 1, what)?;
+                self.lora_biases.insert(m.to_string(), bias)
+            }
+            Role::Magnitude(m) => {
+                let magnitude = stored(file, entry, 1, what)?;
+                self.magnitudes.insert(m.to_string(), magnitude)
+            }
+            Role::Tokens(m) => {
+                let values = stored(file, entry, 2, what)?;
+                self.token_deltas.insert(m.to_string(), values)
+            }
+            // Filed by the caller, which checks them once every tensor is classified.
+            Role::WrapperCopy(_) => None,
+        })
     }
 }
 
