@@ -171,78 +171,94 @@ fn gguf_output(view: &View, types: &[OutType], out: &Path) -> anyhow::Result<Opt
 /// Run the command `cli`, parsed from `command_line` (argv[0] included).
 pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
     match cli.command {
-        Command::Materialize { inputs, out, force } => {
-            let view = inputs.open(MATERIALIZE_CACHE)?;
-            log::info!("kernel: {}", view.engine.kernel.name());
-            // From here on SIGINT, SIGTERM and SIGHUP stop the run, which removes what it
-            // wrote; then the process exits as if killed by the signal (128 + its number).
-            let interrupt =
-                Interrupt::on_signals().context("cannot install the signal handlers")?;
-            let options = MaterializeOptions {
-                force,
-                progress: std::io::stderr().is_terminal(),
-                interrupt: interrupt.clone(),
-            };
-            let summary = match gguf_output(&view, &inputs.gguf, &out)? {
-                Some(file) => materialize_file(&view, file, &out, &inputs_of(&view), &options),
-                None => materialize(&view, &out, &inputs_of(&view), &options),
-            }
-            .with_context(|| format!("materialize into {} failed", out.display()));
-            match (summary, interrupt.signal()) {
-                (Ok(summary), _) => to_stdout(&format!("{}: {summary}\n", out.display()))?,
-                (Err(err), Some(signal)) => {
-                    report(&err);
-                    std::process::exit(128 + signal);
-                }
-                (Err(err), None) => return Err(err),
-            }
-        }
+        Command::Materialize { inputs, out, force } => materialize_command(&inputs, &out, force)?,
         Command::Mount(args) => mount(args, command_line)?,
         Command::Unmount { mountpoint, lazy } => lorafs::fuse::unmount(&mountpoint, lazy)?,
-        Command::View { command } => match command {
-            ViewCommand::Ls { mountpoint, json } => {
-                match lorafs::control::view_ls(&mountpoint, json) {
-                    // Nothing to list is not a failure: said on stderr, stdout stays a listing.
-                    Err(no_views @ lorafs::control::Error::NoViews(_)) => {
-                        eprintln!("lorafs: {no_views}: no views to list")
-                    }
-                    listed => to_stdout(&listed?)?,
-                }
-            }
-            ViewCommand::Add { mountpoint, view } => {
-                lorafs::control::view_add(&mountpoint, &view.name, &view.spec)?
-            }
-            ViewCommand::Set { mountpoint, view } => {
-                lorafs::control::view_set(&mountpoint, &view.name, &view.spec)?
-            }
-            ViewCommand::Rm { mountpoint, name } => lorafs::control::view_rm(&mountpoint, &name)?,
-        },
+        Command::View { command } => view_command(command)?,
         Command::Inspect {
             inputs,
             views,
             tensors,
             json,
-        } => {
-            use lorafs::inspect;
-            if views.any() {
-                let opened = inspect_views(&inputs, &views)?;
-                let refs: Vec<(String, &View)> =
-                    opened.iter().map(|(n, v)| (n.clone(), v)).collect();
-                to_stdout(&match json {
-                    true => inspect::json::report_views(&refs, tensors),
-                    false => inspect::report_views(&refs, tensors),
-                })?;
-            } else {
-                let view = inputs.open(0)?;
-                to_stdout(&match json {
-                    true => inspect::json::report(&view, tensors),
-                    false => inspect::report(&view, tensors),
-                })?;
-            }
-        }
+        } => inspect_command(&inputs, &views, tensors, json)?,
         Command::Stats(args) => stats::stats(args)?,
         Command::Completions { shell } => docs::completions(shell)?,
         Command::Man { dir } => docs::man(dir)?,
     }
     Ok(())
+}
+
+/// `lorafs materialize`: the directory (or, for an OUT ending in `.gguf`, the one GGUF
+/// file) written, or on a signal what was written removed and the process ended as if
+/// killed by it (128 + its number).
+fn materialize_command(inputs: &MergeArgs, out: &Path, force: bool) -> anyhow::Result<()> {
+    let view = inputs.open(MATERIALIZE_CACHE)?;
+    log::info!("kernel: {}", view.engine.kernel.name());
+    // From here on SIGINT, SIGTERM and SIGHUP stop the run, which removes what it wrote.
+    let interrupt = Interrupt::on_signals().context("cannot install the signal handlers")?;
+    let options = MaterializeOptions {
+        force,
+        progress: std::io::stderr().is_terminal(),
+        interrupt: interrupt.clone(),
+    };
+    let summary = match gguf_output(&view, &inputs.gguf, out)? {
+        Some(file) => materialize_file(&view, file, out, &inputs_of(&view), &options),
+        None => materialize(&view, out, &inputs_of(&view), &options),
+    }
+    .with_context(|| format!("materialize into {} failed", out.display()));
+    match (summary, interrupt.signal()) {
+        (Ok(summary), _) => to_stdout(&format!("{}: {summary}\n", out.display())),
+        (Err(err), Some(signal)) => {
+            report(&err);
+            std::process::exit(128 + signal);
+        }
+        (Err(err), None) => Err(err),
+    }
+}
+
+/// `lorafs view ...`: list or change the views of a running mount.
+fn view_command(command: ViewCommand) -> anyhow::Result<()> {
+    match command {
+        ViewCommand::Ls { mountpoint, json } => {
+            match lorafs::control::view_ls(&mountpoint, json) {
+                // Nothing to list is not a failure: said on stderr, stdout stays a listing.
+                Err(no_views @ lorafs::control::Error::NoViews(_)) => {
+                    eprintln!("lorafs: {no_views}: no views to list")
+                }
+                listed => to_stdout(&listed?)?,
+            }
+        }
+        ViewCommand::Add { mountpoint, view } => {
+            lorafs::control::view_add(&mountpoint, &view.name, &view.spec)?
+        }
+        ViewCommand::Set { mountpoint, view } => {
+            lorafs::control::view_set(&mountpoint, &view.name, &view.spec)?
+        }
+        ViewCommand::Rm { mountpoint, name } => lorafs::control::view_rm(&mountpoint, &name)?,
+    }
+    Ok(())
+}
+
+/// `lorafs inspect`: the plan of the merge, or of each view, as text or JSON.
+fn inspect_command(
+    inputs: &MergeArgs,
+    views: &ViewArgs,
+    tensors: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use lorafs::inspect;
+    if views.any() {
+        let opened = inspect_views(inputs, views)?;
+        let refs: Vec<(String, &View)> = opened.iter().map(|(n, v)| (n.clone(), v)).collect();
+        to_stdout(&match json {
+            true => inspect::json::report_views(&refs, tensors),
+            false => inspect::report_views(&refs, tensors),
+        })
+    } else {
+        let view = inputs.open(0)?;
+        to_stdout(&match json {
+            true => inspect::json::report(&view, tensors),
+            false => inspect::report(&view, tensors),
+        })
+    }
 }
