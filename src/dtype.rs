@@ -78,6 +78,26 @@ impl DType {
         }
     }
 
+    /// Widen every element of a little-endian buffer of this dtype to f32 (exact), appending
+    /// them to `out`: one match per buffer, not per element, so each arm is a loop the
+    /// compiler vectorises (an adapter's factors are read through this at every mount).
+    pub fn load_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        fn halves(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
+            bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        }
+        match self {
+            DType::F16 => out.extend(halves(bytes).map(|h| f16::from_bits(h).to_f32())),
+            DType::BF16 => out.extend(halves(bytes).map(|h| bf16::from_bits(h).to_f32())),
+            DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+        }
+    }
+
     /// Round `x` to this dtype and store it as element `i`: see [`round_f16`] and friends.
     #[inline]
     pub fn store(self, bytes: &mut [u8], i: usize, x: f32) {
@@ -150,6 +170,28 @@ mod tests {
         assert_eq!(round_f16(1e6), 0x7C00);
         assert_eq!(round_bf16(f32::from_bits(0xFFC1_2345)), CANONICAL_NAN_BF16);
         assert_eq!(round_f32(f32::from_bits(0x7F80_0001)), CANONICAL_NAN_F32);
+    }
+
+    #[test]
+    fn load_into_widens_like_load() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let values = [1.5f32, -0.25, 96.0, 0.0, -0.0, 65504.0];
+            let mut buf = vec![0u8; dtype.size() * values.len()];
+            for (i, &x) in values.iter().enumerate() {
+                dtype.store(&mut buf, i, x);
+            }
+            let mut out = vec![7.0];
+            dtype.load_into(&buf, &mut out);
+            let want: Vec<f32> = (0..values.len()).map(|i| dtype.load(&buf, i)).collect();
+            assert_eq!(out[0], 7.0, "{dtype:?}: appends");
+            assert_eq!(&out[1..], &want[..], "{dtype:?}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&out[1..]),
+                bits(&want),
+                "{dtype:?}: signs of zero kept"
+            );
+        }
     }
 
     #[test]

@@ -132,8 +132,10 @@ pub const TOKENIZER_FILES: [&str; 11] = [
 ];
 
 /// Bytes read from the adapter file at a time by [`Adapter::read`]: the f32 result is the
-/// only allocation that grows with the tensor.
-const READ_CHUNK: usize = 1 << 20;
+/// only allocation that grows with the tensor. Small enough that the allocator hands the
+/// same heap memory to each tensor's read: a chunk of a megabyte is a fresh mapping per
+/// tensor, every page of it faulted in and zeroed, which was most of a mount's start.
+const READ_CHUNK: usize = 64 << 10;
 
 impl Adapter {
     /// Read the config and the table of tensors of an adapter directory; no tensor data.
@@ -231,7 +233,7 @@ impl Adapter {
                 }
             })?;
             let first = out.len();
-            out.extend((0..n).map(|i| t.dtype.load(bytes, i)));
+            t.dtype.load_into(bytes, &mut out);
             if let Some(k) = out[first..].iter().position(|x| !x.is_finite()) {
                 return Err(Error::tensor(
                     &self.file,
