@@ -13,7 +13,9 @@
 //! once all of it has been lent to readers. Its buffer is kept for the next range while
 //! staged and kept buffers fit the budget together: buffers are mapped anew only to grow,
 //! since memory a process touches for the first time costs more than the read itself where
-//! the kernel zeroes it (and here the VM's host faults it in).
+//! the kernel zeroes it (and here the VM's host faults it in). For the same reason a mount
+//! maps and faults in its buffers in the background as it starts ([`ReadAhead::prepare`]),
+//! so that its first reads do not wait for new memory.
 //! A reader that asks for a range still waiting in the queue reads it at once itself, so a
 //! queue never makes a read slower than reading. Staged bytes are read like any other: the
 //! file is checked against the version lorafs opened after they are in the buffer, and they
@@ -166,6 +168,25 @@ impl ReadAhead {
     /// fastest: see [`crate::aligned`]), or less where the budget would hold only a few.
     pub fn range_bytes(&self) -> u64 {
         (self.budget() / 8).clamp(ALIGN, crate::aligned::HUGE_PAGE as u64)
+    }
+
+    /// Map and fault in buffers for the ranges to come, as many as the budget holds, on a
+    /// thread of its own; ranges read meanwhile take those made so far. Each holds any range
+    /// of [`ReadAhead::range_bytes`] (on whatever alignment), so none is mapped anew. For a
+    /// mount, as it starts: a cold load through it otherwise spends its first reads having
+    /// the kernel zero the budget's memory (0.07 s of CPU for 64 MiB on the VM of
+    /// docs/DESIGN.md, "Buffers prepared at the start"), while most loaders spend that long
+    /// starting up before they read.
+    pub fn prepare(&self) {
+        let size = crate::aligned::capacity_for((self.range_bytes() + 2 * ALIGN) as usize);
+        let shared = Arc::clone(&self.shared);
+        let spawned = std::thread::Builder::new()
+            .name("lorafs-prep".into())
+            .spawn(move || shared.prepare(size));
+        if let Err(err) = spawned {
+            // Ranges map their buffers as they need them: slower, never wrong.
+            log::warn!("read-ahead buffers not prepared: {err}");
+        }
     }
 
     /// Fill `buf` with the bytes of `file` at `offset`: from staged ranges where there are
@@ -340,11 +361,14 @@ impl State {
         }
     }
 
-    /// A kept buffer for a range of `len` bytes: one that holds it if any does (else one
-    /// to map anew in place of its memory), or a new one.
+    /// A kept buffer for a range of `len` bytes: the smallest that holds it if any does
+    /// (else one to map anew in place of its memory), or a new one.
     fn take_spare(&mut self, len: usize) -> AlignedBuf {
         let need = crate::aligned::capacity_for(len);
-        let fits = self.spares.iter().position(|b| b.capacity() >= need);
+        let fits = (self.spares.iter().enumerate())
+            .filter(|(_, b)| b.capacity() >= need)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
         match fits.or(self.spares.len().checked_sub(1)) {
             Some(i) => {
                 let buf = self.spares.swap_remove(i);
@@ -376,6 +400,28 @@ impl State {
 }
 
 impl Shared {
+    /// [`ReadAhead::prepare`]'s thread: buffers of `size` bytes, faulted in, kept as spares
+    /// while they fit the budget beside the ranges held, until the read-ahead goes away.
+    fn prepare(&self, size: usize) {
+        loop {
+            let room = {
+                let state = self.lock();
+                !state.closed && state.bytes + state.spare_bytes + size as u64 <= state.budget
+            };
+            if !room {
+                return;
+            }
+            // Faulted in without the lock: the readers go on meanwhile.
+            let buf = AlignedBuf::populated(size);
+            let mut state = self.lock();
+            let kept = state.spares.len();
+            state.keep_spare(buf);
+            if state.closed || state.spares.len() == kept {
+                return;
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the maps consistent (every update is one
         // step), so a poisoned lock is used as is.
@@ -707,6 +753,46 @@ mod tests {
         wait_staged(&ahead, 6 << 20);
         read(&ahead, 0, 6 << 20);
         assert_eq!(memory(&ahead), (6 << 20, 24));
+    }
+
+    #[test]
+    fn prepared_buffers_fill_the_budget_and_take_any_range() {
+        let dir = tempdir();
+        let data = data(8 << 20);
+        let file = source(dir.path(), &data);
+        let ahead = ReadAhead::new(AheadOptions {
+            budget: 8 << 20,
+            threads: 2,
+        });
+        let range = ahead.range_bytes();
+        ahead.prepare();
+        // Prepared: buffers up to the budget, less than one range's short of it.
+        let start = Instant::now();
+        let prepared = loop {
+            let (bytes, count) = memory(&ahead);
+            assert!(bytes <= 8 << 20, "{bytes} bytes over the budget");
+            if bytes + range + 2 * ALIGN > 8 << 20 {
+                break (bytes, count);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{bytes} bytes prepared"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        // Ranges of the read-ahead's size on any alignment, one after another: each takes
+        // a prepared buffer and gives it back, and none is mapped anew.
+        let mut staged = 0;
+        for start in [0, ALIGN, range - ALIGN, 3 * range + 100 * ALIGN] {
+            // `range` bytes off the alignment: a range one block longer.
+            ahead.schedule(&file, start + 5, start + 5 + range, true);
+            staged += range + ALIGN;
+            wait_staged(&ahead, staged);
+            let mut buf = vec![0u8; range as usize];
+            ahead.read(&file, &mut buf, start + 5, true).unwrap();
+            assert_eq!(buf, data[(start + 5) as usize..][..buf.len()]);
+            assert_eq!(memory(&ahead), prepared, "a buffer mapped anew");
+        }
     }
 
     #[test]

@@ -54,6 +54,24 @@ impl AlignedBuf {
         buf
     }
 
+    /// A buffer of `len` bytes (rounded up to whole [`ALIGN`] blocks) whose memory is mapped
+    /// and faulted in now, empty: the transfers into it never wait for new pages.
+    pub fn populated(len: usize) -> AlignedBuf {
+        let mut buf = AlignedBuf::default();
+        let span = buf.span(len);
+        let len = span.len();
+        if let Some(mem) = &buf.mem {
+            // One system call where the kernel has it (Linux 5.14), else a write per page.
+            if mem
+                .advise_range(Advice::PopulateWrite, buf.start, len)
+                .is_err()
+            {
+                buf.span(len).iter_mut().step_by(ALIGN).for_each(|b| *b = 0);
+            }
+        }
+        buf
+    }
+
     /// Bytes the buffer holds without mapping anew.
     pub fn capacity(&self) -> usize {
         self.mem

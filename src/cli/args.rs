@@ -192,7 +192,9 @@ impl MergeArgs {
 
     /// Open the engine; `default_cache` is the cache budget unless --cache-size says.
     /// The engine over the base (O_DIRECT chosen by --direct-io: see [`auto_direct_io`]).
-    pub(crate) fn engine(&self, default_cache: usize) -> anyhow::Result<Engine> {
+    /// `reads`: it will read the weights (a mount, materialize; not inspect), so where it
+    /// reads them with O_DIRECT its read-ahead buffers are prepared now, in the background.
+    pub(crate) fn engine(&self, default_cache: usize, reads: bool) -> anyhow::Result<Engine> {
         let options = EngineOptions {
             cache_bytes: self.cache_size.unwrap_or(default_cache),
             ahead: lorafs::ahead::AheadOptions {
@@ -212,15 +214,18 @@ impl MergeArgs {
             log::info!("reading base files with O_DIRECT, around the page cache ({why})");
         }
         engine.direct_base_reads = why.is_some();
+        if reads && engine.direct_base_reads {
+            engine.ahead.prepare();
+        }
         Ok(engine)
     }
 
     /// The one merged model of `--adapter`, every factor read and checked.
-    pub(crate) fn open(&self, default_cache: usize) -> anyhow::Result<View> {
+    pub(crate) fn open(&self, default_cache: usize, reads: bool) -> anyhow::Result<View> {
         if self.adapters.is_empty() {
             anyhow::bail!("name the adapters to merge with --adapter DIR[:WEIGHT]");
         }
-        let engine = Arc::new(self.engine(default_cache)?);
+        let engine = Arc::new(self.engine(default_cache, reads)?);
         let adapters = resolve_adapters(&self.adapters)?;
         let combine = self.combine()?;
         let mut view = View::open(engine, &adapters, self.dtype, combine.as_ref())?;

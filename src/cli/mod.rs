@@ -192,7 +192,7 @@ pub(crate) fn run(cli: Cli, command_line: &[OsString]) -> anyhow::Result<()> {
 /// file) written, or on a signal what was written removed and the process ended as if
 /// killed by it (128 + its number).
 fn materialize_command(inputs: &MergeArgs, out: &Path, force: bool) -> anyhow::Result<()> {
-    let view = inputs.open(MATERIALIZE_CACHE)?;
+    let view = inputs.open(MATERIALIZE_CACHE, true)?;
     log::info!("kernel: {}", view.engine.kernel.name());
     // From here on SIGINT, SIGTERM and SIGHUP stop the run, which removes what it wrote.
     let interrupt = Interrupt::on_signals().context("cannot install the signal handlers")?;
@@ -255,7 +255,7 @@ fn inspect_command(
             false => inspect::report_views(&refs, tensors),
         })
     } else {
-        let view = inputs.open(0)?;
+        let view = inputs.open(0, false)?;
         to_stdout(&match json {
             true => inspect::json::report(&view, tensors),
             false => inspect::report(&view, tensors),

@@ -116,7 +116,7 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
         _ => None,
     };
     one_malloc_arena();
-    let (fs, live, warm_view) = open_filesystem(&inputs, &views, &mountpoint, warm)?;
+    let (fs, live, warm_view) = open_filesystem(&inputs, &views, &mountpoint, warm, true)?;
     let options = lorafs::fuse::MountOptions {
         threads,
         allow_other,
@@ -139,23 +139,31 @@ pub(crate) fn mount(args: MountArgs, command_line: &[OsString]) -> anyhow::Resul
 /// without mounting: `mount.lorafs -f`.
 pub(crate) fn check(args: &MountArgs) -> anyhow::Result<()> {
     lorafs::fuse::check_mountpoint(&args.mountpoint)?;
-    open_filesystem(&args.inputs, &args.views, &args.mountpoint, Warm::Never)?;
+    open_filesystem(
+        &args.inputs,
+        &args.views,
+        &args.mountpoint,
+        Warm::Never,
+        false,
+    )?;
     Ok(())
 }
 
 /// The file system of the mount (its views, or its one merged model), and the view to
-/// warm once mounted, if any.
+/// warm once mounted, if any. `reads`: it will serve reads (not a check), so the engine
+/// prepares its read-ahead buffers (see [`MergeArgs::engine`]).
 fn open_filesystem(
     inputs: &MergeArgs,
     views: &ViewArgs,
     mountpoint: &Path,
     warm: Warm,
+    reads: bool,
 ) -> anyhow::Result<(lorafs::fuse::LorafsFs, Option<Live>, Option<Arc<View>>)> {
     if views.any() {
-        let (fs, live) = open_views(inputs, views, mountpoint, warm)?;
+        let (fs, live) = open_views(inputs, views, mountpoint, warm, reads)?;
         return Ok((fs, Some(live), None));
     }
-    let view = Arc::new(inputs.open(MOUNT_CACHE)?);
+    let view = Arc::new(inputs.open(MOUNT_CACHE, reads)?);
     let warm = warm.wanted(!view.gguf.is_empty(), view.total_bytes());
     let fs = lorafs::fuse::LorafsFs::single(view.clone())?;
     Ok((fs, None, warm.then_some(view)))

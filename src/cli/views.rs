@@ -11,12 +11,14 @@ use lorafs::View;
 use super::args::*;
 
 /// A mount of views: the engine, an empty tree, and the registry with the `--view` views
-/// in it (each checked in full: a bad one mounts nothing).
+/// in it (each checked in full: a bad one mounts nothing). `reads`: as for
+/// `open_filesystem` (the engine prepares its read-ahead buffers).
 pub(crate) fn open_views(
     inputs: &MergeArgs,
     args: &ViewArgs,
     mountpoint: &Path,
     warm: Warm,
+    reads: bool,
 ) -> anyhow::Result<(lorafs::fuse::LorafsFs, lorafs::fuse::Live)> {
     use lorafs::control::{ViewSource, ViewSpec};
     use lorafs::fuse::views::Views;
@@ -30,7 +32,7 @@ pub(crate) fn open_views(
     if let Some(path) = &args.views_file {
         lorafs::viewsfile::load(path).map_err(anyhow::Error::msg)?;
     }
-    let mut engine = inputs.engine(MOUNT_CACHE)?;
+    let mut engine = inputs.engine(MOUNT_CACHE, reads)?;
     engine.factors = lorafs::cache::Cache::new(args.factor_cache);
     let engine = Arc::new(engine);
     let fs = lorafs::fuse::LorafsFs::of_views(engine.clone())?;
@@ -130,7 +132,7 @@ pub(crate) fn inspect_views(
             "--adapter plans one model, --view and --catalog plan views: use one or the other"
         );
     }
-    let engine = Arc::new(inputs.engine(0)?);
+    let engine = Arc::new(inputs.engine(0, false)?);
     let combine = inputs.combine()?;
     let combine = combine.as_ref();
     let mut views = Vec::new();
