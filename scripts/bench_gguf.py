@@ -45,7 +45,7 @@ LORAFS = Path(os.environ.get("LORAFS_BIN", REPO / "target/release/lorafs"))
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 import gguf_compare as gc  # noqa: E402  (the GGUF comparison)
 import gguf_models as gm  # noqa: E402  (the llama.cpp stack, the tokenizer)
-from coldio import drop_caches, populate  # noqa: E402  (beside this script)
+from coldio import drop_caches, llama_load, populate  # noqa: E402  (beside this script)
 from scratch import claim_scratch, remove_scratch  # noqa: E402
 
 
@@ -104,24 +104,9 @@ transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)
 shutil.copy(f"{base}/tokenizer.model", out)  # transformers 5 does not write it; the converter needs it
 """
 
-LLAMA_LOAD = """
-import sys, time
-from llama_cpp import Llama
-t = time.perf_counter()
-llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, verbose=False)
-llm.eval(llm.tokenize(b"hello world, the llama merge"))
-print(time.perf_counter() - t)
-"""
-
-
 def cold_cat(path):
     drop_caches()
     return timed(["cat", path])
-
-
-def llama_load(path, env):
-    out = subprocess.run([sys.executable, "-c", LLAMA_LOAD, str(path)], check=True, capture_output=True, text=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def same_model(got, want, exact):

@@ -22,6 +22,14 @@ Run as root; for example, the page cache against O_DIRECT base reads:
     python3 scripts/cold_map.py --dir /tmp/lorafs-bench-gguf --runs 10 \\
         auto= "page-cache=--direct-io never" "direct=--direct-io always"
 
+`--llama` times what `scripts/bench_gguf.py` times instead of the bare mapping:
+`llama_cpp.Llama` loading the file and evaluating a short prompt (its process started and
+llama_cpp imported first, untimed); run it with the main virtualenv's Python (`$(bash
+scripts/venv.sh)/bin/python`), which finds the llama.cpp stack of scripts/gguf-env.sh. The
+system time column is then empty.
+`--gap SECONDS` waits that long between the mount's return and the mapping, as a loader
+starting up would (llama.cpp's Python import, its backends): work a mount does in the
+background as it starts (docs/DESIGN.md, "Buffers prepared at the start") shows only then.
 `--lorafs BINARY` picks the binary (default target/release/lorafs); a contender may name its
 own with `NAME=@BINARY ARGS` (to compare two builds). `--profile` adds, after the rounds, one
 more mapping of each contender under `perf record` of its server (Debian's linux-perf) and
@@ -34,11 +42,12 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from coldio import drop_caches, populate_cost, server_cpu, server_pid
+from coldio import drop_caches, llama_load, populate_cost, server_cpu, server_pid
 from scratch import require_scratch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +83,26 @@ def profile(mount, mountpoint, data):
     return [line for line in report.stdout.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def llama_timer():
+    """A function timing llama.cpp's load of a path (wall seconds, and None for the system
+    time it does not measure), with the llama.cpp stack of scripts/gguf-env.sh."""
+    sys.path.insert(0, str(REPO / "tests" / "e2e"))
+    import gguf_models as gm  # the main virtualenv's (torch, transformers)
+
+    stack = subprocess.run(["bash", str(REPO / "scripts/gguf-env.sh")], check=True, capture_output=True,
+                           text=True).stdout.strip()
+    env = gm.GgufStack(Path(stack)).env()
+    return lambda path: (llama_load(path, env), None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/lorafs-bench-gguf"))
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--lorafs", type=Path, default=REPO / "target/release/lorafs")
     ap.add_argument("--warm", action="store_true", help="the base in the page cache for the mounts")
+    ap.add_argument("--llama", action="store_true", help="time llama.cpp's load, not the bare mapping")
+    ap.add_argument("--gap", type=float, default=0.0, help="seconds between a mount's return and its mapping")
     ap.add_argument("--profile", action="store_true", help="then one mapping per contender under perf record")
     ap.add_argument("contenders", nargs="+", metavar="NAME=ARGS")
     args = ap.parse_args()
@@ -90,6 +113,7 @@ def main():
     if not (base / "config.json").is_file() or not adapter.is_dir():
         raise SystemExit(f"no model in {args.dir}: run scripts/bench_gguf.py --keep --dir {args.dir} first")
     contenders = [parse_contender(s, args.lorafs) for s in args.contenders]
+    measure = llama_timer() if args.llama else populate_cost
     # Its own files in a directory of its own, new: nothing there but what it made, which is
     # all it removes (by name; the mount point only once unmounted and empty).
     own = Path(tempfile.mkdtemp(prefix="cold-map-", dir=args.dir))
@@ -112,7 +136,7 @@ def main():
             for name in names[r % len(names):] + names[:r % len(names)]:
                 drop_caches()
                 if name == "disk":
-                    wall, system = populate_cost(disk)
+                    wall, system = measure(disk)
                     times[name].append(wall)
                     mapper_sys[name].append(system)
                     continue
@@ -122,7 +146,8 @@ def main():
                 mount(name)
                 try:
                     mounted = time.perf_counter() - t0
-                    wall, system = populate_cost(mnt / "model-F16.gguf")
+                    time.sleep(args.gap)
+                    wall, system = measure(mnt / "model-F16.gguf")
                     times[name].append(mounted + wall)
                     mapper_sys[name].append(system)
                     server[name].append(server_cpu(mnt))
@@ -141,13 +166,17 @@ def main():
         own.rmdir()
     base_line = statistics.median(times["disk"])
     state = "the base in the page cache" if args.warm else "page cache dropped"
-    print(f"MAP_SHARED|MAP_POPULATE of model-F16.gguf ({state}), median of {args.runs}, rotated order")
+    what = "llama_cpp.Llama load + eval" if args.llama else "MAP_SHARED|MAP_POPULATE"
+    gap = f", {args.gap:g} s after each mount" if args.gap else ""
+    print(f"{what} of model-F16.gguf ({state}{gap}), median of {args.runs}, rotated order")
     print(f"  {'':<20}{'wall':>9}{'vs disk':>9}{'mapper sys':>12}{'lorafs CPU':>12}   walls")
     for name in names:
         m = statistics.median(times[name])
         spread = " ".join(f"{t:.2f}" for t in sorted(times[name]))
         cpu = f"{statistics.median(server[name]):>10.2f} s" if server[name] else f"{'':>12}"
-        print(f"  {name:<20}{m:>7.3f} s{m / base_line:>8.2f}x{statistics.median(mapper_sys[name]):>10.2f} s"
+        system = [t for t in mapper_sys[name] if t is not None]
+        system = f"{statistics.median(system):>10.2f} s" if system else f"{'':>12}"
+        print(f"  {name:<20}{m:>7.3f} s{m / base_line:>8.2f}x{system}"
               f"{cpu}   [{spread}]")
 
     for name, lines in profiles.items():

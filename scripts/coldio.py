@@ -2,6 +2,8 @@
 
 import mmap
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +32,26 @@ def populate_cost(path):
         return elapsed, system
     finally:
         os.close(fd)
+
+
+LLAMA_LOAD = """
+import sys, time
+from llama_cpp import Llama
+t = time.perf_counter()
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, verbose=False)
+llm.eval(llm.tokenize(b"hello world, the llama merge"))
+print(time.perf_counter() - t)
+"""
+
+
+def llama_load(path, env):
+    """Seconds for llama_cpp.Llama to load `path` and evaluate a short prompt, in a new
+    process (its Python and the import of llama_cpp not counted); `env` holds the llama.cpp
+    stack of scripts/gguf-env.sh (GgufStack.env() of tests/e2e/gguf_models.py), and this
+    Python must be the main virtualenv's."""
+    out = subprocess.run([sys.executable, "-c", LLAMA_LOAD, str(path)], check=True, capture_output=True,
+                         text=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def server_pid(mountpoint):

@@ -565,9 +565,11 @@ def test_cold_map_leaves_a_benchmark_directory_as_it_found_it(store, lorafs_bin,
         (work / name).write_text(text)
     before = sorted(os.listdir(work))
     script = Path(__file__).resolve().parents[2] / "scripts" / "cold_map.py"
-    run = subprocess.run([sys.executable, str(script), "--dir", str(work), "--runs", "1", "--lorafs",
-                          str(lorafs_bin), "new="], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "disk" in run.stdout and "new" in run.stdout, run.stdout
-    assert sorted(os.listdir(work)) == before
-    assert {name: (work / name).read_text() for name in theirs} == theirs
+    # The bare mapping, then llama.cpp's load a moment after each mount (--llama --gap).
+    for extra, timed in (([], "MAP_SHARED|MAP_POPULATE"), (["--llama", "--gap", "0.05"], "llama_cpp.Llama load")):
+        run = subprocess.run([sys.executable, str(script), "--dir", str(work), "--runs", "1", "--lorafs",
+                              str(lorafs_bin), *extra, "new="], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert timed in run.stdout and "disk" in run.stdout and "new" in run.stdout, run.stdout
+        assert sorted(os.listdir(work)) == before
+        assert {name: (work / name).read_text() for name in theirs} == theirs
