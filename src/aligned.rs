@@ -31,6 +31,10 @@ pub struct AlignedBuf {
     mem: Option<MmapMut>,
     /// Where the buffer starts in `mem` (a 2 MiB boundary for a buffer of huge pages).
     start: usize,
+    /// The bytes from `start` it was mapped for: its capacity. The mapping goes on past
+    /// them (up to a huge page of slack to align `start`), address space that is never
+    /// touched, and not counted: a budget of buffers counts the memory they can take.
+    span: usize,
     /// The bytes in use: those last filled.
     len: usize,
 }
@@ -74,9 +78,7 @@ impl AlignedBuf {
 
     /// Bytes the buffer holds without mapping anew.
     pub fn capacity(&self) -> usize {
-        self.mem
-            .as_ref()
-            .map_or(0, |m| capacity_for(m.len() - self.start))
+        self.span
     }
 
     /// The first `len` bytes rounded up to whole [`ALIGN`] blocks, to fill: the memory
@@ -86,7 +88,7 @@ impl AlignedBuf {
         if self.capacity() < span {
             self.len = 0;
             let (mem, start) = map(span);
-            (self.mem, self.start) = (Some(mem), start);
+            (self.mem, self.start, self.span) = (Some(mem), start, span);
         }
         match &mut self.mem {
             Some(mem) => &mut mem[self.start..self.start + span],
@@ -162,7 +164,11 @@ mod tests {
         assert_eq!(span.len(), HUGE_PAGE + ALIGN);
         assert_eq!(span.as_ptr() as usize % HUGE_PAGE, 0);
         assert!(span.iter().all(|&b| b == 0));
-        assert!(buf.capacity() >= HUGE_PAGE + ALIGN);
+        assert_eq!(
+            buf.capacity(),
+            HUGE_PAGE + ALIGN,
+            "the span mapped, not the alignment's slack"
+        );
         assert!(
             buf.bytes().is_empty(),
             "nothing filled in the new memory yet"
