@@ -413,6 +413,16 @@ CASE_SPECS = {
     # lorafs refuses both.
     "qwen2_llama3_bpe": ("Qwen2ForCausalLM", "llama-bpe", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
     "qwen2_prefix_bpe": ("Qwen2ForCausalLM", "qwen2", "bfloat16", False, dict(intermediate_size=128), [({}, 1.0)]),
+    # a base in several safetensors files (SHARDED): the converter takes the tensors file by
+    # file, in the index's order
+    "llama_sharded_spm": ("LlamaForCausalLM", "spm", "float16", False, dict(intermediate_size=128), [({}, 1.0)]),
+    # tied embeddings with a LoRA on embed_tokens (the merged embedding is also the output
+    # layer), and named chat templates in tokenizer_config.json (CHAT_TEMPLATES: the
+    # converter writes `tokenizer.chat_template.NAME` and the list of names)
+    "qwen2_tied_templates_bpe": (
+        "Qwen2ForCausalLM", "qwen2", "bfloat16", True, dict(intermediate_size=128),
+        [(dict(target_modules=["q_proj", "v_proj", "embed_tokens"]), 1.0)],
+    ),
     # q/k/v/o and MLP biases: the converter permutes q_proj.bias and k_proj.bias like the
     # rows of their weights (1-D tensors, F32 in every type)
     "llama_bias_spm": (
@@ -432,6 +442,18 @@ ADDED_SPECIAL_TOKENS = {"mistral_spm": ["<|im_start|>", "<|im_end|>"]}
 # Special tokens named in a case's tokenizer_config.json only (as a hand-edited config has
 # them): a pad token, a model-specific `*_token` and an extra special token.
 NAMED_SPECIAL_TOKENS = {"llama_named_bpe": dict(pad_token="[PAD]", image_token="<image>", extra_special_tokens=["<tool>"])}
+
+# Bases saved in shards of at most this size (save_pretrained's max_shard_size).
+SHARDED = {"llama_sharded_spm": "60KB"}
+
+# Chat templates named in a case's tokenizer_config.json (a list, as transformers 4 saved
+# several), with no chat_template.jinja beside it.
+CHAT_TEMPLATES = {
+    "qwen2_tied_templates_bpe": [
+        dict(name="default", template="{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"),
+        dict(name="tool_use", template="{{ tools | tojson }}{% for m in messages %}{{ m['content'] }}{% endfor %}"),
+    ],
+}
 
 # Other tokenizer_config.json settings of a case (None: the key left out).
 TOKENIZER_SETTINGS = {"qwen2_prefix_bpe": dict(add_prefix_space=True), "llama_spm_json": dict(unk_token=None)}
@@ -484,7 +506,7 @@ def write_added_tokens_decoder(tok, base: Path):
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 SUPPORTED = ("llama_spm", "llama_spm_json", "llama_bpe", "mistral_spm", "qwen2_bpe", "qwen3_bpe", "llama_bias_spm", "llama_named_bpe",
-             "llama_legacy_bpe", "llama3_tied_bpe", "qwen2_yarn_bpe")
+             "llama_legacy_bpe", "llama3_tied_bpe", "qwen2_yarn_bpe", "llama_sharded_spm", "qwen2_tied_templates_bpe")
 
 
 def _config(arch: str, vocab_size: int, tied: bool, tok, extra: dict):
@@ -580,7 +602,7 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
             warnings.simplefilter("ignore")
             stored = copy.deepcopy(model).to(getattr(torch, dtype))
             stored.config.dtype = getattr(torch, dtype)
-            stored.save_pretrained(base)
+            stored.save_pretrained(base, **({"max_shard_size": SHARDED[name]} if name in SHARDED else {}))
             tok.save_pretrained(base)
             if kind == "spm":
                 shutil.copy(spm_file, base / "tokenizer.model")
@@ -588,6 +610,9 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
                 write_added_tokens_decoder(tok, base)
             if name in NAMED_SPECIAL_TOKENS:
                 update_tokenizer_config(base, NAMED_SPECIAL_TOKENS[name])
+            if name in CHAT_TEMPLATES:
+                update_tokenizer_config(base, dict(chat_template=CHAT_TEMPLATES[name]))
+                (base / "chat_template.jinja").unlink(missing_ok=True)
             if name in TOKENIZER_SETTINGS:
                 update_tokenizer_config(base, TOKENIZER_SETTINGS[name])
             if name in LEGACY_SPECIAL_TOKENS_MAP:
