@@ -132,9 +132,8 @@ pub const TOKENIZER_FILES: [&str; 11] = [
 ];
 
 /// Bytes read from the adapter file at a time by [`Adapter::read`]: the f32 result is the
-/// only allocation that grows with the tensor. Small enough that the allocator hands the
-/// same heap memory to each tensor's read: a chunk of a megabyte is a fresh mapping per
-/// tensor, every page of it faulted in and zeroed, which was most of a mount's start.
+/// only allocation that grows with the tensor. Small enough to stay in the allocator's heap,
+/// reused from one tensor's read to the next (a megabyte would be a mapping of its own).
 const READ_CHUNK: usize = 64 << 10;
 
 impl Adapter {
