@@ -137,9 +137,7 @@ def main():
 
     work = Path(args.dir).absolute()
     claim_scratch(work)
-    stack_dir = subprocess.run(["bash", str(REPO / "scripts/gguf-env.sh")], check=True, capture_output=True,
-                               text=True).stdout.strip()
-    stack = gm.GgufStack(Path(stack_dir))
+    stack = gm.build_stack()
     env = stack.env()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "synth_model", "--bin", "lorafs"],
                    cwd=REPO, check=True)
@@ -148,7 +146,7 @@ def main():
     base, adapter = work / "base", work / "adapter"
     add_tokenizer(base, work, stack)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    print(f"model {base}: {size / 1e9:.2f} GB F16, rank-16 LoRA on every linear layer; llama.cpp stack {stack_dir}")
+    print(f"model {base}: {size / 1e9:.2f} GB F16, rank-16 LoRA on every linear layer; llama.cpp stack {stack.root}")
     subprocess.run(["cat", *base.glob("*.safetensors")], check=True, stdout=subprocess.DEVNULL)  # page cache, for all
 
     # --- 1. a merged GGUF on disk

@@ -89,9 +89,7 @@ def llama_timer():
     sys.path.insert(0, str(REPO / "tests" / "e2e"))
     import gguf_models as gm  # the main virtualenv's (torch, transformers)
 
-    stack = subprocess.run(["bash", str(REPO / "scripts/gguf-env.sh")], check=True, capture_output=True,
-                           text=True).stdout.strip()
-    env = gm.GgufStack(Path(stack)).env()
+    env = gm.build_stack().env()
     return lambda path: (llama_load(path, env), None)
 
 

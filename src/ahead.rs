@@ -352,13 +352,22 @@ impl State {
         }
     }
 
-    /// Keep `buf` for a later range if it fits the budget beside the ranges held.
-    fn keep_spare(&mut self, buf: AlignedBuf) {
+    /// Whether a buffer of `size` bytes more fits the budget beside the ranges held and the
+    /// buffers kept.
+    fn room_for(&self, size: u64) -> bool {
+        self.bytes + self.spare_bytes + size <= self.budget
+    }
+
+    /// Keep `buf` for a later range if it fits the budget beside the ranges held; whether
+    /// it was kept.
+    fn keep_spare(&mut self, buf: AlignedBuf) -> bool {
         let size = buf.capacity() as u64;
-        if self.bytes + self.spare_bytes + size <= self.budget {
+        let kept = self.room_for(size);
+        if kept {
             self.spare_bytes += size;
             self.spares.push(buf);
         }
+        kept
     }
 
     /// A kept buffer for a range of `len` bytes: the smallest that holds it if any does
@@ -406,7 +415,7 @@ impl Shared {
         loop {
             let room = {
                 let state = self.lock();
-                !state.closed && state.bytes + state.spare_bytes + size as u64 <= state.budget
+                !state.closed && state.room_for(size as u64)
             };
             if !room {
                 return;
@@ -414,9 +423,7 @@ impl Shared {
             // Faulted in without the lock: the readers go on meanwhile.
             let buf = AlignedBuf::populated(size);
             let mut state = self.lock();
-            let kept = state.spares.len();
-            state.keep_spare(buf);
-            if state.closed || state.spares.len() == kept {
+            if state.closed || !state.keep_spare(buf) {
                 return;
             }
         }
@@ -554,6 +561,15 @@ mod tests {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
+    /// A file of `len` bytes of [`data`] in a new temporary directory (kept alive by the
+    /// caller), its bytes, and the file opened.
+    fn fixture(len: usize) -> (tempfile::TempDir, Vec<u8>, Arc<SourceFile>) {
+        let dir = tempdir();
+        let data = data(len);
+        let file = source(dir.path(), &data);
+        (dir, data, file)
+    }
+
     fn source(dir: &Path, data: &[u8]) -> Arc<SourceFile> {
         let path = dir.join("data");
         std::fs::write(&path, data).unwrap();
@@ -585,9 +601,7 @@ mod tests {
 
     #[test]
     fn staged_bytes_are_the_files_at_any_offset() {
-        let dir = tempdir();
-        let data = data(3 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(3 << 20);
         for bypass in [false, true] {
             let ahead = ReadAhead::new(AheadOptions {
                 budget: 16 << 20,
@@ -613,9 +627,7 @@ mod tests {
 
     #[test]
     fn a_reader_reads_what_is_still_queued_and_never_waits_on_nobody() {
-        let dir = tempdir();
-        let data = data(2 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(2 << 20);
         // One thread, many ranges queued: readers of later ones read them themselves.
         let ahead = ReadAhead::new(AheadOptions {
             budget: 64 << 20,
@@ -631,9 +643,7 @@ mod tests {
 
     #[test]
     fn a_whole_range_is_lent_only_from_one_staged_range() {
-        let dir = tempdir();
-        let data = data(1 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(1 << 20);
         let ahead = ReadAhead::new(AheadOptions::default());
         ahead.schedule(&file, 4096, 500_000, true);
         wait_staged(&ahead, 500_000 - 4096);
@@ -653,9 +663,7 @@ mod tests {
 
     #[test]
     fn a_range_is_let_go_once_all_of_it_was_lent_in_any_order() {
-        let dir = tempdir();
-        let data = data(1 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(1 << 20);
         let ahead = ReadAhead::new(AheadOptions::default());
         // Two blocks' rows in one range, taken last block first (as blocks computed in
         // parallel may): the first taker must not let the range go.
@@ -673,9 +681,7 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_what_is_held() {
-        let dir = tempdir();
-        let data = data(8 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(8 << 20);
         let ahead = ReadAhead::new(AheadOptions {
             budget: 2 << 20,
             threads: 2,
@@ -711,9 +717,7 @@ mod tests {
     #[test]
     fn buffers_are_kept_for_the_next_ranges_within_the_budget() {
         const RANGE: u64 = 256 << 10;
-        let dir = tempdir();
-        let data = data(8 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(8 << 20);
         let read = |ahead: &ReadAhead, start: u64, len: u64| {
             let mut buf = vec![0u8; len as usize];
             ahead.read(&file, &mut buf, start, true).unwrap();
@@ -757,9 +761,7 @@ mod tests {
 
     #[test]
     fn prepared_buffers_fill_the_budget_and_take_any_range() {
-        let dir = tempdir();
-        let data = data(16 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(16 << 20);
         // Ranges of a huge page: buffers on huge pages, mapped with slack to align them.
         let ahead = ReadAhead::new(AheadOptions {
             budget: 32 << 20,
@@ -799,9 +801,7 @@ mod tests {
 
     #[test]
     fn staged_bytes_of_a_file_changed_since_are_refused() {
-        let dir = tempdir();
-        let data = data(1 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, _, file) = fixture(1 << 20);
         let ahead = ReadAhead::new(AheadOptions::default());
         ahead.schedule(&file, 0, 1 << 20, false);
         wait_staged(&ahead, 1 << 20);
@@ -815,9 +815,7 @@ mod tests {
 
     #[test]
     fn many_readers_and_schedulers_agree_with_the_file() {
-        let dir = tempdir();
-        let data = data(4 << 20);
-        let file = source(dir.path(), &data);
+        let (_dir, data, file) = fixture(4 << 20);
         let ahead = ReadAhead::new(AheadOptions {
             budget: 1 << 20,
             threads: 4,

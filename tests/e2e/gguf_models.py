@@ -132,6 +132,13 @@ print(json.dumps({"prompt": ids, "tokens": out, "logits": logits}))
 """
 
 
+def build_stack() -> GgufStack:
+    """The stack of scripts/gguf-env.sh, built first if it is not yet (minutes, once): what
+    the benchmarks use, where the tests only look for it (`locate_stack`)."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "gguf-env.sh")], capture_output=True, text=True, check=True)
+    return GgufStack(Path(out.stdout.strip()))
+
+
 def locate_stack() -> tuple[GgufStack | None, str]:
     """(stack, "") or (None, why not). $LORAFS_GGUF_ENV names it (scripts/test.sh sets it);
     otherwise the folder gguf-env.sh would print, if it has been built."""
@@ -603,6 +610,8 @@ def generate_cases(root: Path, stack: GgufStack, names=None) -> dict[str, Case]:
             stored = copy.deepcopy(model).to(getattr(torch, dtype))
             stored.config.dtype = getattr(torch, dtype)
             stored.save_pretrained(base, **({"max_shard_size": SHARDED[name]} if name in SHARDED else {}))
+            if name in SHARDED and len(list(base.glob("*.safetensors"))) < 2:
+                raise RuntimeError(f"{name}: save_pretrained wrote one weights file, not shards")
             tok.save_pretrained(base)
             if kind == "spm":
                 shutil.copy(spm_file, base / "tokenizer.model")

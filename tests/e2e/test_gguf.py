@@ -206,6 +206,17 @@ def test_materialize_gguf_matches_converter(store, case, gtype):
     assert set(excepted) <= gc.GGUF_KEY_EXCEPTIONS
 
 
+def test_named_chat_templates_reach_the_gguf(store):
+    """The named templates of qwen2_tied_templates_bpe are in the converter's file and in
+    lorafs's (the comparison with the converter would pass as well if neither had them)."""
+    case = "qwen2_tied_templates_bpe"
+    for path in (store.reference(case, "F16"), store.lorafs_gguf(case, "F16")):
+        g = gc.parse_gguf(path)
+        assert g.value("tokenizer.chat_templates") == ["tool_use"], (path, g.value("tokenizer.chat_templates"))
+        assert "tools" in g.value("tokenizer.chat_template.tool_use", ""), path
+        assert "<|im_start|>" in g.value("tokenizer.chat_template", ""), path
+
+
 @pytest.mark.parametrize("case", gm.SUPPORTED)
 def test_mounted_gguf_matches_converter_and_materialize(store, mounter, case):
     """One mount with every type: each model-TYPE.gguf equals the converter's file (with
